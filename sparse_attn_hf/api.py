@@ -1,0 +1,151 @@
+"""patch_model / unpatch_model: find the family, load and check the profile, install the state."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+
+from . import models
+from ._log import logger
+from .attention import ATTENTION_NAME, sparse_attention_forward, sparse_attention_mask
+from .cache import SparseCache
+from .config import SparseConfig
+from .ops import check_dtype
+from .padding import left_padding_starts
+from .profile import Profile, resolve_profile
+
+
+@dataclass
+class PatchState:
+    """Everything a patched model carries: on the model and on each attention module."""
+
+    profile: Profile
+    settings: SparseConfig  # resolved: no None fields
+    streaming: torch.Tensor  # bool [num_layers, num_kv_heads], on the CPU
+    previous_attention: str
+    modules: list
+    _on_device: dict = field(default_factory=dict)
+    _mask_memo: tuple | None = None
+
+    def streaming_on(self, layer: int, device) -> torch.Tensor:
+        key = (layer, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = self.streaming[layer].to(device)
+        return self._on_device[key]
+
+    def kv_start_for(self, attention_mask, batch: int, length: int, device) -> torch.Tensor:
+        """Left-padding starts of a forward without SparseCache, computed once per mask object."""
+        if attention_mask is None:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        memo = self._mask_memo
+        if memo is not None and memo[0] is attention_mask and memo[1] == length:
+            return memo[2]
+        starts = left_padding_starts(attention_mask, batch, length, device)
+        self._mask_memo = (attention_mask, length, starts)
+        return starts
+
+
+def _register() -> None:
+    AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sparse_attention_mask)
+
+
+def patch_model(model, profile=None, config: SparseConfig | None = None):
+    """Make ``model`` run sparse attention; returns ``model`` (patched in place).
+
+    Args:
+        model: a supported ``*ForCausalLM`` (Llama, Mistral, Qwen2, InternLM3).
+        profile: ``None`` (the shipped profile made for this model), a path to a profile file, or a
+            :class:`Profile` (for example ``Profile.all_dense(model)``).
+        config: :class:`SparseConfig` overriding the profile's settings.
+
+    ``model.generate()`` then builds a :class:`SparseCache` when the caller passes no cache; a cache
+    the caller passes is used as given. ``unpatch_model`` undoes everything.
+
+    Example:
+        >>> patch_model(model)
+        >>> out = model.generate(**inputs, max_new_tokens=32)
+    """
+    if getattr(model, "_sparse_attn_state", None) is not None:
+        raise ValueError("this model is already patched: call unpatch_model(model) before patching it again.")
+    family = models.family_for(model)
+    check_dtype(model.dtype)
+    profile = resolve_profile(model, profile)
+    settings = (config or SparseConfig()).resolve(profile)
+    modules = models.attention_modules(model)
+    if len(modules) != profile.num_layers:
+        raise ValueError(f"found {len(modules)} attention modules, the profile has {profile.num_layers} layers.")
+    _register()
+    state = PatchState(
+        profile=profile,
+        settings=settings,
+        streaming=profile.streaming_heads(settings.streaming_fraction),
+        previous_attention=model.config._attn_implementation,
+        modules=modules,
+    )
+    for module in modules:
+        module._sparse_attn_state = state
+    model.set_attn_implementation(ATTENTION_NAME)
+    model._sparse_attn_state = state
+    model.generate = _generate_with_sparse_cache(model, model.generate)
+    logger.log(
+        logging.INFO,
+        "sparse_attn_hf: patched %s (%s family): %d of %d KV heads stream (sink %d, local %d).",
+        type(model).__name__, family.name, int(state.streaming.sum()), state.streaming.numel(),
+        settings.sink_size, settings.local_size,
+    )
+    return model
+
+
+def unpatch_model(model):
+    """Undo ``patch_model``: the previous attention implementation, no state, the class's generate."""
+    state = getattr(model, "_sparse_attn_state", None)
+    if state is None:
+        raise ValueError("this model is not patched by sparse_attn_hf.")
+    model.set_attn_implementation(state.previous_attention)
+    for module in state.modules:
+        del module._sparse_attn_state
+    del model._sparse_attn_state
+    if getattr(model.__dict__.get("generate"), "_sparse_attn_hf", False):
+        del model.generate
+    return model
+
+
+@contextlib.contextmanager
+def patched(model, profile=None, config: SparseConfig | None = None):
+    """``with patched(model): ...`` patches for the block and always unpatches after it."""
+    patch_model(model, profile, config)
+    try:
+        yield model
+    finally:
+        unpatch_model(model)
+
+
+def _generate_with_sparse_cache(model, generate):
+    @functools.wraps(generate)
+    def wrapped(*args, **kwargs):
+        generation_config = kwargs.get("generation_config") or model.generation_config
+        wants_cache = kwargs.get("use_cache", generation_config.use_cache) is not False
+        chose_cache = kwargs.get("cache_implementation", generation_config.cache_implementation) is not None
+        if kwargs.get("past_key_values") is None and wants_cache and not chose_cache:
+            kwargs["past_key_values"] = SparseCache(model, max_cache_len=_length_hint(args, kwargs, generation_config))
+        return generate(*args, **kwargs)
+
+    wrapped._sparse_attn_hf = True
+    return wrapped
+
+
+def _length_hint(args, kwargs, generation_config) -> int | None:
+    """Prompt + new tokens, when generate's arguments tell (None otherwise)."""
+    inputs = args[0] if args else next(
+        (kwargs[name] for name in ("inputs", "input_ids", "inputs_embeds") if kwargs.get(name) is not None), None
+    )
+    max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+    if inputs is not None and max_new is not None:
+        return inputs.shape[1] + max_new
+    return kwargs.get("max_length", None)

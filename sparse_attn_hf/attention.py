@@ -1,0 +1,110 @@
+"""The attention function registered with Transformers: one call per layer and forward.
+
+Two inputs reach it:
+
+* ``key``/``value`` tensors [B, Hkv, Lk, D] holding every token of the sequence (no cache,
+  ``use_cache=False``, or a ``DynamicCache``): the layer attends to them with its head labels.
+* a :class:`~sparse_attn_hf.cache.PendingKV` from a :class:`SparseCache`: the new tokens are appended
+  first, then dense heads attend to the paged cache and streaming heads to sink + ring buffer.
+
+Either way the result is the same attention (the rule of ``kernels/reference.py``); only what is
+stored differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import flash_attention_mask
+
+from . import ops
+from .cache import PendingKV, SparseLayer
+
+ATTENTION_NAME = "sparse_attn_hf"
+
+# The mask function: ``None`` when nothing is padded, else the 2D bool padding mask [B, Lkv].
+sparse_attention_mask = flash_attention_mask
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Transformers attention-interface function. Returns (output [B, Lq, Hq, D], None)."""
+    state = getattr(module, "_sparse_attn_state", None)
+    if state is None:
+        raise RuntimeError(
+            f"attention implementation {ATTENTION_NAME!r} is set but this module is not patched; "
+            "call sparse_attn_hf.patch_model(model) (or model.set_attn_implementation('sdpa') to leave it)."
+        )
+    if dropout and module.training:
+        raise ValueError("sparse_attn_hf is for inference: call model.eval() (attention dropout is not supported).")
+    if query.shape[2] == 0:
+        raise ValueError("empty input (0 tokens): pass at least one token.")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    settings = state.settings
+    common = dict(sink=settings.sink_size, local=settings.local_size, scale=scale, tile=settings.query_tile)
+    if isinstance(key, PendingKV):
+        return _attend_sparse_cache(state, module, query, key, attention_mask, common), None
+    streaming = state.streaming_on(module.layer_idx, query.device)
+    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+    kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
+    if attention_mask is None:
+        _check_positions(kwargs.get("position_ids"), k_len)
+    slots = torch.arange(k_len, device=query.device)
+    return (
+        ops.sparse_attention(
+            query, key, value,
+            q_pos=slots[k_len - q_len :].expand(batch, -1), k_pos=slots.expand(batch, -1),
+            kv_start=kv_start, streaming=streaming, **common,
+        ),
+        None,
+    )
+
+
+def _check_positions(position_ids, k_len: int) -> None:
+    """Without padding, the last position must be the last key: anything else is a cache we cannot read."""
+    if position_ids is None:
+        return
+    last = int(position_ids[..., -1].max()) + 1
+    if last != k_len:
+        raise ValueError(
+            f"the keys ({k_len}) do not end at the last position ({last}): a fixed-size or sliding cache "
+            "(StaticCache) or custom position_ids. Use the default cache of generate(), a DynamicCache or a "
+            "SparseCache, and positions 0..n-1."
+        )
+
+
+def _attend_sparse_cache(state, module, query, pending: PendingKV, attention_mask, common) -> torch.Tensor:
+    layer: SparseLayer = pending.layer
+    cache = layer.cache
+    if cache.owner is not state:
+        raise ValueError(
+            "this SparseCache was made for another model or an earlier patch: create SparseCache(model) for "
+            "the model you call."
+        )
+    batch, num_heads, q_len, head_dim = query.shape
+    first = layer.seen
+    kv_start = cache.resolve_kv_start(attention_mask, layer, q_len)
+    kv = layer.append(pending.key, pending.value, kv_start)
+    num_kv = len(layer.streaming)
+    groups = num_heads // num_kv
+    q_pos = torch.arange(first, first + q_len, device=query.device).expand(batch, -1)
+    grouped = query.view(batch, num_kv, groups, q_len, head_dim)
+    out = torch.empty(batch, q_len, num_kv, groups, head_dim, dtype=query.dtype, device=query.device)
+    parts = (
+        (layer.dense_idx, kv.dense_key, kv.dense_value, None, False),
+        (layer.stream_idx, kv.stream_key, kv.stream_value, kv.stream_pos, True),
+    )
+    for heads, key, value, k_pos, is_streaming in parts:
+        if not len(heads):
+            continue
+        heads = heads.to(query.device)
+        if k_pos is None:
+            k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1)
+        sub_query = grouped.index_select(1, heads).reshape(batch, len(heads) * groups, q_len, head_dim)
+        result = ops.sparse_attention(
+            sub_query, key, value, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start,
+            streaming=torch.full((len(heads),), is_streaming, device=query.device), **common,
+        )
+        out[:, :, heads] = result.view(batch, q_len, len(heads), groups, head_dim)
+    return out.view(batch, q_len, num_heads, head_dim)
+
+
+__all__ = ["ATTENTION_NAME", "sparse_attention_forward", "sparse_attention_mask"]

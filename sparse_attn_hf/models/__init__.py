@@ -1,0 +1,66 @@
+"""Model families: a table of what differs between them, and the checks before patching.
+
+Every supported family runs its attention through Transformers' ``AttentionInterface``; its attention
+modules carry ``layer_idx`` and ``num_key_value_groups`` and receive RoPE-applied queries and keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+
+
+FAMILIES = (
+    Family("llama", ("llama",)),
+    Family("mistral", ("mistral",)),
+    Family("qwen2", ("qwen2",)),
+    Family("internlm3", ("internlm3",)),  # Transformers maps InternLM3 onto LlamaForCausalLM
+)
+
+# model types that only exist as remote code, which does not run on Transformers 5.x
+_NEEDS_CONVERSION = {
+    "chatglm": "convert the checkpoint to GlmForCausalLM (ChatGLM2/3, original GLM-4)",
+    "internlm2": "convert the checkpoint to LlamaForCausalLM (InternLM2/2.5)",
+}
+
+
+def supported_model_types() -> list[str]:
+    return [t for family in FAMILIES for t in family.model_types]
+
+
+def family_for(model) -> Family:
+    """The family of ``model``, or ``ValueError`` saying why it cannot be patched and what to do."""
+    config = model.config.get_text_config(decoder=True)
+    model_type = config.model_type
+    if model_type in _NEEDS_CONVERSION:
+        raise ValueError(
+            f"{type(model).__name__} ({model_type}) runs its own remote attention code, which sparse_attn_hf "
+            f"cannot patch: {_NEEDS_CONVERSION[model_type]} first. The converter "
+            f"(python -m sparse_attn_hf.convert {model_type} SRC DST) is not in this version yet."
+        )
+    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    if family is None or not model._can_set_attn_implementation():
+        raise ValueError(
+            f"model_type {model_type!r} ({type(model).__name__}) is not supported by sparse_attn_hf; "
+            f"supported: {', '.join(supported_model_types())}."
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in layer_types:
+        raise ValueError(
+            f"this {model_type} model uses native sliding-window attention (sliding_window="
+            f"{getattr(config, 'sliding_window', None)}), which sparse_attn_hf does not combine with its own "
+            "sparsity yet. If your inputs are shorter than the window, set model.config.sliding_window = None "
+            "(it then attends exactly as before) and patch again."
+        )
+    return family
+
+
+def attention_modules(model) -> list:
+    """The attention modules of ``model``, in layer order."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    return sorted(modules, key=lambda m: m.layer_idx)

@@ -1,0 +1,330 @@
+"""Profiles: per-(layer, KV head) scores and per-model defaults, stored as safetensors.
+
+A profile file holds the tensor ``head_score`` (float32 [num_layers, num_kv_heads], in [0, 1]: how
+much a head needs the full context), optionally ``fingerprint`` (float32 [n], a summary of the model's
+weights that identifies the model a shipped profile was made for), and a string metadata map whose
+keys are listed in ``_FIELDS``. Loading checks every field; ``validate_for(model)`` checks the profile
+against a model and names the mismatch and the fix.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+
+# metadata key -> (type, default or _REQUIRED)
+_REQUIRED = object()
+_FIELDS: dict[str, tuple[type, object]] = {
+    "model_type": (str, _REQUIRED),
+    "model_name": (str, ""),
+    "num_layers": (int, _REQUIRED),
+    "num_heads": (int, _REQUIRED),
+    "num_kv_heads": (int, _REQUIRED),
+    "head_dim": (int, _REQUIRED),
+    "streaming_fraction": (float, 0.5),
+    "sink_size": (int, 128),
+    "local_size": (int, 4096),
+    "page_size": (int, 64),
+    "logical_page_size": (int, 16),
+    "method": (str, ""),
+    "calibration": (str, ""),
+    "created": (str, ""),
+    "command": (str, ""),
+}
+
+_HOW_TO_GET_ONE = (
+    "pass profile=Profile.all_dense(model) to run every head dense, or "
+    "Profile.from_scores(model, scores) with your own per-(layer, KV head) scores"
+)
+
+
+@dataclass
+class Profile:
+    """Per-head scores plus the model identity and default settings they were made for.
+
+    Example:
+        >>> profile = Profile.load("profiles/smollm2-135m-instruct.safetensors")
+        >>> profile.streaming_heads()          # bool [num_layers, num_kv_heads]
+    """
+
+    head_score: torch.Tensor
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    model_name: str = ""
+    streaming_fraction: float = 0.5
+    sink_size: int = 128
+    local_size: int = 4096
+    page_size: int = 64
+    logical_page_size: int = 16
+    method: str = ""
+    calibration: str = ""
+    created: str = ""
+    command: str = ""
+    fingerprint: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.head_score = torch.as_tensor(self.head_score, dtype=torch.float32).detach().cpu()
+        expected = (self.num_layers, self.num_kv_heads)
+        if tuple(self.head_score.shape) != expected:
+            raise ValueError(
+                f"profile head_score has shape {tuple(self.head_score.shape)}, expected "
+                f"[num_layers, num_kv_heads] = {list(expected)}."
+            )
+        if not torch.isfinite(self.head_score).all():
+            raise ValueError("profile head_score holds NaN or infinite values; re-create the profile.")
+        if ((self.head_score < 0) | (self.head_score > 1)).any():
+            raise ValueError("profile head_score values must lie in [0, 1]; re-create the profile.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
+        if not 0.0 <= self.streaming_fraction <= 1.0:
+            raise ValueError(f"profile streaming_fraction={self.streaming_fraction} is outside [0, 1].")
+        if self.page_size % self.logical_page_size:
+            raise ValueError(
+                f"profile page_size={self.page_size} is not a multiple of logical_page_size={self.logical_page_size}."
+            )
+        if self.fingerprint is not None:
+            self.fingerprint = torch.as_tensor(self.fingerprint, dtype=torch.float32).detach().cpu()
+
+    # ----------------------------------------------------------------- labels
+    def streaming_heads(self, streaming_fraction: float | None = None) -> torch.Tensor:
+        """Bool [num_layers, num_kv_heads]: True for streaming heads.
+
+        The ``round(fraction * num_layers * num_kv_heads)`` heads with the lowest scores stream; equal
+        scores are ordered by (layer, head), so the split never changes from run to run.
+        """
+        fraction = self.streaming_fraction if streaming_fraction is None else streaming_fraction
+        flat = self.head_score.flatten()
+        n_stream = int(round(fraction * flat.numel()))
+        order = torch.sort(flat, stable=True).indices  # stable: ties keep (layer, head) order
+        labels = torch.zeros(flat.numel(), dtype=torch.bool)
+        labels[order[:n_stream]] = True
+        return labels.view_as(self.head_score)
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def from_scores(cls, model, scores, **settings) -> "Profile":
+        """A profile for ``model`` from scores [num_layers, num_kv_heads]; ``settings`` set other fields."""
+        shape = model_shape(model)
+        settings.setdefault("method", "user scores")
+        settings.setdefault("created", _today())
+        return cls(head_score=scores, fingerprint=weight_fingerprint(model), **shape, **settings)
+
+    @classmethod
+    def all_dense(cls, model, **settings) -> "Profile":
+        """The explicit opt-in for no static sparsity: every head dense (streaming_fraction 0)."""
+        shape = model_shape(model)
+        settings.setdefault("method", "all dense")
+        settings.setdefault("streaming_fraction", 0.0)
+        scores = torch.ones(shape["num_layers"], shape["num_kv_heads"])
+        return cls.from_scores(model, scores, **settings)
+
+    # --------------------------------------------------------------------- I/O
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"head_score": self.head_score.contiguous()}
+        if self.fingerprint is not None:
+            tensors["fingerprint"] = self.fingerprint.contiguous()
+        metadata = {"format_version": str(FORMAT_VERSION)}
+        metadata.update({key: str(getattr(self, key)) for key in _FIELDS})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        """Load and check a profile file; every problem raises ``ValueError`` naming the file."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"profile file {str(path)!r} does not exist.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"{path} is not a readable safetensors profile ({error}); the file may be truncated or of "
+                "another format. Re-create it or copy it again."
+            ) from None
+        try:
+            return cls._from_parts(tensors, metadata)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"invalid profile {path}: {error}") from None
+
+    @classmethod
+    def _from_parts(cls, tensors: dict, metadata: dict) -> "Profile":
+        version = metadata.get("format_version")
+        if version is None:
+            raise ValueError("metadata has no 'format_version'; this is not a sparse_attn_hf profile.")
+        if version != str(FORMAT_VERSION):
+            raise ValueError(f"format_version {version} is not supported (this version reads {FORMAT_VERSION}).")
+        if "head_score" not in tensors:
+            raise ValueError("the tensor 'head_score' is missing.")
+        values = {}
+        for key, (kind, default) in _FIELDS.items():
+            if key not in metadata:
+                if default is _REQUIRED:
+                    raise ValueError(f"metadata key {key!r} is missing.")
+                continue
+            try:
+                values[key] = _parse(kind, metadata[key])
+            except ValueError:
+                raise ValueError(f"metadata {key}={metadata[key]!r} is not a valid {kind.__name__}.") from None
+        return cls(head_score=tensors["head_score"], fingerprint=tensors.get("fingerprint"), **values)
+
+    # --------------------------------------------------------------- checking
+    def validate_for(self, model) -> None:
+        """Raise ``ValueError`` naming each way this profile does not fit ``model``."""
+        shape = model_shape(model)
+        problems = [
+            f"{key}: profile {getattr(self, key)!r}, model {value!r}"
+            for key, value in shape.items()
+            if getattr(self, key) != value
+        ]
+        if not problems and self.fingerprint is not None:
+            model_print = weight_fingerprint(model)
+            if model_print is not None and not fingerprints_match(self.fingerprint, model_print):
+                problems.append(
+                    "weights: the profile was made for other weights of the same shape "
+                    f"({self.model_name or 'unnamed model'})"
+                )
+        if problems:
+            raise ValueError(
+                f"profile for {self.model_name or self.model_type!r} does not fit this model: "
+                + "; ".join(problems)
+                + ". Use a profile made for this model, or "
+                + _HOW_TO_GET_ONE
+                + ". To use a profile on a fine-tune of its model on purpose, drop its weight check with "
+                "dataclasses.replace(profile, fingerprint=None)."
+            )
+
+    def describe(self) -> str:
+        labels = self.streaming_heads()
+        return (
+            f"Profile({self.model_name or self.model_type}: {self.num_layers} layers x {self.num_kv_heads} KV heads, "
+            f"{int(labels.sum())} streaming at fraction {self.streaming_fraction}, sink {self.sink_size}, "
+            f"local {self.local_size}, method {self.method!r})"
+        )
+
+
+# --------------------------------------------------------------------- helpers
+def _parse(kind: type, text: str):
+    if kind is int:
+        return int(text)
+    if kind is float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+    return text
+
+
+def _today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def model_shape(model) -> dict:
+    """The identity fields a profile is checked against: model_type and attention shapes."""
+    config = model.config.get_text_config(decoder=True)
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return {
+        "model_type": config.model_type,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_heads,
+        "head_dim": head_dim,
+    }
+
+
+_CHUNKS = 8
+
+
+def weight_fingerprint(model) -> torch.Tensor | None:
+    """A dtype-robust summary of the weights: mean |w| of 8 row chunks of three matrices.
+
+    The matrices are the input embedding and the first 2-D parameter of the first and the last
+    attention module. ``None`` when weights are not materialized (meta device).
+    """
+    attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    matrices = [model.get_input_embeddings().weight]
+    for module in attention[:1] + attention[-1:]:
+        matrices += [p for p in module.parameters() if p.ndim == 2][:1]
+    parts = []
+    for weight in matrices:
+        if weight.device.type == "meta":
+            return None
+        rows = weight.detach().float().abs().reshape(weight.shape[0], -1).mean(dim=1)
+        parts += [chunk.mean() for chunk in rows.chunk(_CHUNKS)]
+    return torch.stack(parts).cpu()
+
+
+def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=2e-2, atol=1e-6)
+
+
+def shipped_profile_paths() -> list[Path]:
+    """Profiles shipped with the package: profiles/ of a source checkout, or the installed copy."""
+    candidates = [Path(__file__).resolve().parent.parent / "profiles"]
+    try:
+        candidates.append(Path(str(resources.files("sparse_attn_hf._profiles"))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    paths: dict[str, Path] = {}
+    for folder in candidates:
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.safetensors")):
+                paths.setdefault(path.name, path)
+    return list(paths.values())
+
+
+def find_profile(model) -> Profile:
+    """The shipped profile made for ``model`` (same model_type, shapes and weights), or a clear error."""
+    shape = model_shape(model)
+    same_shape = []
+    for path in shipped_profile_paths():
+        profile = Profile.load(path)
+        if all(getattr(profile, key) == value for key, value in shape.items()):
+            same_shape.append(profile)
+    model_print = weight_fingerprint(model) if same_shape else None
+    for profile in same_shape:
+        if profile.fingerprint is not None and model_print is not None:
+            if fingerprints_match(profile.fingerprint, model_print):
+                return profile
+    detail = (
+        f"shipped profiles of the same shape were made for other weights: {[p.model_name for p in same_shape]}"
+        if same_shape
+        else f"no shipped profile has model_type {shape['model_type']!r} with these shapes {shape}"
+    )
+    raise ValueError(
+        f"no shipped profile matches this model ({detail}). Pass profile=PATH to a profile made for it, or "
+        + _HOW_TO_GET_ONE
+        + "."
+    )
+
+
+def resolve_profile(model, profile) -> Profile:
+    """``profile`` may be None (find a shipped one), a path, or a Profile; the result fits ``model``."""
+    if profile is None:
+        return find_profile(model)
+    if isinstance(profile, (str, Path)):
+        profile = Profile.load(profile)
+    if not isinstance(profile, Profile):
+        raise TypeError(f"profile must be None, a path or a Profile, got {type(profile).__name__}.")
+    profile.validate_for(model)
+    return profile
+
