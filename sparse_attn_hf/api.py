@@ -141,11 +141,12 @@ def _generate_with_sparse_cache(model, generate):
 
 
 def _length_hint(args, kwargs, generation_config) -> int | None:
-    """Prompt + new tokens, when generate's arguments tell (None otherwise)."""
+    """Tokens the cache will see: prompt + new tokens - 1 (the last one is never fed back), or None."""
     inputs = args[0] if args else next(
         (kwargs[name] for name in ("inputs", "input_ids", "inputs_embeds") if kwargs.get(name) is not None), None
     )
     max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
     if inputs is not None and max_new is not None:
-        return inputs.shape[1] + max_new
-    return kwargs.get("max_length", None)
+        return inputs.shape[1] + max_new - 1
+    max_length = kwargs.get("max_length")
+    return None if max_length is None else max_length - 1

@@ -1,0 +1,96 @@
+"""Shared test helpers: tiny models built from configs, an independent mask, one tolerance rule."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, InternLM3Config, LlamaConfig, MistralConfig, Qwen2Config
+
+VOCAB = 96
+
+
+def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, layers: int = 2, head_dim: int = 16,
+               dtype=torch.float32, seed: int = 0):
+    """A random tiny ``*ForCausalLM`` of ``family`` (no download)."""
+    common = dict(
+        vocab_size=VOCAB, hidden_size=16 * heads, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    if family == "llama":
+        config = LlamaConfig(**common)
+    elif family == "mistral":
+        config = MistralConfig(**common, sliding_window=None)
+    elif family == "qwen2":
+        config = Qwen2Config(**common)
+    elif family == "internlm3":
+        config = InternLM3Config(**common)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def left_padded(ids: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``b`` keeps its first ``length - pads[b]`` tokens behind ``pads[b]`` pads (id 0).
+
+    Returns (input_ids, attention_mask), both [batch, length]."""
+    batch, length = ids.shape
+    out = torch.zeros_like(ids)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, pad in enumerate(pads):
+        out[b, pad:] = ids[b, : length - pad]
+        mask[b, pad:] = 1
+    return out, mask
+
+
+def loop_mask(q_pos, k_pos, kv_start, streaming, sink, local) -> torch.Tensor:
+    """The visibility rule written as plain loops, independent of the package's vectorized one."""
+    batch, q_len = q_pos.shape
+    k_len = k_pos.shape[1]
+    mask = torch.zeros(batch, len(streaming), q_len, k_len, dtype=torch.bool)
+    for b in range(batch):
+        start = int(kv_start[b])
+        for h, is_streaming in enumerate(streaming.tolist()):
+            for i in range(q_len):
+                qi = int(q_pos[b, i])
+                for j in range(k_len):
+                    kj = int(k_pos[b, j])
+                    if kj < start or kj > qi:
+                        continue
+                    if is_streaming and not (kj - start < sink or qi - kj < local):
+                        continue
+                    mask[b, h, i, j] = True
+    return mask
+
+
+def masked_sdpa(query, key, value, mask, scale) -> torch.Tensor:
+    """PyTorch's own attention with an explicit per-KV-head mask; output [B, Lq, Hq, D].
+
+    Rows without a visible key give zeros, like the package's contract.
+    """
+    groups = query.shape[1] // key.shape[1]
+    full_mask = mask.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1),
+        attn_mask=full_mask, scale=scale,
+    )
+    out = torch.where(full_mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
+    return out.transpose(1, 2)
+
+
+def assert_close_by_rule(result: torch.Tensor, golden: torch.Tensor, baseline: torch.Tensor, factor: float = 3.0):
+    """The one tolerance rule: ``result``'s max error against a float64 ``golden`` is at most ``factor``
+    times PyTorch's own error (``baseline``, same dtype) plus a float32 floor."""
+    assert not torch.isnan(result).any(), "NaN in result"
+    golden = golden.double()
+    err = (result.double() - golden).abs().max().item()
+    base = (baseline.double() - golden).abs().max().item()
+    floor = 1e-5 * max(1.0, golden.abs().max().item())
+    assert err <= factor * base + floor, f"error {err:.3e} > {factor} x PyTorch's {base:.3e} + {floor:.1e}"

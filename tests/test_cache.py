@@ -1,0 +1,178 @@
+"""Streaming heads through every path (no cache, DynamicCache, SparseCache, chunks) and the cache itself."""
+
+import pytest
+import torch
+from helpers import left_padded, loop_mask, masked_sdpa, random_ids, tiny_model
+from transformers import AttentionInterface, DynamicCache
+
+from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
+
+SINK, LOCAL = 3, 8
+SETTINGS = SparseConfig(sink_size=SINK, local_size=LOCAL, streaming_fraction=0.5)
+
+
+def _mixed(model):
+    """A profile whose lowest-scored half of the KV heads streams (a fixed random split)."""
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    scores = torch.rand(layers, kv_heads, generator=torch.Generator().manual_seed(11))
+    return Profile.from_scores(model, scores)
+
+
+@pytest.fixture
+def model():
+    model = tiny_model("llama", heads=6, kv_heads=2, layers=3)
+    patch_model(model, _mixed(model), SETTINGS)
+    return model
+
+
+def _independent_logits(model, ids, mask=None):
+    """The same model, attention computed by PyTorch with masks built by plain loops."""
+    labels = model._sparse_attn_state.streaming
+
+    def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        batch, k_len = key.shape[0], key.shape[2]
+        starts = torch.zeros(batch, dtype=torch.long) if mask is None else (mask == 0).sum(-1)
+        slots = torch.arange(k_len).expand(batch, -1)
+        visible = loop_mask(slots[:, k_len - query.shape[2]:], slots, starts, labels[module.layer_idx], SINK, LOCAL)
+        return masked_sdpa(query, key, value, visible, scaling), None
+
+    AttentionInterface.register("test_loops", attend)
+    state = model._sparse_attn_state
+    model.set_attn_implementation("test_loops")
+    try:
+        return model(ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        model.set_attn_implementation("sparse_attn_hf")
+        assert model._sparse_attn_state is state
+
+
+@torch.no_grad()
+def test_streaming_heads_match_independent_masks(model):
+    ids, mask = left_padded(random_ids(2, 30), [0, 6])
+    expected = _independent_logits(model, ids, mask)
+    for cache in (None, DynamicCache(config=model.config), SparseCache(model)):
+        logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+        real = mask.bool()
+        torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_streaming_really_restricts(model):
+    ids = random_ids(1, 40)
+    sparse = model(ids).logits
+    model.set_attn_implementation("sdpa")
+    dense = model(ids).logits
+    model.set_attn_implementation("sparse_attn_hf")
+    assert torch.allclose(sparse[:, : SINK + LOCAL], dense[:, : SINK + LOCAL], atol=1e-5)  # window covers all
+    assert (sparse[:, -1] - dense[:, -1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_sparse_cache_decode_matches_dynamic_cache(model):
+    ids, mask = left_padded(random_ids(3, 26), [0, 9, 4])
+    common = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    ours = model.generate(ids, **common)
+    theirs = model.generate(ids, past_key_values=DynamicCache(config=model.config), **common)
+    assert isinstance(ours.past_key_values, SparseCache)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_beam_search_and_sampling_match_dynamic_cache(model):
+    ids = random_ids(2, 20)
+    beams = dict(max_new_tokens=8, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(ids, **beams),
+                       model.generate(ids, past_key_values=DynamicCache(config=model.config), **beams))
+    sampled = []
+    for cache in (None, DynamicCache(config=model.config)):
+        torch.manual_seed(3)
+        sampled.append(model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=2,
+                                      past_key_values=cache))
+    assert torch.equal(*sampled)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 11])
+@torch.no_grad()
+def test_chunked_prefill_equals_one_shot(model, chunk):
+    ids, mask = left_padded(random_ids(2, 31), [0, 7])
+    common = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    one_shot = model.generate(ids, **common)
+    chunked = model.generate(ids, prefill_chunk_size=chunk, **common)
+    assert torch.equal(one_shot.sequences, chunked.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one_shot.logits), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_manual_chunks_grow_the_cache_past_its_capacity(model):
+    ids = random_ids(2, 150)
+    expected = model(ids).logits
+    cache = SparseCache(model)  # no length hint: starts at one chunk, then doubles
+    pieces = [model(ids[:, a:b], past_key_values=cache).logits for a, b in ((0, 10), (10, 75), (75, 76), (76, 150))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 150
+    assert all(layer.capacity >= 150 for layer in cache.layers if len(layer.dense_idx))
+
+
+def _stream_bytes(cache):
+    return sum(t.numel() * t.element_size() for layer in cache.layers for n, t in layer._tensors.items()
+               if n.startswith(("sink", "ring")))
+
+
+@torch.no_grad()
+def test_streaming_heads_hold_constant_memory_and_bytes_match_prediction(model):
+    ids = random_ids(1, 100)
+    short = model.generate(ids[:, :40], max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
+    long = model.generate(ids, max_new_tokens=29, do_sample=False, return_dict_in_generate=True)
+    assert _stream_bytes(short.past_key_values) == _stream_bytes(long.past_key_values) > 0
+    cache = long.past_key_values
+    length = 128  # 100 prompt + 29 new, the last never fed back: two full 64-token pages, no rounding
+    assert cache.get_seq_length() == length
+    s = float(model._sparse_attn_state.streaming.float().mean())
+    predicted = (1 - s) * (1 + 1 / 16) + s * (SINK + LOCAL) / length
+    dynamic = DynamicCache(config=model.config)
+    model(long.sequences[:, :length], past_key_values=dynamic)
+    dynamic_bytes = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
+    assert cache.dynamic_cache_nbytes() == dynamic_bytes
+    slot_tables = sum(layer._tensors[name].nbytes for layer in cache.layers for name in ("sink_pos", "ring_pos")
+                      if name in layer._tensors)
+    measured = (cache.nbytes() - slot_tables) / dynamic_bytes
+    assert abs(measured - predicted) < 1e-9, (measured, predicted)
+    assert cache.nbytes() / dynamic_bytes < predicted + 0.02
+
+
+@torch.no_grad()
+def test_page_statistics_are_min_max_of_real_keys(model):
+    ids, mask = left_padded(random_ids(2, 45), [0, 21])
+    cache = SparseCache(model)
+    model(ids, attention_mask=mask, past_key_values=cache)
+    model(random_ids(2, 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+          past_key_values=cache)
+    for layer in (layer for layer in cache.layers if len(layer.dense_idx)):
+        keys = layer._tensors["dense_key"][:, :, : layer.seen]
+        for b, start in enumerate((0, 21)):
+            for page in range(-(-layer.seen // 16)):
+                lo, hi = max(page * 16, start), min(page * 16 + 16, layer.seen)
+                if lo >= hi:
+                    assert torch.isinf(layer._tensors["key_min"][b, :, page]).all()
+                    continue
+                torch.testing.assert_close(layer._tensors["key_min"][b, :, page], keys[b, :, lo:hi].amin(1))
+                torch.testing.assert_close(layer._tensors["key_max"][b, :, page], keys[b, :, lo:hi].amax(1))
+
+
+def test_cache_misuse_is_rejected(model):
+    cache = SparseCache(model)
+    with torch.no_grad():
+        model(random_ids(2, 5), past_key_values=cache)
+        with pytest.raises(ValueError, match="batch size 2"):
+            model(random_ids(3, 1), past_key_values=cache)
+        with pytest.raises(ValueError, match="cannot crop"):
+            cache.crop(-1)
+        other = tiny_model("llama", heads=6, kv_heads=2, layers=3)
+        patch_model(other, _mixed(other), SETTINGS)
+        with pytest.raises(ValueError, match="another model"):
+            other(random_ids(2, 1), past_key_values=cache)
+        with pytest.raises(ValueError, match="not left padding"):
+            model(random_ids(1, 4), attention_mask=torch.tensor([[1, 0, 1, 1]]))

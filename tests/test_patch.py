@@ -1,0 +1,121 @@
+"""patch_model / unpatch_model on every family: an all-dense profile changes nothing."""
+
+import types
+
+import pytest
+import torch
+from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+from sparse_attn_hf import Profile, SparseCache, patch_model, patched, unpatch_model
+
+FAMILIES = [("llama", 4, 4), ("mistral", 6, 2), ("qwen2", 8, 2), ("internlm3", 16, 1)]  # GQA 1, 3, 4, 16
+
+
+@pytest.fixture(params=FAMILIES, ids=[f"{f}-gqa{h // k}" for f, h, k in FAMILIES])
+def model(request):
+    family, heads, kv_heads = request.param
+    return tiny_model(family, heads=heads, kv_heads=kv_heads)
+
+
+def _greedy(model, ids, **kwargs):
+    return model.generate(ids, max_new_tokens=6, do_sample=False, **kwargs)
+
+
+@torch.no_grad()
+def test_all_dense_reproduces_unpatched_model(model):
+    ids = random_ids(2, 33)
+    logits = model(ids).logits
+    tokens = _greedy(model, ids)
+    beams = _greedy(model, ids, num_beams=3)
+    with patched(model, Profile.all_dense(model)):
+        assert model.config._attn_implementation == "sparse_attn_hf"
+        torch.testing.assert_close(model(ids).logits, logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(_greedy(model, ids), tokens)
+        assert torch.equal(_greedy(model, ids, num_beams=3), beams)
+    assert torch.equal(model(ids).logits, logits)  # unpatched: exactly as before
+    assert model.config._attn_implementation == "sdpa"
+    assert "generate" not in vars(model) and not hasattr(model, "_sparse_attn_state")
+
+
+@torch.no_grad()
+def test_all_dense_left_padded_batch_and_continuation():
+    model = tiny_model("llama", heads=6, kv_heads=2)
+    ids, mask = left_padded(random_ids(3, 21), [0, 7, 3])
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                           return_dict_in_generate=True)
+    follow = torch.cat([first.sequences, random_ids(3, 4, seed=9)], dim=1)
+    follow_mask = torch.cat([mask, torch.ones(3, follow.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+    expected = model.generate(follow, attention_mask=follow_mask, past_key_values=first.past_key_values,
+                              max_new_tokens=5, do_sample=False)
+
+    patch_model(model, Profile.all_dense(model))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, SparseCache)
+    assert torch.equal(out.sequences, first.sequences)
+    again = model.generate(follow, attention_mask=follow_mask, past_key_values=out.past_key_values,
+                           max_new_tokens=5, do_sample=False)
+    assert torch.equal(again, expected)
+    assert out.past_key_values.get_seq_length() == follow.shape[1] + 4  # tokens seen, not stored
+
+
+@torch.no_grad()
+def test_prompt_of_one_token_and_caller_caches():
+    model = tiny_model("llama")
+    ids = random_ids(1, 1)
+    expected = _greedy(model, ids)
+    logits = model(random_ids(2, 9)).logits
+    with patched(model, Profile.all_dense(model)):
+        assert torch.equal(_greedy(model, ids), expected)
+        assert torch.equal(_greedy(model, ids, past_key_values=DynamicCache(config=model.config)), expected)
+        torch.testing.assert_close(model(random_ids(2, 9), use_cache=False).logits, logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_within_tolerance_rule(dtype):
+    ids = random_ids(2, 40)
+    golden = tiny_model("llama", heads=8, kv_heads=2, dtype=torch.float64)(ids).logits
+    model = tiny_model("llama", heads=8, kv_heads=2, dtype=dtype)
+    baseline = model(ids).logits
+    with patched(model, Profile.all_dense(model)):
+        assert_close_by_rule(model(ids).logits, golden, baseline)
+
+
+def test_bad_models_are_rejected():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        patch_model(tiny_model("llama", dtype=torch.float64), Profile.all_dense(model))
+    patch_model(model, Profile.all_dense(model))
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model, Profile.all_dense(model))
+    unpatch_model(model)
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch_model(model)
+    with pytest.raises(ValueError, match="SparseCache needs a patched model"):
+        SparseCache(model)
+
+    windowed = tiny_model("mistral")
+    windowed.config.sliding_window = 4096
+    with pytest.raises(ValueError, match="sliding-window"):
+        patch_model(windowed, Profile.all_dense(windowed))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="'gpt2' .* is not supported"):
+        patch_model(gpt2)
+    remote = types.SimpleNamespace(config=types.SimpleNamespace(
+        get_text_config=lambda decoder: types.SimpleNamespace(model_type="chatglm")))
+    with pytest.raises(ValueError, match="convert chatglm"):
+        patch_model(remote)
+
+
+def test_missing_profile_says_how_to_get_one():
+    with pytest.raises(ValueError, match="Profile.all_dense"):
+        patch_model(tiny_model("qwen2", heads=4, kv_heads=2))
+
+
+def test_patched_context_unpatches_on_error():
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError):
+        with patched(model, Profile.all_dense(model)):
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa" and "generate" not in vars(model)
