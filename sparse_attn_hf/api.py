@@ -29,14 +29,15 @@ class PatchState:
     streaming: torch.Tensor  # bool [num_layers, num_kv_heads], on the CPU
     previous_attention: str
     modules: list
-    _on_device: dict = field(default_factory=dict)
+    _splits: dict = field(default_factory=dict)
     _mask_memo: tuple | None = None
 
-    def streaming_on(self, layer: int, device) -> torch.Tensor:
-        key = (layer, str(device))
-        if key not in self._on_device:
-            self._on_device[key] = self.streaming[layer].to(device)
-        return self._on_device[key]
+    def head_split(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dense KV head indices, streaming KV head indices) of ``layer``."""
+        if layer not in self._splits:
+            labels = self.streaming[layer]
+            self._splits[layer] = (torch.nonzero(~labels).flatten(), torch.nonzero(labels).flatten())
+        return self._splits[layer]
 
     def kv_start_for(self, attention_mask, batch: int, length: int, device) -> torch.Tensor:
         """Left-padding starts of a forward without SparseCache, computed once per mask object."""

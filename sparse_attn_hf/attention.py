@@ -17,7 +17,7 @@ import torch
 from transformers.masking_utils import flash_attention_mask
 
 from . import ops
-from .cache import PendingKV, SparseLayer
+from .cache import LayerKV, PendingKV, SparseLayer
 
 ATTENTION_NAME = "sparse_attn_hf"
 
@@ -37,25 +37,32 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError("sparse_attn_hf is for inference: call model.eval() (attention dropout is not supported).")
     if query.shape[2] == 0:
         raise ValueError("empty input (0 tokens): pass at least one token.")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    settings = state.settings
-    common = dict(sink=settings.sink_size, local=settings.local_size, scale=scale, tile=settings.query_tile)
+    batch, q_len = query.shape[0], query.shape[2]
     if isinstance(key, PendingKV):
-        return _attend_sparse_cache(state, module, query, key, attention_mask, common), None
-    streaming = state.streaming_on(module.layer_idx, query.device)
-    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
-    kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
-    if attention_mask is None:
-        _check_positions(kwargs.get("position_ids"), k_len)
-    slots = torch.arange(k_len, device=query.device)
-    return (
-        ops.sparse_attention(
-            query, key, value,
-            q_pos=slots[k_len - q_len :].expand(batch, -1), k_pos=slots.expand(batch, -1),
-            kv_start=kv_start, streaming=streaming, **common,
-        ),
-        None,
-    )
+        layer: SparseLayer = key.layer
+        if layer.cache.owner is not state:
+            raise ValueError(
+                "this SparseCache was made for another model or an earlier patch: create SparseCache(model) "
+                "for the model you call."
+            )
+        first = layer.seen
+        kv_start = layer.cache.resolve_kv_start(attention_mask, layer, q_len)
+        kv = layer.append(key.key, key.value, kv_start)
+        dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
+    else:
+        k_len = key.shape[2]
+        if attention_mask is None:
+            _check_positions(kwargs.get("position_ids"), k_len)
+        first = k_len - q_len
+        kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
+        dense_idx, stream_idx = state.head_split(module.layer_idx)
+        kv = LayerKV.split(key, value, dense_idx, stream_idx)
+    q_pos = torch.arange(first, first + q_len, device=query.device).expand(batch, -1)
+    settings = state.settings
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    common = dict(q_pos=q_pos, kv_start=kv_start, sink=settings.sink_size, local=settings.local_size,
+                  scale=scale, tile=settings.query_tile)
+    return _attend_by_kind(query, kv, dense_idx, stream_idx, common), None
 
 
 def _check_positions(position_ids, k_len: int) -> None:
@@ -71,38 +78,26 @@ def _check_positions(position_ids, k_len: int) -> None:
         )
 
 
-def _attend_sparse_cache(state, module, query, pending: PendingKV, attention_mask, common) -> torch.Tensor:
-    layer: SparseLayer = pending.layer
-    cache = layer.cache
-    if cache.owner is not state:
-        raise ValueError(
-            "this SparseCache was made for another model or an earlier patch: create SparseCache(model) for "
-            "the model you call."
-        )
+def _attend_by_kind(query, kv: LayerKV, dense_idx, stream_idx, common) -> torch.Tensor:
+    """Dense heads and streaming heads attend to their own keys; outputs go back in head order."""
     batch, num_heads, q_len, head_dim = query.shape
-    first = layer.seen
-    kv_start = cache.resolve_kv_start(attention_mask, layer, q_len)
-    kv = layer.append(pending.key, pending.value, kv_start)
-    num_kv = len(layer.streaming)
+    num_kv = len(dense_idx) + len(stream_idx)
     groups = num_heads // num_kv
-    q_pos = torch.arange(first, first + q_len, device=query.device).expand(batch, -1)
     grouped = query.view(batch, num_kv, groups, q_len, head_dim)
     out = torch.empty(batch, q_len, num_kv, groups, head_dim, dtype=query.dtype, device=query.device)
     parts = (
-        (layer.dense_idx, kv.dense_key, kv.dense_value, None, False),
-        (layer.stream_idx, kv.stream_key, kv.stream_value, kv.stream_pos, True),
+        (dense_idx, kv.dense_key, kv.dense_value, None, False),
+        (stream_idx, kv.stream_key, kv.stream_value, kv.stream_pos, True),
     )
     for heads, key, value, k_pos, is_streaming in parts:
         if not len(heads):
             continue
         heads = heads.to(query.device)
-        if k_pos is None:
+        if k_pos is None:  # dense heads: slots 0..n-1
             k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1)
         sub_query = grouped.index_select(1, heads).reshape(batch, len(heads) * groups, q_len, head_dim)
-        result = ops.sparse_attention(
-            sub_query, key, value, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start,
-            streaming=torch.full((len(heads),), is_streaming, device=query.device), **common,
-        )
+        streaming = torch.full((len(heads),), is_streaming, device=query.device)
+        result = ops.sparse_attention(sub_query, key, value, k_pos=k_pos, streaming=streaming, **common)
         out[:, :, heads] = result.view(batch, q_len, len(heads), groups, head_dim)
     return out.view(batch, q_len, num_heads, head_dim)
 

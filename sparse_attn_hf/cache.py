@@ -52,6 +52,17 @@ class LayerKV:
     stream_value: torch.Tensor | None
     stream_pos: torch.Tensor | None
 
+    @classmethod
+    def split(cls, key: torch.Tensor, value: torch.Tensor, dense_idx, stream_idx) -> "LayerKV":
+        """Full K/V [B, Hkv, L, D] (slots 0..L-1) split by head kind, as a cache-less layer sees it."""
+        batch, _, length, _ = key.shape
+        dense = (key[:, dense_idx], value[:, dense_idx]) if len(dense_idx) else (None, None)
+        stream = (None, None, None)
+        if len(stream_idx):
+            slots = torch.arange(length, device=key.device).expand(batch, -1)
+            stream = (key[:, stream_idx], value[:, stream_idx], slots)
+        return cls(*dense, *stream)
+
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
@@ -67,7 +78,8 @@ class SparseLayer(CacheLayerMixin):
     def __init__(
         self,
         cache: "SparseCache",
-        streaming: torch.Tensor,
+        dense_idx: torch.Tensor,
+        stream_idx: torch.Tensor,
         *,
         sink_size: int,
         local_size: int,
@@ -76,9 +88,7 @@ class SparseLayer(CacheLayerMixin):
     ):
         super().__init__()
         self.cache = cache
-        self.streaming = streaming.to(torch.bool).cpu()
-        self.stream_idx = torch.nonzero(self.streaming).flatten()
-        self.dense_idx = torch.nonzero(~self.streaming).flatten()
+        self.dense_idx, self.stream_idx = dense_idx, stream_idx  # KV head indices of each kind
         self.sink_size, self.local_size = sink_size, local_size
         self.page_size, self.logical_page_size = page_size, logical_page_size
         self.seen = 0
@@ -261,7 +271,7 @@ class SparseCache(Cache):
         layers = [
             SparseLayer(
                 self,
-                state.streaming[layer],
+                *state.head_split(layer),
                 sink_size=settings.sink_size,
                 local_size=settings.local_size,
                 page_size=settings.page_size,
@@ -324,6 +334,6 @@ class SparseCache(Cache):
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
-                heads = len(layer.streaming)
+                heads = len(layer.dense_idx) + len(layer.stream_idx)
                 total += 2 * layer.batch * heads * layer.seen * layer.head_dim * layer.dtype.itemsize
         return total

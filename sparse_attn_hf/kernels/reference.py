@@ -66,14 +66,15 @@ def sparse_attention_reference(
         key, value: [B, Hkv, Lk, D].
         q_pos, k_pos, kv_start, streaming, sink, local: the visibility rule of this module.
         scale: softmax scale (usually D ** -0.5).
-        tile: query rows per step; memory is O(B * Hq * tile * Lk).
+        tile: query rows per step; memory is O(B * Hq * tile * Lk). Each tile computes only the key
+            columns that some query of the tile sees, so causal and window sparsity save work.
 
     Returns:
         [B, Lq, Hq, D] in the dtype of ``query``. Softmax runs in float32 (float64 for float64
         inputs). A query that sees no key (a pad) gets zeros.
     """
     batch, num_heads, q_len, head_dim = query.shape
-    num_kv_heads = key.shape[1]
+    num_kv_heads, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv_heads
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     k = key.to(compute)
@@ -84,12 +85,17 @@ def sparse_attention_reference(
         stop = min(start + tile, q_len)
         q_tile = q[:, :, :, start:stop].to(compute)
         mask = visibility_mask(q_pos[:, start:stop], k_pos, kv_start, streaming, sink, local)
-        scores = torch.einsum("bhgqd,bhkd->bhgqk", q_tile, k) * scale
+        k_tile, v_tile = k, v
+        columns = torch.nonzero(mask.any(dim=(0, 1, 2))).flatten()
+        if columns.numel() < k_len:  # skip keys no query of the tile sees (future, outside the window)
+            k_tile, v_tile = k.index_select(2, columns), v.index_select(2, columns)
+            mask = mask.index_select(3, columns)
+        scores = torch.einsum("bhgqd,bhkd->bhgqk", q_tile, k_tile) * scale
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
         row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(compute).min)
         weights = torch.exp(scores - row_max)
         denom = weights.sum(dim=-1, keepdim=True)
         probs = weights / denom.clamp_min(torch.finfo(compute).tiny)
-        tile_out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v)
+        tile_out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v_tile)
         out[:, start:stop] = tile_out.reshape(batch, num_heads, stop - start, head_dim).transpose(1, 2).to(query.dtype)
     return out
