@@ -72,6 +72,7 @@ class Profile:
     created: str = ""
     command: str = ""
     fingerprint: torch.Tensor | None = field(default=None, repr=False)
+    source: Path | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
 
     def __post_init__(self) -> None:
         self.head_score = torch.as_tensor(self.head_score, dtype=torch.float32).detach().cpu()
@@ -161,9 +162,11 @@ class Profile:
                 "another format. Re-create it or copy it again."
             ) from None
         try:
-            return cls._from_parts(tensors, metadata)
+            profile = cls._from_parts(tensors, metadata)
         except (ValueError, TypeError) as error:
             raise ValueError(f"invalid profile {path}: {error}") from None
+        profile.source = path
+        return profile
 
     @classmethod
     def _from_parts(cls, tensors: dict, metadata: dict) -> "Profile":

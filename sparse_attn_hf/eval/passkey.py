@@ -1,0 +1,101 @@
+"""Passkey retrieval: a number hidden at a chosen depth of a haystack, asked for at the end.
+
+Each cell is answered twice on the same prompt: by the model as loaded (dense attention) and by the
+model patched with a profile (sparse). Greedy decoding; the answer is correct when it contains the key.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..api import patched
+from .haystack import haystack_text
+
+INSTRUCTION = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it."
+)
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+_OVERHEAD = 90  # tokens of instruction, needle and question, about
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    length: int  # target length in tokens
+    depth: float  # position of the needle in the filler, 0 = start, 1 = end
+    key: str
+    input_ids: torch.Tensor  # [1, n]
+    needle: slice  # token positions of the needle sentence
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def make_keys(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [str(rng.randint(10000, 99999)) for _ in range(count)]
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str, part: str = "evaluation",
+                   offset: int = 0) -> PasskeyPrompt:
+    """A prompt of about ``length`` tokens with the needle after ``depth`` of the filler.
+
+    The filler is the haystack ``part`` from token ``offset`` on, cut at the needle's depth.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}.")
+    filler_len = length - _OVERHEAD
+    if filler_len < 1:
+        raise ValueError(f"length {length} is too short for a passkey prompt (at least {_OVERHEAD + 1}).")
+    hay = tokenizer(haystack_text(part), add_special_tokens=False).input_ids
+    if offset + filler_len > len(hay):
+        raise ValueError(f"the {part} haystack has {len(hay)} tokens; {offset} + {filler_len} do not fit.")
+    filler = hay[offset : offset + filler_len]
+    cut = int(depth * filler_len)
+    before, after = tokenizer.decode(filler[:cut]), tokenizer.decode(filler[cut:])
+    head = f"{INSTRUCTION}\n\n{before}\n\n"
+    needle = NEEDLE.format(key=key)
+    text = f"{head}{needle}\n\n{after}\n\n{QUESTION}"
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
+    span = slice(count(head), count(head + needle))
+    return PasskeyPrompt(length=length, depth=depth, key=key, input_ids=ids, needle=span)
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompt: PasskeyPrompt, max_new_tokens: int = 8) -> tuple[str, torch.Tensor]:
+    """(greedy answer text, log-probabilities of the first answer token [vocab])."""
+    out = model.generate(prompt.input_ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    text = tokenizer.decode(out.sequences[0, prompt.tokens :], skip_special_tokens=True)
+    return text, F.log_softmax(out.logits[0][0].float(), dim=-1)
+
+
+def kl_divergence(reference_logp: torch.Tensor, other_logp: torch.Tensor) -> float:
+    """KL(reference || other) of two log-probability vectors (nats)."""
+    return float((reference_logp.exp() * (reference_logp - other_logp)).sum())
+
+
+def passkey_cell(model, tokenizer, prompt: PasskeyPrompt, profile=None, config=None) -> dict:
+    """One JSON record: the prompt answered dense (model as given) and sparse (patched)."""
+    dense, dense_logp = answer(model, tokenizer, prompt)
+    with patched(model, profile, config):
+        sparse, sparse_logp = answer(model, tokenizer, prompt)
+    return {
+        "length": prompt.length,
+        "depth": prompt.depth,
+        "key": prompt.key,
+        "prompt_tokens": prompt.tokens,
+        "dense_answer": dense.strip(),
+        "sparse_answer": sparse.strip(),
+        "dense_correct": prompt.key in dense,
+        "sparse_correct": prompt.key in sparse,
+        "kl": kl_divergence(dense_logp, sparse_logp),
+    }
+
