@@ -43,23 +43,27 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-
     print("[1/4] loading SmolLM2-135M-Instruct (about 30 s) ...", flush=True)
     model, tokenizer = load_default_model()
+    return quickstart(model, tokenizer, args.length, args.depth, args.max_new_tokens)
+
+
+def quickstart(model, tokenizer, length: int, depth: float, max_new_tokens: int) -> dict:
+    """Steps 2-4 on a loaded (unpatched) model; prints progress and, last, the JSON result."""
     key = make_keys(1, seed=7)[0]
-    prompt = passkey_prompt(tokenizer, args.length, args.depth, key)
-    print(f"      prompt: {prompt.tokens} tokens, pass key {key} at depth {args.depth}", flush=True)
+    prompt = passkey_prompt(tokenizer, length, depth, key)
+    print(f"      prompt: {prompt.tokens} tokens, pass key {key} at depth {depth}", flush=True)
 
     print("[2/4] dense attention (sdpa + DynamicCache) ...", flush=True)
     dense_cache = DynamicCache(config=model.config)
-    dense_answer, dense_prefill = run(model, tokenizer, prompt, dense_cache, args.max_new_tokens)
+    dense_answer, dense_prefill = run(model, tokenizer, prompt, dense_cache, max_new_tokens)
     print(f"      answer {dense_answer!r}, prefill {dense_prefill:.1f} s", flush=True)
 
     print("[3/4] sparse attention (patch_model: shipped profile + SparseCache) ...", flush=True)
     patch_model(model)
     state = model._sparse_attn_state
-    cache = SparseCache(model, max_cache_len=prompt.tokens + args.max_new_tokens - 1)
-    sparse_answer, sparse_prefill = run(model, tokenizer, prompt, cache, args.max_new_tokens)
+    cache = SparseCache(model, max_cache_len=prompt.tokens + max_new_tokens - 1)
+    sparse_answer, sparse_prefill = run(model, tokenizer, prompt, cache, max_new_tokens)
     print(f"      answer {sparse_answer!r}, prefill {sparse_prefill:.1f} s", flush=True)
     unpatch_model(model)
 
@@ -76,7 +80,7 @@ def main(argv=None) -> dict:
         "expected": key,
         "dense_answer": dense_answer,
         "sparse_answer": sparse_answer,
-        "needle_depth": args.depth,
+        "needle_depth": depth,
         "prompt_tokens": prompt.tokens,
         "streaming_fraction": s,
         "sink_size": settings.sink_size,

@@ -27,8 +27,9 @@ def test_round_trip(model, tmp_path):
     assert torch.equal(loaded.head_score, profile.head_score)
     assert torch.equal(loaded.fingerprint, profile.fingerprint)
     for field in dataclasses.fields(Profile):
-        if field.name not in ("head_score", "fingerprint"):
+        if field.name not in ("head_score", "fingerprint", "source"):
             assert getattr(loaded, field.name) == getattr(profile, field.name), field.name
+    assert loaded.source == path
     loaded.validate_for(model)
 
 

@@ -14,27 +14,30 @@ def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def next_token_agreement(model, input_ids: torch.Tensor, profile=None, config=None, chunk: int = 512) -> dict:
-    """Compare the model as given (dense) with the patched model on every position of ``input_ids``.
+def next_token_agreement(model, input_ids: torch.Tensor, settings, chunk: int = 512) -> list[dict]:
+    """Compare the model as given (dense) with the model patched by each ``(profile, config)``.
 
-    Returns ``{"tokens", "top1_agreement", "mean_kl", "max_kl"}``: the share of positions where both
-    predict the same next token, and KL(dense || sparse) of the next-token distributions in nats.
-    Logits are made chunk by chunk, so memory stays at ``chunk x vocab``.
+    Returns one ``{"tokens", "top1_agreement", "mean_kl", "max_kl"}`` per setting: the share of
+    positions where both predict the same next token, and KL(dense || sparse) of the next-token
+    distributions in nats. Logits are made chunk by chunk (memory ``chunk x vocab``).
     """
     dense_hidden = _final_hidden(model, input_ids)
-    with patched(model, profile, config):
-        sparse_hidden = _final_hidden(model, input_ids)
     head = model.get_output_embeddings()
-    agree, kls = 0, []
-    for start in range(0, dense_hidden.shape[0], chunk):
-        dense_logp = F.log_softmax(head(dense_hidden[start : start + chunk]).float(), dim=-1)
-        sparse_logp = F.log_softmax(head(sparse_hidden[start : start + chunk]).float(), dim=-1)
-        agree += int((dense_logp.argmax(-1) == sparse_logp.argmax(-1)).sum())
-        kls.append((dense_logp.exp() * (dense_logp - sparse_logp)).sum(-1))
-    kl = torch.cat(kls)
-    return {
-        "tokens": int(input_ids.shape[1]),
-        "top1_agreement": agree / kl.numel(),
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-    }
+    results = []
+    for profile, config in settings:
+        with patched(model, profile, config):
+            sparse_hidden = _final_hidden(model, input_ids)
+        agree, kls = 0, []
+        for start in range(0, dense_hidden.shape[0], chunk):
+            dense_logp = F.log_softmax(head(dense_hidden[start : start + chunk]).float(), dim=-1)
+            sparse_logp = F.log_softmax(head(sparse_hidden[start : start + chunk]).float(), dim=-1)
+            agree += int((dense_logp.argmax(-1) == sparse_logp.argmax(-1)).sum())
+            kls.append((dense_logp.exp() * (dense_logp - sparse_logp)).sum(-1))
+        kl = torch.cat(kls)
+        results.append({
+            "tokens": int(input_ids.shape[1]),
+            "top1_agreement": agree / kl.numel(),
+            "mean_kl": float(kl.mean()),
+            "max_kl": float(kl.max()),
+        })
+    return results

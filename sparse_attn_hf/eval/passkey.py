@@ -1,5 +1,6 @@
 """Passkey retrieval: a number hidden at a chosen depth of a haystack, asked for at the end.
 
+The prompt is a chat turn (the model's chat template) whose answer starts with "The pass key is".
 Each cell is answered twice on the same prompt: by the model as loaded (dense attention) and by the
 model patched with a profile (sparse). Greedy decoding; the answer is correct when it contains the key.
 """
@@ -20,7 +21,8 @@ INSTRUCTION = (
     "Find it and memorize it. I will quiz you about it."
 )
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
+QUESTION = "What is the pass key?"
+ANSWER_PREFIX = "The pass key is"  # the assistant's answer starts with it
 _OVERHEAD = 90  # tokens of instruction, needle and question, about
 
 
@@ -59,12 +61,14 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, part: str = "
     filler = hay[offset : offset + filler_len]
     cut = int(depth * filler_len)
     before, after = tokenizer.decode(filler[:cut]), tokenizer.decode(filler[cut:])
-    head = f"{INSTRUCTION}\n\n{before}\n\n"
     needle = NEEDLE.format(key=key)
-    text = f"{head}{needle}\n\n{after}\n\n{QUESTION}"
+    content = f"{INSTRUCTION}\n\n{before}\n\n{needle}\n\n{after}\n\n{QUESTION}"
+    messages = [{"role": "user", "content": content}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
-    span = slice(count(head), count(head + needle))
+    at = text.index(needle)
+    span = slice(count(text[:at]), count(text[: at + len(needle)]))
     return PasskeyPrompt(length=length, depth=depth, key=key, input_ids=ids, needle=span)
 
 
@@ -82,20 +86,23 @@ def kl_divergence(reference_logp: torch.Tensor, other_logp: torch.Tensor) -> flo
     return float((reference_logp.exp() * (reference_logp - other_logp)).sum())
 
 
-def passkey_cell(model, tokenizer, prompt: PasskeyPrompt, profile=None, config=None) -> dict:
-    """One JSON record: the prompt answered dense (model as given) and sparse (patched)."""
+def passkey_cells(model, tokenizer, prompt: PasskeyPrompt, settings) -> list[dict]:
+    """JSON records of one prompt: answered dense once (model as given), then patched with each
+    ``(profile, config)`` of ``settings``; KL compares the first answer token's distributions."""
     dense, dense_logp = answer(model, tokenizer, prompt)
-    with patched(model, profile, config):
-        sparse, sparse_logp = answer(model, tokenizer, prompt)
-    return {
-        "length": prompt.length,
-        "depth": prompt.depth,
-        "key": prompt.key,
-        "prompt_tokens": prompt.tokens,
-        "dense_answer": dense.strip(),
-        "sparse_answer": sparse.strip(),
-        "dense_correct": prompt.key in dense,
-        "sparse_correct": prompt.key in sparse,
-        "kl": kl_divergence(dense_logp, sparse_logp),
-    }
-
+    records = []
+    for profile, config in settings:
+        with patched(model, profile, config):
+            sparse, sparse_logp = answer(model, tokenizer, prompt)
+        records.append({
+            "length": prompt.length,
+            "depth": prompt.depth,
+            "key": prompt.key,
+            "prompt_tokens": prompt.tokens,
+            "dense_answer": dense.strip(),
+            "sparse_answer": sparse.strip(),
+            "dense_correct": prompt.key in dense,
+            "sparse_correct": prompt.key in sparse,
+            "kl": kl_divergence(dense_logp, sparse_logp),
+        })
+    return records

