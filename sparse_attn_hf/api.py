@@ -29,6 +29,7 @@ class PatchState:
     streaming: torch.Tensor  # bool [num_layers, num_kv_heads], on the CPU
     previous_attention: str
     modules: list
+    hook: object = None  # the forward pre-hook that rejects empty inputs
     _splits: dict = field(default_factory=dict)
     _mask_memo: tuple | None = None
 
@@ -93,6 +94,7 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
         module._sparse_attn_state = state
     model.set_attn_implementation(ATTENTION_NAME)
     model._sparse_attn_state = state
+    state.hook = model.register_forward_pre_hook(_reject_empty_input, with_kwargs=True)
     model.generate = _generate_with_sparse_cache(model, model.generate)
     logger.log(
         logging.INFO,
@@ -109,6 +111,7 @@ def unpatch_model(model):
     if state is None:
         raise ValueError("this model is not patched by sparse_attn_hf.")
     model.set_attn_implementation(state.previous_attention)
+    state.hook.remove()
     for module in state.modules:
         del module._sparse_attn_state
     del model._sparse_attn_state
@@ -125,6 +128,12 @@ def patched(model, profile=None, config: SparseConfig | None = None):
         yield model
     finally:
         unpatch_model(model)
+
+
+def _reject_empty_input(module, args, kwargs):
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if inputs is not None and inputs.ndim >= 2 and inputs.shape[1] == 0:
+        raise ValueError("empty input (0 tokens): pass at least one token.")
 
 
 def _generate_with_sparse_cache(model, generate):

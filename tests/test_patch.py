@@ -108,6 +108,16 @@ def test_bad_models_are_rejected():
         patch_model(remote)
 
 
+def test_empty_input_is_rejected():
+    model = tiny_model("llama")
+    with patched(model, Profile.all_dense(model)):
+        with pytest.raises(ValueError, match="empty input"):
+            model(torch.zeros(1, 0, dtype=torch.long))
+        with pytest.raises(ValueError, match="empty input"):
+            model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    assert not model._forward_pre_hooks
+
+
 def test_missing_profile_says_how_to_get_one():
     with pytest.raises(ValueError, match="Profile.all_dense"):
         patch_model(tiny_model("qwen2", heads=4, kv_heads=2))
