@@ -2,7 +2,8 @@
 
     python scripts/make_default_profile.py --out profiles/smollm2-135m-instruct.safetensors
 
-Head score = max(rank of out-of-window mass on plain text, rank of needle mass on passkey prompts),
+Head score = max(rank of out-of-window mass on plain text, rank of needle mass on passkey prompts
+whose answer is teacher-forced, at the rows that predict the answer),
 both measured with dense attention on the *calibration* half of the haystack (chapters 1-8) with keys
 that the evaluation never uses. Deterministic: no sampling, ranks break ties by (layer, head).
 """
@@ -25,7 +26,7 @@ from sparse_attn_hf.profiler.attention_stats import needle_mass, out_of_window_m
 
 SINK, LOCAL = 64, 256
 TEXT_TOKENS = 2048
-PROMPTS = [(1024, 0.2), (1024, 0.6), (1024, 0.9), (2048, 0.1), (2048, 0.5), (2048, 0.8)]
+PROMPTS = [(1024, 0.2), (1024, 0.6), (1024, 0.9), (2048, 0.1), (2048, 0.5), (2048, 0.8), (4096, 0.3), (4096, 0.7)]
 CALIBRATION_SEED = 1234  # the evaluation uses seed 0
 METHODS = {
     "combined": "max(rank(out-of-window mass), rank(needle mass))",
@@ -44,7 +45,10 @@ def signals(model, tokenizer) -> dict[str, torch.Tensor]:
     for (length, depth), key in zip(tqdm(PROMPTS, desc="needle prompts"), keys):
         # start the filler at another place of the calibration half for each prompt
         prompt = passkey_prompt(tokenizer, length, depth, key, part="calibration", offset=len(needles) * 700)
-        needles.append(needle_mass(model, prompt.input_ids, prompt.needle))
+        answer = tokenizer(" " + key, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = torch.cat([prompt.input_ids, answer], dim=1)
+        rows = slice(prompt.tokens - 1, ids.shape[1] - 1)  # the rows that predict the answer's tokens
+        needles.append(needle_mass(model, ids, prompt.needle, rows))
     return {"window": window, "needle": per_kv_head(torch.stack(needles).mean(0), kv_heads)}
 
 

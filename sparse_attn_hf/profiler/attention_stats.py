@@ -5,8 +5,9 @@ Two signals decide whether a head may stream (keep only sink + local window):
 * **out-of-window mass**: on plain text, the average attention probability a head puts outside the
   first ``sink`` tokens and its last ``local`` tokens (rows past ``sink + local`` only). Diffuse heads
   score high.
-* **needle mass**: on passkey prompts, the attention probability the last ``rows`` query rows put on
-  the needle's tokens. Retrieval heads score high, even when their average pattern looks local.
+* **needle mass**: on passkey prompts followed by their answer, the attention probability the rows
+  that predict the answer's tokens put on the needle. Retrieval heads score high, even when their
+  average pattern looks local.
 """
 
 from __future__ import annotations
@@ -75,12 +76,16 @@ def out_of_window_mass(model, input_ids: torch.Tensor, sink: int, local: int) ->
 
 
 @torch.no_grad()
-def needle_mass(model, input_ids: torch.Tensor, needle: slice, rows: int = 8) -> torch.Tensor:
-    """float [num_layers, num_heads]: mean attention mass of the last ``rows`` query rows on ``needle``."""
+def needle_mass(model, input_ids: torch.Tensor, needle: slice, rows: slice) -> torch.Tensor:
+    """float [num_layers, num_heads]: mean attention mass of query ``rows`` on the ``needle`` tokens.
+
+    For retrieval, ``input_ids`` is a passkey prompt followed by its answer (teacher forcing) and
+    ``rows`` are the positions that predict the answer's tokens.
+    """
     result = {}
 
     def handler(layer, probs):
-        result[layer] = probs[0, :, -rows:, needle].sum(-1).mean(-1).cpu()
+        result[layer] = probs[0, :, rows, needle].sum(-1).mean(-1).cpu()
 
     with _probing(model, handler):
         model(input_ids.to(model.device), use_cache=False)
