@@ -57,10 +57,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
         dense_idx, stream_idx = state.head_split(module.layer_idx)
         kv = LayerKV.split(key, value, dense_idx, stream_idx)
-    q_pos = torch.arange(first, first + q_len, device=query.device).expand(batch, -1)
     settings = state.settings
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    common = dict(q_pos=q_pos, kv_start=kv_start, sink=settings.sink_size, local=settings.local_size,
+    common = dict(q_first=first, kv_start=kv_start, sink=settings.sink_size, local=settings.local_size,
                   scale=scale, tile=settings.query_tile)
     return _attend_by_kind(query, kv, dense_idx, stream_idx, common), None
 
@@ -89,12 +88,10 @@ def _attend_by_kind(query, kv: LayerKV, dense_idx, stream_idx, common) -> torch.
         (dense_idx, kv.dense_key, kv.dense_value, None, False),
         (stream_idx, kv.stream_key, kv.stream_value, kv.stream_pos, True),
     )
-    for heads, key, value, k_pos, is_streaming in parts:
+    for heads, key, value, k_pos, is_streaming in parts:  # k_pos None: slots 0..n-1
         if not len(heads):
             continue
         heads = heads.to(query.device)
-        if k_pos is None:  # dense heads: slots 0..n-1
-            k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1)
         sub_query = grouped.index_select(1, heads).reshape(batch, len(heads) * groups, q_len, head_dim)
         streaming = torch.full((len(heads),), is_streaming, device=query.device)
         result = ops.sparse_attention(sub_query, key, value, k_pos=k_pos, streaming=streaming, **common)

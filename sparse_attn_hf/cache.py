@@ -43,7 +43,8 @@ class LayerKV:
     """What one layer attends to after an append (``None`` for a head kind the layer lacks).
 
     ``dense_*``: [B, H_dense, seen, D], slots 0..seen-1 (views, no copy).
-    ``stream_*``: [B, H_stream, n_s, D] with slots ``stream_pos`` [B, n_s] (-1: empty slot).
+    ``stream_*``: [B, H_stream, n_s, D] with slots ``stream_pos`` [B, n_s] (-1: empty slot; ``None``:
+    slots 0..n_s-1).
     """
 
     dense_key: torch.Tensor | None
@@ -55,12 +56,8 @@ class LayerKV:
     @classmethod
     def split(cls, key: torch.Tensor, value: torch.Tensor, dense_idx, stream_idx) -> "LayerKV":
         """Full K/V [B, Hkv, L, D] (slots 0..L-1) split by head kind, as a cache-less layer sees it."""
-        batch, _, length, _ = key.shape
         dense = (key[:, dense_idx], value[:, dense_idx]) if len(dense_idx) else (None, None)
-        stream = (None, None, None)
-        if len(stream_idx):
-            slots = torch.arange(length, device=key.device).expand(batch, -1)
-            stream = (key[:, stream_idx], value[:, stream_idx], slots)
+        stream = (key[:, stream_idx], value[:, stream_idx], None) if len(stream_idx) else (None, None, None)
         return cls(*dense, *stream)
 
 
@@ -219,10 +216,10 @@ class SparseLayer(CacheLayerMixin):
     def _append_streaming(self, key, value, slots, kv_start):
         t = self._tensors
         batch, n = key.shape[0], key.shape[2]
-        new_pos = slots[None, :].expand(batch, n)
         if int(slots[0]) == 0:  # nothing cached yet: attend to the new tokens alone
-            view = key, value, new_pos
+            view = key, value, None
         else:
+            new_pos = slots[None, :].expand(batch, n)
             # ring tokens that are also sink tokens of their row are already in the sink buffer
             ring_pos = t["ring_pos"][None, :].expand(batch, -1)
             ring_pos = torch.where(ring_pos - kv_start[:, None] < self.sink_size, -1, ring_pos)

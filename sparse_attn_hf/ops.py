@@ -1,7 +1,7 @@
 """The seam between the plugin and its kernels: checks inputs, then picks an implementation.
 
-Only the PyTorch reference exists in this version; it runs on every device. The Triton kernels
-plug in here, behind the same contracts (see ``kernels/reference.py``).
+On CUDA with float16/bfloat16 the Triton kernel runs; everywhere else the PyTorch reference (with one
+logged reason). Both follow the contract of ``kernels/reference.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,18 @@ from ._log import log_once
 from .kernels.reference import sparse_attention_reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_MAX_HEAD_DIM = 256
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """``"auto"`` (Triton on CUDA, else the reference), ``"triton"`` (also on the CPU under
+    ``TRITON_INTERPRET=1``, for tests) or ``"reference"``."""
+    global _backend
+    if name not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {name!r}.")
+    _backend = name
 
 
 def check_dtype(dtype: torch.dtype) -> None:
@@ -22,13 +34,29 @@ def check_dtype(dtype: torch.dtype) -> None:
         )
 
 
+def _use_triton(query: torch.Tensor) -> bool:
+    if _backend == "reference":
+        return False
+    if _backend == "triton":
+        return True
+    if query.device.type != "cuda":
+        return False
+    if query.dtype not in KERNEL_DTYPES:
+        log_once(f"sparse_attn_hf: {query.dtype} runs the PyTorch reference (the Triton kernel takes fp16/bf16).")
+        return False
+    if query.shape[-1] > KERNEL_MAX_HEAD_DIM:
+        log_once(f"sparse_attn_hf: head_dim {query.shape[-1]} > {KERNEL_MAX_HEAD_DIM} runs the PyTorch reference.")
+        return False
+    return True
+
+
 def sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
+    q_first: int,
+    k_pos: torch.Tensor | None,
     kv_start: torch.Tensor,
     streaming: torch.Tensor,
     sink: int,
@@ -36,7 +64,11 @@ def sparse_attention(
     scale: float,
     tile: int = 256,
 ) -> torch.Tensor:
-    """Dense + streaming attention of one layer. Shapes and rule: ``kernels.reference``."""
+    """Dense + streaming attention of one layer -> [B, Lq, Hq, D].
+
+    query [B, Hq, Lq, D] at slots ``q_first + i``; key/value [B, Hkv, Lk, D] at slots ``k_pos`` [B, Lk]
+    (``None``: 0..Lk-1); kv_start [B]; streaming [Hkv] bool. Rule: ``kernels.reference``.
+    """
     check_dtype(query.dtype)
     if query.ndim != 4 or key.ndim != 4 or key.shape != value.shape:
         raise ValueError(
@@ -53,8 +85,20 @@ def sparse_attention(
         raise ValueError("attention over an empty sequence (0 tokens): pass at least one token.")
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}.")
-    if query.device.type == "cuda":
-        log_once("sparse_attn_hf: no Triton kernel in this version, CUDA runs the PyTorch reference.")
+    if streaming.shape != (key.shape[1],) or kv_start.shape != (batch,):
+        raise ValueError(f"streaming must be [Hkv] = [{key.shape[1]}] and kv_start [B] = [{batch}].")
+    if k_pos is not None and tuple(k_pos.shape) != (batch, key.shape[2]):
+        raise ValueError(f"k_pos must be [B, Lk] = [{batch}, {key.shape[2]}], got {tuple(k_pos.shape)}.")
+    if _use_triton(query):
+        from .kernels.prefill import sparse_attention_triton
+
+        return sparse_attention_triton(
+            query, key, value, q_first=q_first, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
+            sink=sink, local=local, scale=scale,
+        )
+    q_pos = torch.arange(q_first, q_first + q_len, device=query.device).expand(batch, -1)
+    if k_pos is None:
+        k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1)
     return sparse_attention_reference(
         query, key, value, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
         sink=sink, local=local, scale=scale, tile=tile,

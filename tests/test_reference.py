@@ -40,8 +40,8 @@ def test_reference_matches_masked_attention(case, dtype):
     mask = loop_mask(q_pos, k_pos, kv_start, streaming, sink, local)
     assert torch.equal(visibility_mask(q_pos, k_pos, kv_start, streaming, sink, local), mask)
 
-    result = ops.sparse_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
-                                  sink=sink, local=local, scale=scale, tile=tile)
+    result = ops.sparse_attention(q, k, v, q_first=k_len - q_len, k_pos=None, kv_start=kv_start,
+                                  streaming=streaming, sink=sink, local=local, scale=scale, tile=tile)
     assert result.shape == (batch, q_len, heads, head_dim) and result.dtype == dtype
     golden = masked_sdpa(q.double(), k.double(), v.double(), mask, scale)
     baseline = masked_sdpa(q, k, v, mask, scale)
@@ -88,5 +88,5 @@ def test_bad_input_is_rejected(change, error):
     k = torch.ones(1, kv_heads, 4, 8).to(dtype)
     slots = torch.arange(4).expand(1, -1)
     with pytest.raises(error):
-        ops.sparse_attention(q, k, k, q_pos=slots[:, :q_len], k_pos=slots, kv_start=torch.zeros(1, dtype=torch.long),
+        ops.sparse_attention(q, k, k, q_first=0, k_pos=slots, kv_start=torch.zeros(1, dtype=torch.long),
                              streaming=torch.zeros(kv_heads, dtype=torch.bool), sink=1, local=2, scale=1.0)

@@ -33,6 +33,7 @@ def _attend_block(
     acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
     qpos, start, is_stream, sink, local, k_len, scale_log2,
     offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_range = offs_n < k_len
@@ -48,7 +49,7 @@ def _attend_block(
     visible = visible & (in_window | (is_stream == 0))
     if UPCAST:
         k = k.to(tl.float32)
-    scores = tl.dot(q, k) * scale_log2
+    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
@@ -58,9 +59,9 @@ def _attend_block(
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=in_range[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
@@ -75,6 +76,7 @@ def _prefill_kernel(
     num_kv_heads, q_len, k_len, q_first, sink, local, scale_log2,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     pid_q = tl.program_id(0)
@@ -114,7 +116,7 @@ def _prefill_kernel(
                 acc, m_i, l_i = _attend_block(
                     acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
                     qpos, start, is_stream, sink, local, k_len, scale_log2,
-                    offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST)
+                    offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION)
             # ... then the window's blocks that come after them
             lo = tl.maximum(sink_blocks_end, ((first_q - local + 1) // BLOCK_N) * BLOCK_N)
             lo = tl.maximum(lo, 0)
@@ -122,13 +124,13 @@ def _prefill_kernel(
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
                 qpos, start, is_stream, sink, local, k_len, scale_log2,
-                offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST)
+                offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION)
     else:
         for n0 in range(0, k_len, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
                 qpos, start, is_stream, sink, local, k_len, scale_log2,
-                offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST)
+                offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that sees nothing gets zeros
     tl.store(O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -154,15 +156,17 @@ def sparse_attention_triton(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
-    (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D]."""
+    (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given)."""
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv_heads
     g_pad = triton.next_power_of_2(groups)  # a program's rows must be a power of two
     block_q = _block_q(g_pad, block_m)
-    out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if out is None:
+        out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
     consecutive = k_pos is None
     pos = kv_start if consecutive else k_pos  # any tensor: not read when consecutive
     grid = (triton.cdiv(q_len, block_q), batch * num_kv_heads)
@@ -174,6 +178,7 @@ def sparse_attention_triton(
         GROUPS=groups, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), CONSECUTIVE=consecutive,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not tf32
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

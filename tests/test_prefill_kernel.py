@@ -1,0 +1,75 @@
+"""The Triton prefill kernel against the reference (CPU interpreter in CI; real sizes on a GPU)."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import assert_close_by_rule, loop_mask, masked_sdpa, random_ids, tiny_model
+
+from sparse_attn_hf import Profile, SparseConfig, ops, patch_model
+from sparse_attn_hf.kernels.prefill import sparse_attention_triton
+
+# batch, q heads, kv heads, q_len, k_len, head_dim, pads, sink, local, block_n
+CASES = [
+    (1, 4, 4, 37, 37, 64, [0], 4, 8, 16),  # GQA 1, length not a block multiple
+    (2, 6, 2, 29, 45, 64, [0, 5], 3, 7, 16),  # GQA 3 (padded group), chunk against a cache, left padding
+    (2, 8, 2, 40, 40, 128, [2, 0], 16, 9, 32),  # GQA 4, head_dim 128
+    (1, 16, 1, 1, 70, 64, [0], 4, 6, 16),  # GQA 16, one query (decode-like)
+    (3, 4, 2, 33, 33, 32, [0, 32, 3], 0, 5, 16),  # no sink, a row with a single real token
+    (1, 2, 1, 50, 50, 80, [0], 64, 64, 16),  # head_dim 80, window and sink cover everything
+]
+
+
+def _inputs(case, dtype, seed):
+    batch, heads, kv_heads, q_len, k_len, head_dim = case[:6]
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, h, n, head_dim, generator=gen, dtype=torch.float64)
+               for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("positions", ["consecutive", "given"])
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_kernel_matches_reference(case, dtype, positions):
+    batch, heads, kv_heads, q_len, k_len, head_dim, pads, sink, local, block_n = case
+    seed = CASES.index(case) + 10 * (dtype == torch.bfloat16) + 100 * (positions == "given")
+    q, k, v = _inputs(case, dtype, seed)
+    streaming = (torch.arange(kv_heads) % 2 == 0).to(DEVICE)
+    kv_start = torch.tensor(pads, device=DEVICE)
+    slots = torch.arange(k_len, device=DEVICE).expand(batch, -1)
+    k_pos = None
+    if positions == "given":  # a shuffled cache with two empty slots, as SparseCache hands over
+        order = torch.randperm(k_len, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        k, v = k[:, :, order], v[:, :, order]
+        k_pos = slots[:, order].clone()
+        k_pos[:, :2] = -1
+    scale = head_dim**-0.5
+    poisoned = torch.full((batch, q_len, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    out = sparse_attention_triton(q, k, v, q_first=k_len - q_len, k_pos=k_pos, kv_start=kv_start,
+                                  streaming=streaming, sink=sink, local=local, scale=scale, block_n=block_n,
+                                  out=poisoned)
+    assert not torch.isnan(out).any(), "the kernel left output elements unwritten"
+    positions_used = slots if k_pos is None else k_pos
+    mask = loop_mask(slots[:, k_len - q_len :].cpu(), positions_used.cpu(), kv_start.cpu(), streaming.cpu(), sink, local)
+    golden = masked_sdpa(q.double().cpu(), k.double().cpu(), v.double().cpu(), mask, scale)
+    baseline = masked_sdpa(q.cpu(), k.cpu(), v.cpu(), mask, scale)
+    assert_close_by_rule(out.cpu(), golden, baseline)
+
+
+@torch.no_grad()
+def test_model_through_the_kernel_matches_reference():
+    model = tiny_model("llama", heads=6, kv_heads=2, layers=2).to(DEVICE)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(3))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(sink_size=3, local_size=8))
+    ids = random_ids(2, 40).to(DEVICE)
+    try:
+        ops.set_backend("reference")
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+        ops.set_backend("triton")
+        got = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    finally:
+        ops.set_backend("auto")
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-3, atol=1e-3)
