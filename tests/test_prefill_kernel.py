@@ -73,3 +73,52 @@ def test_model_through_the_kernel_matches_reference():
         ops.set_backend("auto")
     assert torch.equal(got.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-3, atol=1e-3)
+
+
+# batch, q heads, kv heads, q_len, k_len, head_dim, pads, block_q, block_k, density
+MASK_CASES = [
+    (1, 4, 4, 100, 100, 64, [0], 128, 16, 0.3),  # GQA 1: one query block of 128 covers all
+    (2, 8, 2, 70, 90, 64, [0, 11], 32, 16, 0.5),  # GQA 4, chunk against a cache, padding
+    (1, 6, 2, 45, 45, 32, [3], 64, 32, 0.0),  # GQA 3, density 0: diagonal blocks only
+    (1, 16, 1, 40, 40, 64, [0], 16, 16, 1.0),  # GQA 16, density 1: every causal block
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", MASK_CASES, ids=[f"mask{i}" for i in range(len(MASK_CASES))])
+def test_kernel_block_list_matches_reference(case, dtype):
+    from sparse_attn_hf.block_mask import BlockSparseMask
+    from sparse_attn_hf.kernels.reference import block_sparse_attention_reference
+
+    batch, heads, kv_heads, q_len, k_len, head_dim, pads, block_q, block_k, density = case
+    seed = MASK_CASES.index(case) + 10 * (dtype == torch.bfloat16)
+    q, k, v = _inputs(case, dtype, seed)
+    mask = BlockSparseMask.random(kv_heads, q_len, k_len, density, block_q, block_k, seed=seed, device=DEVICE)
+    kv_start = torch.tensor(pads, device=DEVICE)
+    scale = head_dim**-0.5
+    poisoned = torch.full((batch, q_len, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    out = sparse_attention_triton(q, k, v, q_first=k_len - q_len, k_pos=None, kv_start=kv_start,
+                                  streaming=torch.zeros(kv_heads, dtype=torch.bool, device=DEVICE), sink=0, local=1,
+                                  scale=scale, out=poisoned, block_mask=mask, block_m=min(128, block_q * 4))
+    assert not torch.isnan(out).any(), "the kernel left output elements unwritten"
+    golden = block_sparse_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                              mask=mask.to("cpu"), kv_start=kv_start.cpu(), scale=scale)
+    visible = mask.to_dense().cpu()[None] & (torch.arange(k_len)[None, :] >= kv_start.cpu()[:, None])[:, None, None]
+    baseline = masked_sdpa(q.cpu(), k.cpu(), v.cpu(), visible, scale)
+    assert_close_by_rule(out.cpu(), golden, baseline)
+
+
+def test_block_mask_object():
+    from sparse_attn_hf.block_mask import BlockSparseMask
+
+    mask = BlockSparseMask.random(3, 300, 500, 0.3, block_q=64, block_k=32, seed=1)
+    dense = mask.to_dense()
+    causal_elements = float((torch.arange(300) + 200 + 1).sum()) * 3
+    assert abs(mask.density() - float(dense.sum()) / causal_elements) < 1e-12
+    again = BlockSparseMask.from_block_bool(mask.to_block_bool(), 64, 32, 300, 500)
+    assert torch.equal(again.indices, mask.indices) and torch.equal(again.offsets, mask.offsets)
+    assert "density=" in repr(mask) and "heads=3" in repr(mask)
+    full = BlockSparseMask.random(2, 200, 200, 1.0, block_q=64, block_k=64)
+    assert full.density() == 1.0
+    with pytest.raises(ValueError, match="key block index"):
+        BlockSparseMask(mask.offsets, mask.indices + 100, 64, 32, 300, 500)

@@ -9,7 +9,9 @@ repeated K/V). The key blocks it visits are computed from integers, outside the 
 
 * dense head: from the row's first real slot to the diagonal;
 * streaming head: the blocks holding the sink, then the blocks of the local window;
-* ``k_pos`` given (keys not consecutive, e.g. sink + ring buffer): every block, masked by position.
+* ``k_pos`` given (keys not consecutive, e.g. sink + ring buffer): every block, masked by position;
+* a :class:`~sparse_attn_hf.block_mask.BlockSparseMask`: the key blocks listed for the program's
+  (KV head, query block), any pattern (random blocks, SampleAttention's window + stripes).
 
 Only visible keys enter the softmax (token-exact masks); a block is never visited twice.
 """
@@ -21,6 +23,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..block_mask import BlockSparseMask
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter computes tl.dot on bfloat16 operands wrongly (triton 3.9: errors of 1e10 on
@@ -67,16 +71,16 @@ def _attend_block(
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, O, KPOS, KV_START, STREAMING,
+    Q, K, V, O, KPOS, KV_START, STREAMING, BLOCK_OFFSETS, BLOCK_INDICES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_pb, stride_pn,
-    num_kv_heads, q_len, k_len, q_first, sink, local, scale_log2,
+    num_kv_heads, q_len, k_len, q_first, sink, local, scale_log2, num_mask_q_blocks, mask_block_q,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     pid_q = tl.program_id(0)
@@ -105,7 +109,15 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     first_q = q_first + pid_q * BLOCK_Q
     last_q = tl.minimum(first_q + BLOCK_Q, q_first + q_len) - 1
-    if CONSECUTIVE:
+    if BLOCK_LIST:  # the key blocks listed for this (KV head, query block); causal + padding inside
+        row = h * (num_mask_q_blocks + 1) + (pid_q * BLOCK_Q) // mask_block_q
+        for i in range(tl.load(BLOCK_OFFSETS + row), tl.load(BLOCK_OFFSETS + row + 1)):
+            n0 = tl.load(BLOCK_INDICES + i) * BLOCK_N
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                qpos, start, 0, sink, local, k_len, scale_log2,
+                offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION)
+    elif CONSECUTIVE:
         end = tl.minimum(last_q + 1, k_len)
         lo = (start // BLOCK_N) * BLOCK_N
         if is_stream != 0:
@@ -157,28 +169,45 @@ def sparse_attention_triton(
     num_warps: int = 4,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
+    block_mask: BlockSparseMask | None = None,
 ) -> torch.Tensor:
     """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
-    (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given)."""
+    (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given).
+
+    With ``block_mask`` (one row list per KV head) each program visits only the listed key blocks
+    (causality and padding still apply; ``streaming`` is ignored); its ``block_k`` sets the key block.
+    """
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv_heads
     g_pad = triton.next_power_of_2(groups)  # a program's rows must be a power of two
     block_q = _block_q(g_pad, block_m)
+    if block_mask is not None:
+        if (block_mask.num_heads, block_mask.q_len, block_mask.k_len) != (num_kv_heads, q_len, k_len) or k_pos is not None:
+            raise ValueError(f"{block_mask} does not fit {num_kv_heads} KV heads, q_len {q_len}, k_len {k_len} "
+                             "(and needs consecutive key slots).")
+        if block_mask.block_q % block_q:
+            raise ValueError(f"block_mask.block_q={block_mask.block_q} must be a multiple of {block_q}.")
+        block_n = block_mask.block_k
     if out is None:
         out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
     consecutive = k_pos is None
     pos = kv_start if consecutive else k_pos  # any tensor: not read when consecutive
     grid = (triton.cdiv(q_len, block_q), batch * num_kv_heads)
+    offsets = block_mask.offsets if block_mask is not None else kv_start  # any tensor when unused
+    indices = block_mask.indices if block_mask is not None else kv_start
     _prefill_kernel[grid](
-        query, key, value, out, pos, kv_start, streaming,
+        query, key, value, out, pos, kv_start, streaming, offsets, indices,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         pos.stride(0), pos.stride(-1),
         num_kv_heads, q_len, k_len, q_first, sink, local, scale * LOG2E,
+        block_mask.num_q_blocks if block_mask is not None else 0,
+        block_mask.block_q if block_mask is not None else 1,
         GROUPS=groups, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), CONSECUTIVE=consecutive,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not tf32
+        BLOCK_LIST=block_mask is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -99,3 +99,22 @@ def sparse_attention_reference(
         tile_out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v_tile)
         out[:, start:stop] = tile_out.reshape(batch, num_heads, stop - start, head_dim).transpose(1, 2).to(query.dtype)
     return out
+
+
+def block_sparse_attention_reference(query, key, value, *, mask, kv_start, scale) -> torch.Tensor:
+    """Attention on the elements a :class:`~sparse_attn_hf.block_mask.BlockSparseMask` computes
+    (one mask row list per KV head), with causality and left padding. Small shapes only: it builds
+    the dense [Hkv, Lq, Lk] mask. Returns [B, Lq, Hq, D] like ``sparse_attention_reference``."""
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv_heads
+    allowed = mask.to_dense().to(query.device)  # [Hkv, Lq, Lk], causal included
+    real = torch.arange(k_len, device=query.device)[None, :] >= kv_start[:, None]  # [B, Lk]
+    visible = allowed[None] & real[:, None, None, :]
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q = query.view(batch, num_kv_heads, groups, q_len, head_dim).to(compute)
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", q, key.to(compute)) * scale
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see nothing: zeros
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value.to(compute))
+    return out.reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
