@@ -35,38 +35,66 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _attend_block(
     acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-    qpos, start, is_stream, sink, local, k_len, scale_log2,
-    offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
+    """One key block of the online softmax. MASKED=False: every key of the block is visible to every
+    row (interior blocks), so no position arithmetic and no bounds checks."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_range = offs_n < k_len
     d_ok = offs_d < HEAD_DIM
-    k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=in_range[None, :] & d_ok[:, None], other=0.0)
-    if CONSECUTIVE:
-        kpos = offs_n
+    k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASKED:
+        k = tl.load(k_ptrs, mask=in_range[None, :] & d_ok[:, None], other=0.0)
+    elif HEAD_DIM == D_PAD:
+        k = tl.load(k_ptrs)
     else:
-        kpos = tl.load(KPOS + offs_n * stride_pn, mask=in_range, other=-1)
-    visible = (kpos[None, :] >= start) & (kpos[None, :] <= qpos[:, None]) & in_range[None, :]
-    in_window = ((kpos[None, :] - start) < sink) | ((qpos[:, None] - kpos[None, :]) < local)
-    visible = visible & (in_window | (is_stream == 0))
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
     scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-    scores = tl.where(visible, scores, float("-inf"))
+    if MASKED:
+        if CONSECUTIVE:
+            kpos = offs_n
+        else:
+            kpos = tl.load(KPOS + offs_n * stride_pn, mask=in_range, other=-1)
+        visible = (kpos[None, :] >= start) & (kpos[None, :] <= qpos[:, None]) & in_range[None, :]
+        in_window = ((kpos[None, :] - start) < sink) | ((qpos[:, None] - kpos[None, :]) < local)
+        visible = visible & (in_window | (is_stream == 0))
+        scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
     p = tl.exp2(scores - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=in_range[:, None] & d_ok[None, :], other=0.0)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=in_range[:, None] & d_ok[None, :], other=0.0)
+    elif HEAD_DIM == D_PAD:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     if UPCAST:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(
+    acc, m_i, l_i, q, lo, hi, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+    qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):
+    for n0 in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, MASKED)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -107,7 +135,7 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    first_q = q_first + pid_q * BLOCK_Q
+    first_q = q_first + pid_q * BLOCK_Q  # smallest and largest query slot of the tile
     last_q = tl.minimum(first_q + BLOCK_Q, q_first + q_len) - 1
     if BLOCK_LIST:  # the key blocks listed for this (KV head, query block); causal + padding inside
         row = h * (num_mask_q_blocks + 1) + (pid_q * BLOCK_Q) // mask_block_q
@@ -115,34 +143,42 @@ def _prefill_kernel(
             n0 = tl.load(BLOCK_INDICES + i) * BLOCK_N
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                qpos, start, 0, sink, local, k_len, scale_log2,
-                offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION)
+                qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
     elif CONSECUTIVE:
         end = tl.minimum(last_q + 1, k_len)
         lo = (start // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(start, BLOCK_N) * BLOCK_N  # interior blocks: all real, all causal ...
         if is_stream != 0:
             # blocks holding the sink (with the full rule, so window keys in them count too) ...
-            sink_end = tl.minimum(start + sink, end)
-            sink_blocks_end = tl.cdiv(sink_end, BLOCK_N) * BLOCK_N
-            for n0 in range(lo, sink_blocks_end, BLOCK_N):
-                acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                    qpos, start, is_stream, sink, local, k_len, scale_log2,
-                    offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION)
+            sink_blocks_end = tl.cdiv(tl.minimum(start + sink, end), BLOCK_N) * BLOCK_N
+            acc, m_i, l_i = _attend_range(
+                acc, m_i, l_i, q, lo, sink_blocks_end, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_pn, qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
             # ... then the window's blocks that come after them
-            lo = tl.maximum(sink_blocks_end, ((first_q - local + 1) // BLOCK_N) * BLOCK_N)
-            lo = tl.maximum(lo, 0)
-        for n0 in range(lo, end, BLOCK_N):
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                qpos, start, is_stream, sink, local, k_len, scale_log2,
-                offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION)
+            lo = tl.maximum(tl.maximum(sink_blocks_end, ((first_q - local + 1) // BLOCK_N) * BLOCK_N), 0)
+            full_lo = tl.maximum(full_lo, tl.cdiv(tl.maximum(last_q - local + 1, 0), BLOCK_N) * BLOCK_N)  # ... in every row's window
+        full_lo = tl.maximum(full_lo, lo)
+        full_hi = tl.maximum(((first_q + 1) // BLOCK_N) * BLOCK_N, full_lo)  # ... below the first row's diagonal
+        full_hi = tl.minimum(full_hi, end)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, lo, full_lo, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, full_lo, full_hi, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, full_hi, end, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
     else:
-        for n0 in range(0, k_len, BLOCK_N):
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                qpos, start, is_stream, sink, local, k_len, scale_log2,
-                offs_d, HEAD_DIM, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, 0, k_len, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that sees nothing gets zeros
     tl.store(O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
