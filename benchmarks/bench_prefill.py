@@ -47,12 +47,12 @@ def streaming_density(length: int, streaming: torch.Tensor) -> float:
 def flex_runner(q, k, v, mask_mod, length):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    block_mask = create_block_mask(mask_mod, 1, HEADS, length, length, device="cuda", BLOCK_SIZE=BLOCK)
+    block_mask = create_block_mask(mask_mod, 1, HEADS, length, length, device="cuda", BLOCK_SIZE=BLOCK, _compile=True)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
-def run_length(length: int, args) -> list[dict]:
+def run_length(length: int, kernel: dict, flex: bool) -> list[dict]:
     torch.manual_seed(length)
     q = torch.randn(1, HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -65,7 +65,7 @@ def run_length(length: int, args) -> list[dict]:
 
     def ours(streaming, mask=None):
         return lambda: sparse_attention_triton(q, k, v, q_first=0, k_pos=None, kv_start=kv_start, streaming=streaming,
-                                               sink=SINK, local=LOCAL, scale=HEAD_DIM**-0.5, block_mask=mask, **args)
+                                               sink=SINK, local=LOCAL, scale=HEAD_DIM**-0.5, block_mask=mask, **kernel)
 
     none = torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda")
     half = torch.arange(KV_HEADS, device="cuda") % 2 == 1
@@ -87,7 +87,7 @@ def run_length(length: int, args) -> list[dict]:
         cases[f"blocksparse_{density:.2f}"] = (ours(none, mask), block_mod, mask.density())
     for name, (fn, mask_mod, density) in cases.items():
         ms = timed(fn, rep)
-        flex_ms = timed(flex_runner(q, k, v, mask_mod, length), rep) if not args.get("no_flex") else None
+        flex_ms = timed(flex_runner(q, k, v, mask_mod, length), rep) if flex else None
         flops = 4 * HEADS * HEAD_DIM * density * length * (length + 1) / 2
         row = {"L": length, "case": name, "ms": ms, "sdpa_ms": sdpa_ms, "flex_ms": flex_ms, "density": density,
                "tflops": flops / ms / 1e9, "ratio_to_sdpa": ms / sdpa_ms,
@@ -114,11 +114,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--block-m", type=int, default=128)
-    parser.add_argument("--block-n", type=int, default=64)
-    parser.add_argument("--num-warps", type=int, default=8)
-    parser.add_argument("--num-stages", type=int, default=3)
+    parser.add_argument("--block-n", type=int, default=None, help="default: the kernel's tuned table")
+    parser.add_argument("--num-warps", type=int, default=None)
+    parser.add_argument("--num-stages", type=int, default=None)
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefill")
+    parser.add_argument("--merge", action="store_true", help="add the rows to an existing result file")
     parser.add_argument("--configs", action="store_true", help="time kernel configurations on the dense case")
     args = parser.parse_args()
     print("max |ours - sdpa| at 4173 tokens, bf16:", correctness(), flush=True)
@@ -127,7 +128,7 @@ def main() -> None:
         return sweep(args.lengths[0])
     rows = []
     for length in args.lengths:
-        rows += run_length(length, dict(kernel, no_flex=args.no_flex) if args.no_flex else kernel)
+        rows += run_length(length, kernel, flex=not args.no_flex)
     backends = torch.backends.cuda
     info = meta(device=torch.cuda.get_device_name(), dtype="bfloat16", extra={
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1},
@@ -136,6 +137,10 @@ def main() -> None:
                           "cudnn": backends.cudnn_sdp_enabled()},
         "timing": "triton.testing.do_bench median; rep 200 ms (<= 32K) or 1500 ms",
     })
+    if args.merge and args.out.with_suffix(".json").exists():
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        rows = [r for r in old["rows"] if r["L"] not in args.lengths] + rows
+        info["command"] = old["meta"]["command"] + " ; " + info["command"]
     write_results(args.out, info, rows)
     plot(args.out.with_suffix(".png"), rows)
 

@@ -167,7 +167,7 @@ class SparseLayer(CacheLayerMixin):
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        hint = self.cache.max_cache_len or 0
+        hint = self.cache.capacity_hint or 0
         capacity = _round_up(max(needed, hint if self.capacity == 0 else 2 * self.capacity), self.page_size)
         n_dense = len(self.dense_idx)
         shape = (self.batch, n_dense, capacity, self.head_dim)
@@ -277,7 +277,7 @@ class SparseCache(Cache):
             for layer in range(state.streaming.shape[0])
         ]
         super().__init__(layers=layers)
-        self.max_cache_len = max_cache_len
+        self.capacity_hint = max_cache_len  # not "max_cache_len": a read-only property of Cache in some 5.x
         self.owner = state
         self.kv_start: torch.Tensor | None = None
         self.max_kv_start = 0

@@ -111,7 +111,7 @@ def _prefill_kernel(
     PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
-    pid_q = tl.program_id(0)
+    pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
@@ -141,10 +141,16 @@ def _prefill_kernel(
         row = h * (num_mask_q_blocks + 1) + (pid_q * BLOCK_Q) // mask_block_q
         for i in range(tl.load(BLOCK_OFFSETS + row), tl.load(BLOCK_OFFSETS + row + 1)):
             n0 = tl.load(BLOCK_INDICES + i) * BLOCK_N
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
-                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+            if (n0 >= start) & (n0 + BLOCK_N <= first_q + 1):  # interior: real and causal for every row
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                    qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False)
+            else:
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                    qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
     elif CONSECUTIVE:
         end = tl.minimum(last_q + 1, k_len)
         lo = (start // BLOCK_N) * BLOCK_N
@@ -184,6 +190,15 @@ def _prefill_kernel(
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+def _config(head_dim: int) -> dict:
+    """Tile settings. Measured on an H100 (bf16, head_dim 128, 32K causal; benchmarks/NOTES.md):
+    128 x 128 tiles with 8 warps and 3 stages were fastest of 36 configurations; larger head dims
+    get narrower key blocks to fit shared memory."""
+    if head_dim <= 128:
+        return {"block_n": 128, "num_warps": 8, "num_stages": 3}
+    return {"block_n": 64, "num_warps": 8, "num_stages": 2}
+
+
 def _block_q(groups: int, block_m: int) -> int:
     return max(block_m // groups, 16 if groups == 1 else 1)
 
@@ -201,9 +216,9 @@ def sparse_attention_triton(
     local: int,
     scale: float,
     block_m: int = 128,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     out: torch.Tensor | None = None,
     block_mask: BlockSparseMask | None = None,
 ) -> torch.Tensor:
@@ -214,6 +229,10 @@ def sparse_attention_triton(
     (causality and padding still apply; ``streaming`` is ignored); its ``block_k`` sets the key block.
     """
     batch, num_heads, q_len, head_dim = query.shape
+    tuned = _config(head_dim)
+    block_n = block_n or tuned["block_n"]
+    num_warps = num_warps or tuned["num_warps"]
+    num_stages = num_stages or tuned["num_stages"]
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv_heads
     g_pad = triton.next_power_of_2(groups)  # a program's rows must be a power of two
