@@ -90,6 +90,19 @@ class BlockSparseMask:
         keep[:, torch.arange(n_q), diag.clamp(max=causal.shape[2] - 1)] = True
         return cls.from_block_bool(causal & keep, block_q, block_k, q_len, k_len)
 
+    def full_and_partial(self) -> tuple["BlockSparseMask", "BlockSparseMask"]:
+        """The listed blocks split in two masks: *full* blocks lie below the diagonal for every query of
+        their query block (no causal mask needed), *partial* ones cross it. Cached."""
+        if getattr(self, "_split", None) is None:
+            blocks = self.to_block_bool()
+            first_q = torch.arange(self.num_q_blocks, device=blocks.device) * self.block_q + (self.k_len - self.q_len)
+            last_k = (torch.arange(self.num_k_blocks, device=blocks.device) + 1) * self.block_k - 1
+            below = (last_k[None, :] <= first_q[:, None]) & (last_k[None, :] < self.k_len)
+            shape = (self.block_q, self.block_k, self.q_len, self.k_len)
+            self._split = (BlockSparseMask.from_block_bool(blocks & below, *shape),
+                           BlockSparseMask.from_block_bool(blocks & ~below, *shape))
+        return self._split
+
     def to_block_bool(self) -> torch.Tensor:
         """Bool [num_heads, n_q, n_k] block map."""
         blocks = torch.zeros(self.num_heads, self.num_q_blocks, self.num_k_blocks, dtype=torch.bool,

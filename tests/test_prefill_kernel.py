@@ -118,6 +118,10 @@ def test_block_mask_object():
     again = BlockSparseMask.from_block_bool(mask.to_block_bool(), 64, 32, 300, 500)
     assert torch.equal(again.indices, mask.indices) and torch.equal(again.offsets, mask.offsets)
     assert "density=" in repr(mask) and "heads=3" in repr(mask)
+    whole, part = mask.full_and_partial()
+    assert torch.equal(whole.to_block_bool() | part.to_block_bool(), mask.to_block_bool())
+    assert not (whole.to_block_bool() & part.to_block_bool()).any()
+    assert torch.equal(whole.to_dense(), whole.to_block_bool().repeat_interleave(64, 1).repeat_interleave(32, 2)[:, :300])
     full = BlockSparseMask.random(2, 200, 200, 1.0, block_q=64, block_k=64)
     assert full.density() == 1.0
     with pytest.raises(ValueError, match="key block index"):

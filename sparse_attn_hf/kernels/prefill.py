@@ -99,7 +99,7 @@ def _attend_range(
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, O, KPOS, KV_START, STREAMING, BLOCK_OFFSETS, BLOCK_INDICES,
+    Q, K, V, O, KPOS, KV_START, STREAMING, FULL_OFFSETS, FULL_INDICES, PART_OFFSETS, PART_INDICES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -139,18 +139,24 @@ def _prefill_kernel(
     last_q = tl.minimum(first_q + BLOCK_Q, q_first + q_len) - 1
     if BLOCK_LIST:  # the key blocks listed for this (KV head, query block); causal + padding inside
         row = h * (num_mask_q_blocks + 1) + (pid_q * BLOCK_Q) // mask_block_q
-        for i in range(tl.load(BLOCK_OFFSETS + row), tl.load(BLOCK_OFFSETS + row + 1)):
-            n0 = tl.load(BLOCK_INDICES + i) * BLOCK_N
-            if (n0 >= start) & (n0 + BLOCK_N <= first_q + 1):  # interior: real and causal for every row
+        # full blocks (below the diagonal for every query) need no mask unless the row is padded
+        if start == 0:
+            for i in range(tl.load(FULL_OFFSETS + row), tl.load(FULL_OFFSETS + row + 1)):
                 acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                    qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                    acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KPOS, stride_kn, stride_kd,
+                    stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
                     HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False)
-            else:
+        else:
+            for i in range(tl.load(FULL_OFFSETS + row), tl.load(FULL_OFFSETS + row + 1)):
                 acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                    qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                    acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KPOS, stride_kn, stride_kd,
+                    stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
                     HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+        for i in range(tl.load(PART_OFFSETS + row), tl.load(PART_OFFSETS + row + 1)):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, tl.load(PART_INDICES + i) * BLOCK_N, K, V, KPOS, stride_kn, stride_kd,
+                stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
     elif CONSECUTIVE:
         end = tl.minimum(last_q + 1, k_len)
         lo = (start // BLOCK_N) * BLOCK_N
@@ -249,10 +255,12 @@ def sparse_attention_triton(
     consecutive = k_pos is None
     pos = kv_start if consecutive else k_pos  # any tensor: not read when consecutive
     grid = (triton.cdiv(q_len, block_q), batch * num_kv_heads)
-    offsets = block_mask.offsets if block_mask is not None else kv_start  # any tensor when unused
-    indices = block_mask.indices if block_mask is not None else kv_start
+    lists = [kv_start] * 4  # any tensors when unused
+    if block_mask is not None:
+        full, partial = block_mask.full_and_partial()
+        lists = [full.offsets, full.indices, partial.offsets, partial.indices]
     _prefill_kernel[grid](
-        query, key, value, out, pos, kv_start, streaming, offsets, indices,
+        query, key, value, out, pos, kv_start, streaming, *lists,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         pos.stride(0), pos.stride(-1),
         num_kv_heads, q_len, k_len, q_first, sink, local, scale * LOG2E,
