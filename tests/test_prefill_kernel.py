@@ -121,7 +121,7 @@ def test_block_mask_object():
     whole, part = mask.full_and_partial()
     assert torch.equal(whole.to_block_bool() | part.to_block_bool(), mask.to_block_bool())
     assert not (whole.to_block_bool() & part.to_block_bool()).any()
-    assert torch.equal(whole.to_dense(), whole.to_block_bool().repeat_interleave(64, 1).repeat_interleave(32, 2)[:, :300])
+    assert torch.equal(whole.to_dense(), whole.to_block_bool().repeat_interleave(64, 1).repeat_interleave(32, 2)[:, :300, :500])
     full = BlockSparseMask.random(2, 200, 200, 1.0, block_q=64, block_k=64)
     assert full.density() == 1.0
     with pytest.raises(ValueError, match="key block index"):
