@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -24,8 +25,8 @@ def meta(device: str, dtype: str, extra: dict | None = None) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                     capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", None
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git (the GPU machine): told by env
+        commit, dirty = os.environ.get("SPARSE_ATTN_HF_COMMIT", "unknown"), None
     return {
         "commit": commit,
         "dirty": dirty,
