@@ -44,7 +44,29 @@ def fidelity_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"fidelity": fidelity_table}
+def prefill_table() -> str:
+    data = json.loads((RESULTS / "prefill.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    dense = {r["L"]: r["ms"] for r in rows if r["case"] == "dense"}
+    lines = [
+        f"{meta['device']}, {meta['dtype']}, 32 query / 8 KV heads, head_dim 128, batch 1, causal; "
+        f"torch {meta['packages']['torch']}, triton {meta['packages']['triton']}; commit `{meta['commit'][:10]}`. "
+        "Medians of `triton.testing.do_bench`; density = computed share of the causal matrix.",
+        "",
+        "| L | case | density | ours, ms | SDPA dense, ms | FlexAttention, ms | ours / SDPA | ours / (density x our dense) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        flex = f"{r['flex_ms']:.2f}" if r.get("flex_ms") else "n/a"
+        lines.append(
+            f"| {r['L'] // 1024}K | {r['case']} | {r['density']:.3f} | {r['ms']:.2f} | {r['sdpa_ms']:.2f} | {flex} | "
+            f"{r['ms'] / r['sdpa_ms']:.2f} | {r['ms'] / (r['density'] * dense[r['L']]):.2f} |"
+        )
+    lines += ["", "![prefill](benchmarks/results/prefill.png)"]
+    return "\n".join(lines)
+
+
+TABLES = {"fidelity": fidelity_table, "prefill": prefill_table}
 
 
 def main() -> None:
