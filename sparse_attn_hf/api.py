@@ -32,6 +32,7 @@ class PatchState:
     hook: object = None  # the forward pre-hook that rejects empty inputs
     _splits: dict = field(default_factory=dict)
     _mask_memo: tuple | None = None
+    checked_positions: object = None  # the position_ids of the current forward, once checked
 
     def head_split(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(dense KV head indices, streaming KV head indices) of ``layer``."""

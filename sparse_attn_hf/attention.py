@@ -51,8 +51,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
     else:
         k_len = key.shape[2]
-        if attention_mask is None:
-            _check_positions(kwargs.get("position_ids"), k_len)
+        if attention_mask is None and kwargs.get("position_ids") is not state.checked_positions:
+            _check_positions(kwargs.get("position_ids"), k_len)  # once per forward, not per layer
+            state.checked_positions = kwargs.get("position_ids")
         first = k_len - q_len
         kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
         dense_idx, stream_idx = state.head_split(module.layer_idx)

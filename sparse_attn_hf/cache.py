@@ -192,14 +192,14 @@ class SparseLayer(CacheLayerMixin):
         slots = torch.arange(first, first + n, device=key.device)
         dense = stream = None
         if len(self.dense_idx):
-            dense = self._append_dense(key[:, self.dense_idx], value[:, self.dense_idx], slots, kv_start)
+            dense = self._append_dense(key[:, self.dense_idx], value[:, self.dense_idx], first, slots, kv_start)
         if len(self.stream_idx):
-            stream = self._append_streaming(key[:, self.stream_idx], value[:, self.stream_idx], slots, kv_start)
+            stream = self._append_streaming(key[:, self.stream_idx], value[:, self.stream_idx], first, slots, kv_start)
         self.seen = first + n
         return LayerKV(*(dense or (None, None)), *(stream or (None, None, None)))
 
-    def _append_dense(self, key, value, slots, kv_start):
-        first, n = int(slots[0]), key.shape[2]
+    def _append_dense(self, key, value, first: int, slots, kv_start):
+        n = key.shape[2]
         self._ensure_capacity(first + n)
         t = self._tensors
         t["dense_key"][:, :, first : first + n] = key
@@ -213,10 +213,10 @@ class SparseLayer(CacheLayerMixin):
         end = first + n
         return t["dense_key"][:, :, :end], t["dense_value"][:, :, :end]
 
-    def _append_streaming(self, key, value, slots, kv_start):
+    def _append_streaming(self, key, value, first: int, slots, kv_start):
         t = self._tensors
         batch, n = key.shape[0], key.shape[2]
-        if int(slots[0]) == 0:  # nothing cached yet: attend to the new tokens alone
+        if first == 0:  # nothing cached yet: attend to the new tokens alone
             view = key, value, None
         else:
             new_pos = slots[None, :].expand(batch, n)
@@ -229,7 +229,7 @@ class SparseLayer(CacheLayerMixin):
                 torch.cat([t["sink_pos"], ring_pos, new_pos], dim=1),
             )
         # sinks: the first sink_size real tokens of each row
-        if self.sink_size and int(slots[0]) < self.cache.max_kv_start + self.sink_size:
+        if self.sink_size and first < self.cache.max_kv_start + self.sink_size:
             rel = slots[None, :] - kv_start[:, None]
             rows, cols = torch.nonzero((rel >= 0) & (rel < self.sink_size), as_tuple=True)
             sink_slot = rel[rows, cols]
