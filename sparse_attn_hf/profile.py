@@ -101,12 +101,13 @@ class Profile:
     def streaming_heads(self, streaming_fraction: float | None = None) -> torch.Tensor:
         """Bool [num_layers, num_kv_heads]: True for streaming heads.
 
-        The ``round(fraction * num_layers * num_kv_heads)`` heads with the lowest scores stream; equal
-        scores are ordered by (layer, head), so the split never changes from run to run.
+        The ``floor(fraction * num_layers * num_kv_heads + 0.5)`` heads (halves round up, so 0.25 of 90
+        heads is 23) with the lowest scores stream; equal scores are ordered by (layer, head), so the
+        split never changes from run to run.
         """
         fraction = self.streaming_fraction if streaming_fraction is None else streaming_fraction
         flat = self.head_score.flatten()
-        n_stream = int(round(fraction * flat.numel()))
+        n_stream = math.floor(fraction * flat.numel() + 0.5)
         order = torch.sort(flat, stable=True).indices  # stable: ties keep (layer, head) order
         labels = torch.zeros(flat.numel(), dtype=torch.bool)
         labels[order[:n_stream]] = True

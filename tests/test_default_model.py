@@ -28,7 +28,8 @@ def test_shipped_profile_is_found_and_fits(default_model):
     profile = find_profile(model)
     assert profile.model_name == "SmolLM2-135M-Instruct"
     assert (profile.num_layers, profile.num_kv_heads, profile.sink_size, profile.local_size) == (30, 3, 64, 256)
-    assert profile.streaming_heads().sum() == 45  # half of the 90 KV heads at the default fraction
+    assert profile.streaming_fraction == 0.25  # the highest fraction whose passkey grid agrees with dense
+    assert profile.streaming_heads().sum() == 23  # 0.25 of the 90 KV heads, rounded half up
     assert "scripts/make_default_profile.py" in profile.command
 
 
@@ -74,6 +75,6 @@ def test_quickstart_runs_and_reports(default_model, capsys):
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last_line) == result
     assert result["expected"] in result["dense_answer"] and result["expected"] in result["sparse_answer"]
-    assert 0.1 <= result["needle_depth"] <= 0.9 and result["streaming_fraction"] == 0.5
+    assert 0.1 <= result["needle_depth"] <= 0.9 and result["streaming_fraction"] >= 0.25
     assert abs(result["kv_cache_bytes_ratio"] - result["predicted_kv_ratio"]) < 0.02
     assert result["kv_cache_bytes"] < result["dynamic_cache_bytes"]
