@@ -38,7 +38,7 @@ def run(model, tokenizer, prompt, cache, max_new_tokens: int) -> tuple[str, floa
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="sparse_attn_hf quickstart on the default model")
     parser.add_argument("--length", type=int, default=3000, help="prompt length in tokens (about)")
-    parser.add_argument("--depth", type=float, default=0.35, help="needle depth in the story, 0..1")
+    parser.add_argument("--depth", type=float, default=0.5, help="needle depth in the story, 0..1")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
