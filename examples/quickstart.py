@@ -87,6 +87,7 @@ def quickstart(model, tokenizer, length: int, depth: float, max_new_tokens: int)
         "local_size": settings.local_size,
         "dense_prefill_s": round(dense_prefill, 2),
         "sparse_prefill_s": round(sparse_prefill, 2),
+        "cache_tokens": seen,
         "kv_cache_bytes": cache.nbytes(),
         "dynamic_cache_bytes": dense_bytes,
         "kv_cache_bytes_ratio": round(ratio, 4),
