@@ -34,12 +34,13 @@ class PatchState:
     _mask_memo: tuple | None = None
     checked_positions: object = None  # the position_ids of the current forward, once checked
 
-    def head_split(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dense KV head indices, streaming KV head indices) of ``layer``."""
-        if layer not in self._splits:
-            labels = self.streaming[layer]
-            self._splits[layer] = (torch.nonzero(~labels).flatten(), torch.nonzero(labels).flatten())
-        return self._splits[layer]
+    def head_split(self, layer: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(dense KV head indices, streaming KV head indices) of ``layer``, on ``device`` (cached)."""
+        key = (layer, str(device))
+        if key not in self._splits:
+            labels = self.streaming[layer].to(device)
+            self._splits[key] = (torch.nonzero(~labels).flatten(), torch.nonzero(labels).flatten())
+        return self._splits[key]
 
     def kv_start_for(self, attention_mask, batch: int, length: int, device) -> torch.Tensor:
         """Left-padding starts of a forward without SparseCache, computed once per mask object."""

@@ -56,7 +56,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             state.checked_positions = kwargs.get("position_ids")
         first = k_len - q_len
         kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
-        dense_idx, stream_idx = state.head_split(module.layer_idx)
+        dense_idx, stream_idx = state.head_split(module.layer_idx, query.device)
         kv = LayerKV.split(key, value, dense_idx, stream_idx)
     settings = state.settings
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -92,9 +92,10 @@ def _attend_by_kind(query, kv: LayerKV, dense_idx, stream_idx, common) -> torch.
     for heads, key, value, k_pos, is_streaming in parts:  # k_pos None: slots 0..n-1
         if not len(heads):
             continue
-        heads = heads.to(query.device)
-        sub_query = grouped.index_select(1, heads).reshape(batch, len(heads) * groups, q_len, head_dim)
         streaming = torch.full((len(heads),), is_streaming, device=query.device)
+        if len(heads) == num_kv:  # one kind has every head: no gather, no scatter
+            return ops.sparse_attention(query, key, value, k_pos=k_pos, streaming=streaming, **common)
+        sub_query = grouped.index_select(1, heads).reshape(batch, len(heads) * groups, q_len, head_dim)
         result = ops.sparse_attention(sub_query, key, value, k_pos=k_pos, streaming=streaming, **common)
         out[:, :, heads] = result.view(batch, q_len, len(heads), groups, head_dim)
     return out.view(batch, q_len, num_heads, head_dim)

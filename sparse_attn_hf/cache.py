@@ -55,9 +55,13 @@ class LayerKV:
 
     @classmethod
     def split(cls, key: torch.Tensor, value: torch.Tensor, dense_idx, stream_idx) -> "LayerKV":
-        """Full K/V [B, Hkv, L, D] (slots 0..L-1) split by head kind, as a cache-less layer sees it."""
-        dense = (key[:, dense_idx], value[:, dense_idx]) if len(dense_idx) else (None, None)
-        stream = (key[:, stream_idx], value[:, stream_idx], None) if len(stream_idx) else (None, None, None)
+        """Full K/V [B, Hkv, L, D] (slots 0..L-1) split by head kind, as a cache-less layer sees it.
+        A kind that has every head takes the tensors as they are (no copy)."""
+        def pick(idx):
+            return (key, value) if len(idx) == key.shape[1] else (key[:, idx], value[:, idx])
+
+        dense = pick(dense_idx) if len(dense_idx) else (None, None)
+        stream = (*pick(stream_idx), None) if len(stream_idx) else (None, None, None)
         return cls(*dense, *stream)
 
 
@@ -96,6 +100,7 @@ class SparseLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, _, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.dense_idx, self.stream_idx = self.dense_idx.to(self.device), self.stream_idx.to(self.device)
         n_stream = len(self.stream_idx)
         new = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
         if n_stream:
