@@ -44,10 +44,23 @@ def streaming_density(length: int, streaming: torch.Tensor) -> float:
     return (1 - s) + s * stream_share
 
 
-def flex_runner(q, k, v, mask_mod, length):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_runner(q, k, v, mask_mod, length, blocks: BlockSparseMask | None = None):
+    """FlexAttention, compiled. A random block mask is handed over as block lists (``from_kv_blocks``,
+    full and partial as in our kernel): ``create_block_mask`` would evaluate the mask on L x L elements."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-    block_mask = create_block_mask(mask_mod, 1, HEADS, length, length, device="cuda", BLOCK_SIZE=BLOCK, _compile=True)
+    if blocks is None:
+        block_mask = create_block_mask(mask_mod, 1, HEADS, length, length, device="cuda", BLOCK_SIZE=BLOCK,
+                                       _compile=True)
+    else:
+        groups = HEADS // KV_HEADS
+        lists = []
+        for part in blocks.full_and_partial():
+            table = part.to_block_bool().repeat_interleave(groups, 0)[None].int()  # [1, Hq, nq, nk]
+            lists += [table.sum(-1).int(), torch.argsort(table, dim=-1, descending=True, stable=True).int()]
+        full_num, full_idx, part_num, part_idx = lists
+        block_mask = BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
+                                              mask_mod=lambda b, h, qi, ki: ki <= qi, seq_lengths=(length, length))
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
 
@@ -79,18 +92,13 @@ def run_length(length: int, kernel: dict, flex: bool) -> list[dict]:
     }
     for density in DENSITIES:
         mask = BlockSparseMask.random(KV_HEADS, length, length, density, BLOCK, BLOCK, seed=1, device="cuda")
-        table = mask.to_block_bool()
-
-        def block_mod(b, h, qi, ki, table=table):
-            return (ki <= qi) & table[h // groups, qi // BLOCK, ki // BLOCK]
-
-        cases[f"blocksparse_{density:.2f}"] = (ours(none, mask), block_mod, mask.density())
-    for name, (fn, mask_mod, density) in cases.items():
+        cases[f"blocksparse_{density:.2f}"] = (ours(none, mask), None, mask.density(), mask)
+    for name, (fn, mask_mod, density, *blocks) in cases.items():
         ms = timed(fn, rep)
         flex_ms = None
         if flex:
             try:
-                flex_ms = timed(flex_runner(q, k, v, mask_mod, length), rep)
+                flex_ms = timed(flex_runner(q, k, v, mask_mod, length, *blocks), rep)
             except Exception as error:  # recorded, so that the rest of the run still counts
                 print(f"FlexAttention failed at L={length}, {name}: {type(error).__name__}: {error}"[:500], flush=True)
             torch.cuda.empty_cache()
@@ -127,11 +135,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefill")
     parser.add_argument("--merge", action="store_true", help="add the rows to an existing result file")
     parser.add_argument("--configs", action="store_true", help="time kernel configurations on the dense case")
+    parser.add_argument("--variants", action="store_true", help="time code variants (TMA, tile order, scale folding)")
     args = parser.parse_args()
     print("max |ours - sdpa| at 4173 tokens, bf16:", correctness(), flush=True)
     kernel = dict(block_m=args.block_m, block_n=args.block_n, num_warps=args.num_warps, num_stages=args.num_stages)
     if args.configs:
         return sweep(args.lengths[0])
+    if args.variants:
+        return variants(args.lengths)
     rows = []
     for length in args.lengths:
         rows += run_length(length, kernel, flex=not args.no_flex)
@@ -176,6 +187,37 @@ def sweep(length: int) -> None:
                         continue
                     print(json.dumps({"L": length, "block_m": block_m, "block_n": block_n, "num_warps": warps,
                                       "num_stages": stages, "ms": ms, "sdpa_ms": sdpa, "ratio": ms / sdpa}), flush=True)
+
+
+VARIANTS = {
+    "base": {},
+    "forward_order": {"reverse": False},
+    "unfolded_scale": {"fold": False},
+    "tma": {"tma": True},
+    "tma_forward_order": {"tma": True, "reverse": False},
+}
+
+
+def variants(lengths: list[int]) -> None:
+    """Code variants of the kernel on the dense and streaming50 cases, timed in one run, interleaved
+    twice (variant order reversed the second time) so that drift shows."""
+    for length in lengths:
+        q = torch.randn(1, HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        zero = torch.zeros(1, dtype=torch.long, device="cuda")
+        rep = 200 if length <= 32768 else 1000
+        sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), rep)
+        for rnd, names in enumerate((list(VARIANTS), list(reversed(VARIANTS)))):
+            for name in names:
+                for case, streaming in (("dense", torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda")),
+                                        ("streaming50", torch.arange(KV_HEADS, device="cuda") % 2 == 1)):
+                    ms = timed(lambda: sparse_attention_triton(
+                        q, k, v, q_first=0, k_pos=None, kv_start=zero, streaming=streaming, sink=SINK, local=LOCAL,
+                        scale=HEAD_DIM**-0.5, **VARIANTS[name]), rep)
+                    print(json.dumps({"L": length, "variant": name, "case": case, "round": rnd, "ms": ms,
+                                      "sdpa_ms": sdpa, "ratio": ms / sdpa, "device": torch.cuda.get_device_name()}),
+                          flush=True)
 
 
 def plot(path: Path, rows) -> None:

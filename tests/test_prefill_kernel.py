@@ -131,7 +131,8 @@ def test_block_mask_object():
 @pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("q_len", [2125, 300])
-def test_kernel_at_real_size(dtype, q_len):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma"])
+def test_kernel_at_real_size(dtype, q_len, tma):
     """Llama-3-8B attention shape, a chunk against a cache, two padded rows, half the heads streaming."""
     from sparse_attn_hf.kernels.reference import visibility_mask
 
@@ -142,7 +143,7 @@ def test_kernel_at_real_size(dtype, q_len):
     slots = torch.arange(2125, device=DEVICE).expand(2, -1)
     poisoned = torch.full((2, q_len, 32, 128), float("nan"), dtype=dtype, device=DEVICE)
     out = sparse_attention_triton(q, k, v, q_first=2125 - q_len, k_pos=None, kv_start=kv_start, streaming=streaming,
-                                  sink=64, local=512, scale=128**-0.5, out=poisoned)
+                                  sink=64, local=512, scale=128**-0.5, out=poisoned, tma=tma)
     assert not torch.isnan(out).any()
     mask = visibility_mask(slots[:, 2125 - q_len :], slots, kv_start, streaming, 64, 512)
     golden = masked_sdpa(q.double(), k.double(), v.double(), mask, 128**-0.5)

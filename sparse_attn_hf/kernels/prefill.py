@@ -34,10 +34,11 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+    acc, m_i, l_i, q, n0, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
     qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """One key block of the online softmax. MASKED=False: every key of the block is visible to every
     row (interior blocks), so no position arithmetic and no bounds checks."""
@@ -46,7 +47,9 @@ def _attend_block(
     d_ok = offs_d < HEAD_DIM
     k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
+    if TMA:  # bulk tensor copy; rows past k_len arrive as zeros
+        k = KD.load([n0, 0]).T
+    elif MASKED:
         k = tl.load(k_ptrs, mask=in_range[None, :] & d_ok[:, None], other=0.0)
     elif HEAD_DIM == D_PAD:
         k = tl.load(k_ptrs)
@@ -54,7 +57,9 @@ def _attend_block(
         k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    scores = tl.dot(q, k, input_precision=PRECISION)  # unscaled: the scale enters exp2's argument
+    if not FOLD:
+        scores = scores * scale_log2
     if MASKED:
         if CONSECUTIVE:
             kpos = offs_n
@@ -64,12 +69,20 @@ def _attend_block(
         in_window = ((kpos[None, :] - start) < sink) | ((qpos[:, None] - kpos[None, :]) < local)
         visible = visible & (in_window | (is_stream == 0))
         scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-    p = tl.exp2(scores - m_safe[:, None])
+    m_new = tl.maximum(m_i, tl.max(scores, 1) * (scale_log2 if FOLD else 1.0))  # running max, in log2 units
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    else:
+        m_safe = m_new  # an unmasked block gives every row a finite score
+    if FOLD:
+        p = tl.exp2(scores * scale_log2 - m_safe[:, None])
+    else:
+        p = tl.exp2(scores - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
+    if TMA:
+        v = VD.load([n0, 0])
+    elif MASKED:
         v = tl.load(v_ptrs, mask=in_range[:, None] & d_ok[None, :], other=0.0)
     elif HEAD_DIM == D_PAD:
         v = tl.load(v_ptrs)
@@ -84,16 +97,17 @@ def _attend_block(
 
 @triton.jit
 def _attend_range(
-    acc, m_i, l_i, q, lo, hi, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+    acc, m_i, l_i, q, lo, hi, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
     qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, n0, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            acc, m_i, l_i, q, n0, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, MASKED)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, MASKED, TMA, FOLD)
     return acc, m_i, l_i
 
 
@@ -108,10 +122,13 @@ def _prefill_kernel(
     num_kv_heads, q_len, k_len, q_first, sink, local, scale_log2, num_mask_q_blocks, mask_block_q,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr, FOLD: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
-    pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
+    if REVERSE:
+        pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
+    else:
+        pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
@@ -130,6 +147,11 @@ def _prefill_kernel(
     is_stream = tl.load(STREAMING + h).to(tl.int32)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    KD = K  # unused unless TMA
+    VD = V
+    if TMA:
+        KD = tl.make_tensor_descriptor(K, shape=[k_len, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        VD = tl.make_tensor_descriptor(V, shape=[k_len, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM])
     KPOS += b * stride_pb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -143,20 +165,20 @@ def _prefill_kernel(
         if start == 0:
             for i in range(tl.load(FULL_OFFSETS + row), tl.load(FULL_OFFSETS + row + 1)):
                 acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KPOS, stride_kn, stride_kd,
+                    acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
                     stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
-                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False)
+                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False, TMA, FOLD)
         else:
             for i in range(tl.load(FULL_OFFSETS + row), tl.load(FULL_OFFSETS + row + 1)):
                 acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KPOS, stride_kn, stride_kd,
+                    acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
                     stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
-                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
         for i in range(tl.load(PART_OFFSETS + row), tl.load(PART_OFFSETS + row + 1)):
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, tl.load(PART_INDICES + i) * BLOCK_N, K, V, KPOS, stride_kn, stride_kd,
+                acc, m_i, l_i, q, tl.load(PART_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
                 stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
-                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
     elif CONSECUTIVE:
         end = tl.minimum(last_q + 1, k_len)
         lo = (start // BLOCK_N) * BLOCK_N
@@ -165,9 +187,9 @@ def _prefill_kernel(
             # blocks holding the sink (with the full rule, so window keys in them count too) ...
             sink_blocks_end = tl.cdiv(tl.minimum(start + sink, end), BLOCK_N) * BLOCK_N
             acc, m_i, l_i = _attend_range(
-                acc, m_i, l_i, q, lo, sink_blocks_end, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd,
+                acc, m_i, l_i, q, lo, sink_blocks_end, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_pn, qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
             # ... then the window's blocks that come after them
             lo = tl.maximum(tl.maximum(sink_blocks_end, ((first_q - local + 1) // BLOCK_N) * BLOCK_N), 0)
             full_lo = tl.maximum(full_lo, tl.cdiv(tl.maximum(last_q - local + 1, 0), BLOCK_N) * BLOCK_N)  # ... in every row's window
@@ -175,22 +197,22 @@ def _prefill_kernel(
         full_hi = tl.maximum(((first_q + 1) // BLOCK_N) * BLOCK_N, full_lo)  # ... below the first row's diagonal
         full_hi = tl.minimum(full_hi, end)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, lo, full_lo, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            acc, m_i, l_i, q, lo, full_lo, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, full_lo, full_hi, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            acc, m_i, l_i, q, full_lo, full_hi, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False, TMA, FOLD)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, full_hi, end, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            acc, m_i, l_i, q, full_hi, end, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
     else:
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, 0, k_len, K, V, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+            acc, m_i, l_i, q, 0, k_len, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that sees nothing gets zeros
     tl.store(O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -203,6 +225,28 @@ def _config(head_dim: int) -> dict:
     if head_dim <= 128:
         return {"block_n": 128, "num_warps": 8, "num_stages": 3}
     return {"block_n": 64, "num_warps": 8, "num_stages": 2}
+
+
+def _tma_ok(key: torch.Tensor, value: torch.Tensor, head_dim: int) -> bool:
+    """Bulk tensor copies (Hopper+) need a power-of-two head_dim, unit-stride rows and 16-byte aligned
+    row starts; on first use Triton also needs an allocator for the descriptors it builds on the device."""
+    if _INTERPRETING or not key.is_cuda or torch.cuda.get_device_capability(key.device)[0] < 9:
+        return False
+    if head_dim != triton.next_power_of_2(head_dim) or head_dim < 16:
+        return False
+    for t in (key, value):
+        if t.stride(-1) != 1 or (t.stride(-2) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+        if any((st * t.element_size()) % 16 for st in t.stride()[:2]):
+            return False
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+    return True
+
+
+_ALLOCATOR_SET = False
 
 
 def _block_q(groups: int, block_m: int) -> int:
@@ -227,6 +271,9 @@ def sparse_attention_triton(
     num_stages: int | None = None,
     out: torch.Tensor | None = None,
     block_mask: BlockSparseMask | None = None,
+    tma: bool = False,
+    reverse: bool = True,
+    fold: bool = True,
 ) -> torch.Tensor:
     """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
     (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given).
@@ -250,6 +297,7 @@ def sparse_attention_triton(
         if block_mask.block_q % block_q:
             raise ValueError(f"block_mask.block_q={block_mask.block_q} must be a multiple of {block_q}.")
         block_n = block_mask.block_k
+    tma = tma and _tma_ok(key, value, head_dim)
     if out is None:
         out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
     consecutive = k_pos is None
@@ -270,7 +318,7 @@ def sparse_attention_triton(
         D_PAD=max(16, triton.next_power_of_2(head_dim)), CONSECUTIVE=consecutive,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not tf32
-        BLOCK_LIST=block_mask is not None,
+        BLOCK_LIST=block_mask is not None, TMA=tma, REVERSE=reverse, FOLD=fold,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
