@@ -13,7 +13,9 @@ repeated K/V). The key blocks it visits are computed from integers, outside the 
 * a :class:`~sparse_attn_hf.block_mask.BlockSparseMask`: the key blocks listed for the program's
   (KV head, query block), any pattern (random blocks, SampleAttention's window + stripes).
 
-Only visible keys enter the softmax (token-exact masks); a block is never visited twice.
+Only visible keys enter the softmax (token-exact masks); a block is never visited twice. On Hopper and
+newer GPUs K/V tiles arrive by bulk tensor copies (TMA descriptors) when the layout allows, else by
+pointer loads (measured in benchmarks/NOTES.md: TMA 4-5% faster on an H100).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ def _attend_block(
     qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
-    FOLD: tl.constexpr,
 ):
     """One key block of the online softmax. MASKED=False: every key of the block is visible to every
     row (interior blocks), so no position arithmetic and no bounds checks."""
@@ -57,9 +58,7 @@ def _attend_block(
         k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=PRECISION)  # unscaled: the scale enters exp2's argument
-    if not FOLD:
-        scores = scores * scale_log2
+    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
     if MASKED:
         if CONSECUTIVE:
             kpos = offs_n
@@ -69,15 +68,12 @@ def _attend_block(
         in_window = ((kpos[None, :] - start) < sink) | ((qpos[:, None] - kpos[None, :]) < local)
         visible = visible & (in_window | (is_stream == 0))
         scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1) * (scale_log2 if FOLD else 1.0))  # running max, in log2 units
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
     else:
         m_safe = m_new  # an unmasked block gives every row a finite score
-    if FOLD:
-        p = tl.exp2(scores * scale_log2 - m_safe[:, None])
-    else:
-        p = tl.exp2(scores - m_safe[:, None])
+    p = tl.exp2(scores - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if TMA:
@@ -101,13 +97,12 @@ def _attend_range(
     qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
-    FOLD: tl.constexpr,
 ):
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, n0, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, MASKED, TMA, FOLD)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, MASKED, TMA)
     return acc, m_i, l_i
 
 
@@ -122,13 +117,10 @@ def _prefill_kernel(
     num_kv_heads, q_len, k_len, q_first, sink, local, scale_log2, num_mask_q_blocks, mask_block_q,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr, FOLD: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr, TMA: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
-    if REVERSE:
-        pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
-    else:
-        pid_q = tl.program_id(0)
+    pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
@@ -167,18 +159,18 @@ def _prefill_kernel(
                 acc, m_i, l_i = _attend_block(
                     acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
                     stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
-                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False, TMA, FOLD)
+                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False, TMA)
         else:
             for i in range(tl.load(FULL_OFFSETS + row), tl.load(FULL_OFFSETS + row + 1)):
                 acc, m_i, l_i = _attend_block(
                     acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
                     stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
-                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
+                    HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
         for i in range(tl.load(PART_OFFSETS + row), tl.load(PART_OFFSETS + row + 1)):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, tl.load(PART_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
                 stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
-                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
+                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
     elif CONSECUTIVE:
         end = tl.minimum(last_q + 1, k_len)
         lo = (start // BLOCK_N) * BLOCK_N
@@ -189,7 +181,7 @@ def _prefill_kernel(
             acc, m_i, l_i = _attend_range(
                 acc, m_i, l_i, q, lo, sink_blocks_end, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_pn, qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
+                HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
             # ... then the window's blocks that come after them
             lo = tl.maximum(tl.maximum(sink_blocks_end, ((first_q - local + 1) // BLOCK_N) * BLOCK_N), 0)
             full_lo = tl.maximum(full_lo, tl.cdiv(tl.maximum(last_q - local + 1, 0), BLOCK_N) * BLOCK_N)  # ... in every row's window
@@ -199,20 +191,20 @@ def _prefill_kernel(
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, lo, full_lo, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, full_lo, full_hi, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False, TMA, FOLD)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False, TMA)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, full_hi, end, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
     else:
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, 0, k_len, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
-            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA, FOLD)
+            HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that sees nothing gets zeros
     tl.store(O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -271,15 +263,14 @@ def sparse_attention_triton(
     num_stages: int | None = None,
     out: torch.Tensor | None = None,
     block_mask: BlockSparseMask | None = None,
-    tma: bool = False,
-    reverse: bool = True,
-    fold: bool = True,
+    tma: bool = True,
 ) -> torch.Tensor:
     """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
     (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given).
 
     With ``block_mask`` (one row list per KV head) each program visits only the listed key blocks
     (causality and padding still apply; ``streaming`` is ignored); its ``block_k`` sets the key block.
+    ``tma=False`` forces pointer loads where bulk tensor copies would be used (for comparisons).
     """
     batch, num_heads, q_len, head_dim = query.shape
     tuned = _config(head_dim)
@@ -318,7 +309,7 @@ def sparse_attention_triton(
         D_PAD=max(16, triton.next_power_of_2(head_dim)), CONSECUTIVE=consecutive,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not tf32
-        BLOCK_LIST=block_mask is not None, TMA=tma, REVERSE=reverse, FOLD=fold,
+        BLOCK_LIST=block_mask is not None, TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
