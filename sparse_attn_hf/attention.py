@@ -47,6 +47,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             )
         first = layer.seen
         kv_start = layer.cache.resolve_kv_start(attention_mask, layer, q_len)
+        if q_len == 1:  # a decode step: page selection for dense heads, the decode window for streaming heads
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            step = layer.append_decode(key.key, key.value, kv_start, query)
+            out = ops.paged_decode(query[:, :, 0], step, kv_start=kv_start, sink=layer.sink_size,
+                                   local=layer.decode_local_size, scale=scale)
+            return out.unsqueeze(1), None
         kv = layer.append(key.key, key.value, kv_start)
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
     else:

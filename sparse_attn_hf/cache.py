@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .kernels.reference import DecodeKV
+from .methods.page_selection import select_pages
 from .padding import left_padding_starts
 
 
@@ -86,14 +88,20 @@ class SparseLayer(CacheLayerMixin):
         local_size: int,
         page_size: int,
         logical_page_size: int,
+        token_budget: int,
+        reuse_interval: int,
+        decode_local_size: int,
     ):
         super().__init__()
         self.cache = cache
         self.dense_idx, self.stream_idx = dense_idx, stream_idx  # KV head indices of each kind
         self.sink_size, self.local_size = sink_size, local_size
+        self.decode_local_size = min(decode_local_size, local_size)
         self.page_size, self.logical_page_size = page_size, logical_page_size
+        self.token_budget, self.reuse_interval = token_budget, reuse_interval
         self.seen = 0
         self.capacity = 0
+        self.steps_since_selection = 0  # decode steps that used the stored selection
         self._tensors: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ Cache API
@@ -112,6 +120,13 @@ class SparseLayer(CacheLayerMixin):
                 ring_value=new(batch, n_stream, self.local_size, head_dim),
                 ring_pos=torch.full((self.local_size,), -1, dtype=torch.long, device=self.device),
             )
+        num_kv = len(self.dense_idx) + n_stream
+        kind = torch.zeros(num_kv, dtype=torch.int32, device=self.device)
+        kind[self.stream_idx] = 1
+        slot = torch.zeros(num_kv, dtype=torch.int32, device=self.device)
+        slot[self.dense_idx] = torch.arange(len(self.dense_idx), dtype=torch.int32, device=self.device)
+        slot[self.stream_idx] = torch.arange(n_stream, dtype=torch.int32, device=self.device)
+        self.head_kind, self.head_slot = kind, slot
         self.batch, self.head_dim = batch, head_dim
         self.is_initialized = True
 
@@ -138,7 +153,7 @@ class SparseLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self._tensors.clear()
-        self.seen = self.capacity = 0
+        self.seen = self.capacity = self.steps_since_selection = 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -196,12 +211,47 @@ class SparseLayer(CacheLayerMixin):
         first = self.seen
         slots = torch.arange(first, first + n, device=key.device)
         dense = stream = None
+        self._tensors.pop("pages", None)  # new prompt tokens: the next decode step selects anew
         if len(self.dense_idx):
             dense = self._append_dense(key[:, self.dense_idx], value[:, self.dense_idx], first, slots, kv_start)
         if len(self.stream_idx):
+            self._resize_ring(self.local_size)
             stream = self._append_streaming(key[:, self.stream_idx], value[:, self.stream_idx], first, slots, kv_start)
         self.seen = first + n
         return LayerKV(*(dense or (None, None)), *(stream or (None, None, None)))
+
+    def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor,
+                      query: torch.Tensor) -> DecodeKV:
+        """Store one new token and return what the decode step reads: for dense heads the selected
+        pages (selected anew every ``reuse_interval`` steps and after any prefill), for streaming heads
+        sink + ring (the ring shrunk to the decode window). ``query`` [B, Hq, 1, D]."""
+        first = self.seen
+        slots = torch.arange(first, first + 1, device=key.device)
+        kv = DecodeKV(seen=first + 1, page_size=self.page_size, head_kind=self.head_kind, head_slot=self.head_slot)
+        t = self._tensors
+        if len(self.dense_idx):
+            kv.dense_key, kv.dense_value = self._append_dense(
+                key[:, self.dense_idx], value[:, self.dense_idx], first, slots, kv_start)
+            kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
+        if len(self.stream_idx):
+            self._resize_ring(self.decode_local_size)
+            self._append_streaming(key[:, self.stream_idx], value[:, self.stream_idx], first, slots, kv_start,
+                                   view=False)
+            kv.sink_key, kv.sink_value, kv.sink_pos = t["sink_key"], t["sink_value"], t["sink_pos"]
+            kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
+        self.seen = first + 1
+        if len(self.dense_idx):
+            if "pages" not in t or self.steps_since_selection >= self.reuse_interval:
+                groups = query.shape[1] // len(self.head_kind)
+                grouped = query.view(self.batch, len(self.head_kind), groups, self.head_dim)
+                t["pages"], self.tail_first = select_pages(
+                    grouped.index_select(1, self.dense_idx), t["key_min"], t["key_max"], kv_start=kv_start,
+                    seen=self.seen, budget=self.token_budget, page_size=self.page_size,
+                    logical_page_size=self.logical_page_size)
+                self.steps_since_selection = 0
+            self.steps_since_selection += 1
+            kv.pages, kv.tail_first = t["pages"], self.tail_first
+        return kv
 
     def _append_dense(self, key, value, first: int, slots, kv_start):
         n = key.shape[2]
@@ -218,10 +268,27 @@ class SparseLayer(CacheLayerMixin):
         end = first + n
         return t["dense_key"][:, :, :end], t["dense_value"][:, :, :end]
 
-    def _append_streaming(self, key, value, first: int, slots, kv_start):
+    def _resize_ring(self, size: int) -> None:
+        """Give the ring ``size`` slots, keeping the newest tokens that fit (slot p at index p % size)."""
+        t = self._tensors
+        if t["ring_key"].shape[2] == size:
+            return
+        old_pos = t["ring_pos"]
+        keep = torch.nonzero((old_pos >= 0) & (old_pos >= self.seen - size)).flatten()
+        new_index = old_pos[keep] % size
+        for name in ("ring_key", "ring_value"):
+            old = t[name]
+            grown = old.new_zeros(*old.shape[:2], size, old.shape[3])
+            grown[:, :, new_index] = old[:, :, keep]
+            t[name] = grown
+        t["ring_pos"] = torch.full((size,), -1, dtype=old_pos.dtype, device=old_pos.device)
+        t["ring_pos"][new_index] = old_pos[keep]
+
+    def _append_streaming(self, key, value, first: int, slots, kv_start, view: bool = True):
         t = self._tensors
         batch, n = key.shape[0], key.shape[2]
-        if first == 0:  # nothing cached yet: attend to the new tokens alone
+        ring_size = t["ring_key"].shape[2]
+        if first == 0 or not view:  # nothing cached yet: attend to the new tokens alone
             view = key, value, None
         else:
             new_pos = slots[None, :].expand(batch, n)
@@ -241,10 +308,10 @@ class SparseLayer(CacheLayerMixin):
             t["sink_key"][rows, :, sink_slot] = key[rows, :, cols]
             t["sink_value"][rows, :, sink_slot] = value[rows, :, cols]
             t["sink_pos"][rows, sink_slot] = slots[cols]
-        # ring: the last local_size tokens, slot p at index p % local_size
-        keep = min(n, self.local_size)
+        # ring: the last ring_size tokens, slot p at index p % ring_size
+        keep = min(n, ring_size)
         ring_slots = slots[n - keep :]
-        index = ring_slots % self.local_size
+        index = ring_slots % ring_size
         t["ring_key"].index_copy_(2, index, key[:, :, n - keep :])
         t["ring_value"].index_copy_(2, index, value[:, :, n - keep :])
         t["ring_pos"].index_copy_(0, index, ring_slots)
@@ -278,6 +345,9 @@ class SparseCache(Cache):
                 local_size=settings.local_size,
                 page_size=settings.page_size,
                 logical_page_size=settings.logical_page_size,
+                token_budget=settings.token_budget,
+                reuse_interval=settings.reuse_interval,
+                decode_local_size=settings.decode_local_size,
             )
             for layer in range(state.streaming.shape[0])
         ]

@@ -27,6 +27,15 @@ class SparseConfig:
         page_size: tokens per physical KV page of dense heads (multiple of ``logical_page_size``).
         logical_page_size: tokens per logical page; the cache keeps per-logical-page key min/max.
         query_tile: query rows per tile in the PyTorch reference path (memory ~ tile x length).
+        token_budget: tokens each dense head reads per decode step (a multiple of ``page_size``, at
+            least two pages): the first real page, the newest page and the best-scoring pages.
+            A context that fits the budget is attended in full (exact dense decoding).
+        reuse_interval: decode steps that share one page selection (>= 1); a prefill or continuation
+            always selects anew.
+        decode_local_size: local window of streaming heads in decode steps (one query token); the
+            ring buffer shrinks to it when decoding starts (LServe: prefill 4096, decode 256). Capped
+            at ``local_size``. A continuation after decoding sees the decode window's tokens of the
+            earlier text (plus sink).
 
     Example:
         >>> patch_model(model, config=SparseConfig(streaming_fraction=0.25, local_size=512))
@@ -38,6 +47,9 @@ class SparseConfig:
     page_size: int | None = None
     logical_page_size: int | None = None
     query_tile: int = 256
+    token_budget: int | None = None
+    reuse_interval: int | None = None
+    decode_local_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.streaming_fraction is not None and not 0.0 <= float(self.streaming_fraction) <= 1.0:
@@ -50,6 +62,15 @@ class SparseConfig:
         _check_int("page_size", self.page_size, minimum=1)
         _check_int("logical_page_size", self.logical_page_size, minimum=1)
         _check_int("query_tile", self.query_tile, minimum=1)
+        _check_int("token_budget", self.token_budget, minimum=1)
+        _check_int("reuse_interval", self.reuse_interval, minimum=1)
+        _check_int("decode_local_size", self.decode_local_size, minimum=1)
+        if self.token_budget is not None and self.page_size is not None:
+            if self.token_budget % self.page_size or self.token_budget < 2 * self.page_size:
+                raise ValueError(
+                    f"SparseConfig.token_budget={self.token_budget} must be a multiple of page_size={self.page_size} "
+                    f"and at least two pages ({2 * self.page_size}); for example 4096 with pages of 64."
+                )
         if self.page_size is not None and self.logical_page_size is not None:
             if self.page_size % self.logical_page_size:
                 raise ValueError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._log import log_once
-from .kernels.reference import sparse_attention_reference
+from .kernels.reference import DecodeKV, paged_decode_reference, sparse_attention_reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -103,3 +103,21 @@ def sparse_attention(
         query, key, value, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
         sink=sink, local=local, scale=scale, tile=tile,
     )
+
+
+def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
+                 scale: float) -> torch.Tensor:
+    """One decode step of one layer over a SparseCache -> [B, Hq, D]. query [B, Hq, D] at slot
+    ``kv.seen - 1``; contract: ``kernels.reference.paged_decode_reference``."""
+    check_dtype(query.dtype)
+    if query.ndim != 3 or query.shape[1] % kv.head_kind.shape[0]:
+        raise ValueError(f"expected query [B, Hq, D] with Hq a multiple of {kv.head_kind.shape[0]} KV heads, "
+                         f"got {tuple(query.shape)}.")
+    page = kv.page_size
+    if _use_triton(query) and page >= 16 and page & (page - 1) == 0:
+        from .kernels.decode import paged_decode_triton
+
+        return paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+    if query.is_cuda and _backend == "auto" and query.dtype in KERNEL_DTYPES:
+        log_once(f"sparse_attn_hf: page_size {page} is not a power of two >= 16: decoding runs the PyTorch reference.")
+    return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)

@@ -34,6 +34,9 @@ _FIELDS: dict[str, tuple[type, object]] = {
     "local_size": (int, 4096),
     "page_size": (int, 64),
     "logical_page_size": (int, 16),
+    "token_budget": (int, 4096),
+    "reuse_interval": (int, 4),
+    "decode_local_size": (int, 256),
     "method": (str, ""),
     "calibration": (str, ""),
     "created": (str, ""),
@@ -67,6 +70,9 @@ class Profile:
     local_size: int = 4096
     page_size: int = 64
     logical_page_size: int = 16
+    token_budget: int = 4096
+    reuse_interval: int = 4
+    decode_local_size: int = 256
     method: str = ""
     calibration: str = ""
     created: str = ""
@@ -93,6 +99,16 @@ class Profile:
         if self.page_size % self.logical_page_size:
             raise ValueError(
                 f"profile page_size={self.page_size} is not a multiple of logical_page_size={self.logical_page_size}."
+            )
+        if self.token_budget % self.page_size or self.token_budget < 2 * self.page_size:
+            raise ValueError(
+                f"profile token_budget={self.token_budget} must be a multiple of page_size={self.page_size} and at "
+                "least two pages."
+            )
+        if self.reuse_interval < 1 or self.decode_local_size < 1:
+            raise ValueError(
+                f"profile reuse_interval={self.reuse_interval} and decode_local_size={self.decode_local_size} "
+                "must be >= 1."
             )
         if self.fingerprint is not None:
             self.fingerprint = torch.as_tensor(self.fingerprint, dtype=torch.float32).detach().cpu()

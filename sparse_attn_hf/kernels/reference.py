@@ -20,6 +20,8 @@ Causality is therefore aligned bottom-right for any Lq <= Lk when the positions 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -118,3 +120,81 @@ def block_sparse_attention_reference(query, key, value, *, mask, kv_start, scale
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see nothing: zeros
     out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value.to(compute))
     return out.reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
+
+
+@dataclass
+class DecodeKV:
+    """What one decode step of a layer reads from a :class:`~sparse_attn_hf.SparseCache` (views, no copies).
+
+    Dense KV heads: ``dense_key``/``dense_value`` [B, Hd, capacity, D], slots 0..seen-1 filled. They see
+    the physical pages listed in ``pages`` [B, Hd, n] (int32, -1 for none) plus every page from
+    ``tail_first`` to the newest; ``pages`` empty and ``tail_first`` 0 is exact dense attention.
+    Streaming KV heads: the sink buffer ``sink_*`` [B, Hs, S, D] with slots ``sink_pos`` [B, S] and the
+    ring ``ring_*`` [B, Hs, R, D] with slots ``ring_pos`` [R] (-1: empty); a ring token also in the
+    sink (slot - kv_start < sink) counts once, from the sink buffer.
+    ``head_kind`` [Hkv] int32 (0 dense, 1 streaming) and ``head_slot`` [Hkv] int32 (index in its
+    kind's buffers) map KV heads to buffers.
+    """
+
+    seen: int
+    page_size: int
+    head_kind: torch.Tensor
+    head_slot: torch.Tensor
+    dense_key: torch.Tensor | None = None
+    dense_value: torch.Tensor | None = None
+    pages: torch.Tensor | None = None
+    tail_first: int = 0
+    sink_key: torch.Tensor | None = None
+    sink_value: torch.Tensor | None = None
+    sink_pos: torch.Tensor | None = None
+    ring_key: torch.Tensor | None = None
+    ring_value: torch.Tensor | None = None
+    ring_pos: torch.Tensor | None = None
+
+
+def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local: int):
+    """Per head kind: (keys, values, visible) with keys [B, H_kind, n, D] and visible bool [B, H_kind, n]
+    for the query at slot ``seen - 1``."""
+    parts = {}
+    if kv.dense_key is not None:
+        batch, n_dense = kv.dense_key.shape[:2]
+        n_pages = -(-kv.seen // kv.page_size)
+        chosen = torch.zeros(batch, n_dense, n_pages + 1, dtype=torch.bool, device=kv.dense_key.device)
+        if kv.pages is not None and kv.pages.numel():
+            index = torch.where(kv.pages < 0, n_pages, kv.pages.long())  # -1 lands in a spare column
+            chosen.scatter_(2, index, True)
+        chosen[:, :, kv.tail_first :] = True
+        slots = torch.arange(kv.seen, device=chosen.device)
+        visible = chosen[:, :, slots // kv.page_size] & (slots[None, :] >= kv_start[:, None])[:, None]
+        parts["dense"] = (kv.dense_key[:, :, : kv.seen], kv.dense_value[:, :, : kv.seen], visible)
+    if kv.sink_key is not None:
+        query_slot = kv.seen - 1
+        start = kv_start[:, None]
+        ring = kv.ring_pos[None, :]
+        ring_ok = (ring >= start) & (ring - start >= sink) & (query_slot - ring < local)
+        visible = torch.cat([kv.sink_pos >= 0, ring_ok.expand(kv.sink_pos.shape[0], -1)], dim=1)
+        keys = torch.cat([kv.sink_key, kv.ring_key], dim=2)
+        values = torch.cat([kv.sink_value, kv.ring_value], dim=2)
+        parts["stream"] = (keys, values, visible[:, None].expand(-1, keys.shape[1], -1))
+    return parts
+
+
+def paged_decode_reference(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
+                           scale: float) -> torch.Tensor:
+    """One decode step of one layer: query [B, Hq, D] at slot ``seen - 1`` -> [B, Hq, D].
+
+    Dense heads attend to their chosen pages (``DecodeKV``), streaming heads to sink + recent window
+    (the rule of this module with ``local`` the decode window). Softmax in float32."""
+    batch, num_heads, head_dim = query.shape
+    num_kv = kv.head_kind.shape[0]
+    groups = num_heads // num_kv
+    out = torch.zeros(batch, num_kv, groups, head_dim, dtype=torch.float32, device=query.device)
+    q = query.view(batch, num_kv, groups, head_dim).float()
+    for kind, (keys, values, visible) in decode_visible_tokens(kv, kv_start, sink, local).items():
+        heads = torch.nonzero(kv.head_kind == (0 if kind == "dense" else 1)).flatten()
+        slots = kv.head_slot[heads].long()
+        scores = torch.einsum("bhgd,bhnd->bhgn", q[:, heads], keys[:, slots].float()) * scale
+        scores = scores.masked_fill(~visible[:, slots, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[:, heads] = torch.einsum("bhgn,bhnd->bhgd", probs, values[:, slots].float())
+    return out.view(batch, num_heads, head_dim).to(query.dtype)

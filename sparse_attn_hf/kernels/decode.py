@@ -1,0 +1,213 @@
+"""Triton kernel: one decode step of one layer over a SparseCache (all heads, all rows, one launch + a combine).
+
+Same contract as ``reference.paged_decode_reference``. Split-K (flash-decoding): program (row, KV head,
+split) walks its share of the head's *entries* and writes a partial softmax (max, sum, weighted
+values); a second small kernel combines the splits. Entries are 64-token pages:
+
+* dense head: the selected pages (``DecodeKV.pages``, -1 skipped), then the tail pages from
+  ``tail_first`` to the newest;
+* streaming head: the blocks of the sink buffer, then the blocks of the ring buffer.
+
+The query heads of a GQA group are the rows of one program, so every K/V page is loaded once per group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import DecodeKV
+
+LOG2E = 1.4426950408889634
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # bf16 dots are wrong in the interpreter
+
+
+@triton.jit
+def _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax step for one page: k [D, PAGE], v [PAGE, D], visible [PAGE]."""
+    if UPCAST:
+        k = k.to(tl.float32)
+    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    scores = tl.where(visible[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, DK, DV, PAGES, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT, M_OUT, L_OUT, ACC_OUT,
+    stride_qb, stride_qh, stride_qd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_pb, stride_ph, stride_pn,
+    stride_skb, stride_skh, stride_skn, stride_skd,
+    stride_svb, stride_svh, stride_svn, stride_svd,
+    stride_spb, stride_spn,
+    stride_rkb, stride_rkh, stride_rkn, stride_rkd,
+    stride_rvb, stride_rvh, stride_rvn, stride_rvd,
+    n_sel, tail_first, seen, sink_cap, ring_cap, sink, local, num_kv_heads, num_splits, scale_log2,
+    GROUPS: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h = pid_bh % num_kv_heads
+    g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_p = tl.arange(0, PAGE)
+    d_ok = offs_d < HEAD_DIM
+    head = h * GROUPS + g
+    row_ok = g < GROUPS
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kind = tl.load(HEAD_KIND + h)
+    slot = tl.load(HEAD_SLOT + h)
+    start = tl.load(KV_START + b).to(tl.int32)
+    query_slot = seen - 1
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    if kind == 0:  # dense head: selected pages, then the tail
+        DK += b * stride_dkb + slot * stride_dkh
+        DV += b * stride_dvb + slot * stride_dvh
+        total = n_sel + tl.cdiv(seen, PAGE) - tail_first
+        per = tl.cdiv(total, num_splits)
+        for e in range(split * per, tl.minimum(split * per + per, total)):
+            if e < n_sel:
+                page = tl.load(PAGES + b * stride_pb + slot * stride_ph + e * stride_pn)
+            else:
+                page = tail_first + e - n_sel
+            offs = page * PAGE + offs_p
+            visible = (offs >= start) & (offs < seen) & (offs >= 0)  # page -1: nothing
+            k = tl.load(DK + offs[None, :] * stride_dkn + offs_d[:, None] * stride_dkd,
+                        mask=visible[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(DV + offs[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                        mask=visible[:, None] & d_ok[None, :], other=0.0)
+            acc, m_i, l_i = _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST, PRECISION)
+    else:  # streaming head: sink blocks, then ring blocks
+        SK += b * stride_skb + slot * stride_skh
+        SV += b * stride_svb + slot * stride_svh
+        RK += b * stride_rkb + slot * stride_rkh
+        RV += b * stride_rvb + slot * stride_rvh
+        sink_blocks = tl.cdiv(sink_cap, PAGE)
+        total = sink_blocks + tl.cdiv(ring_cap, PAGE)
+        per = tl.cdiv(total, num_splits)
+        for e in range(split * per, tl.minimum(split * per + per, total)):
+            if e < sink_blocks:
+                idx = e * PAGE + offs_p
+                pos = tl.load(SPOS + b * stride_spb + idx * stride_spn, mask=idx < sink_cap, other=-1)
+                visible = pos >= 0
+                k = tl.load(SK + idx[None, :] * stride_skn + offs_d[:, None] * stride_skd,
+                            mask=visible[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(SV + idx[:, None] * stride_svn + offs_d[None, :] * stride_svd,
+                            mask=visible[:, None] & d_ok[None, :], other=0.0)
+            else:
+                idx = (e - sink_blocks) * PAGE + offs_p
+                pos = tl.load(RPOS + idx, mask=idx < ring_cap, other=-1)
+                visible = (pos >= start) & (pos - start >= sink) & (query_slot - pos < local)
+                k = tl.load(RK + idx[None, :] * stride_rkn + offs_d[:, None] * stride_rkd,
+                            mask=visible[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(RV + idx[:, None] * stride_rvn + offs_d[None, :] * stride_rvd,
+                            mask=visible[:, None] & d_ok[None, :], other=0.0)
+            acc, m_i, l_i = _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST, PRECISION)
+    out = (b * num_kv_heads * GROUPS + head) * num_splits + split  # [B, Hq, splits] layout
+    tl.store(M_OUT + out, m_i, mask=row_ok)
+    tl.store(L_OUT + out, l_i, mask=row_ok)
+    tl.store(ACC_OUT + out[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, stride_od, num_heads, num_splits,
+                    S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    pid = tl.program_id(0)  # b * num_heads + head
+    b = pid // num_heads
+    head = pid % num_heads
+    s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_ok = s < num_splits
+    m = tl.load(M_IN + pid * num_splits + s, mask=s_ok, other=float("-inf"))
+    l = tl.load(L_IN + pid * num_splits + s, mask=s_ok, other=0.0)
+    acc = tl.load(ACC_IN + (pid * num_splits + s)[:, None] * D_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m_all = tl.max(m, 0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - m_all)  # splits that saw nothing: m = -inf, weight 0
+    denom = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(O + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def _num_splits(batch_heads: int, entries: int, device: torch.device) -> int:
+    """Enough programs for about two waves of the GPU, at least two pages per split."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(2 * sms, batch_heads), triton.cdiv(entries, 2)))
+
+
+def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
+                        scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Launch the split and combine kernels. query [B, Hq, D] -> [B, Hq, D]."""
+    batch, num_heads, head_dim = query.shape
+    num_kv = kv.head_kind.shape[0]
+    groups = num_heads // num_kv
+    page = kv.page_size
+    entries = 1
+    dk, dv, pages = kv.dense_key, kv.dense_value, kv.pages
+    sk, sv, spos, rk, rv, rpos = kv.sink_key, kv.sink_value, kv.sink_pos, kv.ring_key, kv.ring_value, kv.ring_pos
+    if dk is not None:
+        if pages is None or pages.numel() == 0:
+            pages = torch.full((batch, dk.shape[1], 1), -1, dtype=torch.int32, device=query.device)
+            n_sel = 0
+        else:
+            n_sel = pages.shape[2]
+        entries = max(entries, n_sel + triton.cdiv(kv.seen, page) - kv.tail_first)
+    else:
+        dk = dv = query[:, :1, None]
+        pages = torch.zeros(1, 1, 1, dtype=torch.int32, device=query.device)
+        n_sel = 0
+    if sk is not None:
+        sink_cap, ring_cap = sk.shape[2], rk.shape[2]
+        entries = max(entries, triton.cdiv(sink_cap, page) + triton.cdiv(ring_cap, page))
+        if sink_cap == 0:  # a zero-size buffer still needs valid strides
+            sk = sv = query[:, :1, None]
+            spos = torch.full((batch, 1), -1, dtype=torch.long, device=query.device)
+    else:
+        sink_cap = ring_cap = 0
+        sk = sv = rk = rv = query[:, :1, None]
+        spos = torch.full((batch, 1), -1, dtype=torch.long, device=query.device)
+        rpos = spos[0]
+    splits = num_splits or _num_splits(batch * num_kv, entries, query.device)
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    m_part = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(batch, num_heads, splits, d_pad, dtype=torch.float32, device=query.device)
+    _decode_split_kernel[(batch * num_kv, splits)](
+        query, dk, dv, pages, sk, sv, spos, rk, rv, rpos, kv_start, kv.head_kind, kv.head_slot,
+        m_part, l_part, acc_part,
+        *query.stride(), *dk.stride(), *dv.stride(), *pages.stride(), *sk.stride(), *sv.stride(),
+        *spos.stride(), *rk.stride(), *rv.stride(),
+        n_sel, kv.tail_first, kv.seen, sink_cap, ring_cap, sink, local, num_kv, splits, scale * LOG2E,
+        GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), PAGE=page, HEAD_DIM=head_dim, D_PAD=d_pad,
+        UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 (tests): exact, not tf32
+        num_warps=4, num_stages=2,
+    )
+    out = torch.empty_like(query)
+    _combine_kernel[(batch * num_heads,)](
+        m_part, l_part, acc_part, out, *out.stride(), num_heads, splits,
+        S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
+    )
+    return out

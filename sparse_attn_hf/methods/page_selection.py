@@ -1,0 +1,68 @@
+"""Query-aware page selection for decoding (LServe's dynamic sparsity, after Quest).
+
+For each 16-token logical page the cache keeps the element-wise min and max of its keys. The score of
+a page for a query ``q`` bounds ``q . k`` from above for every key ``k`` of the page::
+
+    S = sum_d max(q_d * kmax_d, q_d * kmin_d) = relu(q) . kmax - relu(-q) . kmin
+
+(the right-hand form is two matrix products, no [pages, D] temporary). A physical page (64 tokens)
+scores the max of its logical pages; a KV head scores a page by the max over its group's query heads,
+so that one selection (one gather) serves the whole group. The first real page (the attention
+sink) is always kept; the newest page and everything after it (the *tail*) is always attended; the
+remaining budget goes to the highest-scoring pages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def page_scores(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
+    """Logical page scores, float32 [B, H, G, n] for query [B, H, G, D] and key_min/key_max [B, H, n, D]."""
+    q = query.float()
+    return torch.relu(q) @ key_max.float().transpose(-1, -2) - torch.relu(-q) @ key_min.float().transpose(-1, -2)
+
+
+def select_pages(
+    query: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+    *,
+    kv_start: torch.Tensor,
+    seen: int,
+    budget: int,
+    page_size: int,
+    logical_page_size: int,
+) -> tuple[torch.Tensor, int]:
+    """Choose the pages a decode step of the dense heads reads.
+
+    Args:
+        query: [B, Hd, G, D], the dense KV heads' query heads (G per KV head).
+        key_min, key_max: [B, Hd, >= ceil(seen / logical_page_size), D] logical-page statistics
+            (+inf / -inf where a page holds no real key).
+        kv_start: [B] first real slot of each row; seen: tokens in the cache (the query is slot seen-1).
+        budget: tokens to attend per head (a multiple of ``page_size``, at least two pages).
+
+    Returns:
+        (pages, tail_first): int32 [B, Hd, budget / page_size - 1] physical page ids (-1 where a row
+        has fewer candidates), and the first page of the tail. When the context fits the budget:
+        an empty list and 0 (attend to everything).
+    """
+    n_pages = -(-seen // page_size)
+    budget_pages = budget // page_size
+    batch, heads = query.shape[:2]
+    if n_pages <= budget_pages:
+        return torch.empty(batch, heads, 0, dtype=torch.int32, device=query.device), 0
+    tail_first = n_pages - 1
+    per_page = page_size // logical_page_size
+    n_logical = tail_first * per_page  # candidates: the pages before the tail, all full
+    scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical]).amax(dim=2)
+    logical = torch.arange(n_logical, device=query.device)
+    has_real = (logical[None, :] + 1) * logical_page_size > kv_start[:, None]  # [B, n]: not all padding
+    scores = torch.where(has_real[:, None], scores, float("-inf"))  # also clears NaN of empty pages
+    scores = scores.view(batch, heads, tail_first, per_page).amax(dim=-1)
+    first_real = (kv_start // page_size).clamp(max=tail_first - 1)
+    scores.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+    values, pages = torch.topk(scores, budget_pages - 1, dim=-1, sorted=False)
+    pages = torch.where(values == float("-inf"), -1, pages)
+    return pages.to(torch.int32), tail_first

@@ -1,0 +1,264 @@
+"""Sparse decoding: page selection, the decode kernel against its reference, and generate() end to end."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import left_padded, random_ids, tiny_model
+
+from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model
+from sparse_attn_hf.kernels.decode import paged_decode_triton
+from sparse_attn_hf.kernels.reference import DecodeKV, paged_decode_reference
+from sparse_attn_hf.methods.page_selection import page_scores, select_pages
+
+
+# ------------------------------------------------------------------ selection
+def _stats(keys: torch.Tensor, logical: int, kv_start: torch.Tensor):
+    """Logical-page min/max of real keys, +inf/-inf where a page has none (as SparseCache keeps them)."""
+    batch, heads, length, dim = keys.shape
+    real = (torch.arange(length)[None, :] >= kv_start[:, None])[:, None, :, None]
+    kmin = torch.where(real, keys, float("inf")).view(batch, heads, length // logical, logical, dim).amin(3)
+    kmax = torch.where(real, keys, float("-inf")).view(batch, heads, length // logical, logical, dim).amax(3)
+    return kmin, kmax
+
+
+def test_page_score_bounds_every_key_and_matches_the_definition():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 32, generator=gen)
+    keys = torch.randn(2, 3, 128, 32, generator=gen)
+    kmin, kmax = _stats(keys, 16, torch.zeros(2, dtype=torch.long))
+    scores = page_scores(q, kmin, kmax)
+    direct = torch.maximum(q[:, :, :, None] * kmax[:, :, None], q[:, :, :, None] * kmin[:, :, None]).sum(-1)
+    torch.testing.assert_close(scores, direct, rtol=1e-5, atol=1e-4)
+    exact = torch.einsum("bhgd,bhnd->bhgn", q, keys).view(2, 3, 4, 8, 16).amax(-1)
+    assert (exact <= scores + 1e-4).all(), "a page score must bound q.k of every key in the page"
+
+
+@pytest.mark.parametrize("pads", [[0, 0], [0, 150]])
+def test_selection_keeps_sink_and_best_pages(pads):
+    gen = torch.Generator().manual_seed(1)
+    batch, heads, groups, dim, seen, page, logical, budget = 2, 2, 3, 16, 1000, 64, 16, 256
+    kv_start = torch.tensor(pads)
+    keys = torch.randn(batch, heads, 1024, dim, generator=gen)
+    keys[:, :, seen:] = 0
+    q = torch.randn(batch, heads, groups, dim, generator=gen)
+    kmin, kmax = _stats(keys, logical, kv_start)
+    kmin[:, :, seen // logical + 1 :], kmax[:, :, seen // logical + 1 :] = float("inf"), float("-inf")
+    pages, tail_first = select_pages(q, kmin, kmax, kv_start=kv_start, seen=seen, budget=budget, page_size=page,
+                                     logical_page_size=logical)
+    assert tail_first == (seen - 1) // page and pages.shape == (batch, heads, budget // page - 1)
+    # brute force: score every candidate page from the keys themselves
+    per_page = torch.maximum(q[..., None, :] * kmax[:, :, None], q[..., None, :] * kmin[:, :, None]).sum(-1)
+    per_page = per_page.amax(2)[..., : tail_first * 4].view(batch, heads, tail_first, 4).amax(-1)
+    for b in range(batch):
+        first = pads[b] // page
+        for h in range(heads):
+            chosen = set(pages[b, h].tolist())
+            assert first in chosen and tail_first not in chosen
+            candidates = per_page[b, h].clone()
+            candidates[: first + 1] = float("-inf")  # before the first real page: padding only
+            best = set(torch.topk(candidates, len(chosen) - 1).indices.tolist())
+            assert chosen - {first} == best
+
+
+def test_selection_when_the_context_fits_or_is_mostly_padding():
+    q = torch.randn(1, 1, 1, 8)
+    kmin, kmax = _stats(torch.randn(1, 1, 256, 8), 16, torch.zeros(1, dtype=torch.long))
+    pages, tail = select_pages(q, kmin, kmax, kv_start=torch.zeros(1, dtype=torch.long), seen=256, budget=256,
+                               page_size=64, logical_page_size=16)
+    assert pages.numel() == 0 and tail == 0  # fits: everything, exactly dense
+    start = torch.tensor([200])  # only pages 3 (partly) and the tail hold real tokens
+    kmin, kmax = _stats(torch.randn(1, 1, 320, 8), 16, start)
+    pages, tail = select_pages(q, kmin, kmax, kv_start=start, seen=320, budget=256, page_size=64, logical_page_size=16)
+    assert tail == 4 and sorted(pages.flatten().tolist()) == [-1, -1, 3]
+
+
+# ------------------------------------------------------------------- kernel
+# batch, kv heads, groups, head_dim, seen, kinds, pads, sink, ring, local, page, selected
+KERNEL_CASES = [
+    (1, 2, 1, 64, 150, [0, 1], [0], 4, 32, 20, 16, 3),  # GQA 1
+    (2, 4, 3, 64, 150, [0, 1, 0, 1], [0, 21], 4, 32, 20, 16, 3),  # GQA 3, padding
+    (2, 2, 4, 128, 97, [0, 0], [5, 0], 0, 0, 1, 32, 2),  # GQA 4, dense heads only, tail over 2 pages
+    (1, 1, 16, 32, 70, [1], [0], 0, 16, 16, 16, 0),  # GQA 16, one streaming head, no sink
+    (2, 3, 2, 80, 300, [1, 0, 1], [0, 260], 8, 64, 50, 64, 2),  # head_dim 80, a row that is mostly padding
+]
+
+
+def _decode_case(case, dtype, seed):
+    batch, num_kv, groups, dim, seen, kinds, pads, sink, ring, local, page, n_sel = case
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    kind = torch.tensor(kinds, dtype=torch.int32)
+    slot = torch.zeros(num_kv, dtype=torch.int32)
+    for k in (0, 1):
+        slot[kind == k] = torch.arange(int((kind == k).sum()), dtype=torch.int32)
+    n_dense, n_stream = int((kind == 0).sum()), int((kind == 1).sum())
+    n_pages = -(-seen // page)
+    kv = DecodeKV(seen=seen, page_size=page, head_kind=kind, head_slot=slot)
+    if n_dense:
+        cap = n_pages * page + page
+        kv.dense_key, kv.dense_value = rand(batch, n_dense, cap, dim), rand(batch, n_dense, cap, dim)
+        kv.tail_first = n_pages - 1 - (seen % page == 1)  # a page boundary crossed since the selection
+        pages = torch.stack([torch.randperm(kv.tail_first, generator=gen)[:n_sel] for _ in range(batch * n_dense)])
+        pages[torch.rand(pages.shape, generator=gen) < 0.3] = -1  # rows with fewer candidates
+        kv.pages = pages.view(batch, n_dense, n_sel).to(torch.int32)
+    if n_stream:
+        starts = torch.tensor(pads)
+        kv.sink_key, kv.sink_value = rand(batch, n_stream, sink, dim), rand(batch, n_stream, sink, dim)
+        kv.sink_pos = torch.stack([torch.arange(sink) + s for s in pads]) if sink else torch.empty(batch, 0, dtype=torch.long)
+        kv.ring_key, kv.ring_value = rand(batch, n_stream, ring, dim), rand(batch, n_stream, ring, dim)
+        kv.ring_pos = torch.full((ring,), -1, dtype=torch.long)
+        slots = torch.arange(max(seen - ring, 0), seen)
+        kv.ring_pos[slots % ring] = slots
+        assert (starts < seen).all()
+    query = rand(batch, num_kv * groups, dim)
+    to_device = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in kv.__dict__.items()}
+    return query.to(DEVICE), DecodeKV(**to_device), torch.tensor(pads, device=DEVICE), sink, local
+
+
+@pytest.mark.parametrize("splits", [1, 3, None])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[f"decode{i}" for i in range(len(KERNEL_CASES))])
+def test_decode_kernel_matches_reference(case, dtype, splits):
+    seed = KERNEL_CASES.index(case) + 7 * (dtype == torch.bfloat16)
+    query, kv, kv_start, sink, local = _decode_case(case, dtype, seed)
+    scale = query.shape[-1] ** -0.5
+    out = paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, num_splits=splits)
+    as64 = DecodeKV(**{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                       for k, v in kv.__dict__.items()})
+    golden = paged_decode_reference(query.double(), as64, kv_start=kv_start, sink=sink, local=local, scale=scale)
+    golden = golden.double()
+    baseline = paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+    err = (out.double() - golden).abs().max().item()
+    # the reference rounds once at the end; the kernel rounds P to fp16/bf16 before P.V, like flash attention
+    bound = 3 * (baseline.double() - golden).abs().max().item() + (4e-3 if dtype == torch.bfloat16 else 5e-4)
+    assert err <= bound, f"error {err:.2e} > {bound:.2e}"
+
+
+def test_reference_sees_exactly_the_chosen_tokens():
+    """Pages and tail decide what dense heads see: a key outside them changes nothing, a key inside does."""
+    case = (1, 1, 2, 16, 200, [0], [0], 0, 0, 1, 16, 2)
+    query, kv, kv_start, sink, local = _decode_case(case, torch.float32, 3)
+    kv.pages = torch.tensor([[[2, -1]]], dtype=torch.int32, device=DEVICE)
+    kv.tail_first = 11
+    before = paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=0.25)
+    kv.dense_key[0, 0, 5 * 16] += 100.0  # page 5: not chosen
+    assert torch.equal(before, paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=0.25))
+    kv.dense_key[0, 0, 2 * 16 + 3] += 100.0  # page 2: chosen
+    assert not torch.equal(before, paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=0.25))
+
+
+# ---------------------------------------------------------------- generate
+def _patched(family="llama", budget=4096, reuse=4, fraction=0.5, decode_local=None, **shape):
+    model = tiny_model(family, **shape).to(DEVICE)
+    scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
+                        generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        streaming_fraction=fraction, sink_size=4, local_size=24, page_size=16, logical_page_size=4,
+        token_budget=budget, reuse_interval=reuse, decode_local_size=decode_local))
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "qwen2", "internlm3"])
+def test_budget_covering_the_context_equals_dense(family):
+    if family == "internlm3":
+        pytest.importorskip("transformers", minversion="5.0")
+        try:
+            from transformers import InternLM3Config  # noqa: F401
+        except ImportError:
+            pytest.skip("this transformers release has no InternLM3")
+    ids, mask = left_padded(random_ids(2, 50), [0, 7])
+    common = dict(attention_mask=mask.to(DEVICE), max_new_tokens=12, do_sample=False)
+    dense = tiny_model(family).to(DEVICE)
+    expected = dense.generate(ids.to(DEVICE), **common)
+    model = _patched(family, budget=1024, fraction=0.0)
+    assert torch.equal(model.generate(ids.to(DEVICE), **common), expected)
+
+
+@torch.no_grad()
+def test_selection_runs_every_reuse_interval(monkeypatch):
+    import sparse_attn_hf.cache as cache_module
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["seen"])
+        return select_pages(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "select_pages", counting)
+    model = _patched(budget=32, reuse=3, layers=1)
+    model.generate(random_ids(1, 60).to(DEVICE), max_new_tokens=8, do_sample=False)
+    assert calls == [61, 64, 67]  # decode steps at seen 61..67: selected at the 1st, 4th, 7th
+
+
+@torch.no_grad()
+def test_small_budget_kernel_equals_reference_through_generate():
+    """Selection active (budget 2 pages < context): greedy, sampling-free beam search and a padded batch
+    give the same tokens through the Triton kernel and the reference; beam reordering moves selections."""
+    model = _patched(budget=32, reuse=2)
+    ids, mask = left_padded(random_ids(2, 70, seed=4), [0, 9])
+    runs = {}
+    try:
+        for backend in ("reference", "triton"):
+            ops.set_backend(backend)
+            runs[backend] = [
+                model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=6, do_sample=False),
+                model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=5, num_beams=2,
+                               do_sample=False),
+            ]
+    finally:
+        ops.set_backend("auto")
+    for got, expected in zip(runs["triton"], runs["reference"]):
+        assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_small_budget_changes_the_result_and_continuation_reselects():
+    model = _patched(budget=32, fraction=0.0, layers=2)
+    ids = random_ids(1, 120, seed=6).to(DEVICE)
+    sparse = model(ids).logits  # prefill is not affected by the budget
+    cache = SparseCache(model)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    full = _patched(budget=1024, fraction=0.0, layers=2)
+    dense = full.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    torch.testing.assert_close(out.logits[0], dense.logits[0])  # first token comes from the prefill
+    assert not torch.allclose(out.logits[-1], dense.logits[-1]), "a 2-page budget should change later steps"
+    assert sparse.shape[1] == 120
+    more = torch.cat([out.sequences, random_ids(1, 5, seed=7).to(DEVICE)], dim=1)
+    model.generate(more, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    assert all("pages" in layer._tensors for layer in cache.layers)  # decoding after the continuation selected
+
+
+def test_bad_decode_settings_are_rejected():
+    with pytest.raises(ValueError, match="token_budget"):
+        SparseConfig(token_budget=100, page_size=64)
+    with pytest.raises(ValueError, match="token_budget"):
+        SparseConfig(token_budget=64, page_size=64)
+    with pytest.raises(ValueError, match="reuse_interval"):
+        SparseConfig(reuse_interval=0)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="token_budget"):  # checked against the profile's page size too
+        patch_model(model, Profile.all_dense(model), SparseConfig(token_budget=96))
+
+
+# ------------------------------------------------------------------- memory
+def test_cache_bytes_with_half_the_heads_streaming_at_32k():
+    """Memory target of the decoding issue: <= 0.55 x DynamicCache at 32K tokens with the decode window."""
+    model = tiny_model(heads=8, kv_heads=8, layers=2, head_dim=64)
+    scores = torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
+    patch_model(model, Profile.from_scores(model, scores),
+                SparseConfig(streaming_fraction=0.5, sink_size=128, local_size=4096, decode_local_size=256))
+    cache = SparseCache(model, max_cache_len=32768)
+    kv_start = torch.zeros(1, dtype=torch.long)
+    for layer in cache.layers:
+        for chunk in range(4):
+            keys = torch.randn(1, 8, 8191, 64)
+            layer.update(keys, keys)
+            layer.append(keys, keys, kv_start)
+        step = torch.randn(1, 8, 1, 64)
+        layer.append_decode(step, step, kv_start, torch.randn(1, 8, 1, 64))
+    ratio = cache.nbytes() / cache.dynamic_cache_nbytes()
+    # dense half: K, V and 2 statistics vectors per 16 keys; streaming half: sink + decode ring
+    predicted = 0.5 * (1 + 1 / 16) * 32768 / 32765 + 0.5 * (128 + 256) / 32765
+    assert ratio <= 0.55 and abs(ratio - predicted) < 0.002, (ratio, predicted)
