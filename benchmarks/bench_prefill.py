@@ -61,6 +61,10 @@ def flex_runner(q, k, v, mask_mod, length, blocks: BlockSparseMask | None = None
         full_num, full_idx, part_num, part_idx = lists
         block_mask = BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
                                               mask_mod=lambda b, h, qi, ki: ki <= qi, seq_lengths=(length, length))
+    # every case compiles anew (another mask); past dynamo's recompile limit flex_attention would fall back
+    # to its unfused eager form, which builds the L x L score matrix
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
 

@@ -20,29 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+from llama8b import build  # noqa: E402
 from results_io import meta, write_results  # noqa: E402
 
 SETTINGS = SparseConfig(streaming_fraction=0.5, sink_size=128, local_size=4096)
-
-
-def llama8b_config(layers: int, max_len: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                       max_position_embeddings=max_len)
-
-
-def build(layers: int, max_len: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(llama8b_config(layers, max_len))
-    torch.set_default_dtype(torch.float32)
-    return model.eval()
 
 
 def patch(model, fraction: float):

@@ -1,0 +1,204 @@
+"""Decoding on a GPU: one layer's decode attention step and generate() tokens/s, against stock Transformers.
+
+    python benchmarks/bench_decode.py [--lengths 32768 131072] [--layer-lengths 32768 131072 262144]
+
+Llama-3-8B shape (32 query / 8 KV heads, head_dim 128, bf16, batch 1), random weights.
+* Step (one layer, as the plugin runs it from Python: the registered attention function with a
+  SparseCache, appending the new token, selecting pages every 4th step): ours with half the KV heads
+  streaming (sink 128, decode window 256) and budget 4096, reuse 4, against SDPA decode over the full
+  dense K/V. ``step_ms`` is the median of 4-step cycles / 4; ``selection_ms`` times one selection alone.
+* generate(): decode tokens/s (timestamps of the steps, the prefill excluded) for the patched model,
+  for stock Transformers (sdpa + DynamicCache) and for our cache and kernels with every head dense and
+  a budget covering the context (no selection); KV-cache bytes of each.
+Writes benchmarks/results/decode.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model, unpatch_model
+from sparse_attn_hf.attention import sparse_attention_forward
+from sparse_attn_hf.cache import PendingKV
+from sparse_attn_hf.methods.page_selection import select_pages
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llama8b import build  # noqa: E402
+from results_io import meta, write_results  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+SPARSE = dict(streaming_fraction=0.5, sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096,
+              reuse_interval=4)
+NEW_TOKENS = 32
+
+
+def patch(model, **settings):
+    scores = torch.rand(model.config.num_hidden_layers, KV_HEADS, generator=torch.Generator().manual_seed(1))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(**settings))
+
+
+def fill(model, cache: SparseCache, length: int) -> None:
+    """Put ``length`` random tokens into every layer of ``cache`` (chunks of 8K), then one decode step."""
+    zero = torch.zeros(1, dtype=torch.long, device="cuda")
+    for layer in cache.layers:
+        for first in range(0, length, 8192):
+            n = min(8192, length - first)
+            k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            layer.update(k, k)
+            layer.append(k, torch.randn_like(k), zero)
+
+
+@torch.no_grad()
+def layer_step(model, length: int) -> dict:
+    module = model.model.layers[0].self_attn
+    cache = SparseCache(model, max_cache_len=length + 65536)  # no growth while timing
+    fill(model, cache, length)
+    layer = cache.layers[0]
+    q = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+
+    def cycle():
+        for _ in range(4):
+            pending = PendingKV(layer, k, k)
+            sparse_attention_forward(module, q, pending, pending, None, scaling=HEAD_DIM**-0.5)
+
+    step_ms = triton.testing.do_bench(cycle, warmup=50, rep=300, return_mode="median") / 4
+    dense_k = torch.randn(1, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    dense_v = torch.randn_like(dense_k)
+    sdpa_ms = triton.testing.do_bench(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, dense_k, dense_v, enable_gqa=True),
+        warmup=50, rep=300, return_mode="median")
+    t = layer._tensors
+    grouped = q.view(1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM).index_select(1, layer.dense_idx)
+    selection_ms = triton.testing.do_bench(
+        lambda: select_pages(grouped, t["key_min"], t["key_max"], kv_start=torch.zeros(1, dtype=torch.long, device="cuda"),
+                             seen=layer.seen, budget=4096, page_size=64, logical_page_size=16),
+        warmup=50, rep=300, return_mode="median")
+    del cache, dense_k, dense_v
+    torch.cuda.empty_cache()
+    return {"L": length, "kind": "layer_step", "step_ms": step_ms, "sdpa_step_ms": sdpa_ms,
+            "selection_ms": selection_ms, "speedup": sdpa_ms / step_ms, "device": torch.cuda.get_device_name()}
+
+
+class StepClock(LogitsProcessor):
+    """Records a synchronized timestamp at every generation step (called once per forward)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decode_speed(model, ids, cache=None, **kwargs) -> tuple[float, object]:
+    clock = StepClock()
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS + 1, min_new_tokens=NEW_TOKENS + 1, do_sample=False,
+                         logits_processor=LogitsProcessorList([clock]), past_key_values=cache,
+                         return_dict_in_generate=True, **kwargs)
+    steps = len(clock.times) - 1  # the first timestamp follows the prefill
+    return steps / (clock.times[-1] - clock.times[0]), out.past_key_values
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, SparseCache):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@torch.no_grad()
+def end_to_end(model, length: int) -> dict:
+    ids = torch.randint(0, 128256, (1, length), device="cuda", generator=torch.Generator("cuda").manual_seed(length))
+    row = {"L": length, "kind": "generate", "new_tokens": NEW_TOKENS, "device": torch.cuda.get_device_name()}
+    stock_tps, stock_cache = decode_speed(model, ids, cache=DynamicCache(config=model.config))
+    row.update(stock_tokens_per_s=stock_tps, stock_kv_bytes=cache_bytes(stock_cache))
+    del stock_cache
+    torch.cuda.empty_cache()
+    for name, settings in (("", SPARSE), ("own_dense_", dict(streaming_fraction=0.0, token_budget=length + 4096))):
+        patch(model, **settings)
+        decode_speed(model, ids[:, :4096], prefill_chunk_size=8192)  # compile the kernels first
+        tps, cache = decode_speed(model, ids, prefill_chunk_size=8192)
+        row[f"{name}tokens_per_s"], row[f"{name}kv_bytes"] = tps, cache_bytes(cache)
+        unpatch_model(model)
+        del cache
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--layer-lengths", type=int, nargs="+", default=[32768, 131072, 262144])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode")
+    args = parser.parse_args()
+    rows = []
+    small = build(1, max(args.layer_lengths) + 8192)
+    patch(small, **SPARSE)
+    for length in args.layer_lengths:
+        rows.append(layer_step(small, length))
+        print(json.dumps(rows[-1]), flush=True)
+    del small
+    torch.cuda.empty_cache()
+    model = build(32, max(args.lengths) + 8192)
+    for length in args.lengths:
+        rows.append(end_to_end(model, length))
+        save(args, rows)
+    save(args, rows)
+
+
+def save(args, rows) -> None:
+    info = meta(device=torch.cuda.get_device_name(), dtype="bfloat16", extra={
+        "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1}, "settings": SPARSE,
+        "timing": "layer step: triton.testing.do_bench median of 4-step cycles / 4; generate: synchronized "
+                  f"timestamps of {NEW_TOKENS} decode steps after the prefill",
+    })
+    write_results(args.out, info, rows)
+    plot(args.out.with_suffix(".png"), rows)
+
+
+def plot(path: Path, rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    steps = [r for r in rows if r["kind"] == "layer_step"]
+    if steps:
+        lengths = [r["L"] for r in steps]
+        left.plot(lengths, [r["sdpa_step_ms"] for r in steps], marker="o", label="SDPA, dense")
+        left.plot(lengths, [r["step_ms"] for r in steps], marker="o", label="ours, step")
+        left.plot(lengths, [r["selection_ms"] for r in steps], marker="x", linestyle="--", label="ours, one selection")
+        left.set_xscale("log", base=2)
+        left.set_xlabel("context length")
+        left.set_ylabel("ms per layer")
+        left.set_title("decode attention, one layer")
+        left.legend(fontsize=8)
+    gens = [r for r in rows if r["kind"] == "generate"]
+    if gens:
+        x = range(len(gens))
+        for i, (key, label) in enumerate((("stock_tokens_per_s", "stock (sdpa + DynamicCache)"),
+                                          ("own_dense_tokens_per_s", "ours, all dense"),
+                                          ("tokens_per_s", "ours, sparse"))):
+            right.bar([v + 0.27 * (i - 1) for v in x], [r[key] for r in gens], width=0.27, label=label)
+        right.set_xticks(list(x), [f"{r['L'] // 1024}K" for r in gens])
+        right.set_ylabel("decode tokens / s")
+        right.set_title("generate(), Llama-3-8B shape")
+        right.legend(fontsize=8)
+    fig.suptitle(rows[0]["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
