@@ -90,14 +90,16 @@ def masked_sdpa(query, key, value, mask, scale) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def assert_close_by_rule(result: torch.Tensor, golden: torch.Tensor, baseline: torch.Tensor, factor: float = 3.0):
+def assert_close_by_rule(result: torch.Tensor, golden: torch.Tensor, baseline: torch.Tensor, factor: float = 3.0,
+                         slack: float = 0.0):
     """The one tolerance rule: ``result``'s max error against a float64 ``golden`` is at most ``factor``
-    times PyTorch's own error (``baseline``, same dtype) plus a float32 floor."""
+    times PyTorch's own error (``baseline``, same dtype) plus a float32 floor (plus ``slack``, for kernels
+    that round the probabilities to the input dtype before P.V where the baseline does not)."""
     assert not torch.isnan(result).any(), "NaN in result"
     golden = golden.double()
     err = (result.double() - golden).abs().max().item()
     base = (baseline.double() - golden).abs().max().item()
-    floor = 1e-5 * max(1.0, golden.abs().max().item())
+    floor = 1e-5 * max(1.0, golden.abs().max().item()) + slack
     if os.environ.get("SPARSE_ATTN_HF_ERROR_LOG"):  # benchmarks/gpu_tests.py collects these
         with open(os.environ["SPARSE_ATTN_HF_ERROR_LOG"], "a") as log:
             case = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
