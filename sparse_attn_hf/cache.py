@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import ops
 from .kernels.reference import DecodeKV
 from .methods.page_selection import select_pages
 from .padding import left_padding_starts
@@ -226,17 +227,24 @@ class SparseLayer(CacheLayerMixin):
         pages (selected anew every ``reuse_interval`` steps and after any prefill), for streaming heads
         sink + ring (the ring shrunk to the decode window). ``query`` [B, Hq, 1, D]."""
         first = self.seen
-        slots = torch.arange(first, first + 1, device=key.device)
         kv = DecodeKV(seen=first + 1, page_size=self.page_size, head_kind=self.head_kind, head_slot=self.head_slot)
         t = self._tensors
         if len(self.dense_idx):
-            kv.dense_key, kv.dense_value = self._append_dense(
-                key[:, self.dense_idx], value[:, self.dense_idx], first, slots, kv_start)
-            kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
+            self._ensure_capacity(first + 1)
         if len(self.stream_idx):
             self._resize_ring(self.decode_local_size)
-            self._append_streaming(key[:, self.stream_idx], value[:, self.stream_idx], first, slots, kv_start,
-                                   view=False)
+        if not ops.append_token(key, value, t, slot=first, kv_start=kv_start, head_kind=self.head_kind,
+                                head_slot=self.head_slot, sink=self.sink_size,
+                                logical_page_size=self.logical_page_size):
+            slots = torch.arange(first, first + 1, device=key.device)
+            if len(self.dense_idx):
+                self._append_dense(key[:, self.dense_idx], value[:, self.dense_idx], first, slots, kv_start)
+            if len(self.stream_idx):
+                self._append_streaming(key[:, self.stream_idx], value[:, self.stream_idx], first, slots, kv_start,
+                                       view=False)
+        if len(self.dense_idx):
+            kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
+        if len(self.stream_idx):
             kv.sink_key, kv.sink_value, kv.sink_pos = t["sink_key"], t["sink_value"], t["sink_pos"]
             kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
         self.seen = first + 1

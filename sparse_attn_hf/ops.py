@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 
 from ._log import log_once
-from .kernels.reference import DecodeKV, paged_decode_reference, sparse_attention_reference
+from .kernels.reference import (
+    DecodeKV,
+    paged_decode_reference,
+    physical_page_scores_reference,
+    sparse_attention_reference,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -121,3 +126,28 @@ def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, s
     if query.is_cuda and _backend == "auto" and query.dtype in KERNEL_DTYPES:
         log_once(f"sparse_attn_hf: page_size {page} is not a power of two >= 16: decoding runs the PyTorch reference.")
     return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+
+
+def physical_page_scores(query, key_min, key_max, *, kv_start, num_pages: int, page_size: int,
+                         logical_page_size: int) -> torch.Tensor:
+    """Page-selection scores [B, Hd, num_pages]; contract: ``kernels.reference.physical_page_scores_reference``."""
+    common = dict(kv_start=kv_start, num_pages=num_pages, page_size=page_size, logical_page_size=logical_page_size)
+    per_page = page_size // logical_page_size
+    if _use_triton(query) and per_page & (per_page - 1) == 0 and query.shape[-1] >= 16:
+        from .kernels.selection import physical_page_scores_triton
+
+        return physical_page_scores_triton(query, key_min, key_max, **common)
+    return physical_page_scores_reference(query, key_min, key_max, **common)
+
+
+def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, slot: int, kv_start: torch.Tensor,
+                 head_kind: torch.Tensor, head_slot: torch.Tensor, sink: int, logical_page_size: int) -> bool:
+    """Store one decode token of every KV head in a SparseCache layer's buffers with one Triton launch.
+    Returns False where the kernel does not apply: the cache's PyTorch path (the contract) stores it."""
+    if not _use_triton(key):
+        return False
+    from .kernels.append import append_token_triton
+
+    append_token_triton(key, value, tensors, slot=slot, kv_start=kv_start, head_kind=head_kind, head_slot=head_slot,
+                        sink=sink, logical_page_size=logical_page_size)
+    return True

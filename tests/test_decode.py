@@ -8,7 +8,9 @@ from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model
 from sparse_attn_hf.kernels.decode import paged_decode_triton
 from sparse_attn_hf.kernels.reference import DecodeKV, paged_decode_reference
-from sparse_attn_hf.methods.page_selection import page_scores, select_pages
+from sparse_attn_hf.kernels.reference import page_scores, physical_page_scores_reference
+from sparse_attn_hf.kernels.selection import physical_page_scores_triton
+from sparse_attn_hf.methods.page_selection import select_pages
 
 
 # ------------------------------------------------------------------ selection
@@ -58,6 +60,28 @@ def test_selection_keeps_sink_and_best_pages(pads):
             candidates[: first + 1] = float("-inf")  # before the first real page: padding only
             best = set(torch.topk(candidates, len(chosen) - 1).indices.tolist())
             assert chosen - {first} == best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 64, 64, 16, [0, 300]), (1, 2, 1, 128, 32, 16, [0]),
+                                   (2, 1, 3, 80, 64, 32, [5, 0])], ids=["gqa4", "gqa1", "d80"])
+def test_selection_kernel_matches_reference(shape, dtype):
+    batch, heads, groups, dim, page, logical, pads = shape
+    gen = torch.Generator().manual_seed(dim + groups)
+    kv_start = torch.tensor(pads)
+    keys = torch.randn(batch, heads, 2048, dim, generator=gen).to(dtype)
+    kmin, kmax = _stats(keys.float(), logical, kv_start)
+    kmin, kmax = kmin.to(dtype).to(DEVICE), kmax.to(dtype).to(DEVICE)
+    q = torch.randn(batch, heads, groups, dim, generator=gen).to(dtype).to(DEVICE)
+    common = dict(kv_start=kv_start.to(DEVICE), num_pages=2048 // page - 3, page_size=page, logical_page_size=logical)
+    got = physical_page_scores_triton(q, kmin, kmax, **common)
+    expected = physical_page_scores_reference(q, kmin, kmax, **common)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-4, atol=1e-3 * dim ** 0.5)
+    k = 8
+    same = torch.topk(got, k).indices.sort().values == torch.topk(expected, k).indices.sort().values
+    assert same.float().mean() > 0.95  # the same pages, up to near ties of rounding
 
 
 def test_selection_when_the_context_fits_or_is_mostly_padding():
@@ -259,3 +283,33 @@ def test_cache_bytes_with_half_the_heads_streaming_at_32k():
     # dense half: K, V and 2 statistics vectors per 16 keys; streaming half: sink + decode ring
     predicted = 0.5 * (1 + 1 / 16) * 32768 / 32765 + 0.5 * (128 + 256) / 32765
     assert ratio <= 0.55 and abs(ratio - predicted) < 0.002, (ratio, predicted)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_append_equals_the_pytorch_path(dtype):
+    """One decode token stored by the Triton append kernel and by the cache's PyTorch path: same buffers."""
+    import copy
+
+    model = _patched(layers=1, fraction=0.5, heads=6, kv_heads=3).to(dtype)  # sink 4, local 24, pages 16/4
+    states = {}
+    for backend in ("reference", "triton"):
+        cache = SparseCache(model, max_cache_len=64)
+        layer = cache.layers[0]
+        gen = torch.Generator().manual_seed(9)
+        prompt = torch.randn(2, 3, 6, 16, generator=gen).to(DEVICE, dtype)
+        layer.update(prompt, prompt)
+        mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3], device=DEVICE)  # row 1: its 4th real token comes in decode
+        kv_start = cache.resolve_kv_start(mask, layer, 6)
+        layer.append(prompt, prompt * 2, kv_start)
+        try:
+            ops.set_backend(backend)
+            for _ in range(3):
+                token = torch.randn(2, 3, 1, 16, generator=gen).to(DEVICE, dtype)
+                layer.append_decode(token, -token, kv_start, torch.randn(2, 6, 1, 16, generator=gen).to(DEVICE, dtype))
+        finally:
+            ops.set_backend("auto")
+        states[backend] = copy.deepcopy(layer._tensors)
+    assert states["reference"].keys() == states["triton"].keys()
+    for name, tensor in states["reference"].items():
+        assert torch.equal(tensor, states["triton"][name]), name

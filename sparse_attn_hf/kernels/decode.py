@@ -44,7 +44,8 @@ def _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST: tl.constex
     return acc, m_new, l_i
 
 
-@triton.jit
+# lengths change at every step: specializing on them (divisibility by 16) would compile new variants
+@triton.jit(do_not_specialize=["n_sel", "tail_first", "seen", "sink_cap", "ring_cap", "num_splits"])
 def _decode_split_kernel(
     Q, DK, DV, PAGES, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT, M_OUT, L_OUT, ACC_OUT,
     stride_qb, stride_qh, stride_qd,
@@ -130,7 +131,7 @@ def _decode_split_kernel(
     tl.store(ACC_OUT + out[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, stride_od, num_heads, num_splits,
                     S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     pid = tl.program_id(0)  # b * num_heads + head

@@ -106,7 +106,8 @@ def _attend_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+# lengths change from call to call (chunks, decode steps): no specialization on them, one compiled variant
+@triton.jit(do_not_specialize=["q_len", "k_len", "q_first", "num_mask_q_blocks"])
 def _prefill_kernel(
     Q, K, V, O, KPOS, KV_START, STREAMING, FULL_OFFSETS, FULL_INDICES, PART_OFFSETS, PART_INDICES,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -198,3 +198,30 @@ def paged_decode_reference(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[:, heads] = torch.einsum("bhgn,bhnd->bhgd", probs, values[:, slots].float())
     return out.view(batch, num_heads, head_dim).to(query.dtype)
+
+
+def page_scores(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
+    """Logical page scores, float32 [B, H, G, n] for query [B, H, G, D] and key_min/key_max [B, H, n, D]:
+    ``sum_d max(q_d kmax_d, q_d kmin_d) = relu(q) . kmax - relu(-q) . kmin``, an upper bound of q.k
+    for every key of the page."""
+    q = query.float()
+    return torch.relu(q) @ key_max.float().transpose(-1, -2) - torch.relu(-q) @ key_min.float().transpose(-1, -2)
+
+
+def physical_page_scores_reference(query, key_min, key_max, *, kv_start, num_pages: int, page_size: int,
+                                   logical_page_size: int) -> torch.Tensor:
+    """Scores of physical pages 0..num_pages-1 for page selection, float32 [B, Hd, num_pages].
+
+    query [B, Hd, G, D]; key_min/key_max [B, Hd, >= num_pages * page_size / logical_page_size, D]. A
+    physical page scores the max over its logical pages and over the G query heads; logical pages
+    holding only padding score -inf; each row's first real page (the sink) scores +inf."""
+    batch, heads = query.shape[:2]
+    per_page = page_size // logical_page_size
+    n_logical = num_pages * per_page
+    scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical]).amax(dim=2)
+    logical = torch.arange(n_logical, device=query.device)
+    has_real = (logical[None, :] + 1) * logical_page_size > kv_start[:, None]  # [B, n]: not all padding
+    scores = torch.where(has_real[:, None], scores, float("-inf"))  # also clears NaN of empty pages
+    scores = scores.view(batch, heads, num_pages, per_page).amax(dim=-1)
+    first_real = (kv_start // page_size).clamp(max=num_pages - 1)
+    return scores.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import torch
 
-
-def page_scores(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
-    """Logical page scores, float32 [B, H, G, n] for query [B, H, G, D] and key_min/key_max [B, H, n, D]."""
-    q = query.float()
-    return torch.relu(q) @ key_max.float().transpose(-1, -2) - torch.relu(-q) @ key_min.float().transpose(-1, -2)
+from .. import ops
 
 
 def select_pages(
@@ -54,15 +50,8 @@ def select_pages(
     if n_pages <= budget_pages:
         return torch.empty(batch, heads, 0, dtype=torch.int32, device=query.device), 0
     tail_first = n_pages - 1
-    per_page = page_size // logical_page_size
-    n_logical = tail_first * per_page  # candidates: the pages before the tail, all full
-    scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical]).amax(dim=2)
-    logical = torch.arange(n_logical, device=query.device)
-    has_real = (logical[None, :] + 1) * logical_page_size > kv_start[:, None]  # [B, n]: not all padding
-    scores = torch.where(has_real[:, None], scores, float("-inf"))  # also clears NaN of empty pages
-    scores = scores.view(batch, heads, tail_first, per_page).amax(dim=-1)
-    first_real = (kv_start // page_size).clamp(max=tail_first - 1)
-    scores.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+    scores = ops.physical_page_scores(query, key_min, key_max, kv_start=kv_start, num_pages=tail_first,
+                                      page_size=page_size, logical_page_size=logical_page_size)
     values, pages = torch.topk(scores, budget_pages - 1, dim=-1, sorted=False)
     pages = torch.where(values == float("-inf"), -1, pages)
     return pages.to(torch.int32), tail_first
