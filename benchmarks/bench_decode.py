@@ -7,9 +7,12 @@ Llama-3-8B shape (32 query / 8 KV heads, head_dim 128, bf16, batch 1), random we
   SparseCache, appending the new token, selecting pages every 4th step): ours with half the KV heads
   streaming (sink 128, decode window 256) and budget 4096, reuse 4, against SDPA decode over the full
   dense K/V. ``step_ms`` is the median of 4-step cycles / 4; ``selection_ms`` times one selection alone.
+  ``kernel_ms``/``sdpa_kernel_ms``/``selection_kernel_ms``: the same GPU work replayed from a CUDA graph
+  (no Python launch overhead): what the kernels cost by themselves.
 * generate(): decode tokens/s (timestamps of the steps, the prefill excluded) for the patched model,
   for stock Transformers (sdpa + DynamicCache) and for our cache and kernels with every head dense and
-  a budget covering the context (no selection); KV-cache bytes of each.
+  a budget covering the context (no selection); ROUNDS alternating rounds, the median (the upper
+  one of two); KV-cache bytes of each.
 Writes benchmarks/results/decode.json and .png.
 """
 
@@ -25,7 +28,7 @@ import torch
 import triton
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model, unpatch_model
+from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model, unpatch_model
 from sparse_attn_hf.attention import sparse_attention_forward
 from sparse_attn_hf.cache import PendingKV
 from sparse_attn_hf.methods.page_selection import select_pages
@@ -37,7 +40,8 @@ from results_io import meta, write_results  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SPARSE = dict(streaming_fraction=0.5, sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096,
               reuse_interval=4)
-NEW_TOKENS = 32
+NEW_TOKENS = 48
+ROUNDS = 2
 
 
 def patch(model, **settings):
@@ -77,15 +81,35 @@ def layer_step(model, length: int) -> dict:
         lambda: torch.nn.functional.scaled_dot_product_attention(q, dense_k, dense_v, enable_gqa=True),
         warmup=50, rep=300, return_mode="median")
     t = layer._tensors
+    zero = torch.zeros(1, dtype=torch.long, device="cuda")
     grouped = q.view(1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM).index_select(1, layer.dense_idx)
-    selection_ms = triton.testing.do_bench(
-        lambda: select_pages(grouped, t["key_min"], t["key_max"], kv_start=torch.zeros(1, dtype=torch.long, device="cuda"),
-                             seen=layer.seen, budget=4096, page_size=64, logical_page_size=16),
-        warmup=50, rep=300, return_mode="median")
+
+    def select():
+        return select_pages(grouped, t["key_min"], t["key_max"], kv_start=zero, seen=layer.seen, budget=4096,
+                            page_size=64, logical_page_size=16)
+
+    selection_ms = triton.testing.do_bench(select, warmup=50, rep=300, return_mode="median")
+    # GPU time alone (CUDA-graph replay, no Python launch overhead): our append + decode kernels of one
+    # step with a fixed selection, SDPA decode, and one selection
+    step = layer.append_decode(k, k, zero, q)
+
+    def kernels():
+        ops.append_token(k, k, t, slot=layer.seen - 1, kv_start=zero, head_kind=layer.head_kind,
+                         head_slot=layer.head_slot, sink=layer.sink_size, logical_page_size=16)
+        ops.paged_decode(q[:, :, 0], step, kv_start=zero, sink=layer.sink_size, local=layer.decode_local_size,
+                         scale=HEAD_DIM**-0.5)
+
+    kernel_ms = triton.testing.do_bench_cudagraph(kernels, rep=100, return_mode="median")
+    sdpa_kernel_ms = triton.testing.do_bench_cudagraph(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, dense_k, dense_v, enable_gqa=True),
+        rep=100, return_mode="median")
+    selection_kernel_ms = triton.testing.do_bench_cudagraph(select, rep=100, return_mode="median")
     del cache, dense_k, dense_v
     torch.cuda.empty_cache()
     return {"L": length, "kind": "layer_step", "step_ms": step_ms, "sdpa_step_ms": sdpa_ms,
-            "selection_ms": selection_ms, "speedup": sdpa_ms / step_ms, "device": torch.cuda.get_device_name()}
+            "selection_ms": selection_ms, "speedup": sdpa_ms / step_ms, "kernel_ms": kernel_ms,
+            "sdpa_kernel_ms": sdpa_kernel_ms, "selection_kernel_ms": selection_kernel_ms,
+            "kernel_speedup": sdpa_kernel_ms / kernel_ms, "device": torch.cuda.get_device_name()}
 
 
 class StepClock(LogitsProcessor):
@@ -118,19 +142,27 @@ def cache_bytes(cache) -> int:
 @torch.no_grad()
 def end_to_end(model, length: int) -> dict:
     ids = torch.randint(0, 128256, (1, length), device="cuda", generator=torch.Generator("cuda").manual_seed(length))
-    row = {"L": length, "kind": "generate", "new_tokens": NEW_TOKENS, "device": torch.cuda.get_device_name()}
-    stock_tps, stock_cache = decode_speed(model, ids, cache=DynamicCache(config=model.config))
-    row.update(stock_tokens_per_s=stock_tps, stock_kv_bytes=cache_bytes(stock_cache))
-    del stock_cache
-    torch.cuda.empty_cache()
-    for name, settings in (("", SPARSE), ("own_dense_", dict(streaming_fraction=0.0, token_budget=length + 4096))):
-        patch(model, **settings)
-        decode_speed(model, ids[:, :4096], prefill_chunk_size=8192)  # compile the kernels first
-        tps, cache = decode_speed(model, ids, prefill_chunk_size=8192)
-        row[f"{name}tokens_per_s"], row[f"{name}kv_bytes"] = tps, cache_bytes(cache)
-        unpatch_model(model)
+    row = {"L": length, "kind": "generate", "new_tokens": NEW_TOKENS, "rounds": ROUNDS,
+           "device": torch.cuda.get_device_name()}
+    speeds = {"stock_": [], "": [], "own_dense_": []}
+    for _ in range(ROUNDS):  # the three set-ups alternate: drift of the machine hits all of them
+        tps, cache = decode_speed(model, ids, cache=DynamicCache(config=model.config))
+        speeds["stock_"].append(tps)
+        row["stock_kv_bytes"] = cache_bytes(cache)
         del cache
         torch.cuda.empty_cache()
+        for name, settings in (("", SPARSE), ("own_dense_", dict(streaming_fraction=0.0, token_budget=length + 4096))):
+            patch(model, **settings)
+            decode_speed(model, ids[:, :4096], prefill_chunk_size=8192)  # compile the kernels first
+            tps, cache = decode_speed(model, ids, prefill_chunk_size=8192)
+            speeds[name].append(tps)
+            row[f"{name}kv_bytes"] = cache_bytes(cache)
+            unpatch_model(model)
+            del cache
+            torch.cuda.empty_cache()
+    for name, values in speeds.items():
+        row[f"{name}tokens_per_s"] = sorted(values)[len(values) // 2]  # median (upper for 2 rounds)
+        row[f"{name}tokens_per_s_all"] = values
     print(json.dumps(row), flush=True)
     return row
 
