@@ -21,12 +21,16 @@ def _version(package: str) -> str | None:
 
 def meta(device: str, dtype: str, extra: dict | None = None) -> dict:
     """Commit, package versions, device, dtype, command and date of a run."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):  # a copy without .git (the GPU machine): told by env
-        commit, dirty = os.environ.get("SPARSE_ATTN_HF_COMMIT", "unknown"), None
+    if os.environ.get("SPARSE_ATTN_HF_COMMIT"):  # a copy of the tree (the GPU machine): its .git may be stale
+        commit, dirty = os.environ["SPARSE_ATTN_HF_COMMIT"], None
+    else:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                        capture_output=True, text=True).stdout.strip())
+        except (OSError, subprocess.CalledProcessError):
+            commit, dirty = "unknown", None
     return {
         "commit": commit,
         "dirty": dirty,
