@@ -62,11 +62,57 @@ def prefill_table() -> str:
             f"| {r['L'] // 1024}K | {r['case']} | {r['density']:.3f} | {r['ms']:.2f} | {r['sdpa_ms']:.2f} | {flex} | "
             f"{r['ms'] / r['sdpa_ms']:.2f} | {r['ms'] / (r['density'] * dense[r['L']]):.2f} |"
         )
-    lines += ["", "![prefill](benchmarks/results/prefill.png)"]
+    lines += ["", "![prefill](benchmarks/results/prefill.png)", ""]
+    chunked = json.loads((RESULTS / "chunked_prefill_gpu.json").read_text())
+    for r in chunked["rows"]:
+        if r["test"] == "chunked_equals_one_shot":
+            lines.append(f"Chunked prefill through `generate(prefill_chunk_size={r['chunk']})` on a 2-layer model of the "
+                         f"8B shape at {r['L']} tokens: same tokens as one-shot prefill: {r['tokens_equal']}, "
+                         f"largest first-step logit difference {r['max_first_logit_diff']:.3g} (logits up to "
+                         f"{r['logit_scale']:.3g}, bf16).")
+    lines += ["", "| 128K prompt, Llama-3-8B shape, chunks of 8K | streaming fraction | prefill + 4 tokens, s | "
+              "peak GPU memory, GiB | of which weights | KV cache, GiB |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in chunked["rows"]:
+        if r["test"] == "8b_chunked_prefill":
+            lines.append(f"| {r['device']} ({r['gpu_gib']:.0f} GiB) | {r['streaming_fraction']} | {r['seconds']:.1f} | "
+                         f"{r['peak_gib']:.1f} | {r['weights_gib']:.1f} | {r['cache_gib']:.1f} |")
     return "\n".join(lines)
 
 
-TABLES = {"fidelity": fidelity_table, "prefill": prefill_table}
+def decode_table() -> str:
+    data = json.loads((RESULTS / "decode.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    settings = meta["settings"]
+    lines = [
+        f"{meta['device']}, {meta['dtype']}, Llama-3-8B shape, batch 1; ours: streaming fraction "
+        f"{settings['streaming_fraction']}, sink {settings['sink_size']}, decode window {settings['decode_local_size']}, "
+        f"budget {settings['token_budget']}, reuse {settings['reuse_interval']}; torch {meta['packages']['torch']}, "
+        f"transformers {meta['packages']['transformers']}; commit `{meta['commit'][:10]}`.",
+        "",
+        "| L | ours, step from Python, ms | SDPA, ms | SDPA / ours | ours, GPU only, ms | SDPA, GPU only, ms | "
+        "SDPA / ours, GPU only | one selection, ms (GPU only) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in (r for r in rows if r["kind"] == "layer_step"):
+        lines.append(f"| {r['L'] // 1024}K | {r['step_ms']:.3f} | {r['sdpa_step_ms']:.3f} | {r['speedup']:.2f} | "
+                     f"{r['kernel_ms']:.4f} | {r['sdpa_kernel_ms']:.4f} | {r['kernel_speedup']:.1f} | "
+                     f"{r['selection_ms']:.3f} ({r['selection_kernel_ms']:.4f}) |")
+    lines += [
+        "",
+        "| L | stock (sdpa + DynamicCache), tokens/s | ours, all heads dense, tokens/s | ours, sparse, tokens/s | "
+        "sparse / stock | sparse / own dense | KV bytes, sparse / stock |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    fmt = lambda values: " / ".join(f"{v:.1f}" for v in values)  # noqa: E731
+    for r in (r for r in rows if r["kind"] == "generate"):
+        lines.append(f"| {r['L'] // 1024}K | {fmt(r['stock_tokens_per_s_all'])} | {fmt(r['own_dense_tokens_per_s_all'])} | "
+                     f"{fmt(r['tokens_per_s_all'])} | {r['tokens_per_s'] / r['stock_tokens_per_s']:.2f} | "
+                     f"{r['tokens_per_s'] / r['own_dense_tokens_per_s']:.2f} | {r['kv_bytes'] / r['stock_kv_bytes']:.3f} |")
+    lines += ["", "![decode](benchmarks/results/decode.png)"]
+    return "\n".join(lines)
+
+
+TABLES = {"fidelity": fidelity_table, "prefill": prefill_table, "decode": decode_table}
 
 
 def main() -> None:
