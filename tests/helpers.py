@@ -25,6 +25,10 @@ def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, laye
         config = MistralConfig(**common, sliding_window=None)
     elif family == "qwen2":
         config = Qwen2Config(**common)
+    elif family in ("glm", "glm4"):
+        from transformers import Glm4Config, GlmConfig
+
+        config = (GlmConfig if family == "glm" else Glm4Config)(**common)
     elif family == "internlm3":
         from transformers import InternLM3Config  # not in every 5.x release
 

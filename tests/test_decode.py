@@ -180,7 +180,7 @@ def _patched(family="llama", budget=4096, reuse=4, fraction=0.5, decode_local=No
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llama", "qwen2", "internlm3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "internlm3", "glm", "glm4"])
 def test_budget_covering_the_context_equals_dense(family):
     if family == "internlm3":
         pytest.importorskip("transformers", minversion="5.0")

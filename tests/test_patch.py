@@ -9,7 +9,8 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from sparse_attn_hf import Profile, SparseCache, patch_model, patched, unpatch_model
 
-FAMILIES = [("llama", 4, 4), ("mistral", 6, 2), ("qwen2", 8, 2), ("internlm3", 16, 1)]  # GQA 1, 3, 4, 16
+FAMILIES = [("llama", 4, 4), ("mistral", 6, 2), ("qwen2", 8, 2), ("internlm3", 16, 1),  # GQA 1, 3, 4, 16
+            ("glm", 4, 2), ("glm4", 6, 2)]
 
 
 @pytest.fixture(params=FAMILIES, ids=[f"{f}-gqa{h // k}" for f, h, k in FAMILIES])
@@ -129,3 +130,23 @@ def test_patched_context_unpatches_on_error():
         with patched(model, Profile.all_dense(model)):
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa" and "generate" not in vars(model)
+
+
+@torch.no_grad()
+def test_sparse_profile_same_through_every_path(model):
+    """Half the KV heads streaming: the cache-less forward and SparseCache prefill + decode agree, and
+    the streaming heads really change the result (every family, including GLM's partial rotary)."""
+    from sparse_attn_hf import SparseConfig
+
+    ids = random_ids(1, 40)
+    dense = model(ids).logits
+    scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
+                        generator=torch.Generator().manual_seed(2))
+    with patched(model, Profile.from_scores(model, scores), SparseConfig(streaming_fraction=0.5, sink_size=2,
+                                                                          local_size=6)):
+        whole = model(ids).logits
+        cache = SparseCache(model)
+        stepwise = torch.cat([model(ids[:, :30], past_key_values=cache).logits]
+                             + [model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(30, 40)], dim=1)
+    torch.testing.assert_close(stepwise, whole, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(whole, dense, atol=1e-3)

@@ -20,6 +20,10 @@ FAMILIES = (
     Family("mistral", ("mistral",)),
     Family("qwen2", ("qwen2",)),
     Family("internlm3", ("internlm3",)),  # Transformers maps InternLM3 onto LlamaForCausalLM
+    # GLM-4 (and ChatGLM2/3 converted by sparse_attn_hf.convert) and GLM-4-0414: the model applies its
+    # partial interleaved rotary embedding before the attention function, so nothing here touches it
+    Family("glm", ("glm",)),
+    Family("glm4", ("glm4",)),
 )
 
 # model types that only exist as remote code, which does not run on Transformers 5.x
@@ -40,8 +44,8 @@ def family_for(model) -> Family:
     if model_type in _NEEDS_CONVERSION:
         raise ValueError(
             f"{type(model).__name__} ({model_type}) runs its own remote attention code, which sparse_attn_hf "
-            f"cannot patch: {_NEEDS_CONVERSION[model_type]} first. The converter "
-            f"(python -m sparse_attn_hf.convert {model_type} SRC DST) is not in this version yet."
+            f"cannot patch: {_NEEDS_CONVERSION[model_type]} first with "
+            f"`python -m sparse_attn_hf.convert {model_type} SRC DST`, load DST and patch that."
         )
     family = next((f for f in FAMILIES if model_type in f.model_types), None)
     if family is None or not model._can_set_attn_implementation():
