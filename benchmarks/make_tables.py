@@ -112,7 +112,27 @@ def decode_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"fidelity": fidelity_table, "prefill": prefill_table, "decode": decode_table}
+def decode_fidelity_table() -> str:
+    data = json.loads((RESULTS / "decode_fidelity.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    lines = [
+        f"Device {meta['device']}, {meta['dtype']}, reuse {meta['reuse_interval']}, pages of {meta['page_size']}; "
+        f"commit `{meta['commit'][:10]}`, {meta['date'][:10]}.",
+        "",
+        "| heads | token budget | prompt tokens | passkey correct, dense | passkey correct, sparse | same answer |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    groups = dict.fromkeys((r["heads"], r["token_budget"], r["length"]) for r in rows)
+    for heads, budget, length in groups:
+        cell = [r for r in rows if (r["heads"], r["token_budget"], r["length"]) == (heads, budget, length)]
+        lines.append(f"| {heads} | {budget} | {length} | {sum(r['dense_correct'] for r in cell)}/{len(cell)} | "
+                     f"{sum(r['sparse_correct'] for r in cell)}/{len(cell)} | "
+                     f"{sum(r['dense_answer'] == r['sparse_answer'] for r in cell)}/{len(cell)} |")
+    return "\n".join(lines)
+
+
+TABLES = {"fidelity": fidelity_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
+          "decode": decode_table}
 
 
 def main() -> None:

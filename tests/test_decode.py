@@ -249,6 +249,9 @@ def test_small_budget_changes_the_result_and_continuation_reselects():
     more = torch.cat([out.sequences, random_ids(1, 5, seed=7).to(DEVICE)], dim=1)
     model.generate(more, past_key_values=cache, max_new_tokens=2, do_sample=False)
     assert all("pages" in layer._tensors for layer in cache.layers)  # decoding after the continuation selected
+    torch.manual_seed(0)
+    sampled = model.generate(ids, do_sample=True, top_k=5, max_new_tokens=6, min_new_tokens=6)  # sampling with selection active
+    assert sampled.shape == (1, 126) and int(sampled.max()) < model.config.vocab_size
 
 
 def test_bad_decode_settings_are_rejected():
