@@ -6,6 +6,8 @@ logged reason). Both follow the contract of ``kernels/reference.py``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._log import log_once
@@ -29,6 +31,14 @@ def set_backend(name: str) -> None:
     if name not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {name!r}.")
     _backend = name
+
+
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (a model spread over GPUs by
+    ``device_map`` has layers on several devices)."""
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def check_dtype(dtype: torch.dtype) -> None:
@@ -97,10 +107,11 @@ def sparse_attention(
     if _use_triton(query):
         from .kernels.prefill import sparse_attention_triton
 
-        return sparse_attention_triton(
-            query, key, value, q_first=q_first, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
-            sink=sink, local=local, scale=scale,
-        )
+        with _on_device(query):
+            return sparse_attention_triton(
+                query, key, value, q_first=q_first, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
+                sink=sink, local=local, scale=scale,
+            )
     q_pos = torch.arange(q_first, q_first + q_len, device=query.device).expand(batch, -1)
     if k_pos is None:
         k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1)
@@ -122,7 +133,8 @@ def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, s
     if _use_triton(query) and page >= 16 and page & (page - 1) == 0:
         from .kernels.decode import paged_decode_triton
 
-        return paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+        with _on_device(query):
+            return paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
     if query.is_cuda and _backend == "auto" and query.dtype in KERNEL_DTYPES:
         log_once(f"sparse_attn_hf: page_size {page} is not a power of two >= 16: decoding runs the PyTorch reference.")
     return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
@@ -136,7 +148,8 @@ def physical_page_scores(query, key_min, key_max, *, kv_start, num_pages: int, p
     if _use_triton(query) and per_page & (per_page - 1) == 0 and query.shape[-1] >= 16:
         from .kernels.selection import physical_page_scores_triton
 
-        return physical_page_scores_triton(query, key_min, key_max, **common)
+        with _on_device(query):
+            return physical_page_scores_triton(query, key_min, key_max, **common)
     return physical_page_scores_reference(query, key_min, key_max, **common)
 
 
@@ -148,6 +161,7 @@ def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, slot:
         return False
     from .kernels.append import append_token_triton
 
-    append_token_triton(key, value, tensors, slot=slot, kv_start=kv_start, head_kind=head_kind, head_slot=head_slot,
-                        sink=sink, logical_page_size=logical_page_size)
+    with _on_device(key):
+        append_token_triton(key, value, tensors, slot=slot, kv_start=kv_start, head_kind=head_kind,
+                            head_slot=head_slot, sink=sink, logical_page_size=logical_page_size)
     return True
