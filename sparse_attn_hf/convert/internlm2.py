@@ -284,7 +284,7 @@ def _summary(src, dst, original, shape, config, rope_note, tensors, converted, d
         f"  shape: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} query heads / "
         f"{shape['kv_heads']} KV heads ({n_rep} per KV head), head_dim {hd}, intermediate {shape['intermediate']}, "
         f"vocab {shape['vocab']}, dtype {config.get('dtype')}",
-        f"  config: {mapped}, num_key_value_heads={shape['kv_heads']}, head_dim={hd}, "
+        f"  config: {mapped}, head_dim={hd}, "
         f"bias={shape['bias']} -> attention_bias={shape['bias']}, mlp_bias=False",
         f"  rope: {rope_note}; rope_parameters={config['rope_parameters']}",
         f"  split: attention.wqkv [{(shape['heads'] + 2 * shape['kv_heads']) * hd}, {shape['hidden']}] per KV head "
