@@ -152,20 +152,20 @@ def _converted_logits(dst, ids):
 
 # ----- equivalence ------------------------------------------------------------------------------------
 
+# the two ways the checkpoints' modeling_chatglm.py uses rope_ratio (ChatGLM3/GLM-4; ChatGLM2-6B-32K)
+BASE_MODELING = ("    def forward_impl(self, seq_len, n_elem, dtype, device, base: int = 10000):\n"
+                 "        base = base * self.rope_ratio\n"
+                 "        seq_idx = torch.arange(seq_len, dtype=torch.float, device=device)\n")
+POSITIONS_MODELING = ("        # positions are interpolated\n"
+                      "        seq_idx = torch.arange(seq_len, dtype=dtype, device=device) / self.rope_ratio\n")
+
 CASES = {  # id: (config kwargs, mode passed, modeling file text, mode the original code uses, shards)
     "gqa-ratio1-sharded": (dict(), None, None, "base", 2),
     "mha-no-mqa-no-bias": (dict(groups=1, multi_query=False, qkv_bias=False), None, None, "base", 1),
     "ratio2-base-flag": (dict(rope_ratio=2), "base", None, "base", 1),
     "ratio4-positions-flag": (dict(rope_ratio=4), "positions", None, "positions", 1),
-    "ratio2-base-detected": (dict(rope_ratio=2), None,
-                             "    def forward_impl(self, seq_len, n_elem, dtype, device, base: int = 10000):\n"
-                             "        base = base * self.rope_ratio\n"
-                             "        seq_idx = torch.arange(seq_len, dtype=torch.float, device=device)\n",
-                             "base", 1),
-    "ratio4-positions-detected": (dict(rope_ratio=4), None,
-                                  "        # positions are interpolated\n"
-                                  "        seq_idx = torch.arange(seq_len, dtype=dtype, device=device) / self.rope_ratio\n",
-                                  "positions", 1),
+    "ratio2-base-detected": (dict(rope_ratio=2), None, BASE_MODELING, "base", 1),
+    "ratio4-positions-detected": (dict(rope_ratio=4), None, POSITIONS_MODELING, "positions", 1),
 }
 
 
@@ -213,9 +213,10 @@ def test_marker_rows_land_in_the_right_tensors(tmp_path, multi_query):
     rows = torch.arange(qkv_rows, dtype=torch.float32)
     tensors[p + "self_attention.query_key_value.weight"] = rows[:, None].expand(qkv_rows, HIDDEN).clone()
     tensors[p + "self_attention.query_key_value.bias"] = -rows
-    tensors[p + "self_attention.dense.weight"] = torch.arange(HIDDEN, dtype=torch.float32)[:, None].repeat(1, HEADS * HEAD_DIM)
+    hidden_rows = torch.arange(HIDDEN, dtype=torch.float32)[:, None]
+    tensors[p + "self_attention.dense.weight"] = hidden_rows.repeat(1, HEADS * HEAD_DIM)
     tensors[p + "mlp.dense_h_to_4h.weight"] = torch.arange(2 * FFN, dtype=torch.float32)[:, None].repeat(1, HIDDEN)
-    tensors[p + "mlp.dense_4h_to_h.weight"] = torch.arange(HIDDEN, dtype=torch.float32)[:, None].repeat(1, FFN) + 1000
+    tensors[p + "mlp.dense_4h_to_h.weight"] = hidden_rows.repeat(1, FFN) + 1000
     src = write_original(tmp_path / "src", config, tensors)
     convert_chatglm(src, tmp_path / "dst")
     model = GlmForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32)
@@ -315,11 +316,14 @@ def test_command_line_prints_summary(tmp_path, capsys):
     src = write_original(tmp_path / "src", config, chatglm_tensors(config))
     (src / "tokenizer_config.json").write_text(json.dumps(
         {"auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}))
-    (src / "tokenization_chatglm.py").write_text("# tokenizer code\n")
+    (src / "tokenization_chatglm.py").write_text(  # the pre-5.x signature of _pad, without padding_side
+        "class ChatGLMTokenizer:\n    def _pad(\n        self,\n        encoded_inputs,\n        max_length=None,\n"
+        "        return_attention_mask: Optional[bool] = None,\n    ) -> dict:\n        return encoded_inputs\n")
     (src / "tokenizer.model").write_bytes(b"sp")
     main(["chatglm", str(src), str(tmp_path / "dst"), "--rope-ratio", "base"])
     printed = capsys.readouterr().out
     assert "GlmForCausalLM" in printed and "rope_theta 20000" in printed and "trust_remote_code" in printed
+    assert "padding_side=None" in printed
     for name in ("tokenizer_config.json", "tokenization_chatglm.py", "tokenizer.model"):
         assert (tmp_path / "dst" / name).is_file() and name in printed
 

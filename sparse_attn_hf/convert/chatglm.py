@@ -13,11 +13,14 @@ interpolation, mode ``"positions"``). The config cannot tell them apart: the mod
 checkpoint's ``modeling_chatglm.py`` when it is there, else it must be given when ``rope_ratio != 1``.
 
 Tokenizer: ChatGLM tokenizers are remote code too (sentencepiece ``ChatGLMTokenizer`` for
-ChatGLM2/3, tiktoken for GLM-4). The tokenizer files and the tokenizer's own Python module are
-copied; load the tokenizer with ``AutoTokenizer.from_pretrained(DST, trust_remote_code=True)``
-(``sentencepiece`` or ``tiktoken`` installed), or load it the same way from the original folder. For
-GLM-4 the tokenizer of the Hugging Face format release (``THUDM/glm-4-9b-chat-hf``) has the same ids
-and needs no remote code.
+ChatGLM2/3, tiktoken for GLM-4) and no Transformers class reads their files. The tokenizer files and
+the tokenizer's own Python module (named in ``tokenizer_config.json``'s ``auto_map``) are copied; load
+the tokenizer with ``AutoTokenizer.from_pretrained(DST, trust_remote_code=True)`` (``sentencepiece``
+or ``tiktoken`` installed), or the same way from the original folder. Transformers 5.x passes
+``padding_side`` to the tokenizer's ``_pad``; older revisions of that module do not accept it, so
+padded batches raise ``TypeError`` until ``padding_side=None`` is added to ``_pad``'s parameters (the
+summary says when the copied module needs it). For GLM-4, the tokenizer of the Hugging Face format
+release (``THUDM/glm-4-9b-chat-hf``) has the same ids and needs no remote code.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ SUPPORTED = ("supported: ChatGLM2-6B(-32K), ChatGLM3-6B(-32K/-128K) and the orig
 # how the checkpoint's modeling code uses rope_ratio
 _BASE_PATTERN = re.compile(r"base\s*\*\s*(?:self\.)?rope_ratio|(?:self\.)?rope_ratio\s*\*\s*base")
 _POSITIONS_PATTERN = re.compile(r"/\s*(?:self\.)?rope_ratio\b")
+_PAD_SIGNATURE = re.compile(r"def _pad\((.*?)\)\s*(?:->[^:]*)?:", re.DOTALL)
 
 
 def convert_chatglm(src: str | Path, dst: str | Path, *, rope_ratio_mode: str | None = None,
@@ -77,7 +81,7 @@ def convert_chatglm(src: str | Path, dst: str | Path, *, rope_ratio_mode: str | 
     paths = write_checkpoint(dst, config, converted, shard_bytes=shard_bytes)
     copied = copy_tokenizer_files(src, dst) + _copy_tokenizer_code(src, dst)
     return "\n".join([
-        f"converted {_variant(source, src)} checkpoint {src} -> GlmForCausalLM in {dst} "
+        f"converted {_variant(source)} checkpoint {src} -> GlmForCausalLM in {dst} "
         f"({len(paths)} safetensors file{'s' if len(paths) > 1 else ''})",
         f"shapes: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} query heads, "
         f"{shape['groups']} key/value heads, head_dim {shape['head_dim']}, intermediate {shape['ffn']}, "
@@ -89,7 +93,7 @@ def convert_chatglm(src: str | Path, dst: str | Path, *, rope_ratio_mode: str | 
         f"tensors: {len(converted)} written; {renamed} renamed, {shape['layers']} fused query_key_value "
         f"{'weights+biases' if shape['qkv_bias'] else 'weights'} split into q/k/v_proj",
         f"dropped buffers: {', '.join(dropped) if dropped else 'none'}",
-        "tokenizer: " + _tokenizer_note(source, copied),
+        "tokenizer: " + _tokenizer_note(source, copied, dst),
     ])
 
 
@@ -175,9 +179,11 @@ def _rope_parameters(source: dict, src: Path, mode: str | None) -> tuple[dict, s
             how += f" (modeling_chatglm.py suggests {detected!r}; the given mode wins)"
     if mode == "base":
         parameters["rope_theta"] = ROPE_BASE * ratio
-        return parameters, f"rope_ratio {ratio:g} multiplies the base (mode 'base', {how}): rope_theta {ROPE_BASE * ratio:g}"
+        return parameters, (f"rope_ratio {ratio:g} multiplies the base (mode 'base', {how}): "
+                            f"rope_theta {ROPE_BASE * ratio:g}")
     parameters.update(rope_type="linear", factor=ratio)
-    return parameters, f"rope_ratio {ratio:g} divides positions (mode 'positions', {how}): linear scaling, factor {ratio:g}"
+    return parameters, (f"rope_ratio {ratio:g} divides positions (mode 'positions', {how}): "
+                        f"linear scaling, factor {ratio:g}")
 
 
 def split_qkv(fused: torch.Tensor, heads: int, groups: int, head_dim: int, multi_query: bool):
@@ -267,7 +273,7 @@ def _glm_config(source: dict, shape: dict, rope_parameters: dict) -> dict:
     return config
 
 
-def _variant(source: dict, src: Path) -> str:
+def _variant(source: dict) -> str:
     """A readable guess of which release ``source`` is (only used in the summary)."""
     vocab, ratio = source["padded_vocab_size"], source.get("rope_ratio", 1)
     if vocab == 151552:
@@ -284,7 +290,10 @@ def _copy_tokenizer_code(src: Path, dst: Path) -> list[str]:
         return []
     auto_map = json.loads(config_path.read_text()).get("auto_map", {})
     references = auto_map.get("AutoTokenizer", []) if isinstance(auto_map, dict) else []
-    modules = {ref.split("--")[-1].rsplit(".", 1)[0] for ref in (references if isinstance(references, list) else [references]) if ref}
+    if not isinstance(references, list):
+        references = [references]
+    # "module.Class", or "repo--module.Class" when it points at another repository
+    modules = {ref.split("--")[-1].rsplit(".", 1)[0] for ref in references if ref}
     copied = []
     for module in sorted(modules):
         if (src / f"{module}.py").is_file():
@@ -293,12 +302,24 @@ def _copy_tokenizer_code(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _tokenizer_note(source: dict, copied: list[str]) -> str:
+def _tokenizer_note(source: dict, copied: list[str], dst: Path) -> str:
     """What a user must do to get a working tokenizer for the converted checkpoint."""
     files = f"copied {', '.join(copied)}" if copied else "no tokenizer files found in the source folder"
     needs = "tiktoken" if source["padded_vocab_size"] == 151552 else "sentencepiece"
     advice = (f"the ChatGLM tokenizer is remote code (no Transformers class): load it with "
               f"AutoTokenizer.from_pretrained(DST or SRC, trust_remote_code=True) ({needs} installed)")
+    for name in copied:
+        if name.endswith(".py") and _pad_lacks_padding_side((dst / name).read_text(errors="replace")):
+            advice += (f"; {name}'s _pad() has no padding_side parameter, so padded batches raise TypeError on "
+                       "Transformers 5.x: add `padding_side=None` to its parameters (or use the checkpoint's "
+                       "updated upstream revision)")
     if source["padded_vocab_size"] == 151552:
-        advice += "; or use the tokenizer of the HF-format GLM-4 release (THUDM/glm-4-9b-chat-hf), same ids, no remote code"
+        advice += ("; or use the tokenizer of the HF-format GLM-4 release (THUDM/glm-4-9b-chat-hf): same ids, "
+                   "no remote code")
     return f"{files}; {advice}."
+
+
+def _pad_lacks_padding_side(code: str) -> bool:
+    """Whether a tokenizer module overrides ``_pad`` with the pre-5.x signature (no ``padding_side``)."""
+    match = _PAD_SIGNATURE.search(code)
+    return match is not None and "padding_side" not in match.group(1)
