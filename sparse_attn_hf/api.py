@@ -33,6 +33,7 @@ class PatchState:
     _splits: dict = field(default_factory=dict)
     _mask_memo: tuple | None = None
     checked_positions: object = None  # the position_ids of the current forward, once checked
+    masks: dict = field(default_factory=dict)  # layer -> last SampleAttention mask (SparseConfig.record_masks)
 
     def head_split(self, layer: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(dense KV head indices, streaming KV head indices) of ``layer``, on ``device`` (cached)."""

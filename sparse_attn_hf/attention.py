@@ -17,7 +17,9 @@ import torch
 from transformers.masking_utils import flash_attention_mask
 
 from . import ops
+from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
+from .methods.sample_attention import sample_attention_mask, window_size
 
 ATTENTION_NAME = "sparse_attn_hf"
 
@@ -68,7 +70,24 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     common = dict(q_first=first, kv_start=kv_start, sink=settings.sink_size, local=settings.local_size,
                   scale=scale, tile=settings.query_tile)
-    return _attend_by_kind(query, kv, dense_idx, stream_idx, common), None
+    sample = _sample_settings(state, module.layer_idx, q_len, first + q_len)
+    return _attend_by_kind(query, kv, dense_idx, stream_idx, common, sample), None
+
+
+def _sample_settings(state, layer: int, q_len: int, k_len: int):
+    """SampleAttention's settings for this call's dense heads, or None where they run dense."""
+    settings = state.settings
+    if settings.alpha >= 1.0 or k_len < settings.dense_below:
+        return None
+    if q_len < 2:
+        log_once("sparse_attn_hf: SampleAttention needs at least 2 query rows to sample; one-token steps run dense.")
+        return None
+    if window_size(settings.rw, k_len) >= k_len:
+        log_once(f"sparse_attn_hf: SampleAttention's window (rw={settings.rw}) covers a {k_len}-token sequence; "
+                 "it runs dense.")
+        return None
+    return dict(state=state, layer=layer, alpha=settings.alpha, rw=settings.rw, r_row=settings.r_row,
+                criterion=settings.cra_criterion, record=settings.record_masks)
 
 
 def _check_positions(position_ids, k_len: int) -> None:
@@ -84,7 +103,20 @@ def _check_positions(position_ids, k_len: int) -> None:
         )
 
 
-def _attend_by_kind(query, kv: LayerKV, dense_idx, stream_idx, common) -> torch.Tensor:
+def _dense_heads(query, key, value, common, sample) -> torch.Tensor:
+    """Dense heads: full causal attention, or SampleAttention's window + stripes when ``sample``."""
+    streaming = torch.zeros(key.shape[1], dtype=torch.bool, device=query.device)
+    if sample is None:
+        return ops.sparse_attention(query, key, value, k_pos=None, streaming=streaming, **common)
+    mask = sample_attention_mask(query, key, q_first=common["q_first"], kv_start=common["kv_start"],
+                                 alpha=sample["alpha"], rw=sample["rw"], r_row=sample["r_row"], scale=common["scale"],
+                                 criterion=sample["criterion"])
+    if sample["record"]:
+        sample["state"].masks[sample["layer"]] = mask
+    return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"])
+
+
+def _attend_by_kind(query, kv: LayerKV, dense_idx, stream_idx, common, sample=None) -> torch.Tensor:
     """Dense heads and streaming heads attend to their own keys; outputs go back in head order."""
     batch, num_heads, q_len, head_dim = query.shape
     num_kv = len(dense_idx) + len(stream_idx)
@@ -98,11 +130,15 @@ def _attend_by_kind(query, kv: LayerKV, dense_idx, stream_idx, common) -> torch.
     for heads, key, value, k_pos, is_streaming in parts:  # k_pos None: slots 0..n-1
         if not len(heads):
             continue
-        streaming = torch.full((len(heads),), is_streaming, device=query.device)
+        def attend(q):
+            if not is_streaming:
+                return _dense_heads(q, key, value, common, sample)
+            streaming = torch.ones(len(heads), dtype=torch.bool, device=query.device)
+            return ops.sparse_attention(q, key, value, k_pos=k_pos, streaming=streaming, **common)
+
         if len(heads) == num_kv:  # one kind has every head: no gather, no scatter
-            return ops.sparse_attention(query, key, value, k_pos=k_pos, streaming=streaming, **common)
-        sub_query = grouped.index_select(1, heads).reshape(batch, len(heads) * groups, q_len, head_dim)
-        result = ops.sparse_attention(sub_query, key, value, k_pos=k_pos, streaming=streaming, **common)
+            return attend(query)
+        result = attend(grouped.index_select(1, heads).reshape(batch, len(heads) * groups, q_len, head_dim))
         out[:, :, heads] = result.view(batch, q_len, len(heads), groups, head_dim)
     return out.view(batch, q_len, num_heads, head_dim)
 

@@ -32,6 +32,17 @@ class SparseConfig:
             A context that fits the budget is attended in full (exact dense decoding).
         reuse_interval: decode steps that share one page selection (>= 1); a prefill or continuation
             always selects anew.
+        alpha: SampleAttention's kept-attention target for the dense heads in prefill, in (0, 1]
+            (1 = exact dense attention); the paper's main setting is 0.95, 0.8 is faster.
+        rw: SampleAttention's local window as a fraction of the sequence, in (0, 1).
+        r_row: fraction of query rows SampleAttention samples, in (0, 1) (the last 64 rows always).
+        dense_below: sequences shorter than this many tokens run the dense heads dense (SampleAttention
+            gains nothing at short lengths: its sampling costs more than it saves). 0 forces it on.
+        cra_criterion: ``"mean"`` (the mean kept mass over sampled rows reaches alpha, the paper's
+            practical criterion) or ``"min"`` (every sampled row keeps alpha: the strict CRA, many
+            more stripes; its search materializes [rows, L] scores, for short sequences).
+        record_masks: keep each layer's last SampleAttention mask (``model._sparse_attn_state.masks``),
+            for inspection.
         decode_local_size: local window of streaming heads in decode steps (one query token); the
             ring buffer shrinks to it when decoding starts (LServe: prefill 4096, decode 256). Capped
             at ``local_size``. A continuation after decoding sees the decode window's tokens of the
@@ -50,6 +61,12 @@ class SparseConfig:
     token_budget: int | None = None
     reuse_interval: int | None = None
     decode_local_size: int | None = None
+    alpha: float | None = None
+    rw: float | None = None
+    r_row: float | None = None
+    dense_below: int | None = None
+    cra_criterion: str = "mean"
+    record_masks: bool = False
 
     def __post_init__(self) -> None:
         if self.streaming_fraction is not None and not 0.0 <= float(self.streaming_fraction) <= 1.0:
@@ -65,6 +82,15 @@ class SparseConfig:
         _check_int("token_budget", self.token_budget, minimum=1)
         _check_int("reuse_interval", self.reuse_interval, minimum=1)
         _check_int("decode_local_size", self.decode_local_size, minimum=1)
+        if self.alpha is not None and not 0.0 < float(self.alpha) <= 1.0:
+            raise ValueError(f"SparseConfig.alpha={self.alpha} is outside (0, 1]; use 0.95 (the paper) or 1.0 for dense.")
+        for name in ("rw", "r_row"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < float(value) < 1.0:
+                raise ValueError(f"SparseConfig.{name}={value} is outside (0, 1); for example rw=0.08, r_row=0.05.")
+        _check_int("dense_below", self.dense_below, minimum=0)
+        if self.cra_criterion not in ("mean", "min"):
+            raise ValueError(f"SparseConfig.cra_criterion={self.cra_criterion!r} must be 'mean' or 'min'.")
         if self.token_budget is not None and self.page_size is not None:
             if self.token_budget % self.page_size or self.token_budget < 2 * self.page_size:
                 raise ValueError(

@@ -15,7 +15,9 @@ from .kernels.reference import (
     DecodeKV,
     paged_decode_reference,
     physical_page_scores_reference,
+    sampled_column_scores_reference,
     sparse_attention_reference,
+    stripe_attention_reference,
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -165,3 +167,30 @@ def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, slot:
         append_token_triton(key, value, tensors, slot=slot, kv_start=kv_start, head_kind=head_kind,
                             head_slot=head_slot, sink=sink, logical_page_size=logical_page_size)
     return True
+
+
+def sampled_column_scores(query, key, *, rows, q_first: int, kv_start, window, scale: float) -> torch.Tensor:
+    """SampleAttention stage 1 -> float32 [B, Hkv, Lk]; contract:
+    ``kernels.reference.sampled_column_scores_reference``."""
+    if _use_triton(query):
+        from .kernels.sampling import sampled_column_scores_triton
+
+        with _on_device(query):
+            return sampled_column_scores_triton(query, key, rows=rows, q_first=q_first, kv_start=kv_start,
+                                                window=window, scale=scale)
+    return sampled_column_scores_reference(query, key, rows=rows, q_first=q_first, kv_start=kv_start,
+                                           window=window, scale=scale)
+
+
+def stripe_attention(query, key, value, *, mask, scale: float, tile: int = 256) -> torch.Tensor:
+    """Attention on a StripeMask (window + column stripes) -> [B, Lq, Hq, D]; contract:
+    ``kernels.reference.stripe_attention_reference``."""
+    if _use_triton(query):
+        from .kernels.prefill import sparse_attention_triton
+
+        with _on_device(query):
+            return sparse_attention_triton(
+                query, key, value, q_first=key.shape[2] - query.shape[2], k_pos=None, kv_start=mask.kv_start,
+                streaming=torch.zeros(key.shape[1], dtype=torch.bool, device=query.device), sink=0, local=1,
+                scale=scale, stripe_mask=mask)
+    return stripe_attention_reference(query, key, value, mask=mask, scale=scale, tile=tile)

@@ -37,6 +37,10 @@ _FIELDS: dict[str, tuple[type, object]] = {
     "token_budget": (int, 4096),
     "reuse_interval": (int, 4),
     "decode_local_size": (int, 256),
+    "alpha": (float, 0.95),
+    "rw": (float, 0.08),
+    "r_row": (float, 0.05),
+    "dense_below": (int, 16384),
     "method": (str, ""),
     "calibration": (str, ""),
     "created": (str, ""),
@@ -73,6 +77,10 @@ class Profile:
     token_budget: int = 4096
     reuse_interval: int = 4
     decode_local_size: int = 256
+    alpha: float = 0.95
+    rw: float = 0.08
+    r_row: float = 0.05
+    dense_below: int = 16384
     method: str = ""
     calibration: str = ""
     created: str = ""
@@ -104,6 +112,11 @@ class Profile:
             raise ValueError(
                 f"profile token_budget={self.token_budget} must be a multiple of page_size={self.page_size} and at "
                 "least two pages."
+            )
+        if not (0.0 < self.alpha <= 1.0 and 0.0 < self.rw < 1.0 and 0.0 < self.r_row < 1.0 and self.dense_below >= 0):
+            raise ValueError(
+                f"profile SampleAttention settings alpha={self.alpha} (in (0, 1]), rw={self.rw} and r_row={self.r_row} "
+                f"(in (0, 1)), dense_below={self.dense_below} (>= 0) are out of range; re-create the profile."
             )
         if self.reuse_interval < 1 or self.decode_local_size < 1:
             raise ValueError(

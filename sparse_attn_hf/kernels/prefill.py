@@ -68,14 +68,6 @@ def _attend_block(
         in_window = ((kpos[None, :] - start) < sink) | ((qpos[:, None] - kpos[None, :]) < local)
         visible = visible & (in_window | (is_stream == 0))
         scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    if MASKED:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-    else:
-        m_safe = m_new  # an unmasked block gives every row a finite score
-    p = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
     if TMA:
         v = VD.load([n0, 0])
     elif MASKED:
@@ -84,11 +76,45 @@ def _attend_block(
         v = tl.load(v_ptrs)
     else:
         v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    return _softmax_step(acc, m_i, l_i, scores, v, UPCAST, PRECISION, MASKED)
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, scores, v, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax update with one block's scores (log2 units) and values."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    else:
+        m_safe = m_new  # an unmasked block gives every row a finite score
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
     if UPCAST:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_columns(
+    acc, m_i, l_i, q, cols, col_ok, K, V, stride_kn, stride_kd, stride_vn, stride_vd, qpos, start, window,
+    scale_log2, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Gathered key columns (SampleAttention stripes): each is visible to the rows it lies outside the
+    local window of (the window's keys are visited by the window loop: no key counts twice)."""
+    d_ok = offs_d < HEAD_DIM
+    k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=col_ok[None, :] & d_ok[:, None],
+                other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    visible = col_ok[None, :] & (cols[None, :] >= start) & ((qpos[:, None] - cols[None, :]) >= window)
+    scores = tl.where(visible, scores, float("-inf"))
+    v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    return _softmax_step(acc, m_i, l_i, scores, v, UPCAST, PRECISION, True)
 
 
 @triton.jit
@@ -107,9 +133,10 @@ def _attend_range(
 
 
 # lengths change from call to call (chunks, decode steps): no specialization on them, one compiled variant
-@triton.jit(do_not_specialize=["q_len", "k_len", "q_first", "num_mask_q_blocks"])
+@triton.jit(do_not_specialize=["q_len", "k_len", "q_first", "num_mask_q_blocks", "stripe_width"])
 def _prefill_kernel(
     Q, K, V, O, KPOS, KV_START, STREAMING, FULL_OFFSETS, FULL_INDICES, PART_OFFSETS, PART_INDICES,
+    WINDOW, STRIPES, TILE_COUNTS, stripe_width,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -118,7 +145,7 @@ def _prefill_kernel(
     num_kv_heads, q_len, k_len, q_first, sink, local, scale_log2, num_mask_q_blocks, mask_block_q,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr, TMA: tl.constexpr, STRIPE_MODE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
@@ -138,6 +165,10 @@ def _prefill_kernel(
     qpos = q_first + qi
     start = tl.load(KV_START + b).to(tl.int32)
     is_stream = tl.load(STREAMING + h).to(tl.int32)
+    if STRIPE_MODE:  # SampleAttention: the window runs as a streaming head without sink, stripes after it
+        is_stream = is_stream * 0 + 1
+        sink = sink * 0
+        local = tl.load(WINDOW + pid_bh).to(tl.int32)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     KD = K  # unused unless TMA
@@ -206,6 +237,15 @@ def _prefill_kernel(
             acc, m_i, l_i, q, 0, k_len, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
             HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
+    if STRIPE_MODE:
+        n_cols = tl.load(TILE_COUNTS + pid_bh * tl.num_programs(0) + pid_q)  # stripes left of the tile's windows
+        for s0 in range(0, n_cols, BLOCK_N):
+            idx = s0 + tl.arange(0, BLOCK_N)
+            ok = idx < n_cols
+            cols = tl.load(STRIPES + pid_bh * stripe_width + idx, mask=ok, other=0)
+            acc, m_i, l_i = _attend_columns(
+                acc, m_i, l_i, q, cols, ok, K, V, stride_kn, stride_kd, stride_vn, stride_vd, qpos, start, local,
+                scale_log2, offs_d, HEAD_DIM, UPCAST, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that sees nothing gets zeros
     tl.store(O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -242,6 +282,19 @@ def _tma_ok(key: torch.Tensor, value: torch.Tensor, head_dim: int) -> bool:
 _ALLOCATOR_SET = False
 
 
+def _stripe_arguments(mask, q_first: int, q_len: int, block_q: int) -> list:
+    """Per (row x KV head): window, stripes [.., K] and, per query tile, how many stripes lie left of the
+    tile's last window (the only ones any of its rows can see outside its window)."""
+    batch_heads = mask.stripes.shape[0] * mask.stripes.shape[1]
+    window = mask.window.reshape(batch_heads).contiguous()
+    stripes = mask.stripes.reshape(batch_heads, -1).contiguous()
+    tiles = torch.arange(triton.cdiv(q_len, block_q), device=stripes.device)
+    last = q_first + torch.clamp((tiles + 1) * block_q, max=q_len) - 1
+    limit = (last[None, :] - window[:, None]).to(stripes.dtype).contiguous()
+    counts = torch.searchsorted(stripes, limit, right=True).to(torch.int32)
+    return [window, stripes, counts.contiguous(), stripes.shape[1]]
+
+
 def _block_q(groups: int, block_m: int) -> int:
     return max(block_m // groups, 16 if groups == 1 else 1)
 
@@ -265,6 +318,7 @@ def sparse_attention_triton(
     out: torch.Tensor | None = None,
     block_mask: BlockSparseMask | None = None,
     tma: bool = True,
+    stripe_mask=None,
 ) -> torch.Tensor:
     """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
     (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given).
@@ -272,6 +326,8 @@ def sparse_attention_triton(
     With ``block_mask`` (one row list per KV head) each program visits only the listed key blocks
     (causality and padding still apply; ``streaming`` is ignored); its ``block_k`` sets the key block.
     ``tma=False`` forces pointer loads where bulk tensor copies would be used (for comparisons).
+    With ``stripe_mask`` (a :class:`~sparse_attn_hf.stripe_mask.StripeMask`, SampleAttention) every head
+    attends to its row's window and stripes (``streaming``, ``sink``, ``local`` are ignored).
     """
     batch, num_heads, q_len, head_dim = query.shape
     tuned = _config(head_dim)
@@ -299,8 +355,15 @@ def sparse_attention_triton(
     if block_mask is not None:
         full, partial = block_mask.full_and_partial()
         lists = [full.offsets, full.indices, partial.offsets, partial.indices]
+    stripe_args = [kv_start, kv_start, kv_start, 0]
+    if stripe_mask is not None:
+        if k_pos is not None or stripe_mask.stripes.shape[:2] != (batch, num_kv_heads):
+            raise ValueError(f"{stripe_mask} does not fit batch {batch} x {num_kv_heads} KV heads (and needs "
+                             "consecutive key slots).")
+        stripe_args = _stripe_arguments(stripe_mask, q_first, q_len, block_q)
+        kv_start = stripe_mask.kv_start
     _prefill_kernel[grid](
-        query, key, value, out, pos, kv_start, streaming, *lists,
+        query, key, value, out, pos, kv_start, streaming, *lists, *stripe_args,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         pos.stride(0), pos.stride(-1),
         num_kv_heads, q_len, k_len, q_first, sink, local, scale * LOG2E,
@@ -310,7 +373,7 @@ def sparse_attention_triton(
         D_PAD=max(16, triton.next_power_of_2(head_dim)), CONSECUTIVE=consecutive,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not tf32
-        BLOCK_LIST=block_mask is not None, TMA=tma,
+        BLOCK_LIST=block_mask is not None, TMA=tma, STRIPE_MODE=stripe_mask is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -225,3 +225,54 @@ def physical_page_scores_reference(query, key_min, key_max, *, kv_start, num_pag
     scores = scores.view(batch, heads, num_pages, per_page).amax(dim=-1)
     first_real = (kv_start // page_size).clamp(max=num_pages - 1)
     return scores.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+
+
+def sampled_column_scores_reference(query, key, *, rows: torch.Tensor, q_first: int, kv_start: torch.Tensor,
+                                    window: torch.Tensor, scale: float, tile: int = 64) -> torch.Tensor:
+    """SampleAttention stage 1: the exact softmax attention of the sampled query rows over every visible
+    key (real, causal), summed per key column over those rows and the GQA group's query heads, counting
+    only entries *outside* the row's local window (the window is kept anyway).
+
+    query [B, Hq, Lq, D] at slots ``q_first + i``; key [B, Hkv, Lk, D]; rows int64 [n] (query indices);
+    window int64 [B, Hkv]. Returns float32 [B, Hkv, Lk]. Memory O(tile x Lk)."""
+    batch, num_heads, _, head_dim = query.shape
+    num_kv, k_len = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv
+    keys = key.float()
+    k_pos = torch.arange(k_len, device=key.device)
+    out = torch.zeros(batch, num_kv, k_len, dtype=torch.float32, device=key.device)
+    for first in range(0, rows.numel(), tile):
+        picked = rows[first : first + tile]
+        q_pos = q_first + picked
+        q = query[:, :, picked].float().view(batch, num_kv, groups, picked.numel(), head_dim)
+        scores = torch.einsum("bhgnd,bhkd->bhgnk", q, keys) * scale
+        visible = (k_pos[None, None, :] <= q_pos[None, :, None]) & (k_pos[None, None, :] >= kv_start[:, None, None])
+        probs = torch.softmax(scores.masked_fill(~visible[:, None, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        outside = (q_pos[None, None, :, None] - k_pos) >= window[:, :, None, None]  # [B, Hkv, n, Lk]
+        out += (probs * outside[:, :, None]).sum(dim=(2, 3))
+    return out
+
+
+def stripe_attention_reference(query, key, value, *, mask, scale: float, tile: int = 256) -> torch.Tensor:
+    """Attention on a :class:`~sparse_attn_hf.stripe_mask.StripeMask` (window + stripes per row and KV
+    head; causal, real tokens). query [B, Hq, Lq, D] (the last Lq slots of Lk), key/value [B, Hkv, Lk, D].
+    Returns [B, Lq, Hq, D]; tile by tile over queries, softmax in float32."""
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv, k_len = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv
+    k, v = key.float(), value.float()
+    k_pos = torch.arange(k_len, device=key.device)
+    columns = torch.stack([mask.columns(b) for b in range(batch)])  # [B, Hkv, Lk]
+    q = query.view(batch, num_kv, groups, q_len, head_dim)
+    out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    for start in range(0, q_len, tile):
+        stop = min(start + tile, q_len)
+        q_pos = torch.arange(k_len - q_len + start, k_len - q_len + stop, device=key.device)
+        real_causal = (k_pos[None, None, :] <= q_pos[None, :, None]) & (k_pos >= mask.kv_start[:, None, None])
+        in_window = (q_pos[None, None, :, None] - k_pos) < mask.window[:, :, None, None]  # [B, Hkv, t, Lk]
+        visible = real_causal[:, None] & (in_window | columns[:, :, None, :])
+        scores = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:stop].float(), k) * scale
+        probs = torch.softmax(scores.masked_fill(~visible[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        tile_out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v)
+        out[:, start:stop] = tile_out.reshape(batch, num_heads, stop - start, head_dim).transpose(1, 2).to(query.dtype)
+    return out
