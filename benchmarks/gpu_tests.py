@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_prefill_kernel.py", "tests/test_reference.py", "tests/test_decode.py"]
+TESTS = ["tests/test_prefill_kernel.py", "tests/test_reference.py", "tests/test_decode.py",
+         "tests/test_sample_attention.py"]
 
 
 def main() -> None:
