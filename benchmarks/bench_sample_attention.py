@@ -162,12 +162,40 @@ def crossover(lengths: list[int]) -> list[dict]:
     return rows
 
 
+def tune(length: int) -> None:
+    """Stage 1 alone (both sampling passes) for kernel configurations; printed, not saved."""
+    from sparse_attn_hf.kernels.sampling import sampled_column_scores_triton
+    from sparse_attn_hf.methods.sample_attention import sample_rows
+
+    q, k, _ = synthetic(length)
+    zero = torch.zeros(1, dtype=torch.long, device="cuda")
+    rows = sample_rows(length, R_ROW, device="cuda")
+    window = torch.full((1, KV_HEADS), window_size(RW, length), dtype=torch.long, device="cuda")
+    sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, q[:, ::4], q[:, ::4], is_causal=True,
+                                                                          enable_gqa=True), 500)
+    for block_n in (64, 128):
+        for packed in (64, 128):
+            for warps in (4, 8):
+                try:
+                    ms = timed(lambda: sampled_column_scores_triton(
+                        q, k, rows=rows, q_first=0, kv_start=zero, window=window, scale=SCALE, block_n=block_n,
+                        packed_rows=packed, num_warps=warps), 500)
+                except Exception as error:  # out of resources
+                    print(f"config {block_n} {packed} {warps}: {type(error).__name__}", flush=True)
+                    continue
+                print(json.dumps({"L": length, "block_n": block_n, "packed_rows": packed, "num_warps": warps,
+                                  "stage1_ms": ms, "sdpa_ms": sdpa, "share": ms / sdpa}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--crossover", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sample_attention")
+    parser.add_argument("--tune", action="store_true", help="time stage-1 kernel configurations at the first length")
     args = parser.parse_args()
+    if args.tune:
+        return tune(args.lengths[0])
     rows = crossover(args.crossover)
     for length in args.lengths:
         rows += run_length(length)

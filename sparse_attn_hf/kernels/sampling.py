@@ -112,13 +112,19 @@ def _column_kernel(
     tl.store(OUT + pid_bh * k_len + offs_n, col, mask=offs_n < k_len)
 
 
+CONFIG = {"block_n": 64, "packed_rows": 64, "num_warps": 4}  # see benchmarks/NOTES.md
+
+
 def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, window, scale: float,
-                                 block_n: int = 64) -> torch.Tensor:
+                                 block_n: int | None = None, packed_rows: int | None = None,
+                                 num_warps: int | None = None) -> torch.Tensor:
     batch, num_heads, _, head_dim = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv
     g_pad = triton.next_power_of_2(groups)
-    block_r = max(1, 64 // g_pad)  # 64 packed rows (sampled rows x group heads) per program
+    block_n = block_n or CONFIG["block_n"]
+    num_warps = num_warps or CONFIG["num_warps"]
+    block_r = max(1, (packed_rows or CONFIG["packed_rows"]) // g_pad)  # sampled rows x group heads per program
     d_pad = max(16, triton.next_power_of_2(head_dim))
     n_rows = rows.numel()
     rows = rows.to(torch.int32).contiguous()
@@ -130,7 +136,7 @@ def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, wi
     l = torch.empty_like(m)
     _row_stats_kernel[(num_tiles, batch * num_kv)](
         query, key, rows, kv_start, m, l, *query.stride(), *key.stride(), n_rows, q_first, k_len, num_kv,
-        scale * LOG2E, **common, num_warps=4)
+        scale * LOG2E, **common, num_warps=num_warps)
     # the first row tile whose last row reaches each key block (rows are sorted)
     last_of_tile = q_first + rows[torch.clamp((torch.arange(num_tiles, device=rows.device) + 1) * block_r, max=n_rows) - 1]
     block_start = torch.arange(triton.cdiv(k_len, block_n), device=rows.device, dtype=torch.int32) * block_n
@@ -139,5 +145,5 @@ def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, wi
     _column_kernel[(triton.cdiv(k_len, block_n), batch * num_kv)](
         query, key, rows, kv_start, window.reshape(-1).contiguous(), first_tile, m, l, out,
         *query.stride(), *key.stride(), n_rows, q_first, k_len, num_kv, num_tiles, scale * LOG2E,
-        **common, num_warps=4)
+        **common, num_warps=num_warps)
     return out
