@@ -112,7 +112,7 @@ def _column_kernel(
     tl.store(OUT + pid_bh * k_len + offs_n, col, mask=offs_n < k_len)
 
 
-CONFIG = {"block_n": 64, "packed_rows": 64, "num_warps": 4}  # see benchmarks/NOTES.md
+CONFIG = {"block_n": 128, "packed_rows": 128, "num_warps": 4}  # the best of 8 on an H100 (benchmarks/NOTES.md)
 
 
 def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, window, scale: float,
