@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .prefill import _softmax_step
 from .reference import DecodeKV
 
 LOG2E = 1.4426950408889634
@@ -32,16 +33,7 @@ def _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST: tl.constex
         k = k.to(tl.float32)
     scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
     scores = tl.where(visible[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return _softmax_step(acc, m_i, l_i, scores, v, UPCAST, PRECISION, True)
 
 
 # lengths change at every step: specializing on them (divisibility by 16) would compile new variants
