@@ -153,7 +153,32 @@ def sample_attention_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"fidelity": fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
+def sample_attention_fidelity_table() -> str:
+    data = json.loads((RESULTS / "sample_attention_fidelity.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    lines = [
+        f"Every head dense, SampleAttention from the first token (dense_below 0), rw {meta['rw']}, r_row {meta['r_row']}, "
+        f"{meta['criterion']} criterion; device {meta['device']}, commit `{meta['commit'][:10]}`.",
+        "",
+        "| alpha | prompt tokens | passkey correct, dense | passkey correct, sparse | same answer | first-token KL |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    passkey = [r for r in rows if r["kind"] == "passkey"]
+    for alpha, length in dict.fromkeys((r["alpha"], r["length"]) for r in passkey):
+        cell = [r for r in passkey if (r["alpha"], r["length"]) == (alpha, length)]
+        lines.append(f"| {alpha} | {length} | {sum(r['dense_correct'] for r in cell)}/{len(cell)} | "
+                     f"{sum(r['sparse_correct'] for r in cell)}/{len(cell)} | "
+                     f"{sum(r['dense_answer'] == r['sparse_answer'] for r in cell)}/{len(cell)} | "
+                     f"{sum(r['kl'] for r in cell) / len(cell):.4f} |")
+    lines += ["", "| alpha | text tokens | top-1 agreement | mean KL, nats | density chosen (mean over layers, min-max) |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in (r for r in rows if r["kind"] == "agreement"):
+        lines.append(f"| {r['alpha']} | {r['tokens']} | {r['top1_agreement']:.3f} | {r['mean_kl']:.4f} | "
+                     f"{r['density_mean']:.3f} ({r['density_min']:.3f}-{r['density_max']:.3f}) |")
+    return "\n".join(lines)
+
+
+TABLES = {"fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table}
 
 
