@@ -24,7 +24,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # the notebook and evaluation-harness tests run examples/*.ipynb (nbclient + a python3 kernel)
+        # and draw the harness's PNGs
+        "test": ["pytest>=8", "matplotlib>=3.7", "nbclient>=0.10", "nbformat>=5.9", "ipykernel"],
         "examples": ["matplotlib>=3.7", "nbclient>=0.10", "nbformat>=5.9", "ipykernel"],
     },
 )
