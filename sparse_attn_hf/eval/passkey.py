@@ -50,25 +50,10 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, part: str = "
 
     The filler is the haystack ``part`` from token ``offset`` on, cut at the needle's depth.
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1], got {depth}.")
-    filler_len = length - _OVERHEAD
-    if filler_len < 1:
-        raise ValueError(f"length {length} is too short for a passkey prompt (at least {_OVERHEAD + 1}).")
-    hay = tokenizer(haystack_text(part), add_special_tokens=False).input_ids
-    if offset + filler_len > len(hay):
-        raise ValueError(f"the {part} haystack has {len(hay)} tokens; {offset} + {filler_len} do not fit.")
-    filler = hay[offset : offset + filler_len]
-    cut = int(depth * filler_len)
-    before, after = tokenizer.decode(filler[:cut]), tokenizer.decode(filler[cut:])
-    needle = NEEDLE.format(key=key)
-    content = f"{INSTRUCTION}\n\n{before}\n\n{needle}\n\n{after}\n\n{QUESTION}"
-    messages = [{"role": "user", "content": content}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
-    at = text.index(needle)
-    span = slice(count(text[:at]), count(text[: at + len(needle)]))
+    from .needle import hide  # the shared prompt builder (needle.py builds on this module's constants)
+
+    ids, span = hide(tokenizer, haystack_text(part), length, depth, NEEDLE.format(key=key), QUESTION, ANSWER_PREFIX,
+                     instruction=INSTRUCTION, overhead=_OVERHEAD, offset=offset)
     return PasskeyPrompt(length=length, depth=depth, key=key, input_ids=ids, needle=span)
 
 
