@@ -11,13 +11,14 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from . import models
-from ._log import logger
+from ._log import log_once, logger
 from .attention import ATTENTION_NAME, sparse_attention_forward, sparse_attention_mask
 from .cache import SparseCache
 from .config import SparseConfig
 from .ops import check_dtype
 from .padding import left_padding_starts
-from .profile import Profile, resolve_profile
+from .parallel import KVHeadSlice, gathered_fingerprints, kv_head_slice, plain_profile
+from .profile import Profile, model_shape, resolve_profile
 
 
 @dataclass
@@ -26,9 +27,10 @@ class PatchState:
 
     profile: Profile
     settings: SparseConfig  # resolved: no None fields
-    streaming: torch.Tensor  # bool [num_layers, num_kv_heads], on the CPU
+    streaming: torch.Tensor  # bool [num_layers, KV heads of this process (heads.count)], on the CPU
     previous_attention: str
     modules: list
+    heads: KVHeadSlice  # the model's KV heads this process holds (a tensor-parallel rank: its slice)
     hook: object = None  # the forward pre-hook that rejects empty inputs
     _splits: dict = field(default_factory=dict)
     _mask_memo: tuple | None = None
@@ -44,11 +46,12 @@ class PatchState:
         return self._splits[key]
 
     def kv_start_for(self, attention_mask, batch: int, length: int, device) -> torch.Tensor:
-        """Left-padding starts of a forward without SparseCache, computed once per mask object."""
+        """Left-padding starts of a forward without SparseCache, computed once per mask object and device
+        (layers of a model spread over devices by ``device_map`` run on their own device)."""
         if attention_mask is None:
             return torch.zeros(batch, dtype=torch.long, device=device)
         memo = self._mask_memo
-        if memo is not None and memo[0] is attention_mask and memo[1] == length:
+        if memo is not None and memo[0] is attention_mask and memo[1] == length and memo[2].device == device:
             return memo[2]
         starts = left_padding_starts(attention_mask, batch, length, device)
         self._mask_memo = (attention_mask, length, starts)
@@ -80,19 +83,26 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
         raise ValueError("this model is already patched: call unpatch_model(model) before patching it again.")
     family = models.family_for(model)
     check_dtype(model.dtype)
-    profile = resolve_profile(model, profile)
+    heads = kv_head_slice(model, model_shape(model)["num_kv_heads"])  # tensor parallelism: this rank's heads
+    with gathered_fingerprints():  # DTensor weights (tensor parallelism)
+        profile = resolve_profile(model, plain_profile(profile))
     settings = (config or SparseConfig()).resolve(profile)
     modules = models.attention_modules(model)
     if len(modules) != profile.num_layers:
         raise ValueError(f"found {len(modules)} attention modules, the profile has {profile.num_layers} layers.")
     _register()
+    labels = profile.streaming_heads(settings.streaming_fraction)  # chosen over all heads, then sliced
     state = PatchState(
         profile=profile,
         settings=settings,
-        streaming=profile.streaming_heads(settings.streaming_fraction),
+        streaming=labels[:, heads.start : heads.stop].clone(),
         previous_attention=model.config._attn_implementation,
         modules=modules,
+        heads=heads,
     )
+    if heads.sharded:
+        log_once(f"sparse_attn_hf: {heads.describe()}; {int(state.streaming.sum())} of its "
+                 f"{state.streaming.numel()} (layer, KV head) pairs stream.")
     for module in modules:
         module._sparse_attn_state = state
     model.set_attn_implementation(ATTENTION_NAME)

@@ -20,6 +20,7 @@ from . import ops
 from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
 from .methods.sample_attention import sample_attention_mask, window_size
+from .parallel import check_heads
 
 ATTENTION_NAME = "sparse_attn_hf"
 
@@ -40,6 +41,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if query.shape[2] == 0:
         raise ValueError("empty input (0 tokens): pass at least one token.")
     batch, q_len = query.shape[0], query.shape[2]
+    kv_heads = (key.key if isinstance(key, PendingKV) else key).shape[1]
+    if kv_heads != state.streaming.shape[1] or query.shape[1] != kv_heads * module.num_key_value_groups:
+        check_heads(state.heads, module, query.shape[1], kv_heads)  # raises: labels would land on wrong heads
     if isinstance(key, PendingKV):
         layer: SparseLayer = key.layer
         if layer.cache.owner is not state:
