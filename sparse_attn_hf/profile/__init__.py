@@ -5,6 +5,8 @@ much a head needs the full context), optionally ``fingerprint`` (float32 [n], a 
 weights that identifies the model a shipped profile was made for), and a string metadata map whose
 keys are listed in ``_FIELDS``. Loading checks every field; ``validate_for(model)`` checks the profile
 against a model and names the mismatch and the fix.
+
+Profiles are made by ``python -m sparse_attn_hf.profile`` (see :mod:`sparse_attn_hf.profiler`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ _FIELDS: dict[str, tuple[type, object]] = {
     "calibration": (str, ""),
     "created": (str, ""),
     "command": (str, ""),
+    "sweep": (str, ""),  # JSON: the SampleAttention sweep's table (sparse_attn_hf.profiler.sweep)
 }
 
 _HOW_TO_GET_ONE = (
@@ -85,6 +88,7 @@ class Profile:
     calibration: str = ""
     created: str = ""
     command: str = ""
+    sweep: str = field(default="", repr=False)
     fingerprint: torch.Tensor | None = field(default=None, repr=False)
     source: Path | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
 
@@ -271,8 +275,10 @@ def _today() -> str:
 
 
 def model_shape(model) -> dict:
-    """The identity fields a profile is checked against: model_type and attention shapes."""
-    config = model.config.get_text_config(decoder=True)
+    """The identity fields a profile is checked against: model_type and attention shapes.
+
+    ``model``: a model, or its config (for a profile made without loading weights)."""
+    config = getattr(model, "config", model).get_text_config(decoder=True)
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return {
@@ -312,7 +318,7 @@ def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def shipped_profile_paths() -> list[Path]:
     """Profiles shipped with the package: profiles/ of a source checkout, or the installed copy."""
-    candidates = [Path(__file__).resolve().parent.parent / "profiles"]
+    candidates = [Path(__file__).resolve().parents[2] / "profiles"]
     try:
         candidates.append(Path(str(resources.files("sparse_attn_hf._profiles"))))
     except (ModuleNotFoundError, TypeError):

@@ -104,3 +104,43 @@ def rank_normalize(values: torch.Tensor) -> torch.Tensor:
     ranks = torch.empty_like(flat)
     ranks[torch.sort(flat, stable=True).indices] = torch.arange(flat.numel(), dtype=flat.dtype)
     return (ranks / max(flat.numel() - 1, 1)).view_as(values)
+
+
+SIGNALS = {
+    "needle": "rank(needle mass at the rows predicting the answer)",
+    "window": "rank(out-of-window mass on text)",
+    "combined": "max(rank(out-of-window mass), rank(needle mass))",
+}
+
+
+def stats_scores(model, calibration, samples, sink: int, local: int, signal: str = "needle",
+                 text_tokens: int = 2048, progress=None) -> torch.Tensor:
+    """Head scores [num_layers, num_kv_heads] in [0, 1] from attention statistics (dense attention).
+
+    ``needle`` (default): rank of the attention mass on the needle at the rows that predict the
+    teacher-forced answer of each passkey ``sample`` (mean over samples), per KV head the most
+    demanding query head of its group. ``window``: rank of the out-of-window mass on the first
+    ``text_tokens`` tokens of the calibration text. ``combined``: the larger rank of the two
+    (benchmarks/NOTES.md compares them on the default model: ``needle`` keeps the most answers).
+    Ranks order equal values by (layer, head), so the result is deterministic.
+    """
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {sorted(SIGNALS)}, got {signal!r}.")
+    config = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    ranks = {}
+    if signal in ("window", "combined"):
+        ids = torch.tensor([calibration.tokens[: min(text_tokens, calibration.prompt_tokens)]])
+        ranks["window"] = rank_normalize(per_kv_head(out_of_window_mass(model, ids, sink, local), kv_heads))
+    if signal in ("needle", "combined"):
+        if not samples:
+            raise ValueError("the needle signal needs at least one passkey sample.")
+        masses = []
+        for sample in samples:
+            masses.append(needle_mass(model, sample.input_ids, sample.needle, sample.answer_rows))
+            if progress is not None:
+                progress.update(1)
+        ranks["needle"] = rank_normalize(per_kv_head(torch.stack(masses).mean(0), kv_heads))
+    if signal == "combined":
+        return torch.maximum(ranks["window"], ranks["needle"])
+    return ranks[signal]

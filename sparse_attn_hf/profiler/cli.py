@@ -1,0 +1,324 @@
+"""``python -m sparse_attn_hf.profile``: make a profile for a model, import DuoAttention patterns, report.
+
+    python -m sparse_attn_hf.profile MODEL --out profiles/NAME.safetensors [options]
+    python -m sparse_attn_hf.profile import-duo DIR --model MODEL --out profiles/NAME.safetensors
+    python -m sparse_attn_hf.profile report PROFILE [--out PNG] [--streaming-fraction F]
+
+MODEL is ``default`` (the embedded SmolLM2-135M-Instruct), a local model directory or a ``.gguf``
+file; nothing is downloaded. Making a profile: head scores (``--method duo``, DuoAttention gate
+training, the reference; or ``--method stats``, attention statistics, a few forward passes), then a
+light SampleAttention sweep (``--no-sweep`` skips it), then the profile file, its report PNG (next
+to it) and a summary. Gate training saves a checkpoint next to the output every ``--save-every``
+steps; ``--resume`` goes on from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .._log import logger
+from ..profile import Profile
+
+COMMANDS = ("import-duo", "report")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX in tokens (for example 1024,4096), got {text!r}") from None
+    return low, high
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def profile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sparse_attn_hf.profile",
+                                description="Make a sparse-attention profile for a model.",
+                                epilog="Other commands: import-duo DIR --model M --out F; report PROFILE [--out PNG]")
+    p.add_argument("model", help="'default', a local model directory or a .gguf file")
+    p.add_argument("--out", required=True, help="the profile file to write (.safetensors)")
+    p.add_argument("--method", choices=["duo", "stats"], default="duo",
+                   help="duo: DuoAttention gate training (default); stats: attention statistics (fast)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--text", default=None, help="calibration text file (default: the package's haystack, chapters 1-8)")
+    p.add_argument("--lengths", type=_pair, default=None,
+                   help="MIN,MAX calibration prompt lengths in tokens (default 1024,min(32768, model positions) "
+                        "on a GPU, 1024,2048 on a CPU)")
+    p.add_argument("--streaming-fraction", type=float, default=0.5, help="the profile's default fraction")
+    p.add_argument("--sink", type=int, default=128, help="streaming heads' sink tokens (training and profile)")
+    p.add_argument("--local", type=int, default=256, help="streaming heads' local window (training and profile)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="model name stored in the profile (default: from MODEL)")
+    g = p.add_argument_group("duo (gate training)")
+    g.add_argument("--steps", type=int, default=2000, help="default 2000 (published); minutes on a GPU")
+    g.add_argument("--lr", type=float, default=0.02)
+    g.add_argument("--l1", type=float, default=0.05, help="weight of the L1 penalty on the gates")
+    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing (long contexts)")
+    g.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    g.add_argument("--resume", action="store_true", help="go on from OUT's checkpoint")
+    g = p.add_argument_group("stats (attention statistics)")
+    g.add_argument("--signal", choices=["needle", "window", "combined"], default="needle")
+    g.add_argument("--samples", type=int, default=8, help="passkey samples")
+    g = p.add_argument_group("SampleAttention sweep")
+    g.add_argument("--no-sweep", action="store_true")
+    g.add_argument("--alphas", type=_floats, default=(0.8, 0.9, 0.95, 0.98))
+    g.add_argument("--rws", type=_floats, default=(0.04, 0.08))
+    g.add_argument("--r-rows", type=_floats, default=(0.05,))
+    g.add_argument("--sweep-prompts", type=int, default=4, help="passkey prompts per setting")
+    g.add_argument("--kl-tolerance", type=float, default=0.02)
+    g.add_argument("--text-tokens", type=int, default=2048, help="held-out tokens for the KL")
+    g.add_argument("--dense-below", type=int, default=16384,
+                   help="kept when the crossover is not measured (CPU, or no length faster)")
+    g.add_argument("--crossover-lengths", type=_ints, default=None,
+                   help="lengths timed on a GPU for the dense-below crossover (default: powers of two from 4096 "
+                        "up to the model's positions, at most 131072)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if argv and argv[0] == "import-duo":
+            _import_duo(argv[1:])
+        elif argv and argv[0] == "report":
+            _report(argv[1:])
+        else:
+            make_profile(profile_parser().parse_args(argv), argv)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------- loading
+def load_model(spec: str, device: str, dtype: torch.dtype | None):
+    """(model, tokenizer, name) for 'default', a local directory or a .gguf file; never downloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..default_model import NAME, load_default_model
+
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if spec == "default":
+        model, tokenizer = load_default_model(dtype=dtype, device=device)
+        return model, tokenizer, NAME
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        folder, extra = path.parent, {"gguf_file": path.name}
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; give a model directory saved by save_pretrained.")
+        folder, extra = path, {}
+    else:
+        raise FileNotFoundError(
+            f"MODEL {spec!r} is not 'default', a local model directory or a .gguf file (models are never "
+            "downloaded: save one with save_pretrained first)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    return model.to(device).eval(), tokenizer, path.stem if extra else path.name
+
+
+def load_config(spec: str):
+    """The config of 'default', a local directory or a .gguf file (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from ..default_model import default_model_file
+
+    path = default_model_file() if spec == "default" else Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    raise FileNotFoundError(f"--model {spec!r} is not 'default', a model directory with config.json or a .gguf file.")
+
+
+# ------------------------------------------------------------------------------ making
+def _checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoint")
+
+
+def _save_checkpoint(path: Path, state: dict, fingerprint: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: state[k].contiguous() for k in ("gates", "exp_avg", "exp_avg_sq")}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(state["step"]), "settings": fingerprint})
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        state = {k: handle.get_tensor(k) for k in handle.keys()}
+    if metadata.get("settings") != fingerprint:
+        raise ValueError(f"the checkpoint {path} was made with other settings; delete it or run without --resume.")
+    state["step"] = int(metadata["step"])
+    return state
+
+
+def make_profile(args, argv: list[str]) -> Profile:
+    from ..models import family_for
+    from .attention_stats import SIGNALS, stats_scores
+    from .calibration import Calibration
+    from .gates import GateSettings, train_gates
+    from .report import report_text, save_report
+    from .sweep import SweepSettings, measure_dense_below, run_sweep, sweep_summary, to_json
+
+    started = time.time()
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out} must end with .safetensors.")
+    if not 0.0 <= args.streaming_fraction <= 1.0:
+        raise ValueError(f"--streaming-fraction {args.streaming_fraction} is outside [0, 1].")
+    model, tokenizer, name = load_model(args.model, args.device, DTYPES.get(args.dtype))
+    family_for(model)  # an unsupported model fails here, before any work
+    config = model.config.get_text_config(decoder=True)
+    positions = getattr(config, "max_position_embeddings", None) or 32768
+    gpu = model.device.type == "cuda"
+    lengths = args.lengths or ((1024, min(32768, positions)) if gpu else (1024, 2048))
+    calibration = (Calibration.from_file(tokenizer, args.text, held_out=args.text_tokens) if args.text
+                   else Calibration.from_text(tokenizer, held_out=args.text_tokens))
+    command = "python -m sparse_attn_hf.profile " + shlex.join(argv)
+    print(f"profiling {name} ({config.num_hidden_layers} layers x "
+          f"{getattr(config, 'num_key_value_heads', config.num_attention_heads)} KV heads) on {model.device}, "
+          f"{model.dtype}; method {args.method}; calibration {calibration.description}, {len(calibration.tokens)} "
+          f"tokens; prompt lengths {lengths[0]}-{lengths[1]}", flush=True)
+
+    if args.method == "duo":
+        settings = GateSettings(steps=args.steps, lr=args.lr, l1=args.l1, sink=args.sink, local=args.local,
+                                lengths=lengths, seed=args.seed, checkpointing=args.checkpointing)
+        fingerprint = json.dumps({**dataclasses.asdict(settings), "model": name, "text": calibration.description,
+                                  "held_out": args.text_tokens}, sort_keys=True)
+        checkpoint = _checkpoint_path(out)
+        resume = _load_checkpoint(checkpoint, fingerprint) if args.resume else None
+        if resume is not None:
+            print(f"resuming from step {resume['step']} ({checkpoint})")
+
+        def on_step(step, state):
+            if step % args.save_every == 0 or step == settings.steps:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(checkpoint, state, fingerprint)
+
+        with tqdm(total=settings.steps, initial=resume["step"] if resume else 0, desc="gate training") as bar:
+            result = train_gates(model, calibration, settings, progress=bar, resume=resume, on_step=on_step)
+        scores = result.gates
+        method = (f"DuoAttention gates: {settings.steps} steps, lr {settings.lr}, l1 {settings.l1}, sink "
+                  f"{settings.sink} + local {settings.local}, seed {settings.seed}")
+        samples_note = f"one passkey sample per step, lengths {lengths[0]}-{lengths[1]}"
+    else:
+        samples = calibration.samples(args.samples, lengths, seed=args.seed)
+        with tqdm(total=len(samples), desc="attention statistics") as bar:
+            scores = stats_scores(model, calibration, samples, args.sink, args.local, args.signal, progress=bar)
+        method = f"attention statistics: {SIGNALS[args.signal]} per KV head (most demanding query head of its group)"
+        samples_note = f"{len(samples)} passkey samples, lengths {lengths[0]}-{lengths[1]}, seed {args.seed}"
+        checkpoint = None
+
+    profile = Profile.from_scores(
+        model, scores, model_name=args.name or name, streaming_fraction=args.streaming_fraction,
+        sink_size=args.sink, local_size=args.local, method=method, dense_below=args.dense_below,
+        calibration=f"{calibration.description}: {samples_note}", command=command,
+    )
+
+    if not args.no_sweep:
+        sweep_settings = SweepSettings(alphas=args.alphas, rws=args.rws, r_rows=args.r_rows,
+                                       kl_tolerance=args.kl_tolerance, text_tokens=args.text_tokens,
+                                       dense_below=args.dense_below)
+        prompts = [s.input_ids[:, : s.prompt_tokens] for s in
+                   calibration.samples(args.sweep_prompts, lengths, seed=args.seed + 1)]
+        grid = len(args.alphas) * len(args.rws) * len(args.r_rows)
+        with tqdm(total=grid, desc="SampleAttention sweep") as bar:
+            sweep = run_sweep(model, profile, prompts, calibration.held_out_ids(args.text_tokens), sweep_settings,
+                              progress=bar)
+        chosen = sweep["chosen"] or {"alpha": 1.0}
+        dense_below = args.dense_below
+        if gpu and sweep["chosen"] is not None:
+            crossover_lengths = args.crossover_lengths or tuple(
+                2 ** k for k in range(12, 18) if 2 ** k <= min(positions, 131072))
+            timing = measure_dense_below(model, profile, sweep["chosen"], calibration.tokens, list(crossover_lengths))
+            sweep["dense_below"] = timing
+            dense_below = timing["crossover"] or max(crossover_lengths) * 2
+        else:
+            sweep["dense_below"] = {"measured": False, "kept": dense_below,
+                                    "why": "the crossover is a GPU timing" if not gpu else "SampleAttention is off"}
+        profile = dataclasses.replace(profile, **chosen, dense_below=dense_below, sweep=to_json(sweep))
+
+    path = profile.save(out)
+    if checkpoint is not None and checkpoint.is_file():
+        checkpoint.unlink()
+    picture = None
+    try:
+        picture = save_report(profile, out.with_suffix(".png"))
+    except ImportError as error:
+        logger.log(logging.WARNING, "no report picture: %s", error)
+    print()
+    print(report_text(profile))
+    print(f"\nwrote {path}" + (f" and {picture}" if picture else "") + f" in {time.time() - started:.0f} s")
+    return profile
+
+
+# ---------------------------------------------------------------------- other commands
+def _import_duo(argv: list[str]) -> None:
+    from .duo_import import import_duo
+
+    p = argparse.ArgumentParser(prog="python -m sparse_attn_hf.profile import-duo",
+                                description="Convert a DuoAttention pattern folder into a profile.")
+    p.add_argument("folder", help="the folder with full_attention_heads.tsv (and config.json)")
+    p.add_argument("--model", required=True, help="'default', a model directory (config.json) or a .gguf file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--streaming-fraction", type=float, default=0.5)
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+    settings = {"streaming_fraction": args.streaming_fraction,
+                "command": "python -m sparse_attn_hf.profile " + shlex.join(["import-duo", *argv])}
+    if args.name:
+        settings["model_name"] = args.name
+    profile = import_duo(args.folder, load_config(args.model), **settings)
+    path = profile.save(args.out)
+    print(profile.describe())
+    print(f"wrote {path}")
+
+
+def _report(argv: list[str]) -> None:
+    from .report import report_text, save_report
+
+    p = argparse.ArgumentParser(prog="python -m sparse_attn_hf.profile report",
+                                description="Draw a profile's head scores and print its settings.")
+    p.add_argument("profile")
+    p.add_argument("--out", default=None, help="PNG path (default: the profile's path with .png)")
+    p.add_argument("--streaming-fraction", type=float, default=None)
+    args = p.parse_args(argv)
+    profile = Profile.load(args.profile)
+    print(report_text(profile, args.streaming_fraction))
+    picture = save_report(profile, args.out or Path(args.profile).with_suffix(".png"), args.streaming_fraction)
+    print(f"wrote {picture}")
