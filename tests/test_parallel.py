@@ -192,6 +192,31 @@ def test_tensor_parallel_refuses_what_it_cannot_slice(tp_run):
         assert error is not None and "received 2 query and 1 KV heads" in error and "expected 4 and 2" in error
 
 
+
+def test_multi_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/multi_gpu.py's CPU path: both modes (tp through torchrun and gloo) merge into one JSON."""
+    import json
+
+    script = str(REPO / "benchmarks" / "multi_gpu.py")
+    common = ["--dry-run", "--checkpoint", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "multi_gpu")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    for command in ([sys.executable, script, "--mode", "device_map"],
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                     "--mode", "tp"]):
+        done = subprocess.run(command + common, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    results = json.loads((tmp_path / "multi_gpu.json").read_text())
+    assert set(results["meta"]["runs"]) == {"device_map", "tp"}
+    rows = {row["mode"]: row for row in results["rows"]}
+    assert rows["tp"]["patched_heads_per_process"] == [0, 1]  # rank 0's slice
+    assert rows["device_map"]["patched_heads_per_process"] == [0, 2]
+    for row in rows.values():
+        assert "error" not in row
+        assert row["patched_max_logit_diff"] < 1e-4 and row["patched_within_tolerance"]
+        assert row["patched_short_tokens_identical"] and row["patched_long_tokens_identical"]
+        assert row["patched_decode_tokens_per_s_two_gpus"] > 0
+
 # ------------------------------------------------------------------- without processes: the rules
 class _Mesh:
     def __init__(self, rank, size, names=("pp", "fsdp", "tp")):
