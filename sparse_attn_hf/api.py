@@ -17,7 +17,7 @@ from .cache import SparseCache
 from .config import SparseConfig
 from .ops import check_dtype
 from .padding import left_padding_starts
-from .parallel import KVHeadSlice, gathered_fingerprints, kv_head_slice, plain_profile
+from .parallel import KVHeadSlice, kv_head_slice
 from .profile import Profile, model_shape, resolve_profile
 
 
@@ -84,8 +84,7 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
     family = models.family_for(model)
     check_dtype(model.dtype)
     heads = kv_head_slice(model, model_shape(model)["num_kv_heads"])  # tensor parallelism: this rank's heads
-    with gathered_fingerprints():  # DTensor weights (tensor parallelism)
-        profile = resolve_profile(model, plain_profile(profile))
+    profile = resolve_profile(model, profile)
     settings = (config or SparseConfig()).resolve(profile)
     modules = models.attention_modules(model)
     if len(modules) != profile.num_layers:

@@ -16,8 +16,6 @@ receives are that slice's count (``check_heads``), so a sharding this module doe
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -113,38 +111,4 @@ def check_heads(heads: KVHeadSlice, module, query_heads: int, kv_heads: int) -> 
     )
 
 
-def _full(tensor):
-    """A plain tensor of the whole value (a DTensor is gathered)."""
-    if tensor is not None and hasattr(tensor, "full_tensor"):
-        return tensor.full_tensor()
-    return tensor
-
-
-@contextlib.contextmanager
-def gathered_fingerprints():
-    """Make profile checks work on a tensor-parallel model.
-
-    ``profile.weight_fingerprint`` computed on DTensor weights returns a (replicated) DTensor, which
-    ``torch.allclose`` cannot compare. Inside this block it returns the gathered plain tensor (the same
-    numbers as on the unsharded model; plain weights are untouched). With DTensor weights it is
-    collective: every rank must enter it, as every rank calls ``patch_model``."""
-    from . import profile as profile_module
-
-    original = profile_module.weight_fingerprint
-    profile_module.weight_fingerprint = lambda m: _full(original(m))
-    try:
-        yield
-    finally:
-        profile_module.weight_fingerprint = original
-
-
-def plain_profile(profile):
-    """``profile`` with a gathered fingerprint where ``Profile.from_scores`` ran on a tensor-parallel model."""
-    fingerprint = getattr(profile, "fingerprint", None)
-    if fingerprint is not None and hasattr(fingerprint, "full_tensor"):
-        return dataclasses.replace(profile, fingerprint=fingerprint.full_tensor().cpu())
-    return profile
-
-
-__all__ = ["KVHeadSlice", "tensor_parallel_world", "kv_head_slice", "check_heads", "gathered_fingerprints",
-           "plain_profile"]
+__all__ = ["KVHeadSlice", "tensor_parallel_world", "kv_head_slice", "check_heads"]

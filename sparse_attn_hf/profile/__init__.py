@@ -297,7 +297,8 @@ def weight_fingerprint(model) -> torch.Tensor | None:
     """A dtype-robust summary of the weights: mean |w| of 8 row chunks of three matrices.
 
     The matrices are the input embedding and the first 2-D parameter of the first and the last
-    attention module. ``None`` when weights are not materialized (meta device).
+    attention module. ``None`` when weights are not materialized (meta device). On a tensor-parallel
+    model it is collective (every rank computes it, as every rank patches).
     """
     attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     matrices = [model.get_input_embeddings().weight]
@@ -309,7 +310,10 @@ def weight_fingerprint(model) -> torch.Tensor | None:
             return None
         rows = weight.detach().float().abs().reshape(weight.shape[0], -1).mean(dim=1)
         parts += [chunk.mean() for chunk in rows.chunk(_CHUNKS)]
-    return torch.stack(parts).cpu()
+    result = torch.stack(parts)
+    if hasattr(result, "full_tensor"):  # DTensor weights (tensor parallelism): gather the 24 numbers
+        result = result.full_tensor()
+    return result.cpu()
 
 
 def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
