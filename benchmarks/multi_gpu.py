@@ -111,7 +111,7 @@ class Run:
         elif not self.dry and torch.cuda.device_count() < 2:
             raise SystemExit(f"--mode device_map needs 2 GPUs, found {torch.cuda.device_count()}.")
         self.device = torch.device("cpu") if self.dry else torch.device("cuda", self.rank)
-        self.dtype = torch.float32 if self.dry else torch.bfloat16
+        self.dtype = torch.float32 if self.dry else getattr(torch, args.dtype)
         self.long, self.short, self.new = (DRY_LONG, DRY_SHORT, DRY_NEW) if self.dry else (LONG, SHORT, NEW_TOKENS)
         self.checkpoint = Path(args.checkpoint or ("/tmp/sparse_attn_hf_multi_gpu" + ("_dry" if self.dry else "")))
         default_out = Path("/tmp/sparse_attn_hf_multi_gpu_dry/multi_gpu") if self.dry else RESULTS
@@ -315,17 +315,17 @@ def write(run: Run, row: dict) -> Path | None:
     if path.exists():
         try:
             old = json.loads(path.read_text())
-            rows = [r for r in old.get("rows", []) if r.get("mode") != row["mode"]]
+            rows = [r for r in old.get("rows", []) if (r.get("mode"), r.get("dtype")) != (row["mode"], row["dtype"])]
             runs = old.get("meta", {}).get("runs", {})
         except (OSError, ValueError):
             pass
     device = "cpu (dry run)" if run.dry else f"2x {torch.cuda.get_device_name(0)}"
     info = meta(device=device, dtype=row["dtype"], extra={"model": "Llama-3-8B shape, random weights, "
                                                                     f"{row['layers']} layers"})
-    runs[row["mode"]] = {k: info[k] for k in ("commit", "dirty", "date", "command", "device", "packages")}
+    runs[f"{row['mode']} {row['dtype']}"] = {k: info[k] for k in ("commit", "dirty", "date", "command", "device", "packages")}
     info["runs"] = runs
     rows.append(row)
-    rows.sort(key=lambda r: r["mode"])
+    rows.sort(key=lambda r: (r["mode"], r["dtype"]))
     return write_results(run.out, info, rows)
 
 
@@ -335,6 +335,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU (tp: gloo)")
     parser.add_argument("--checkpoint", help="folder of the random checkpoint (written when missing)")
     parser.add_argument("--out", help="results stem (default benchmarks/results/multi_gpu)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="float32 for the greedy-token check: random bf16 weights give exact top-2 ties")
     args = parser.parse_args(argv)
     run = Run(args)
     row = dict(run.row)

@@ -207,7 +207,7 @@ def test_multi_gpu_benchmark_dry_run(tmp_path):
         done = subprocess.run(command + common, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     results = json.loads((tmp_path / "multi_gpu.json").read_text())
-    assert set(results["meta"]["runs"]) == {"device_map", "tp"}
+    assert set(results["meta"]["runs"]) == {"device_map float32", "tp float32"}
     rows = {row["mode"]: row for row in results["rows"]}
     assert rows["tp"]["patched_heads_per_process"] == [0, 1]  # rank 0's slice
     assert rows["device_map"]["patched_heads_per_process"] == [0, 2]

@@ -309,11 +309,11 @@ def weight_fingerprint(model) -> torch.Tensor | None:
         if weight.device.type == "meta":
             return None
         rows = weight.detach().float().abs().reshape(weight.shape[0], -1).mean(dim=1)
-        parts += [chunk.mean() for chunk in rows.chunk(_CHUNKS)]
-    result = torch.stack(parts)
-    if hasattr(result, "full_tensor"):  # DTensor weights (tensor parallelism): gather the 24 numbers
-        result = result.full_tensor()
-    return result.cpu()
+        chunks = torch.stack([chunk.mean() for chunk in rows.chunk(_CHUNKS)])
+        if hasattr(chunks, "full_tensor"):  # DTensor weights (tensor parallelism): gather the 8 numbers
+            chunks = chunks.full_tensor()
+        parts.append(chunks.cpu())  # matrices may sit on different devices (device_map)
+    return torch.cat(parts)
 
 
 def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
