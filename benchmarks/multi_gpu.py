@@ -260,8 +260,9 @@ class Run:
         config = self.config()
         hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
         kv = config.num_key_value_heads * config.head_dim
-        layer = 2 * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden)
-        embed = 2 * vocab * hidden
+        size = self.dtype.itemsize  # bytes per weight
+        layer = size * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden)
+        embed = size * vocab * hidden
         gpu0 = 2 * embed + (LAYERS // 2) * layer + layer // 2
         return {0: gpu0, 1: 100 * 2**30}
 
