@@ -178,8 +178,88 @@ def sample_attention_fidelity_table() -> str:
     return "\n".join(lines)
 
 
+def eval_table() -> str:
+    """The evaluation harness on the default model (benchmarks/results/eval_{needle,passkey,ppl}.json)."""
+    grids = {task: json.loads((RESULTS / f"eval_{task}.json").read_text()) for task in ("needle", "passkey")}
+    ppl = json.loads((RESULTS / "eval_ppl.json").read_text())
+    meta = grids["passkey"]["meta"]
+    settings = meta["settings"]
+    lines = [
+        f"Default model, shipped profile ({meta['streaming_kv_heads']} KV heads stream; sink {settings['sink_size']}, "
+        f"local {settings['local_size']}, token budget {settings['token_budget']}; profile method: "
+        f"{meta['profile_method']}), {meta['device']}, {meta['dtype'].removeprefix('torch.')}, torch "
+        f"{meta['packages']['torch']}, transformers {meta['packages']['transformers']}, commit `{meta['commit'][:10]}`, "
+        f"{meta['date'][:10]}:",
+        "",
+        "| task | prompt tokens | depths | correct, dense | correct, sparse | same answer text | mean first-token KL (max) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task, data in grids.items():
+        rows = data["rows"]
+        for length in sorted({r["length"] for r in rows}):
+            mine = [r for r in rows if r["length"] == length]
+            kls = [r["kl"] for r in mine]
+            lines.append(
+                f"| {task} | {mine[0]['prompt_tokens']} | {', '.join(str(r['depth']) for r in mine)} | "
+                f"{sum(r['dense_correct'] for r in mine)}/{len(mine)} | {sum(r['sparse_correct'] for r in mine)}/{len(mine)} | "
+                f"{sum(r['dense_answer'] == r['sparse_answer'] for r in mine)}/{len(mine)} | "
+                f"{sum(kls) / len(kls):.4f} ({max(kls):.4f}) |")
+    lines += ["", "| text tokens | perplexity, dense | perplexity, sparse | next-token top-1 agreement | "
+                  "mean KL(dense \\|\\| sparse), nats |", "| --- | --- | --- | --- | --- |"]
+    for r in ppl["rows"]:
+        lines.append(f"| {r['tokens']} | {r['dense_ppl']:.2f} | {r['sparse_ppl']:.2f} ({100 * (r['ppl_ratio'] - 1):+.1f}%) | "
+                     f"{r['top1_agreement']:.3f} | {r['mean_kl']:.4f} |")
+    lines += ["", "![needle](benchmarks/results/eval_needle.png)", "![passkey](benchmarks/results/eval_passkey.png)",
+              "![ppl](benchmarks/results/eval_ppl.png)"]
+    return "\n".join(lines)
+
+
+def profile_comparison_table() -> str:
+    from profile_comparison import summarize
+
+    data = json.loads((RESULTS / "profile_comparison.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    labels = list(meta["profiles"])
+    fractions = sorted({r["fraction"] for r in rows})
+    summary = summarize(rows, labels, fractions)
+    prompts = len({(r["length"], r["depth"]) for r in rows})
+    lengths = sorted({r["prompt_tokens"] for r in rows})
+    lines = [f"{meta['task']}; {prompts} prompts of {lengths[0]}-{lengths[-1]} tokens; {meta['device']}, {meta['dtype']}, "
+             f"commit `{meta['commit'][:10]}`, {meta['date'][:10]}. Each cell: answers correct, answers as right or "
+             "wrong as dense, mean first-answer-token KL(dense || sparse).", "",
+             "| " + summary[0].replace(" | ", " | ") + " |", "| --- " * (len(fractions) + 1) + "|"]
+    lines += ["| " + line + " |" for line in summary[1:-1]]
+    lines += ["", f"Dense: {summary[-1].split(': ')[1]}. Profiles:", ""]
+    for label, info in meta["profiles"].items():
+        lines.append(f"- `{label}`: {info['method']} (`{info['command']}`)")
+    lines += ["", "![profile comparison](benchmarks/results/profile_comparison.png)"]
+    return "\n".join(lines)
+
+
+def multi_gpu_table() -> str:
+    data = json.loads((RESULTS / "multi_gpu.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    lines = [f"{meta['model']}, {meta['device']}, commit `{meta['commit'][:10]}`, {meta['date'][:10]} "
+             "(`meta.runs` holds each run's own). Each against the same model patched on one GPU:", "",
+             "| mode | dtype | max logit diff, patched (stock) | greedy tokens identical, short / 4K prompt (stock) | "
+             "decode tokens/s patched, 1 GPU -> 2 GPUs (stock) |", "| --- | --- | --- | --- | --- |"]
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['mode']} | {r['dtype']} | error: {r['error']} | | |")
+            continue
+        lines.append(
+            f"| {r['mode']} | {r['dtype']} | {r['patched_max_logit_diff']:.3g} ({r['stock_max_logit_diff']:.3g}) | "
+            f"{yes(r['patched_short_tokens_identical'])} / {yes(r['patched_long_tokens_identical'])} "
+            f"({yes(r['stock_short_tokens_identical'])} / {yes(r.get('stock_long_tokens_identical'))}) | "
+            f"{r['patched_decode_tokens_per_s_one_gpu']:.0f} -> {r['patched_decode_tokens_per_s_two_gpus']:.0f} "
+            f"({r['stock_decode_tokens_per_s_one_gpu']:.0f} -> {r['stock_decode_tokens_per_s_two_gpus']:.0f}) |")
+    return "\n".join(lines)
+
+
 TABLES = {"fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
-          "decode": decode_table}
+          "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
+          "multi_gpu": multi_gpu_table}
 
 
 def main() -> None:

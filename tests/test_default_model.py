@@ -28,9 +28,11 @@ def test_shipped_profile_is_found_and_fits(default_model):
     profile = find_profile(model)
     assert profile.model_name == "SmolLM2-135M-Instruct"
     assert (profile.num_layers, profile.num_kv_heads, profile.sink_size, profile.local_size) == (30, 3, 64, 256)
-    assert profile.streaming_fraction == 0.25  # the highest fraction whose passkey grid agrees with dense
-    assert profile.streaming_heads().sum() == 23  # 0.25 of the 90 KV heads, rounded half up
-    assert "scripts/make_default_profile.py" in profile.command
+    assert profile.streaming_fraction == 0.5  # benchmarks/results/profile_comparison.json
+    assert profile.streaming_heads().sum() == 45
+    assert profile.streaming_heads(0.25).sum() == 23  # 0.25 of the 90 KV heads, rounded half up
+    assert profile.command.startswith("python -m sparse_attn_hf.profile default --method duo")
+    assert profile.method.startswith("DuoAttention gates: 2000 steps")
 
 
 def test_passkey_prompt_hides_the_needle_where_asked(default_model):
