@@ -16,7 +16,8 @@ from sparse_attn_hf.profiler.duo_import import import_duo, read_gates
 from sparse_attn_hf.profiler.gates import GateSettings, _lr_factor, train_gates
 
 LAYERS, KV_HEADS = 2, 2
-TINY_ARGS = ["--lengths", "200,260", "--sink", "8", "--local", "32", "--text-tokens", "128", "--dense-below", "0"]
+TINY_ARGS = ["--lengths", "200,260", "--sink", "8", "--local", "32", "--text-tokens", "128", "--dense-below", "0",
+             "--crossover-lengths", "256,512"]  # timed on a GPU only
 
 
 def _tokenizer():
@@ -144,7 +145,11 @@ def test_cli_duo_end_to_end(tiny, tmp_path):
     assert profile.command.startswith("python -m sparse_attn_hf.profile ") and "--steps 4" in profile.command
     assert (profile.sink_size, profile.local_size) == (8, 32)
     sweep = json.loads(profile.sweep)
-    assert len(sweep["rows"]) == 2 and sweep["dense_below"]["measured"] is False
+    assert len(sweep["rows"]) == 2
+    if torch.cuda.is_available() and sweep["chosen"]:  # the GPU run times the crossover
+        assert [t["length"] for t in sweep["dense_below"]["timings"]] == [256, 512]
+    else:
+        assert sweep["dense_below"]["measured"] is False
     if sweep["chosen"]:
         assert profile.alpha == sweep["chosen"]["alpha"]
     else:
@@ -159,7 +164,7 @@ def test_cli_stats_is_deterministic(tiny, tmp_path):
     folder, _, _ = tiny
     paths = [tmp_path / f"s{i}.safetensors" for i in range(2)]
     for path in paths:
-        _run([folder, "--out", path, "--method", "stats", "--samples", "2", "--no-sweep", *TINY_ARGS])
+        _run([folder, "--out", path, "--method", "stats", "--samples", "2", "--no-sweep", "--device", "cpu", *TINY_ARGS])
     first, second = (Profile.load(p) for p in paths)
     assert torch.equal(first.head_score, second.head_score)
     assert sorted(first.head_score.flatten().tolist()) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])  # ranks
@@ -169,7 +174,7 @@ def test_cli_stats_is_deterministic(tiny, tmp_path):
 def test_cli_resume_goes_on_from_the_checkpoint(tiny, tmp_path, capsys):
     folder, _, _ = tiny
     out = tmp_path / "r.safetensors"
-    base = [folder, "--out", out, "--method", "duo", "--save-every", "1", "--no-sweep", *TINY_ARGS]
+    base = [folder, "--out", out, "--method", "duo", "--save-every", "1", "--no-sweep", "--device", "cpu", *TINY_ARGS]
     _run([*base, "--steps", "3"])
     whole = Profile.load(out).head_score
     # a run stopped after 2 steps leaves its checkpoint; --resume finishes it

@@ -262,15 +262,16 @@ def make_profile(args, argv: list[str]) -> Profile:
                               progress=bar)
         chosen = sweep["chosen"] or {"alpha": 1.0}
         dense_below = args.dense_below
-        if gpu and sweep["chosen"] is not None:
-            crossover_lengths = args.crossover_lengths or tuple(
-                2 ** k for k in range(12, 18) if 2 ** k <= min(positions, 131072))
+        crossover_lengths = args.crossover_lengths or tuple(
+            2 ** k for k in range(12, 18) if 2 ** k <= min(positions, 131072))
+        if gpu and sweep["chosen"] is not None and crossover_lengths:
             timing = measure_dense_below(model, profile, sweep["chosen"], calibration.tokens, list(crossover_lengths))
             sweep["dense_below"] = timing
             dense_below = timing["crossover"] or max(crossover_lengths) * 2
         else:
-            sweep["dense_below"] = {"measured": False, "kept": dense_below,
-                                    "why": "the crossover is a GPU timing" if not gpu else "SampleAttention is off"}
+            why = ("the crossover is a GPU timing" if not gpu else "SampleAttention is off" if sweep["chosen"] is None
+                   else "no length to time (give --crossover-lengths)")
+            sweep["dense_below"] = {"measured": False, "kept": dense_below, "why": why}
         profile = dataclasses.replace(profile, **chosen, dense_below=dense_below, sweep=to_json(sweep))
 
     path = profile.save(out)
