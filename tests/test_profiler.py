@@ -296,3 +296,14 @@ def test_report_command(tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "streaming heads at fraction 0.5: 2 of 4; per layer [1, 1]" in text
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_activation_checkpointing_gives_the_same_gates(tiny):
+    _, model, tokenizer = tiny
+    calibration = Calibration.from_text(tokenizer, held_out=128)
+    settings = GateSettings(steps=2, sink=8, local=32, lengths=(200, 260), seed=2)
+    plain = train_gates(model, calibration, settings)
+    recomputed = train_gates(model, calibration, GateSettings(**{**settings.__dict__, "checkpointing": True}))
+    assert torch.allclose(plain.gates, recomputed.gates, atol=1e-6)
+    assert not model.training  # left as it was
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

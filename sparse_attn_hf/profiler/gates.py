@@ -104,6 +104,15 @@ def _lr_factor(step: int, steps: int) -> float:
     return min(1.0, max((step + 1) / fifth, 0.1), max((steps - step) / fifth, 0.1))
 
 
+def _checkpointing(model, on: bool) -> None:
+    """Activation checkpointing on or off (Transformers renamed the methods in 5.x; both spellings work)."""
+    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    if on:
+        getattr(model, f"{name}_enable")(**{f"{name}_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(model, f"{name}_disable")()
+
+
 def _last_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
 
@@ -149,7 +158,7 @@ def train_gates(model, calibration: Calibration, settings: GateSettings, progres
         p.requires_grad_(False)
     was_training = model.training
     if settings.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
         model.train()  # Transformers only checkpoints in training mode; the models here have no dropout
     grid = length_grid(settings.lengths)
     result = GateResult(gates=gates.detach())
@@ -165,13 +174,14 @@ def train_gates(model, calibration: Calibration, settings: GateSettings, progres
                 gates.clamp_(0.0, 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, settings.steps)
+            # backward inside the block: activation checkpointing re-runs the gated attention there
             with _gated_attention(model, gates, settings.sink, settings.local):
                 hidden = _last_hidden(model, ids)[0, rows].float()
-            distill = (hidden - target).pow(2).mean(-1).mean()
-            l1 = gates.abs().mean()
-            loss = distill + settings.l1 * l1
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                distill = (hidden - target).pow(2).mean(-1).mean()
+                l1 = gates.abs().mean()
+                loss = distill + settings.l1 * l1
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             result.losses.append((distill.item(), l1.item()))
             if progress is not None:
@@ -181,7 +191,7 @@ def train_gates(model, calibration: Calibration, settings: GateSettings, progres
                 on_step(step + 1, checkpoint_state(step + 1, gates, optimizer))
     finally:
         if settings.checkpointing:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, False)
         model.train(was_training)
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
