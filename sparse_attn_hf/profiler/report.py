@@ -46,8 +46,8 @@ def save_report(profile: Profile, path: str | Path, streaming_fraction: float | 
     text = report_text(profile, fraction)
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax, side) = plt.subplots(1, 2, figsize=(15, max(5.0, 0.22 * layers + 1.8)),
-                                   gridspec_kw={"width_ratios": [max(3, heads), 10]})
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(11.5, max(5.0, 0.22 * layers + 1.8)),
+                                   gridspec_kw={"width_ratios": [max(3, heads), 8]})
     image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ys, xs = labels.nonzero(as_tuple=True)
     ax.scatter(xs.numpy(), ys.numpy(), marker="x", color="white", s=18, linewidths=1.0)
