@@ -22,11 +22,13 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "gguf>=0.10",  # the default model ships as a GGUF file
         "numpy",
+        "tqdm",  # progress bars of the profiler and the evaluation harness
     ],
     extras_require={
         # the notebook and evaluation-harness tests run examples/*.ipynb (nbclient + a python3 kernel)
         # and draw the harness's PNGs
         "test": ["pytest>=8", "matplotlib>=3.7", "nbclient>=0.10", "nbformat>=5.9", "ipykernel"],
         "examples": ["matplotlib>=3.7", "nbclient>=0.10", "nbformat>=5.9", "ipykernel"],
+        "profile": ["matplotlib>=3.7"],  # the profiler's report PNG
     },
 )
