@@ -208,7 +208,7 @@ def test_cli_rejects_bad_inputs(tiny, tmp_path, capsys):
     folder, _, _ = tiny
     with pytest.raises(SystemExit):
         _run([tmp_path / "nowhere", "--out", tmp_path / "x.safetensors"])
-    assert "never downloaded" in capsys.readouterr().err
+    assert "not downloaded" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(SystemExit):

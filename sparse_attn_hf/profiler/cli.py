@@ -27,10 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .._log import logger
+from ..loading import DTYPES, load_config, load_model
 from ..profile import Profile
-
-COMMANDS = ("import-duo", "report")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -64,8 +62,8 @@ def profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["duo", "stats"], default="duo",
                    help="duo: DuoAttention gate training (default); stats: attention statistics (fast)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--text", default=None, help="calibration text file (default: the package's haystack, chapters 1-8)")
     p.add_argument("--lengths", type=_pair, default=None,
                    help="MIN,MAX calibration prompt lengths in tokens (default 1024,min(32768, model positions) "
@@ -116,49 +114,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-# ----------------------------------------------------------------------------- loading
-def load_model(spec: str, device: str, dtype: torch.dtype | None):
-    """(model, tokenizer, name) for 'default', a local directory or a .gguf file; never downloads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..default_model import NAME, load_default_model
-
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if spec == "default":
-        model, tokenizer = load_default_model(dtype=dtype, device=device)
-        return model, tokenizer, NAME
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
-        folder, extra = path.parent, {"gguf_file": path.name}
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; give a model directory saved by save_pretrained.")
-        folder, extra = path, {}
-    else:
-        raise FileNotFoundError(
-            f"MODEL {spec!r} is not 'default', a local model directory or a .gguf file (models are never "
-            "downloaded: save one with save_pretrained first)."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
-    return model.to(device).eval(), tokenizer, path.stem if extra else path.name
-
-
-def load_config(spec: str):
-    """The config of 'default', a local directory or a .gguf file (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from ..default_model import default_model_file
-
-    path = default_model_file() if spec == "default" else Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    if path.is_dir() and (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    raise FileNotFoundError(f"--model {spec!r} is not 'default', a model directory with config.json or a .gguf file.")
-
-
 # ------------------------------------------------------------------------------ making
 def _checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint")
@@ -193,7 +148,7 @@ def make_profile(args, argv: list[str]) -> Profile:
     from .calibration import Calibration
     from .gates import GateSettings, train_gates
     from .report import report_text, save_report
-    from .sweep import SweepSettings, measure_dense_below, run_sweep, sweep_summary, to_json
+    from .sweep import SweepSettings, measure_dense_below, run_sweep, to_json
 
     started = time.time()
     out = Path(args.out)
@@ -201,7 +156,7 @@ def make_profile(args, argv: list[str]) -> Profile:
         raise ValueError(f"--out {out} must end with .safetensors.")
     if not 0.0 <= args.streaming_fraction <= 1.0:
         raise ValueError(f"--streaming-fraction {args.streaming_fraction} is outside [0, 1].")
-    model, tokenizer, name = load_model(args.model, args.device, DTYPES.get(args.dtype))
+    model, tokenizer, name = load_model(args.model, args.device, args.dtype)
     family_for(model)  # an unsupported model fails here, before any work
     config = model.config.get_text_config(decoder=True)
     positions = getattr(config, "max_position_embeddings", None) or 32768
