@@ -217,6 +217,10 @@ def test_cli_rejects_bad_inputs(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run([folder, "--out", tmp_path / "x.bin", *TINY_ARGS])
     assert ".safetensors" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):  # refused before the model is even loaded
+        _run([folder, "--out", tmp_path / "afile" / "x.safetensors", *TINY_ARGS])
+    assert "cannot write --out" in capsys.readouterr().err
 
 
 def test_cli_rejects_an_unsupported_model(tmp_path, capsys):

@@ -154,6 +154,12 @@ def make_profile(args, argv: list[str]) -> Profile:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} must end with .safetensors.")
+    try:  # before any work: a run must not end in an unwritable path
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot write --out {out}: {error}") from None
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file path ending in .safetensors.")
     if not 0.0 <= args.streaming_fraction <= 1.0:
         raise ValueError(f"--streaming-fraction {args.streaming_fraction} is outside [0, 1].")
     model, tokenizer, name = load_model(args.model, args.device, args.dtype)
