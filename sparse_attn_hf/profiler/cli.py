@@ -213,8 +213,7 @@ def make_profile(args, argv: list[str]) -> Profile:
 
     if not args.no_sweep:
         sweep_settings = SweepSettings(alphas=args.alphas, rws=args.rws, r_rows=args.r_rows,
-                                       kl_tolerance=args.kl_tolerance, text_tokens=args.text_tokens,
-                                       dense_below=args.dense_below)
+                                       kl_tolerance=args.kl_tolerance, text_tokens=args.text_tokens)
         prompts = [s.input_ids[:, : s.prompt_tokens] for s in
                    calibration.samples(args.sweep_prompts, lengths, seed=args.seed + 1)]
         grid = len(args.alphas) * len(args.rws) * len(args.r_rows)

@@ -39,7 +39,6 @@ class SweepSettings:
     r_rows: tuple[float, ...] = (0.05,)
     kl_tolerance: float = 0.02
     text_tokens: int = 2048
-    dense_below: int = 16384  # kept when not measured
     max_new_tokens: int = 8
 
 
