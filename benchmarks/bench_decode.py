@@ -65,6 +65,8 @@ def layer_step(model, length: int) -> dict:
     module = model.model.layers[0].self_attn
     cache = SparseCache(model, max_cache_len=length + 65536)  # no growth while timing
     fill(model, cache, length)
+    decoding = cache.decoding()  # one-token forwards on this cache are decode steps from here on
+    decoding.__enter__()
     layer = cache.layers[0]
     q = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -104,6 +106,7 @@ def layer_step(model, length: int) -> dict:
         lambda: torch.nn.functional.scaled_dot_product_attention(q, dense_k, dense_v, enable_gqa=True),
         rep=100, return_mode="median")
     selection_kernel_ms = triton.testing.do_bench_cudagraph(select, rep=100, return_mode="median")
+    decoding.__exit__(None, None, None)
     del cache, dense_k, dense_v
     torch.cuda.empty_cache()
     return {"L": length, "kind": "layer_step", "step_ms": step_ms, "sdpa_step_ms": sdpa_ms,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,7 @@ class PatchState:
     settings: SparseConfig  # resolved: no None fields
     streaming: torch.Tensor  # bool [num_layers, KV heads of this process (heads.count)], on the CPU
     previous_attention: str
-    modules: list
+    modules: list  # weak references to the attention modules (each module holds this state: no cycle)
     heads: KVHeadSlice  # the model's KV heads this process holds (a tensor-parallel rank: its slice)
     hook: object = None  # the forward pre-hook that rejects empty inputs
     _splits: dict = field(default_factory=dict)
@@ -41,9 +42,15 @@ class PatchState:
         """(dense KV head indices, streaming KV head indices) of ``layer``, on ``device`` (cached)."""
         key = (layer, str(device))
         if key not in self._splits:
-            labels = self.streaming[layer].to(device)
-            self._splits[key] = (torch.nonzero(~labels).flatten(), torch.nonzero(labels).flatten())
+            dense, stream = self.head_lists(layer)
+            self._splits[key] = (torch.tensor(dense, dtype=torch.long, device=device),
+                                 torch.tensor(stream, dtype=torch.long, device=device))
         return self._splits[key]
+
+    def head_lists(self, layer: int) -> tuple[list[int], list[int]]:
+        """(dense KV heads, streaming KV heads) of ``layer`` as Python lists (known on the host)."""
+        labels = self.streaming[layer].tolist()
+        return ([h for h, s in enumerate(labels) if not s], [h for h, s in enumerate(labels) if s])
 
     def kv_start_for(self, attention_mask, batch: int, length: int, device) -> torch.Tensor:
         """Left-padding starts of a forward without SparseCache, computed once per mask object and device
@@ -96,7 +103,7 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
         settings=settings,
         streaming=labels[:, heads.start : heads.stop].clone(),
         previous_attention=model.config._attn_implementation,
-        modules=modules,
+        modules=[weakref.ref(module) for module in modules],
         heads=heads,
     )
     if heads.sharded:
@@ -107,7 +114,7 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
     model.set_attn_implementation(ATTENTION_NAME)
     model._sparse_attn_state = state
     state.hook = model.register_forward_pre_hook(_reject_empty_input, with_kwargs=True)
-    model.generate = _generate_with_sparse_cache(model, model.generate)
+    model.generate = _generate_with_sparse_cache(model)
     logger.log(
         logging.INFO,
         "sparse_attn_hf: patched %s (%s family): %d of %d KV heads stream (sink %d, local %d).",
@@ -124,8 +131,10 @@ def unpatch_model(model):
         raise ValueError("this model is not patched by sparse_attn_hf.")
     model.set_attn_implementation(state.previous_attention)
     state.hook.remove()
-    for module in state.modules:
-        del module._sparse_attn_state
+    for ref in state.modules:
+        module = ref()
+        if module is not None and getattr(module, "_sparse_attn_state", None) is state:
+            del module._sparse_attn_state
     del model._sparse_attn_state
     if getattr(model.__dict__.get("generate"), "_sparse_attn_hf", False):
         del model.generate
@@ -148,25 +157,69 @@ def _reject_empty_input(module, args, kwargs):
         raise ValueError("empty input (0 tokens): pass at least one token.")
 
 
-def _generate_with_sparse_cache(model, generate):
+def _generate_with_sparse_cache(model):
+    """``model.generate`` that builds a SparseCache when the caller passes no cache, and marks the decoding
+    loop of a SparseCache (one-token forwards past the prompt) as decode steps. It holds the model weakly and
+    the class's function, not a bound method: the model's own attribute makes no reference cycle."""
+    model_ref = weakref.ref(model)
+    generate = type(model).generate
+    cache_keyword = cache_argument_name()
+
     @functools.wraps(generate)
     def wrapped(*args, **kwargs):
+        model = model_ref()
         generation_config = kwargs.get("generation_config") or model.generation_config
+        given = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
         wants_cache = kwargs.get("use_cache", generation_config.use_cache) is not False
         chose_cache = kwargs.get("cache_implementation", generation_config.cache_implementation) is not None
-        if kwargs.get("past_key_values") is None and wants_cache and not chose_cache:
-            kwargs["past_key_values"] = SparseCache(model, max_cache_len=_length_hint(args, kwargs, generation_config))
-        return generate(*args, **kwargs)
+        if given is None and wants_cache and not chose_cache:
+            given = SparseCache(model, max_cache_len=_length_hint(args, kwargs, generation_config))
+            for name in CACHE_KEYWORDS:
+                kwargs.pop(name, None)  # an explicit None would be a second (deprecated) cache argument
+            kwargs[cache_keyword] = given
+        if not isinstance(given, SparseCache):
+            return generate(model, *args, **kwargs)
+        with given.decoding(prompt_end=_prompt_end(args, kwargs, given)):
+            return generate(model, *args, **kwargs)
 
     wrapped._sparse_attn_hf = True
     return wrapped
 
 
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_argument_name() -> str:
+    """The keyword under which the installed Transformers takes a cache: ``cache`` from 5.24 on (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    from packaging.version import Version
+    import transformers
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def _input_tensor(args, kwargs):
+    if args:
+        return args[0]
+    return next((kwargs[name] for name in ("inputs", "input_ids", "inputs_embeds") if kwargs.get(name) is not None),
+                None)
+
+
+def _prompt_end(args, kwargs, cache: SparseCache) -> int | None:
+    """Slots the prompt fills: the attention mask covers the whole sequence (Transformers' rule for a
+    continuation), else the inputs do. Forwards up to there are prefill, however they are chunked."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        return mask.shape[-1]
+    inputs = _input_tensor(args, kwargs)
+    if inputs is None:
+        return None
+    return max(inputs.shape[1], cache.get_seq_length() + 1)
+
+
 def _length_hint(args, kwargs, generation_config) -> int | None:
     """Tokens the cache will see: prompt + new tokens - 1 (the last one is never fed back), or None."""
-    inputs = args[0] if args else next(
-        (kwargs[name] for name in ("inputs", "input_ids", "inputs_embeds") if kwargs.get(name) is not None), None
-    )
+    inputs = _input_tensor(args, kwargs)
     max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
     if inputs is not None and max_new is not None:
         return inputs.shape[1] + max_new - 1

@@ -44,23 +44,25 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     kv_heads = (key.key if isinstance(key, PendingKV) else key).shape[1]
     if kv_heads != state.streaming.shape[1] or query.shape[1] != kv_heads * module.num_key_value_groups:
         check_heads(state.heads, module, query.shape[1], kv_heads)  # raises: labels would land on wrong heads
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if isinstance(key, PendingKV):
         layer: SparseLayer = key.layer
-        if layer.cache.owner is not state:
+        sequence = layer.sequence
+        if sequence.owner is not state:
             raise ValueError(
                 "this SparseCache was made for another model or an earlier patch: create SparseCache(model) "
                 "for the model you call."
             )
         first = layer.seen
-        kv_start = layer.cache.resolve_kv_start(attention_mask, layer, q_len)
-        if q_len == 1:  # a decode step: page selection for dense heads, the decode window for streaming heads
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        kv_start = sequence.resolve_kv_start(attention_mask, layer.batch, first, q_len, layer.device)
+        if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming
             step = layer.append_decode(key.key, key.value, kv_start, query)
             out = ops.paged_decode(query[:, :, 0], step, kv_start=kv_start, sink=layer.sink_size,
                                    local=layer.decode_local_size, scale=scale)
             return out.unsqueeze(1), None
         kv = layer.append(key.key, key.value, kv_start)
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
+        padded = sequence.max_kv_start > 0
     else:
         k_len = key.shape[2]
         if attention_mask is None and kwargs.get("position_ids") is not state.checked_positions:
@@ -70,12 +72,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
         dense_idx, stream_idx = state.head_split(module.layer_idx, query.device)
         kv = LayerKV.split(key, value, dense_idx, stream_idx)
+        padded = attention_mask is not None
     settings = state.settings
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     common = dict(q_first=first, kv_start=kv_start, sink=settings.sink_size, local=settings.local_size,
                   scale=scale, tile=settings.query_tile)
     sample = _sample_settings(state, module.layer_idx, q_len, first + q_len)
-    return _attend_by_kind(query, kv, dense_idx, stream_idx, common, sample), None
+    return _prefill(query, kv, dense_idx, stream_idx, common, padded, sample), None
 
 
 def _sample_settings(state, layer: int, q_len: int, k_len: int):
@@ -107,11 +109,12 @@ def _check_positions(position_ids, k_len: int) -> None:
         )
 
 
-def _dense_heads(query, key, value, common, sample) -> torch.Tensor:
-    """Dense heads: full causal attention, or SampleAttention's window + stripes when ``sample``."""
-    streaming = torch.zeros(key.shape[1], dtype=torch.bool, device=query.device)
+def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tensor:
+    """Dense heads: full causal attention (the best dense kernel at hand), or SampleAttention's window +
+    stripes when ``sample``. -> [B, Lq, Hq, D], possibly a non-contiguous view."""
     if sample is None:
-        return ops.sparse_attention(query, key, value, k_pos=None, streaming=streaming, **common)
+        return ops.dense_attention(query, key, value, kv_start=common["kv_start"], padded=padded,
+                                   scale=common["scale"])
     mask = sample_attention_mask(query, key, q_first=common["q_first"], kv_start=common["kv_start"],
                                  alpha=sample["alpha"], rw=sample["rw"], r_row=sample["r_row"], scale=common["scale"],
                                  criterion=sample["criterion"])
@@ -120,31 +123,30 @@ def _dense_heads(query, key, value, common, sample) -> torch.Tensor:
     return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"])
 
 
-def _attend_by_kind(query, kv: LayerKV, dense_idx, stream_idx, common, sample=None) -> torch.Tensor:
-    """Dense heads and streaming heads attend to their own keys; outputs go back in head order."""
-    batch, num_heads, q_len, head_dim = query.shape
-    num_kv = len(dense_idx) + len(stream_idx)
-    groups = num_heads // num_kv
-    grouped = query.view(batch, num_kv, groups, q_len, head_dim)
-    out = torch.empty(batch, q_len, num_kv, groups, head_dim, dtype=query.dtype, device=query.device)
-    parts = (
-        (dense_idx, kv.dense_key, kv.dense_value, None, False),
-        (stream_idx, kv.stream_key, kv.stream_value, kv.stream_pos, True),
-    )
-    for heads, key, value, k_pos, is_streaming in parts:  # k_pos None: slots 0..n-1
-        if not len(heads):
-            continue
-        def attend(q):
-            if not is_streaming:
-                return _dense_heads(q, key, value, common, sample)
-            streaming = torch.ones(len(heads), dtype=torch.bool, device=query.device)
-            return ops.sparse_attention(q, key, value, k_pos=k_pos, streaming=streaming, **common)
+def _prefill(query, kv: LayerKV, dense_idx, stream_idx, common, padded: bool, sample=None) -> torch.Tensor:
+    """Dense heads through the best dense kernel, streaming heads through the sparse kernel, which reads and
+    writes its heads in place. Returns [B, Lq, Hq, D].
 
-        if len(heads) == num_kv:  # one kind has every head: no gather, no scatter
-            return attend(query)
-        result = attend(grouped.index_select(1, heads).reshape(batch, len(heads) * groups, q_len, head_dim))
-        out[:, :, heads] = result.view(batch, q_len, len(heads), groups, head_dim)
-    return out.view(batch, q_len, num_heads, head_dim)
+    Only the dense heads' queries are gathered and their output scattered (one copy each), and only when the
+    layer has both kinds; the output buffer is allocated after the dense attention has freed its queries."""
+    batch, num_heads, q_len, head_dim = query.shape
+    n_dense, n_stream = len(dense_idx), len(stream_idx)
+    groups = num_heads // (n_dense + n_stream)
+    if not n_stream:
+        return _dense_heads(query, kv.dense_key, kv.dense_value, common, padded, sample)
+    streaming = dict(q_first=common["q_first"], k_pos=kv.stream_pos, kv_start=common["kv_start"],
+                     sink=common["sink"], local=common["local"], scale=common["scale"], tile=common["tile"],
+                     streaming=torch.ones(n_stream, dtype=torch.bool, device=query.device))
+    if not n_dense:  # every head streams: K/V hold them all, in order
+        return ops.sparse_attention(query, kv.stream_key, kv.stream_value, **streaming)
+    picked = query.unflatten(1, (-1, groups)).index_select(1, dense_idx).flatten(1, 2)
+    dense_out = _dense_heads(picked, kv.dense_key, kv.dense_value, common, padded, sample)
+    del picked
+    out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    out.unflatten(2, (-1, groups)).index_copy_(2, dense_idx, dense_out.unflatten(2, (n_dense, groups)))
+    del dense_out
+    return ops.sparse_attention(query, kv.stream_key, kv.stream_value, heads=stream_idx, groups=groups,
+                                key_all_heads=kv.stream_all_heads, out=out, **streaming)
 
 
 __all__ = ["ATTENTION_NAME", "sparse_attention_forward", "sparse_attention_mask"]

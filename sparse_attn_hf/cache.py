@@ -8,19 +8,29 @@ Per layer:
   page is a view and never moves while the cache grows in place. ``generate()`` sizes the buffer for
   prompt + new tokens up front; past the capacity it doubles (one copy, amortized O(1) per token,
   never the per-token ``torch.cat`` of ``DynamicCache``). For every logical page the cache keeps the
-  element-wise min and max of its real (non-pad) keys, ``[B, H_dense, capacity / 16, D]``, updated as
-  tokens arrive (+inf / -inf where a page has no real key yet).
+  element-wise min and max of its real (non-pad) keys, ``[B, H_dense, capacity / 16, D]``, computed from
+  the stored keys as tokens arrive (+inf / -inf where a page has no real key yet).
 * **streaming KV heads** keep the first ``sink_size`` real tokens of each row and the last
   ``local_size`` tokens in a ring buffer of constant size; absolute slots are tracked.
 
 Transformers calls ``update()`` before the attention function, without the padding mask. So
 ``update()`` returns a :class:`PendingKV` in place of the key tensor; the plugin's attention function,
-which knows the padding, calls :meth:`SparseLayer.append` and attends to what it returns. A SparseCache
-therefore only works with a model patched by ``patch_model``.
+which knows the padding, calls :meth:`SparseLayer.append` (prefill) or :meth:`SparseLayer.append_decode`
+(a decode step) and attends to what it returns. A SparseCache therefore only works with a model patched
+by ``patch_model``.
+
+**Prefill or decode.** A forward is a *decode step* (page selection for dense heads, the decode window
+for streaming heads) only inside :meth:`SparseCache.decoding`, which ``generate()`` on a patched model
+enters for its decoding loop, and only for one-token forwards past the prompt. Every other forward
+(a one-token prompt chunk, a one-token ``model()`` call) is prefill: the static rule, exactly as one-shot.
+
+The cache only stores; the attention function decides. Its objects form no reference cycle (layers share
+a :class:`SequenceState`, which points at nothing), so its memory is freed as soon as it is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +40,8 @@ from . import ops
 from .kernels.reference import DecodeKV
 from .methods.page_selection import select_pages
 from .padding import left_padding_starts
+
+_STAT_CHUNK_PAGES = 1024  # logical pages whose statistics are computed per step (bounds the temporary memory)
 
 
 @dataclass
@@ -43,11 +55,12 @@ class PendingKV:
 
 @dataclass
 class LayerKV:
-    """What one layer attends to after an append (``None`` for a head kind the layer lacks).
+    """What one layer attends to in prefill (``None`` for a head kind the layer lacks).
 
-    ``dense_*``: [B, H_dense, seen, D], slots 0..seen-1 (views, no copy).
-    ``stream_*``: [B, H_stream, n_s, D] with slots ``stream_pos`` [B, n_s] (-1: empty slot; ``None``:
-    slots 0..n_s-1).
+    ``dense_key``/``dense_value``: [B, H_dense, Lk, D], the dense heads only, slots 0..Lk-1.
+    ``stream_key``/``stream_value``: [B, n, n_s, D] with slots ``stream_pos`` [B, n_s] (-1: empty slot;
+    ``None``: slots 0..n_s-1). ``stream_all_heads``: the tensors hold every KV head of the layer (n = Hkv,
+    the streaming heads are picked by index, no copy); otherwise only the streaming heads, in order.
     """
 
     dense_key: torch.Tensor | None
@@ -55,21 +68,70 @@ class LayerKV:
     stream_key: torch.Tensor | None
     stream_value: torch.Tensor | None
     stream_pos: torch.Tensor | None
+    stream_all_heads: bool = False
 
     @classmethod
     def split(cls, key: torch.Tensor, value: torch.Tensor, dense_idx, stream_idx) -> "LayerKV":
-        """Full K/V [B, Hkv, L, D] (slots 0..L-1) split by head kind, as a cache-less layer sees it.
-        A kind that has every head takes the tensors as they are (no copy)."""
-        def pick(idx):
-            return (key, value) if len(idx) == key.shape[1] else (key[:, idx], value[:, idx])
-
-        dense = pick(dense_idx) if len(dense_idx) else (None, None)
-        stream = (*pick(stream_idx), None) if len(stream_idx) else (None, None, None)
+        """Full K/V [B, Hkv, L, D] (slots 0..L-1), as a cache-less layer sees it. Dense heads are copied
+        out only when the layer also has streaming heads; streaming heads are read in place."""
+        dense = (None, None)
+        if len(dense_idx):
+            dense = (key, value) if len(dense_idx) == key.shape[1] else (key[:, dense_idx], value[:, dense_idx])
+        stream = (key, value, None, True) if len(stream_idx) else (None, None, None, False)
         return cls(*dense, *stream)
+
+
+class SequenceState:
+    """What every layer of one SparseCache shares about the sequence: padding, sizes, where decoding
+    starts. It refers to no layer and no cache (no reference cycle)."""
+
+    def __init__(self, owner, capacity_hint: int | None):
+        self.owner = owner  # the PatchState of the model the cache was made for
+        self.capacity_hint = capacity_hint
+        self.decode_from: int | None = None  # one-token forwards at slot >= this are decode steps
+        self.reset()
+
+    def reset(self) -> None:
+        self.kv_start: torch.Tensor | None = None
+        self.max_kv_start = 0
+        self._mask_seen = None  # the mask object already turned into kv_start in this forward
+
+    def is_decode_step(self, seen: int, q_len: int) -> bool:
+        return q_len == 1 and self.decode_from is not None and seen >= self.decode_from
+
+    def resolve_kv_start(self, attention_mask: torch.Tensor | None, batch: int, seen: int, q_len: int,
+                         device) -> torch.Tensor:
+        """First real slot of each row, checked against earlier forwards (once per mask object)."""
+        if self.kv_start is not None and (attention_mask is None or attention_mask is self._mask_seen):
+            return self.kv_start.to(device)
+        starts = left_padding_starts(attention_mask, batch, seen + q_len, device)
+        if self.kv_start is not None:
+            old = self.kv_start.to(device)
+            had_real = old < seen
+            if not torch.equal(starts[had_real], old[had_real]):
+                raise ValueError(
+                    "the padding of the batch changed between calls on one SparseCache: continue with the "
+                    "attention mask of the earlier call extended by ones for the new tokens."
+                )
+        self.kv_start = starts
+        self.max_kv_start = int(starts.max())
+        self._mask_seen = attention_mask
+        return starts
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def _runs(heads: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive runs of ``heads`` as (first head, end head, index of the run's first head in ``heads``)."""
+    runs = []
+    for i, head in enumerate(heads):
+        if runs and runs[-1][1] == head:
+            runs[-1] = (runs[-1][0], head + 1, runs[-1][2])
+        else:
+            runs.append((head, head + 1, i))
+    return runs
 
 
 class SparseLayer(CacheLayerMixin):
@@ -81,9 +143,9 @@ class SparseLayer(CacheLayerMixin):
 
     def __init__(
         self,
-        cache: "SparseCache",
-        dense_idx: torch.Tensor,
-        stream_idx: torch.Tensor,
+        sequence: SequenceState,
+        dense_heads: list[int],
+        stream_heads: list[int],
         *,
         sink_size: int,
         local_size: int,
@@ -94,8 +156,10 @@ class SparseLayer(CacheLayerMixin):
         decode_local_size: int,
     ):
         super().__init__()
-        self.cache = cache
-        self.dense_idx, self.stream_idx = dense_idx, stream_idx  # KV head indices of each kind
+        self.sequence = sequence
+        self.dense_heads, self.stream_heads = list(dense_heads), list(stream_heads)  # KV head indices of each kind
+        self.dense_idx = torch.tensor(self.dense_heads, dtype=torch.long)
+        self.stream_idx = torch.tensor(self.stream_heads, dtype=torch.long)
         self.sink_size, self.local_size = sink_size, local_size
         self.decode_local_size = min(decode_local_size, local_size)
         self.page_size, self.logical_page_size = page_size, logical_page_size
@@ -110,7 +174,7 @@ class SparseLayer(CacheLayerMixin):
         batch, _, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.dense_idx, self.stream_idx = self.dense_idx.to(self.device), self.stream_idx.to(self.device)
-        n_stream = len(self.stream_idx)
+        n_stream = len(self.stream_heads)
         new = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
         if n_stream:
             self._tensors.update(
@@ -121,11 +185,11 @@ class SparseLayer(CacheLayerMixin):
                 ring_value=new(batch, n_stream, self.local_size, head_dim),
                 ring_pos=torch.full((self.local_size,), -1, dtype=torch.long, device=self.device),
             )
-        num_kv = len(self.dense_idx) + n_stream
+        num_kv = len(self.dense_heads) + n_stream
         kind = torch.zeros(num_kv, dtype=torch.int32, device=self.device)
         kind[self.stream_idx] = 1
         slot = torch.zeros(num_kv, dtype=torch.int32, device=self.device)
-        slot[self.dense_idx] = torch.arange(len(self.dense_idx), dtype=torch.int32, device=self.device)
+        slot[self.dense_idx] = torch.arange(len(self.dense_heads), dtype=torch.int32, device=self.device)
         slot[self.stream_idx] = torch.arange(n_stream, dtype=torch.int32, device=self.device)
         self.head_kind, self.head_slot = kind, slot
         self.batch, self.head_dim = batch, head_dim
@@ -171,14 +235,14 @@ class SparseLayer(CacheLayerMixin):
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices])
+        self._map_batch(lambda t: t[indices.to(t.device)])
 
     def _map_batch(self, fn) -> None:
         for name, tensor in self._tensors.items():
             if name != "ring_pos":  # ring slots are shared by all rows
                 self._tensors[name] = fn(tensor)
         if self.is_initialized:
-            self.batch = len(fn(torch.arange(self.batch)))
+            self.batch = len(fn(torch.arange(self.batch, device=self.device)))
 
     # --------------------------------------------------------------- storing
     def nbytes(self) -> int:
@@ -188,9 +252,9 @@ class SparseLayer(CacheLayerMixin):
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        hint = self.cache.capacity_hint or 0
+        hint = self.sequence.capacity_hint or 0
         capacity = _round_up(max(needed, hint if self.capacity == 0 else 2 * self.capacity), self.page_size)
-        n_dense = len(self.dense_idx)
+        n_dense = len(self.dense_heads)
         shape = (self.batch, n_dense, capacity, self.head_dim)
         stat_shape = (self.batch, n_dense, capacity // self.logical_page_size, self.head_dim)
         grown = {
@@ -201,25 +265,26 @@ class SparseLayer(CacheLayerMixin):
         }
         for name, tensor in grown.items():
             if name in self._tensors:
-                old = self._tensors[name]
+                old = self._tensors.pop(name)  # dropped before the next buffer grows: one old buffer at a time
                 tensor[:, :, : old.shape[2]] = old
+                del old
             self._tensors[name] = tensor
         self.capacity = capacity
 
     def append(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor) -> LayerKV:
-        """Store the new tokens (slots ``seen .. seen+n-1``) and return what the layer attends to."""
+        """Store the new tokens (slots ``seen .. seen+n-1``, all KV heads [B, Hkv, n, D]) and return what the
+        layer attends to in prefill."""
         n = key.shape[2]
         first = self.seen
-        slots = torch.arange(first, first + n, device=key.device)
         dense = stream = None
         self._tensors.pop("pages", None)  # new prompt tokens: the next decode step selects anew
-        if len(self.dense_idx):
-            dense = self._append_dense(key[:, self.dense_idx], value[:, self.dense_idx], first, slots, kv_start)
-        if len(self.stream_idx):
+        if self.dense_heads:
+            dense = self._append_dense(key, value, first, kv_start)
+        if self.stream_heads:
             self._resize_ring(self.local_size)
-            stream = self._append_streaming(key[:, self.stream_idx], value[:, self.stream_idx], first, slots, kv_start)
+            stream = self._append_streaming(key, value, first, kv_start)
         self.seen = first + n
-        return LayerKV(*(dense or (None, None)), *(stream or (None, None, None)))
+        return LayerKV(*(dense or (None, None)), *(stream or (None, None, None, False)))
 
     def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor,
                       query: torch.Tensor) -> DecodeKV:
@@ -229,26 +294,24 @@ class SparseLayer(CacheLayerMixin):
         first = self.seen
         kv = DecodeKV(seen=first + 1, page_size=self.page_size, head_kind=self.head_kind, head_slot=self.head_slot)
         t = self._tensors
-        if len(self.dense_idx):
+        if self.dense_heads:
             self._ensure_capacity(first + 1)
-        if len(self.stream_idx):
+        if self.stream_heads:
             self._resize_ring(self.decode_local_size)
         if not ops.append_token(key, value, t, slot=first, kv_start=kv_start, head_kind=self.head_kind,
                                 head_slot=self.head_slot, sink=self.sink_size,
                                 logical_page_size=self.logical_page_size):
-            slots = torch.arange(first, first + 1, device=key.device)
-            if len(self.dense_idx):
-                self._append_dense(key[:, self.dense_idx], value[:, self.dense_idx], first, slots, kv_start)
-            if len(self.stream_idx):
-                self._append_streaming(key[:, self.stream_idx], value[:, self.stream_idx], first, slots, kv_start,
-                                       view=False)
-        if len(self.dense_idx):
+            if self.dense_heads:
+                self._append_dense(key, value, first, kv_start)
+            if self.stream_heads:
+                self._append_streaming(key, value, first, kv_start, attend=False)
+        if self.dense_heads:
             kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
-        if len(self.stream_idx):
+        if self.stream_heads:
             kv.sink_key, kv.sink_value, kv.sink_pos = t["sink_key"], t["sink_value"], t["sink_pos"]
             kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
         self.seen = first + 1
-        if len(self.dense_idx):
+        if self.dense_heads:
             if "pages" not in t or self.steps_since_selection >= self.reuse_interval:
                 groups = query.shape[1] // len(self.head_kind)
                 grouped = query.view(self.batch, len(self.head_kind), groups, self.head_dim)
@@ -261,20 +324,43 @@ class SparseLayer(CacheLayerMixin):
             kv.pages, kv.tail_first = t["pages"], self.tail_first
         return kv
 
-    def _append_dense(self, key, value, first: int, slots, kv_start):
+    def _append_dense(self, key, value, first: int, kv_start):
+        """Copy the dense heads of ``key``/``value`` [B, Hkv, n, D] into the paged buffers (one copy per run of
+        consecutive heads, no gathered temporary) and refresh the statistics of the pages they touch."""
         n = key.shape[2]
         self._ensure_capacity(first + n)
         t = self._tensors
-        t["dense_key"][:, :, first : first + n] = key
-        t["dense_value"][:, :, first : first + n] = value
-        # logical-page statistics over real tokens only
-        is_pad = (slots[None, :] < kv_start[:, None])[:, None, :, None]  # [B, 1, n, 1]
-        page = (slots // self.logical_page_size).view(1, 1, n, 1).expand_as(key)
-        inf = torch.tensor(float("inf"), dtype=key.dtype, device=key.device)
-        t["key_min"].scatter_reduce_(2, page, torch.where(is_pad, inf, key), reduce="amin")
-        t["key_max"].scatter_reduce_(2, page, torch.where(is_pad, -inf, key), reduce="amax")
-        end = first + n
-        return t["dense_key"][:, :, :end], t["dense_value"][:, :, :end]
+        if len(self.dense_heads) == key.shape[1]:
+            t["dense_key"][:, :, first : first + n] = key
+            t["dense_value"][:, :, first : first + n] = value
+        else:
+            for head, end, at in _runs(self.dense_heads):
+                t["dense_key"][:, at : at + end - head, first : first + n] = key[:, head:end]
+                t["dense_value"][:, at : at + end - head, first : first + n] = value[:, head:end]
+        self._refresh_page_statistics(first, first + n, kv_start)
+        return t["dense_key"][:, :, : first + n], t["dense_value"][:, :, : first + n]
+
+    def _refresh_page_statistics(self, first: int, end: int, kv_start: torch.Tensor) -> None:
+        """Key min/max of the logical pages overlapping slots [first, end), from the stored keys: real tokens
+        below ``end`` only. Reshaped views, no index tensors; a temporary only where a chunk of pages holds
+        padding or unwritten slots."""
+        t = self._tensors
+        keys, lp = t["dense_key"], self.logical_page_size
+        batch, heads, _, dim = keys.shape
+        first_page, end_page = first // lp, -(-end // lp)
+        for c0 in range(first_page, end_page, _STAT_CHUNK_PAGES):
+            c1 = min(c0 + _STAT_CHUNK_PAGES, end_page)
+            lo, hi = c0 * lp, c1 * lp
+            region = keys[:, :, lo:hi]
+            low = high = region
+            if hi > end or lo < self.sequence.max_kv_start:  # unwritten slots or (some row's) padding inside
+                slots = torch.arange(lo, hi, device=keys.device)
+                invalid = ((slots >= end)[None, :] | (slots[None, :] < kv_start[:, None]))[:, None, :, None]
+                low = region.masked_fill(invalid, float("inf"))
+                high = region.masked_fill(invalid, float("-inf"))
+            shape = (batch, heads, c1 - c0, lp, dim)
+            torch.amin(low.reshape(shape), dim=3, out=t["key_min"][:, :, c0:c1])  # written in place
+            torch.amax(high.reshape(shape), dim=3, out=t["key_max"][:, :, c0:c1])
 
     def _resize_ring(self, size: int) -> None:
         """Give the ring ``size`` slots, keeping the newest tokens that fit (slot p at index p % size)."""
@@ -292,36 +378,46 @@ class SparseLayer(CacheLayerMixin):
         t["ring_pos"] = torch.full((size,), -1, dtype=old_pos.dtype, device=old_pos.device)
         t["ring_pos"][new_index] = old_pos[keep]
 
-    def _append_streaming(self, key, value, first: int, slots, kv_start, view: bool = True):
+    def _append_streaming(self, key, value, first: int, kv_start, attend: bool = True):
+        """Store the streaming heads of ``key``/``value`` [B, Hkv, n, D] in sink and ring; return what they
+        attend to (key, value, slots, all-heads flag), or None when ``attend`` is False."""
         t = self._tensors
-        batch, n = key.shape[0], key.shape[2]
+        n = key.shape[2]
         ring_size = t["ring_key"].shape[2]
-        if first == 0 or not view:  # nothing cached yet: attend to the new tokens alone
-            view = key, value, None
-        else:
-            new_pos = slots[None, :].expand(batch, n)
+        idx = self.stream_idx
+        view = None
+        if attend and first == 0:  # nothing cached yet: the new tokens alone, read in place
+            view = key, value, None, True
+        elif attend:
+            batch = key.shape[0]
+            new_pos = torch.arange(first, first + n, device=key.device)[None, :].expand(batch, n)
             # ring tokens that are also sink tokens of their row are already in the sink buffer
             ring_pos = t["ring_pos"][None, :].expand(batch, -1)
             ring_pos = torch.where(ring_pos - kv_start[:, None] < self.sink_size, -1, ring_pos)
             view = (
-                torch.cat([t["sink_key"], t["ring_key"], key], dim=2),
-                torch.cat([t["sink_value"], t["ring_value"], value], dim=2),
+                torch.cat([t["sink_key"], t["ring_key"], key.index_select(1, idx)], dim=2),
+                torch.cat([t["sink_value"], t["ring_value"], value.index_select(1, idx)], dim=2),
                 torch.cat([t["sink_pos"], ring_pos, new_pos], dim=1),
+                False,
             )
-        # sinks: the first sink_size real tokens of each row
-        if self.sink_size and first < self.cache.max_kv_start + self.sink_size:
+        # sinks: the first sink_size real tokens of each row (only the chunk's first tokens can be any)
+        limit = min(n, self.sequence.max_kv_start + self.sink_size - first)
+        if self.sink_size and limit > 0:
+            slots = torch.arange(first, first + limit, device=key.device)
             rel = slots[None, :] - kv_start[:, None]
             rows, cols = torch.nonzero((rel >= 0) & (rel < self.sink_size), as_tuple=True)
             sink_slot = rel[rows, cols]
-            t["sink_key"][rows, :, sink_slot] = key[rows, :, cols]
-            t["sink_value"][rows, :, sink_slot] = value[rows, :, cols]
+            head_key = key[:, :, :limit].index_select(1, idx)
+            head_value = value[:, :, :limit].index_select(1, idx)
+            t["sink_key"][rows, :, sink_slot] = head_key[rows, :, cols]
+            t["sink_value"][rows, :, sink_slot] = head_value[rows, :, cols]
             t["sink_pos"][rows, sink_slot] = slots[cols]
         # ring: the last ring_size tokens, slot p at index p % ring_size
         keep = min(n, ring_size)
-        ring_slots = slots[n - keep :]
+        ring_slots = torch.arange(first + n - keep, first + n, device=key.device)
         index = ring_slots % ring_size
-        t["ring_key"].index_copy_(2, index, key[:, :, n - keep :])
-        t["ring_value"].index_copy_(2, index, value[:, :, n - keep :])
+        t["ring_key"].index_copy_(2, index, key[:, :, n - keep :].index_select(1, idx))
+        t["ring_value"].index_copy_(2, index, value[:, :, n - keep :].index_select(1, idx))
         t["ring_pos"].index_copy_(0, index, ring_slots)
         return view
 
@@ -338,6 +434,15 @@ class SparseCache(Cache):
         >>> cache = SparseCache(model)
         >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
         >>> cache.nbytes(), cache.dynamic_cache_nbytes()
+
+    A decoding loop of your own marks its steps with :meth:`decoding`::
+
+        >>> cache = SparseCache(model)
+        >>> logits = model(prompt_ids, past_key_values=cache).logits          # prefill
+        >>> with cache.decoding():                                           # one-token steps decode
+        ...     for _ in range(32):
+        ...         token = logits[:, -1:].argmax(-1)
+        ...         logits = model(token, past_key_values=cache).logits
     """
 
     def __init__(self, model, max_cache_len: int | None = None):
@@ -345,10 +450,11 @@ class SparseCache(Cache):
         if state is None:
             raise ValueError("SparseCache needs a patched model: call sparse_attn_hf.patch_model(model) first.")
         settings = state.settings
+        self.sequence = SequenceState(state, max_cache_len)
         layers = [
             SparseLayer(
-                self,
-                *state.head_split(layer),
+                self.sequence,
+                *state.head_lists(layer),
                 sink_size=settings.sink_size,
                 local_size=settings.local_size,
                 page_size=settings.page_size,
@@ -360,50 +466,44 @@ class SparseCache(Cache):
             for layer in range(state.streaming.shape[0])
         ]
         super().__init__(layers=layers)
-        self.capacity_hint = max_cache_len  # not "max_cache_len": a read-only property of Cache in some 5.x
-        self.owner = state
-        self.kv_start: torch.Tensor | None = None
-        self.max_kv_start = 0
-        self._mask_seen = None  # the mask object already turned into kv_start in this forward
 
-    def resolve_kv_start(self, attention_mask: torch.Tensor | None, layer: SparseLayer, q_len: int) -> torch.Tensor:
-        """First real slot of each row, checked against earlier forwards (once per mask object)."""
-        device = layer.device
-        if self.kv_start is not None and (attention_mask is None or attention_mask is self._mask_seen):
-            return self.kv_start.to(device)
-        seen = layer.seen
-        starts = left_padding_starts(attention_mask, layer.batch, seen + q_len, device)
-        if self.kv_start is not None:
-            old = self.kv_start.to(device)
-            had_real = old < seen
-            if not torch.equal(starts[had_real], old[had_real]):
-                raise ValueError(
-                    "the padding of the batch changed between calls on one SparseCache: continue with the "
-                    "attention mask of the earlier call extended by ones for the new tokens."
-                )
-        self.kv_start = starts
-        self.max_kv_start = int(starts.max())
-        self._mask_seen = attention_mask
-        return starts
+    @property
+    def owner(self):
+        return self.sequence.owner
+
+    @contextlib.contextmanager
+    def decoding(self, prompt_end: int | None = None):
+        """Within this block, a one-token forward at slot ``prompt_end`` or later (default: the tokens seen
+        so far) is a decode step: page selection for dense heads, the decode window for streaming heads.
+        Outside it every forward is prefill. ``generate()`` on a patched model enters it by itself."""
+        previous = self.sequence.decode_from
+        self.sequence.decode_from = self.get_seq_length() if prompt_end is None else prompt_end
+        try:
+            yield self
+        finally:
+            self.sequence.decode_from = previous
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        if self.kv_start is not None:
-            self.kv_start = self.kv_start.index_select(0, beam_idx.to(self.kv_start.device))
+        seq = self.sequence
+        if seq.kv_start is not None:
+            seq.kv_start = seq.kv_start.index_select(0, beam_idx.to(seq.kv_start.device))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        if self.kv_start is not None:
-            self.kv_start = self.kv_start.repeat_interleave(repeats, dim=0)
+        seq = self.sequence
+        if seq.kv_start is not None:
+            seq.kv_start = seq.kv_start.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        if self.kv_start is not None:
-            self.kv_start = self.kv_start[indices]
+        seq = self.sequence
+        if seq.kv_start is not None:
+            seq.kv_start = seq.kv_start[indices.to(seq.kv_start.device)]
 
     def reset(self):
         super().reset()
-        self.kv_start, self.max_kv_start, self._mask_seen = None, 0, None
+        self.sequence.reset()
 
     def nbytes(self) -> int:
         """Bytes allocated by the cache (capacity, page statistics and slot tables included)."""
@@ -414,6 +514,6 @@ class SparseCache(Cache):
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
-                heads = len(layer.dense_idx) + len(layer.stream_idx)
+                heads = len(layer.dense_heads) + len(layer.stream_heads)
                 total += 2 * layer.batch * heads * layer.seen * layer.head_dim * layer.dtype.itemsize
         return total

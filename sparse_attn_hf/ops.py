@@ -67,6 +67,24 @@ def _use_triton(query: torch.Tensor) -> bool:
     return True
 
 
+def _check_attention_inputs(query, key, value, kv_start) -> None:
+    check_dtype(query.dtype)
+    if query.ndim != 4 or key.ndim != 4 or key.shape != value.shape:
+        raise ValueError(
+            f"expected query [B, Hq, Lq, D] and key/value [B, Hkv, Lk, D] of one shape, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
+        )
+    batch, num_heads, q_len, head_dim = query.shape
+    if key.shape[0] != batch or key.shape[3] != head_dim:
+        raise ValueError(f"query {tuple(query.shape)} does not fit key {tuple(key.shape)}: batch and head_dim must agree.")
+    if q_len == 0 or key.shape[2] == 0:
+        raise ValueError("attention over an empty sequence (0 tokens): pass at least one token.")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}.")
+    if kv_start.shape != (batch,):
+        raise ValueError(f"kv_start must be [B] = [{batch}], got {tuple(kv_start.shape)}.")
+
+
 def sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -80,30 +98,36 @@ def sparse_attention(
     local: int,
     scale: float,
     tile: int = 256,
+    heads: torch.Tensor | None = None,
+    groups: int = 1,
+    key_all_heads: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense + streaming attention of one layer -> [B, Lq, Hq, D].
 
     query [B, Hq, Lq, D] at slots ``q_first + i``; key/value [B, Hkv, Lk, D] at slots ``k_pos`` [B, Lk]
     (``None``: 0..Lk-1); kv_start [B]; streaming [Hkv] bool. Rule: ``kernels.reference``.
+
+    ``heads`` (int64 [n]) restricts the call to the query heads of those KV-head groups of ``query``
+    (Hq = ``groups`` x Hkv_total, query head ``h * groups + g`` belongs to KV head ``h``): key/value then hold the n heads in order, or every KV head when
+    ``key_all_heads`` (head ``heads[i]`` is read, no copy); ``streaming`` is [n]; the result goes into those
+    heads of ``out`` [B, Lq, Hq, D] (required), the other heads are left as they are.
     """
-    check_dtype(query.dtype)
-    if query.ndim != 4 or key.ndim != 4 or key.shape != value.shape:
-        raise ValueError(
-            f"expected query [B, Hq, Lq, D] and key/value [B, Hkv, Lk, D] of one shape, got "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
-        )
+    _check_attention_inputs(query, key, value, kv_start)
     batch, num_heads, q_len, head_dim = query.shape
-    if key.shape[0] != batch or key.shape[3] != head_dim or num_heads % key.shape[1]:
-        raise ValueError(
-            f"query {tuple(query.shape)} does not fit key {tuple(key.shape)}: batch and head_dim must agree and "
-            "the query heads must be a multiple of the KV heads."
-        )
-    if q_len == 0 or key.shape[2] == 0:
-        raise ValueError("attention over an empty sequence (0 tokens): pass at least one token.")
-    if key.dtype != query.dtype or value.dtype != query.dtype:
-        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}.")
-    if streaming.shape != (key.shape[1],) or kv_start.shape != (batch,):
-        raise ValueError(f"streaming must be [Hkv] = [{key.shape[1]}] and kv_start [B] = [{batch}].")
+    if heads is None:
+        if num_heads % key.shape[1]:
+            raise ValueError(f"the query heads ({num_heads}) must be a multiple of the KV heads ({key.shape[1]}).")
+        n = key.shape[1]
+    else:
+        n = heads.shape[0]
+        if (out is None or out.shape != (batch, q_len, num_heads, head_dim) or heads.ndim != 1
+                or num_heads % groups or (not key_all_heads and key.shape[1] != n)
+                or (key_all_heads and key.shape[1] * groups != num_heads)):
+            raise ValueError("with heads=, pass out [B, Lq, Hq, D] and key/value holding those heads "
+                             "(or every KV head with key_all_heads=True).")
+    if streaming.shape != (n,):
+        raise ValueError(f"streaming must be [{n}] (one flag per attended KV head), got {tuple(streaming.shape)}.")
     if k_pos is not None and tuple(k_pos.shape) != (batch, key.shape[2]):
         raise ValueError(f"k_pos must be [B, Lk] = [{batch}, {key.shape[2]}], got {tuple(k_pos.shape)}.")
     if _use_triton(query):
@@ -112,15 +136,77 @@ def sparse_attention(
         with _on_device(query):
             return sparse_attention_triton(
                 query, key, value, q_first=q_first, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
-                sink=sink, local=local, scale=scale,
+                sink=sink, local=local, scale=scale, heads=heads, groups=groups, key_all_heads=key_all_heads,
+                out=out,
             )
     q_pos = torch.arange(q_first, q_first + q_len, device=query.device).expand(batch, -1)
     if k_pos is None:
         k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1)
-    return sparse_attention_reference(
-        query, key, value, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
-        sink=sink, local=local, scale=scale, tile=tile,
-    )
+    common = dict(q_pos=q_pos, k_pos=k_pos, kv_start=kv_start, streaming=streaming, sink=sink, local=local,
+                  scale=scale, tile=tile)
+    if heads is None:
+        result = sparse_attention_reference(query, key, value, **common)
+        return result if out is None else out.copy_(result)
+    # the reference attends gathered heads; the result is scattered into ``out``
+    grouped = query.unflatten(1, (-1, groups))
+    picked = grouped.index_select(1, heads).flatten(1, 2)
+    if key_all_heads:
+        key, value = key.index_select(1, heads), value.index_select(1, heads)
+    result = sparse_attention_reference(picked, key, value, **common)
+    out.unflatten(2, (-1, groups)).index_copy_(2, heads, result.unflatten(2, (n, groups)))
+    return out
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, kv_start: torch.Tensor,
+                    padded: bool, scale: float) -> torch.Tensor:
+    """Causal attention of dense heads -> [B, Lq, Hq, D] (possibly a non-contiguous view).
+
+    query [B, Hq, Lq, D] holds the last Lq of the Lk slots of key/value [B, Hkv, Lk, D] (bottom-right
+    causality, GQA without repeated K/V); kv_start [B]; ``padded`` False promises every kv_start is 0 (the
+    caller knows it without a device sync). Contract: ``kernels.reference`` with no streaming head.
+
+    Runs the fastest correct kernel at hand: PyTorch SDPA (cuDNN / flash, ``enable_gqa``, as stock
+    Transformers calls it) when nothing is padded; with padding, the Triton kernel on CUDA (fp16/bf16) and
+    SDPA with an explicit mask elsewhere (a row that sees no key gets zeros).
+    """
+    _check_attention_inputs(query, key, value, kv_start)
+    batch, num_heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    if num_heads % key.shape[1] or q_len > k_len:
+        raise ValueError(f"query {tuple(query.shape)} does not fit key {tuple(key.shape)}: the query heads must be a "
+                         "multiple of the KV heads and Lq <= Lk.")
+    no_stream = torch.zeros(key.shape[1], dtype=torch.bool, device=query.device)
+    kernel_args = dict(q_first=k_len - q_len, k_pos=None, kv_start=kv_start, streaming=no_stream, sink=0, local=1,
+                       scale=scale)
+    if _backend != "auto":  # tests pin an implementation
+        return sparse_attention(query, key, value, **kernel_args)
+    gqa = {"enable_gqa": True} if num_heads != key.shape[1] else {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if not padded:
+        if q_len == k_len:
+            return sdpa(query, key, value, is_causal=True, scale=scale, **gqa).transpose(1, 2)
+        if q_len == 1:
+            return sdpa(query, key, value, scale=scale, **gqa).transpose(1, 2)
+        if query.is_cuda and _LOWER_RIGHT_SDPA.get(str(query.device), True):
+            try:
+                from torch.nn.attention.bias import causal_lower_right
+
+                bias = causal_lower_right(q_len, k_len)
+                return sdpa(query, key, value, attn_mask=bias, scale=scale, **gqa).transpose(1, 2)
+            except (RuntimeError, NotImplementedError) as error:  # no fused kernel for this shape or version
+                _LOWER_RIGHT_SDPA[str(query.device)] = False
+                log_once(f"sparse_attn_hf: SDPA cannot run bottom-right causal attention here ({error}); "
+                         "chunked prefill runs the Triton kernel.")
+    if _use_triton(query):
+        return sparse_attention(query, key, value, **kernel_args)
+    slots = torch.arange(k_len, device=query.device)
+    visible = (slots[None, :] <= slots[k_len - q_len :, None])[None] & (slots >= kv_start[:, None])[:, None, :]
+    out = sdpa(query, key, value, attn_mask=visible[:, None], scale=scale, **gqa)
+    out = torch.where(visible.any(-1)[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.transpose(1, 2)
+
+
+_LOWER_RIGHT_SDPA: dict[str, bool] = {}
 
 
 def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,

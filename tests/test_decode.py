@@ -303,7 +303,7 @@ def test_fused_append_equals_the_pytorch_path(dtype):
         prompt = torch.randn(2, 3, 6, 16, generator=gen).to(DEVICE, dtype)
         layer.update(prompt, prompt)
         mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3], device=DEVICE)  # row 1: its 4th real token comes in decode
-        kv_start = cache.resolve_kv_start(mask, layer, 6)
+        kv_start = cache.sequence.resolve_kv_start(mask, layer.batch, 0, 6, DEVICE)
         layer.append(prompt, prompt * 2, kv_start)
         try:
             ops.set_backend(backend)

@@ -56,6 +56,54 @@ def test_kernel_matches_reference(case, dtype, positions):
     assert_close_by_rule(out.cpu(), golden, baseline)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("key_all_heads", [True, False])
+def test_mapped_heads_write_only_their_heads(backend, key_all_heads):
+    """heads=: the kernel reads and writes the chosen KV groups of the full query/output in place (no
+    gather); key/value hold those heads or every head. Other heads of ``out`` stay untouched."""
+    batch, heads, kv_heads, q_len, k_len, head_dim, pads, sink, local = 2, 8, 4, 33, 45, 64, [0, 6], 3, 7
+    q, k, v = _inputs((batch, heads, kv_heads, q_len, k_len, head_dim), torch.float16, seed=77)
+    chosen = torch.tensor([3, 0], device=DEVICE)  # out of order on purpose
+    kv_start = torch.tensor(pads, device=DEVICE)
+    out = torch.full((batch, q_len, heads, head_dim), float("nan"), dtype=q.dtype, device=DEVICE)
+    keys, values = (k, v) if key_all_heads else (k[:, chosen], v[:, chosen])
+    streaming = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    try:
+        ops.set_backend(backend)
+        ops.sparse_attention(q, keys, values, q_first=k_len - q_len, k_pos=None, kv_start=kv_start, streaming=streaming,
+                             sink=sink, local=local, scale=head_dim**-0.5, heads=chosen, groups=2,
+                             key_all_heads=key_all_heads, out=out)
+    finally:
+        ops.set_backend("auto")
+    written = torch.zeros(heads, dtype=torch.bool)
+    for h in chosen.tolist():
+        written[2 * h : 2 * h + 2] = True
+    assert torch.isnan(out[:, :, ~written]).all(), "heads outside heads= were written"
+    slots = torch.arange(k_len).expand(batch, -1)
+    picked_q = q.cpu().unflatten(1, (kv_heads, 2))[:, chosen.cpu()].flatten(1, 2)
+    mask = loop_mask(slots[:, k_len - q_len :], slots, kv_start.cpu(), torch.ones(2, dtype=torch.bool), sink, local)
+    kk, vv = k.cpu()[:, chosen.cpu()], v.cpu()[:, chosen.cpu()]
+    golden = masked_sdpa(picked_q.double(), kk.double(), vv.double(), mask, head_dim**-0.5)
+    baseline = masked_sdpa(picked_q, kk, vv, mask, head_dim**-0.5)
+    got = out.cpu().unflatten(2, (kv_heads, 2))[:, :, chosen.cpu()].flatten(2, 3)
+    assert_close_by_rule(got, golden, baseline)
+
+
+def test_block_list_and_stripes_together_are_rejected():
+    from sparse_attn_hf.block_mask import BlockSparseMask
+    from sparse_attn_hf.stripe_mask import StripeMask
+
+    q, k, v = _inputs((1, 2, 1, 32, 32, 64), torch.float16, seed=5)
+    block_mask = BlockSparseMask.random(num_heads=1, q_len=32, k_len=32, density=0.5, block_q=128, block_k=16)
+    stripes = StripeMask(window=torch.full((1, 1), 4), stripes=torch.zeros(1, 1, 1, dtype=torch.int32),
+                         counts=torch.ones(1, 1, dtype=torch.int32), q_len=32, k_len=32,
+                         kv_start=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="not both"):
+        sparse_attention_triton(q, k, v, q_first=0, k_pos=None, kv_start=torch.zeros(1, dtype=torch.long, device=DEVICE),
+                                streaming=torch.zeros(1, dtype=torch.bool, device=DEVICE), sink=0, local=1, scale=0.1,
+                                block_mask=block_mask, stripe_mask=stripes)
+
+
 @torch.no_grad()
 def test_model_through_the_kernel_matches_reference():
     model = tiny_model("llama", heads=6, kv_heads=2, layers=2).to(DEVICE)

@@ -135,7 +135,7 @@ def _attend_range(
 # lengths change from call to call (chunks, decode steps): no specialization on them, one compiled variant
 @triton.jit(do_not_specialize=["q_len", "k_len", "q_first", "num_mask_q_blocks", "stripe_width"])
 def _prefill_kernel(
-    Q, K, V, O, KPOS, KV_START, STREAMING, FULL_OFFSETS, FULL_INDICES, PART_OFFSETS, PART_INDICES,
+    Q, K, V, O, KPOS, KV_START, STREAMING, HEADS, FULL_OFFSETS, FULL_INDICES, PART_OFFSETS, PART_INDICES,
     WINDOW, STRIPES, TILE_COUNTS, stripe_width,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -146,17 +146,24 @@ def _prefill_kernel(
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr, TMA: tl.constexpr, STRIPE_MODE: tl.constexpr,
+    MAPPED: tl.constexpr, KV_MAPPED: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
-    h = pid_bh % num_kv_heads
+    h = pid_bh % num_kv_heads  # the program's KV head among those attended
+    hq = h  # its KV-head group in Q and O
+    if MAPPED:
+        hq = tl.load(HEADS + h).to(tl.int32)
+    hk = h  # its head in K and V
+    if KV_MAPPED:
+        hk = hq
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     qi = pid_q * BLOCK_Q + offs_m // G_PAD  # query index of each row
     g = offs_m % G_PAD  # head within the group (rows of padding heads, g >= GROUPS, are masked)
-    head = h * GROUPS + g  # query head of each row
+    head = hq * GROUPS + g  # query head of each row
     row_ok = (qi < q_len) & (g < GROUPS)
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -169,8 +176,8 @@ def _prefill_kernel(
         is_stream = is_stream * 0 + 1
         sink = sink * 0
         local = tl.load(WINDOW + pid_bh).to(tl.int32)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
     KD = K  # unused unless TMA
     VD = V
     if TMA:
@@ -319,6 +326,9 @@ def sparse_attention_triton(
     block_mask: BlockSparseMask | None = None,
     tma: bool = True,
     stripe_mask=None,
+    heads: torch.Tensor | None = None,
+    groups: int | None = None,
+    key_all_heads: bool = False,
 ) -> torch.Tensor:
     """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
     (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given).
@@ -328,14 +338,25 @@ def sparse_attention_triton(
     ``tma=False`` forces pointer loads where bulk tensor copies would be used (for comparisons).
     With ``stripe_mask`` (a :class:`~sparse_attn_hf.stripe_mask.StripeMask`, SampleAttention) every head
     attends to its row's window and stripes (``streaming``, ``sink``, ``local`` are ignored).
+    With ``heads`` (int64 [n]) the programs attend only those KV-head groups of ``query`` (``groups`` query
+    heads each) and write them into ``out`` (required); key/value hold the n heads in order, or every KV head
+    when ``key_all_heads`` (then head ``heads[i]`` is read in place).
     """
+    if block_mask is not None and stripe_mask is not None:
+        raise ValueError("pass block_mask or stripe_mask, not both: each lists keys to visit, and together "
+                         "they would count a key twice.")
     batch, num_heads, q_len, head_dim = query.shape
     tuned = _config(head_dim)
     block_n = block_n or tuned["block_n"]
     num_warps = num_warps or tuned["num_warps"]
     num_stages = num_stages or tuned["num_stages"]
-    num_kv_heads, k_len = key.shape[1], key.shape[2]
-    groups = num_heads // num_kv_heads
+    k_len = key.shape[2]
+    if heads is None:
+        num_kv_heads, groups = key.shape[1], num_heads // key.shape[1]
+    else:
+        if out is None or groups is None:
+            raise ValueError("heads= needs out= and groups=.")
+        num_kv_heads = heads.shape[0]
     g_pad = triton.next_power_of_2(groups)  # a program's rows must be a power of two
     block_q = _block_q(g_pad, block_m)
     if block_mask is not None:
@@ -362,8 +383,9 @@ def sparse_attention_triton(
                              "consecutive key slots).")
         stripe_args = _stripe_arguments(stripe_mask, q_first, q_len, block_q)
         kv_start = stripe_mask.kv_start
+    mapped = heads is not None
     _prefill_kernel[grid](
-        query, key, value, out, pos, kv_start, streaming, *lists, *stripe_args,
+        query, key, value, out, pos, kv_start, streaming, heads if mapped else kv_start, *lists, *stripe_args,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         pos.stride(0), pos.stride(-1),
         num_kv_heads, q_len, k_len, q_first, sink, local, scale * LOG2E,
@@ -374,6 +396,7 @@ def sparse_attention_triton(
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not tf32
         BLOCK_LIST=block_mask is not None, TMA=tma, STRIPE_MODE=stripe_mask is not None,
+        MAPPED=mapped, KV_MAPPED=mapped and key_all_heads,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -1,0 +1,333 @@
+"""What ``model.generate()`` gains: a full-depth Llama-3-8B-shaped model, one GPU, plain ``generate()``, against
+stock Transformers timed in the same run. The project's headline benchmark.
+
+    python benchmarks/bench_e2e.py --part core            # 8K / 32K / 128K at batch 1, 32K at batch 4 and 8
+    python benchmarks/bench_e2e.py --part long            # 512K and 1M tokens with chunked prefill
+    python benchmarks/bench_e2e.py --dry-run              # the bookkeeping on a tiny model, on the CPU
+
+Configurations (every patched one with LServe's settings: sink 128, local 4096, decode window 256, budget
+4096, reuse 4; labels from ``Profile.from_scores`` with seeded scores; 50% streaming heads is DuoAttention's
+published operating point for Llama-3-8B, not something measured here):
+
+* ``stock``: sdpa + DynamicCache, what a user has;
+* ``stock_static_compile``: Transformers' own fast path, ``cache_implementation="static"`` with its automatic
+  decode compile (``compile_s``: the compile and capture time inside the first decode steps);
+* ``patched_default``: 50% streaming heads, every other setting at the package's default (SampleAttention on);
+* ``patched_streaming50``: the same with SampleAttention off;
+* ``patched_dense``: every head dense.
+
+Per row: TTFT as the median of ``--repeats`` calls after a cold one (reported apart as ``ttft_cold_s``);
+decode ms per token from per-step timestamps inside one ``generate()`` of N new tokens, (t_N - t_8) / (N - 8),
+so that every page-selection step counts (first-time lengths as ``decode_ms_per_token``; stock also reports
+repeated lengths, where cuDNN reuses its plans, as ``decode_ms_per_token_repeated``); peak allocated and
+reserved memory; allocated memory before the call and right after it returns (no ``gc.collect()``).
+Random weights give diffuse attention, the worst case for SampleAttention. Results are written after every
+row to benchmarks/results/e2e.json (rows of other parts and lengths are kept) with a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_io import meta  # noqa: E402
+
+from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense")
+LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
+PATCHED = {
+    "patched_default": dict(streaming_fraction=0.5),
+    "patched_streaming50": dict(streaming_fraction=0.5, alpha=1.0),
+    "patched_dense": dict(streaming_fraction=0.0),
+}
+GIB = 2**30
+
+
+class StepClock(StoppingCriteria):
+    """Records a device-synchronized timestamp when each new token is out (generate checks its stopping
+    criteria once per token, and synchronizes there anyway). Never stops generation."""
+
+    def __init__(self, sync):
+        self.sync, self.times = sync, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.sync()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class Device:
+    """The timing and memory functions of the device under test (None for memory on the CPU)."""
+
+    def __init__(self, name: str):
+        self.cuda = name == "cuda"
+        self.name = torch.cuda.get_device_name() if self.cuda else "cpu"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def clean(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def allocated(self):
+        return torch.cuda.memory_allocated() / GIB if self.cuda else None
+
+    def peaks(self):
+        if not self.cuda:
+            return None, None
+        return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+
+
+def one_call(model, device: Device, ids, mask, new_tokens: int, extra: dict) -> dict:
+    """One ``generate()``: per-token timestamps and memory around it."""
+    device.clean()
+    before = device.allocated()
+    clock = StepClock(device.sync)
+    device.sync()
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, eos_token_id=None, pad_token_id=0,
+                         stopping_criteria=StoppingCriteriaList([clock]), **extra)
+    device.sync()
+    after = device.allocated()  # right after return, no gc.collect(): a reference cycle would show here
+    peak, reserved = device.peaks()
+    assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
+    del out
+    t = clock.times
+    result = {"ttft_s": t[0] - start, "before_gib": before, "after_return_gib": after, "peak_gib": peak,
+              "reserved_gib": reserved}
+    if new_tokens > 8:
+        per_token = (t[new_tokens - 1] - t[7]) / (new_tokens - 8)
+        result["decode_ms_per_token"] = 1000 * per_token
+        result["warmup_excess_s"] = max(0.0, (t[7] - t[0]) - 7 * per_token)  # compile / capture in steps 2..8
+    return result
+
+
+def inputs(batch: int, length: int, vocab: int, device: str):
+    """Random prompt tokens; rows of a batch are left-padded by b * length / (4 * batch) pads."""
+    gen = torch.Generator().manual_seed(length + batch)
+    ids = torch.randint(3, vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        pads = b * length // (4 * batch)
+        ids[b, :pads], mask[b, :pads] = 0, 0
+    return ids.to(device), mask.to(device)
+
+
+SETTING_FIELDS = ("streaming_fraction", "sink_size", "local_size", "decode_local_size", "token_budget",
+                  "reuse_interval", "alpha", "dense_below", "rw", "r_row", "page_size", "logical_page_size")
+
+
+def configure(model, config: str, settings: dict, scores: torch.Tensor) -> tuple[dict, dict | None]:
+    """Patch (or leave stock) for ``config``; returns the extra generate() arguments and the resolved
+    settings of a patched model."""
+    if getattr(model, "_sparse_attn_state", None) is not None:
+        unpatch_model(model)
+    resolved = None
+    if config in PATCHED:
+        patch_model(model, Profile.from_scores(model, scores), SparseConfig(**settings, **PATCHED[config]))
+        resolved = {k: getattr(model._sparse_attn_state.settings, k) for k in SETTING_FIELDS}
+    return ({"cache_implementation": "static"} if config == "stock_static_compile" else {}), resolved
+
+
+def run_row(model, device: Device, config: str, length: int, batch: int, args, extra: dict) -> dict:
+    ids, mask = inputs(batch, length, model.config.vocab_size, "cuda" if device.cuda else "cpu")
+    call_args = dict(extra, **({"prefill_chunk_size": args.chunk} if args.part == "long" else {}))
+    row = {"config": config, "L": length, "batch": batch, "part": args.part, "status": "ok",
+           "args": {"max_new_tokens": args.new_tokens, "do_sample": False, "eos_token_id": None,
+                    "attention_mask": "left padding" if batch > 1 else "ones", **call_args}}
+    try:
+        cold = one_call(model, device, ids, mask, args.new_tokens, call_args)
+        calls = [cold]
+        warm = [one_call(model, device, ids, mask, 1, call_args) for _ in range(args.repeats)]
+        calls += warm
+        row.update(ttft_cold_s=cold["ttft_s"], decode_ms_per_token=cold.get("decode_ms_per_token"),
+                   ttft_s=statistics.median(c["ttft_s"] for c in warm) if warm else cold["ttft_s"],
+                   ttft_calls=len(warm) or 1)
+        if config == "stock" and args.repeats:  # cuDNN plans per key length: the same lengths again
+            again = one_call(model, device, ids, mask, args.new_tokens, call_args)
+            calls.append(again)
+            row["decode_ms_per_token_repeated"] = again.get("decode_ms_per_token")
+        if config == "stock_static_compile":
+            row["compile_s"] = cold.get("warmup_excess_s")
+        if row["decode_ms_per_token"]:
+            row["tokens_per_s"] = 1000 * batch / row["decode_ms_per_token"]
+        if device.cuda:
+            row.update(before_gib=cold["before_gib"], peak_gib=max(c["peak_gib"] for c in calls),
+                       reserved_gib=max(c["reserved_gib"] for c in calls),
+                       after_return_gib=max(c["after_return_gib"] for c in calls))
+            row["returned_within_64mib"] = all(c["after_return_gib"] - c["before_gib"] <= 64 / 1024 for c in calls)
+    except torch.OutOfMemoryError as error:
+        row.update(status="oom", error=str(error).splitlines()[0][:200])
+        if device.cuda:
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+    finally:
+        device.clean()
+    return row
+
+
+def predicted_stock_row(model, config: str, length: int, batch: int, args, total_gib: float | None) -> dict:
+    """Stock at long lengths is not run: the KV bytes (and the time) say why."""
+    c = model.config
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    kv = kv_per_token * length * batch / GIB
+    fits = total_gib is None or weights + kv < total_gib
+    return {"config": config, "L": length, "batch": batch, "part": args.part,
+            "status": "not_run" if fits else "oom_predicted", "kv_bytes_per_token": kv_per_token, "kv_gib": kv,
+            "weights_gib": weights, "device_gib": total_gib,
+            "reason": (f"weights {weights:.1f} GiB + KV {kv:.1f} GiB ({kv_per_token // 1024} KiB per token) "
+                       + (f"fit in {total_gib or 0:.0f} GiB: not run for time (a one-shot prefill at this length "
+                          "takes minutes)" if fits else f"exceed the {total_gib} GiB of the device"))}
+
+
+def write(path: Path, info: dict, rows: list[dict]) -> None:
+    """Merge ``rows`` into ``path``: rows of the same (part, config, L, batch) are replaced, others kept."""
+    old = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+    key = lambda r: (r["part"], r["config"], r["L"], r["batch"])  # noqa: E731
+    new_keys = {key(r) for r in rows}
+    merged = [r for r in old["rows"] if key(r) not in new_keys] + rows
+    merged.sort(key=lambda r: (r["part"] != "core", r["batch"], r["L"], CONFIGS.index(r["config"])))
+    runs = dict(old["meta"].get("runs", {}))
+    runs[info["part"]] = info
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": {**info, "runs": runs}, "rows": merged}, indent=1) + "\n")
+    plot(path, merged, info)
+
+
+def plot(path: Path, rows: list[dict], info: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for config in CONFIGS:
+        points = sorted(((r["L"], r) for r in rows if r["config"] == config and r["batch"] == 1 and r["status"] == "ok"),
+                        key=lambda p: p[0])
+        if not points:
+            continue
+        lengths = [p[0] for p in points]
+        axes[0].plot(lengths, [p[1]["ttft_s"] for p in points], marker="o", label=config)
+        decode = [(p[0], p[1].get("decode_ms_per_token")) for p in points if p[1].get("decode_ms_per_token")]
+        if decode:
+            axes[1].plot(*zip(*decode), marker="o", label=config)
+    for ax, title in zip(axes, ("time to first token, s", "decode, ms per token")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens (batch 1)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"generate() on a Llama-3-8B-shaped model ({info['layers']} layers, random weights), {info['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def build_model(args, max_len: int):
+    if args.dry_run:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_len)
+        return LlamaForCausalLM(config).eval()
+    from llama8b import build
+
+    return build(args.layers, max_len)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("core", "long"), default="core")
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="batch sizes (with left padding) run at --batch-length")
+    parser.add_argument("--batch-length", type=int, default=32768)
+    parser.add_argument("--configs", type=lambda s: s.split(","), default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="warm TTFT calls per row (median)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=32768, help="prefill_chunk_size of the long part")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
+    parser.add_argument("--floor", action="store_true", help="also stock_static_compile at L=1024 (decode floor)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the bookkeeping only")
+    parser.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    args = parser.parse_args()
+    if args.dry_run:
+        args.layers, args.new_tokens, args.repeats = 2, 12, 2
+        lengths, args.batch_length, args.chunk = args.lengths or [96, 160], 96, 64
+        batches = args.batches or ([] if args.part == "long" else [2])
+        settings = dict(sink_size=4, local_size=32, decode_local_size=8, token_budget=128, reuse_interval=4)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_e2e.py measures a GPU; use --dry-run on a CPU.")
+        long = args.part == "long"
+        lengths = args.lengths or ([524288, 1048576] if long else [8192, 32768, 131072])
+        batches = args.batches if args.batches is not None else ([] if long else [4, 8])
+        settings = LSERVE
+    configs = args.configs or (["stock", "patched_streaming50"] if args.part == "long" else list(CONFIGS))
+    device = Device("cpu" if args.dry_run else "cuda")
+    started = time.perf_counter()
+    max_len = max(lengths + [args.batch_length]) + args.new_tokens + 64
+    model = build_model(args, max_len)
+    scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
+                        generator=torch.Generator().manual_seed(0))
+    info = meta(device=device.name, dtype=str(model.dtype).replace("torch.", ""), extra={
+        "part": args.part, "layers": args.layers, "model": "Llama-3-8B shape (benchmarks/llama8b.py), random weights",
+        "settings": {},  # the resolved SparseConfig of each patched configuration, below
+        "patched_overrides": PATCHED, "new_tokens": args.new_tokens, "ttft_repeats": args.repeats,
+        "decode_formula": "(t_N - t_8) / (N - 8), t_k: k-th token out (synchronized)",
+        "gpu_gib": torch.cuda.get_device_properties(0).total_memory / GIB if device.cuda else None})
+    plan = [(c, length, 1) for length in lengths for c in configs]
+    plan += [(c, args.batch_length, b) for b in batches for c in configs]
+    if args.floor:
+        plan.insert(0, ("stock_static_compile", 1024, 1))
+    rows = []
+    for config in dict.fromkeys(c for c, _, _ in plan):
+        extra, resolved = configure(model, config, settings, scores)
+        if resolved is not None:
+            info["settings"][config] = resolved
+        if not (args.part == "long" and config == "stock"):
+            ids, mask = inputs(1, 64 if args.dry_run else 1024, model.config.vocab_size, "cuda" if device.cuda else "cpu")
+            one_call(model, device, ids, mask, 16, dict(extra, **({"prefill_chunk_size": 512} if args.part == "long" else {})))
+        for _, length, batch in (p for p in plan if p[0] == config):
+            if args.part == "long" and config == "stock":
+                row = predicted_stock_row(model, config, length, batch, args, info["gpu_gib"])
+            elif args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                row = {"config": config, "L": length, "batch": batch, "part": args.part, "status": "not_run",
+                       "reason": f"time budget of the run ({args.budget_s:.0f} s) spent"}
+            else:
+                row = run_row(model, device, config, length, batch, args, extra)
+                if resolved is not None:
+                    row["settings"] = resolved
+            rows.append(row)
+            write(args.out, info, rows)
+            printable = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "args"}
+            print(json.dumps(printable), flush=True)
+    if getattr(model, "_sparse_attn_state", None) is not None:
+        unpatch_model(model)
+    print(f"wrote {args.out} ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Dense heads run the best dense kernel at hand (ops.dense_attention: PyTorch SDPA without padding, the Triton
+kernel or a masked SDPA with it); every route computes the reference's rule."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import assert_close_by_rule, loop_mask, masked_sdpa
+
+from sparse_attn_hf import ops
+
+# batch, q heads, kv heads, q_len, k_len, head_dim, pads
+CASES = [
+    (1, 4, 4, 37, 37, 64, [0]),  # GQA 1, one shot
+    (2, 6, 2, 29, 45, 64, [0, 0]),  # GQA 3, a chunk against a cache (bottom-right causality)
+    (1, 8, 2, 1, 70, 128, [0]),  # one query token
+    (2, 8, 2, 40, 40, 128, [5, 0]),  # left padding
+    (3, 4, 1, 17, 33, 32, [0, 32, 3]),  # padding, a chunk, a row with one real token
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_dense_route_matches_the_rule(case, dtype):
+    batch, heads, kv_heads, q_len, k_len, head_dim, pads = case
+    gen = torch.Generator().manual_seed(CASES.index(case) + 7 * (dtype == torch.bfloat16))
+    q, k, v = (torch.randn(batch, h, n, head_dim, generator=gen, dtype=torch.float64)
+               for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
+    kv_start = torch.tensor(pads)
+    got = ops.dense_attention(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype),
+                              kv_start=kv_start.to(DEVICE), padded=any(pads), scale=head_dim**-0.5)
+    assert got.shape == (batch, q_len, heads, head_dim)
+    slots = torch.arange(k_len).expand(batch, -1)
+    mask = loop_mask(slots[:, k_len - q_len :], slots, kv_start, torch.zeros(kv_heads, dtype=torch.bool), 0, 1)
+    golden = masked_sdpa(q, k, v, mask, head_dim**-0.5)
+    baseline = masked_sdpa(q.to(dtype), k.to(dtype), v.to(dtype), mask, head_dim**-0.5)
+    real = (slots[:, k_len - q_len :] >= kv_start[:, None])  # rows of pads: zeros (checked below)
+    assert_close_by_rule(got.cpu()[real], golden[real], baseline[real])
+    assert (got.cpu()[~real] == 0).all()
+
+
+def test_dense_route_rejects_more_queries_than_keys():
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="Lq <= Lk"):
+        ops.dense_attention(q, k, k, kv_start=torch.zeros(1, dtype=torch.long), padded=False, scale=0.25)
