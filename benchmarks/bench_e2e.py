@@ -259,8 +259,8 @@ def build_model(args, max_len: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("core", "long"), default="core")
-    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",") if x], default=None)
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
                         help="batch sizes (with left padding) run at --batch-length")
     parser.add_argument("--batch-length", type=int, default=32768)
     parser.add_argument("--configs", type=lambda s: s.split(","), default=None)
@@ -276,7 +276,7 @@ def main() -> None:
     if args.dry_run:
         args.layers, args.new_tokens, args.repeats = 2, 12, 2
         lengths, args.batch_length, args.chunk = args.lengths or [96, 160], 96, 64
-        batches = args.batches or ([] if args.part == "long" else [2])
+        batches = args.batches if args.batches is not None else ([] if args.part == "long" else [2])
         settings = dict(sink_size=4, local_size=32, decode_local_size=8, token_budget=128, reuse_interval=4)
     else:
         if not torch.cuda.is_available():
@@ -303,7 +303,8 @@ def main() -> None:
     if args.floor:
         plan.insert(0, ("stock_static_compile", 1024, 1))
     rows = []
-    for config in dict.fromkeys(c for c, _, _ in plan):
+    order = sorted(dict.fromkeys(c for c, _, _ in plan), key=lambda c: c == "stock_static_compile")  # its compiles last
+    for config in order:
         extra, resolved = configure(model, config, settings, scores)
         if resolved is not None:
             info["settings"][config] = resolved
