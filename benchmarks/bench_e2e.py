@@ -49,7 +49,7 @@ LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budge
 PATCHED = {
     "patched_default": dict(streaming_fraction=0.5),
     "patched_streaming50": dict(streaming_fraction=0.5, alpha=1.0),
-    "patched_dense": dict(streaming_fraction=0.0),
+    "patched_dense": dict(streaming_fraction=0.0, alpha=1.0),
 }
 GIB = 2**30
 
