@@ -193,21 +193,37 @@ def predicted_stock_row(model, config: str, length: int, batch: int, args, total
             "weights_gib": weights, "device_gib": total_gib,
             "reason": (f"weights {weights:.1f} GiB + KV {kv:.1f} GiB ({kv_per_token // 1024} KiB per token) "
                        + (f"fit in {total_gib or 0:.0f} GiB: not run for time (a one-shot prefill at this length "
-                          "takes minutes)" if fits else f"exceed the {total_gib} GiB of the device"))}
+                          "takes minutes)" if fits else f"exceed the {total_gib:.0f} GiB of the device"))}
+
+
+def _key(row: dict) -> tuple:
+    return row["part"], row["config"], row["L"], row["batch"]
 
 
 def write(path: Path, info: dict, rows: list[dict]) -> None:
-    """Merge ``rows`` into ``path``: rows of the same (part, config, L, batch) are replaced, others kept."""
+    """Merge ``rows`` of the run ``info`` into ``path``: rows of the same (part, config, L, batch) are replaced,
+    others kept; every row names its run (``meta.runs``: commit, date, command, device of each run)."""
     old = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
-    key = lambda r: (r["part"], r["config"], r["L"], r["batch"])  # noqa: E731
-    new_keys = {key(r) for r in rows}
-    merged = [r for r in old["rows"] if key(r) not in new_keys] + rows
-    merged.sort(key=lambda r: (r["part"] != "core", r["batch"], r["L"], CONFIGS.index(r["config"])))
     runs = dict(old["meta"].get("runs", {}))
-    runs[info["part"]] = info
+    run_id = f"{info['date']} {info['commit'][:10]}"
+    runs[run_id] = {k: v for k, v in info.items() if k != "runs"}
+    rows = [dict(r, run=run_id) for r in rows]
+    new_keys = {_key(r) for r in rows}
+    merged = [r for r in old["rows"] if _key(r) not in new_keys] + rows
+    merged.sort(key=lambda r: (r["part"] != "core", r["batch"], r["L"], CONFIGS.index(r["config"])))
+    runs = {k: v for k, v in runs.items() if any(r.get("run") == k for r in merged)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": {**info, "runs": runs}, "rows": merged}, indent=1) + "\n")
     plot(path, merged, info)
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """Parts run on separate GPU leases, each written to its own file, merged in order (a later row replaces an
+    earlier one of the same part, configuration, length and batch)."""
+    for path in paths:
+        data = json.loads(path.read_text())
+        for run_id, info in data["meta"].get("runs", {}).items():
+            write(out, info, [r for r in data["rows"] if r.get("run", run_id) == run_id])
 
 
 def plot(path: Path, rows: list[dict], info: dict) -> None:
@@ -272,7 +288,10 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="also stock_static_compile at L=1024 (decode floor)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the bookkeeping only")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these result files into --out and stop")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.dry_run:
         args.layers, args.new_tokens, args.repeats = 2, 12, 2
         lengths, args.batch_length, args.chunk = args.lengths or [96, 160], 96, 64
@@ -318,6 +337,9 @@ def main() -> None:
                 row = {"config": config, "L": length, "batch": batch, "part": args.part, "status": "not_run",
                        "reason": f"time budget of the run ({args.budget_s:.0f} s) spent"}
             else:
+                pending = {"config": config, "L": length, "batch": batch, "part": args.part, "status": "running",
+                           "reason": "started and never finished: the process was stopped (time limit or crash)"}
+                write(args.out, info, rows + [pending])  # stays in the file if the process is killed
                 row = run_row(model, device, config, length, batch, args, extra)
                 if resolved is not None:
                     row["settings"] = resolved

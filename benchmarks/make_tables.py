@@ -257,7 +257,53 @@ def multi_gpu_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
+def e2e_table() -> str:
+    data = json.loads((RESULTS / "e2e.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    runs = meta["runs"]
+    stock = {(r["L"], r["batch"]): r for r in rows if r["config"] == "stock" and r["status"] == "ok"}
+    first = next(iter(runs.values()))
+    settings = first.get("settings", {}).get("patched_streaming50") or meta["settings"].get("patched_streaming50", {})
+    lines = [
+        f"{meta['device']}, {meta['dtype']}, {meta['model']}, {meta['layers']} layers; torch {first['packages']['torch']}, "
+        f"transformers {first['packages']['transformers']}, triton {first['packages']['triton']}; "
+        f"{len(runs)} runs ({', '.join(sorted({v['commit'][:10] for v in runs.values()}))}). "
+        f"Patched settings: sink {settings.get('sink_size')}, local {settings.get('local_size')}, decode window "
+        f"{settings.get('decode_local_size')}, token budget {settings.get('token_budget')}, reuse "
+        f"{settings.get('reuse_interval')}. TTFT: median of {first['ttft_repeats']} calls after a cold one; decode: "
+        f"{first['decode_formula']}, N = {first['new_tokens']}, lengths seen for the first time (stock: repeated "
+        "lengths in brackets, where cuDNN reuses its plans); memory: peak allocated, and allocated after return minus "
+        "before the call.",
+        "",
+        "| prompt | batch | configuration | TTFT, s | x stock | decode, ms/token | x stock | peak, GiB | x stock | "
+        "after return |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        size = f"{r['L'] // 1024}K" if r["L"] < 2**20 else f"{r['L'] // 2**20}M"
+        if r["status"] != "ok":
+            why = r.get("reason", r.get("error", ""))
+            lines.append(f"| {size} | {r['batch']} | {r['config']} | {r['status']} | | | | | | {why} |")
+            continue
+        base = stock.get((r["L"], r["batch"]))
+        decode = r.get("decode_ms_per_token")
+        decode_text = f"{decode:.1f}" if decode else "n/a"
+        if r.get("decode_ms_per_token_repeated"):
+            decode_text += f" ({r['decode_ms_per_token_repeated']:.1f})"
+        if r.get("compile_s"):
+            decode_text += f", compile {r['compile_s']:.0f} s"
+        ratio = lambda key: (f"{r[key] / base[key]:.2f}" if base and base is not r and r.get(key) and base.get(key)  # noqa: E731
+                             else "")
+        back = r["after_return_gib"] - r["before_gib"]
+        lines.append(
+            f"| {size} | {r['batch']} | {r['config']} | {r['ttft_s']:.2f} | {ratio('ttft_s')} | {decode_text} | "
+            f"{ratio('decode_ms_per_token')} | {r['peak_gib']:.1f} | {ratio('peak_gib')} | "
+            f"{back * 1024:+.0f} MiB |")
+    lines += ["", "![generate() against stock](benchmarks/results/e2e.png)"]
+    return "\n".join(lines)
+
+
+TABLES = {"e2e": e2e_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
           "multi_gpu": multi_gpu_table}
 

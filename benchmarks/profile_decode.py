@@ -9,6 +9,7 @@ and the cost of one trivial eager op on this machine (CPU launch overhead).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import SPARSE, patch  # noqa: E402
 from llama8b import build  # noqa: E402
 
-from sparse_attn_hf import unpatch_model  # noqa: E402
+from sparse_attn_hf import SparseCache, unpatch_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -49,6 +50,8 @@ def main() -> None:
                              return_dict_in_generate=True)
         cache = out.past_key_values
         nxt = out.sequences[:, -1:]
+        decoding = cache.decoding() if isinstance(cache, SparseCache) else contextlib.nullcontext()
+        decoding.__enter__()  # a manual loop on a SparseCache marks its decode steps
         for _ in range(3):  # warm
             nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
@@ -58,6 +61,7 @@ def main() -> None:
                 nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) / 8
+        decoding.__exit__(None, None, None)
         print(f"\n=== {name}: {wall * 1e3:.2f} ms per forward of {args.layers} layers at {args.length} tokens "
               f"(profiled) ===")
         table = prof.key_averages()

@@ -400,18 +400,19 @@ class SparseLayer(CacheLayerMixin):
                 torch.cat([t["sink_pos"], ring_pos, new_pos], dim=1),
                 False,
             )
-        # sinks: the first sink_size real tokens of each row (only the chunk's first tokens can be any)
-        limit = min(n, self.sequence.max_kv_start + self.sink_size - first)
+        # sinks: the first sink_size real tokens of each row (only the chunk's first tokens can be any); sink
+        # slot s of row b holds slot kv_start[b] + s, chunk index kv_start[b] + s - first (no host sync)
+        limit = min(n, self.sequence.max_kv_start + self.sink_size - first)  # chunk tokens that can be sinks
         if self.sink_size and limit > 0:
-            slots = torch.arange(first, first + limit, device=key.device)
-            rel = slots[None, :] - kv_start[:, None]
-            rows, cols = torch.nonzero((rel >= 0) & (rel < self.sink_size), as_tuple=True)
-            sink_slot = rel[rows, cols]
-            head_key = key[:, :, :limit].index_select(1, idx)
-            head_value = value[:, :, :limit].index_select(1, idx)
-            t["sink_key"][rows, :, sink_slot] = head_key[rows, :, cols]
-            t["sink_value"][rows, :, sink_slot] = head_value[rows, :, cols]
-            t["sink_pos"][rows, sink_slot] = slots[cols]
+            column = kv_start[:, None] + torch.arange(self.sink_size, device=key.device)[None, :] - first  # [B, S]
+            here = (column >= 0) & (column < limit)
+            index = column.clamp(0, limit - 1)[:, None, :, None].expand(-1, len(self.stream_heads), -1, key.shape[3])
+            keep = here[:, None, :, None]
+            heads_key = key[:, :, :limit].index_select(1, idx)
+            heads_value = value[:, :, :limit].index_select(1, idx)
+            t["sink_key"].copy_(torch.where(keep, heads_key.gather(2, index), t["sink_key"]))
+            t["sink_value"].copy_(torch.where(keep, heads_value.gather(2, index), t["sink_value"]))
+            t["sink_pos"].copy_(torch.where(here, column + first, t["sink_pos"]))
         # ring: the last ring_size tokens, slot p at index p % ring_size
         keep = min(n, ring_size)
         ring_slots = torch.arange(first + n - keep, first + n, device=key.device)

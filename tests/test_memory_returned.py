@@ -102,3 +102,19 @@ def test_prefill_bookkeeping_allocates_nothing_key_sized():
     dense = layer._tensors["dense_key"][:, :, :2000]
     torch.testing.assert_close(layer._tensors["key_min"][:, :, :500], dense.unflatten(2, (500, 4)).amin(3))
     torch.testing.assert_close(layer._tensors["key_max"][:, :, :500], dense.unflatten(2, (500, 4)).amax(3))
+
+
+@torch.no_grad()
+def test_batch_selection_takes_indices_on_the_cache_device():
+    """Transformers hands batch indices on the model's device (CUDA there): the cache maps its buffers and its
+    own row count with them."""
+    model = _patched()
+    cache = SparseCache(model)
+    ids, mask = left_padded(random_ids(3, 20), [0, 4, 2])
+    model(ids.to(DEVICE), attention_mask=mask.to(DEVICE), past_key_values=cache)
+    keep = torch.tensor([2, 0], device=DEVICE)
+    expected = {name: t[keep] for name, t in cache.layers[0]._tensors.items() if name != "ring_pos"}
+    cache.batch_select_indices(keep)
+    assert cache.layers[0].batch == 2 and cache.sequence.kv_start.tolist() == [2, 0]
+    for name, tensor in expected.items():
+        assert torch.equal(cache.layers[0]._tensors[name], tensor), name
