@@ -272,7 +272,7 @@ def build_model(args, max_len: int):
     return build(args.layers, max_len)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("core", "long"), default="core")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",") if x], default=None)
@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the bookkeeping only")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these result files into --out and stop")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
     if args.dry_run:
@@ -301,7 +301,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("bench_e2e.py measures a GPU; use --dry-run on a CPU.")
         long = args.part == "long"
-        lengths = args.lengths or ([524288, 1048576] if long else [8192, 32768, 131072])
+        lengths = args.lengths if args.lengths is not None else ([524288, 1048576] if long else [8192, 32768, 131072])
         batches = args.batches if args.batches is not None else ([] if long else [4, 8])
         settings = LSERVE
     configs = args.configs or (["stock", "patched_streaming50"] if args.part == "long" else list(CONFIGS))
