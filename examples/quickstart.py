@@ -64,7 +64,8 @@ def quickstart(model, tokenizer, length: int, depth: float, max_new_tokens: int)
     state = model._sparse_attn_state
     cache = SparseCache(model, max_cache_len=prompt.tokens + max_new_tokens - 1)
     sparse_answer, sparse_prefill = run(model, tokenizer, prompt, cache, max_new_tokens)
-    print(f"      answer {sparse_answer!r}, prefill {sparse_prefill:.1f} s", flush=True)
+    print(f"      answer {sparse_answer!r}, prefill {sparse_prefill:.1f} s ({sparse_prefill / dense_prefill:.2f}x dense)",
+          flush=True)
     unpatch_model(model)
 
     print("[4/4] KV cache after generation", flush=True)
@@ -87,6 +88,7 @@ def quickstart(model, tokenizer, length: int, depth: float, max_new_tokens: int)
         "local_size": settings.local_size,
         "dense_prefill_s": round(dense_prefill, 2),
         "sparse_prefill_s": round(sparse_prefill, 2),
+        "sparse_over_dense_prefill": round(sparse_prefill / dense_prefill, 3),
         "cache_tokens": seen,
         "kv_cache_bytes": cache.nbytes(),
         "dynamic_cache_bytes": dense_bytes,

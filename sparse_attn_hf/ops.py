@@ -139,21 +139,28 @@ def sparse_attention(
                 sink=sink, local=local, scale=scale, heads=heads, groups=groups, key_all_heads=key_all_heads,
                 out=out,
             )
-    q_pos = torch.arange(q_first, q_first + q_len, device=query.device).expand(batch, -1)
-    if k_pos is None:
-        k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1)
-    common = dict(q_pos=q_pos, k_pos=k_pos, kv_start=kv_start, streaming=streaming, sink=sink, local=local,
-                  scale=scale, tile=tile)
+    if _backend == "auto" and query.device.type == "cpu" and k_pos is None and bool(streaming.all()):
+        # the CPU path for streaming heads: one fused SDPA call over window tiles (same rule)
+        from .kernels.window_sdpa import streaming_attention_sdpa
+
+        def attend(q, k, v):
+            return streaming_attention_sdpa(q, k, v, q_first=q_first, kv_start=kv_start, sink=sink, local=local,
+                                            scale=scale, tile=tile)
+    else:
+        q_pos = torch.arange(q_first, q_first + q_len, device=query.device).expand(batch, -1)
+        k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1) if k_pos is None else k_pos
+
+        def attend(q, k, v):
+            return sparse_attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start,
+                                              streaming=streaming, sink=sink, local=local, scale=scale, tile=tile)
     if heads is None:
-        result = sparse_attention_reference(query, key, value, **common)
+        result = attend(query, key, value)
         return result if out is None else out.copy_(result)
-    # the reference attends gathered heads; the result is scattered into ``out``
-    grouped = query.unflatten(1, (-1, groups))
-    picked = grouped.index_select(1, heads).flatten(1, 2)
+    # PyTorch paths attend gathered heads; the result is scattered into ``out``
+    picked = query.unflatten(1, (-1, groups)).index_select(1, heads).flatten(1, 2)
     if key_all_heads:
         key, value = key.index_select(1, heads), value.index_select(1, heads)
-    result = sparse_attention_reference(picked, key, value, **common)
-    out.unflatten(2, (-1, groups)).index_copy_(2, heads, result.unflatten(2, (n, groups)))
+    out.unflatten(2, (-1, groups)).index_copy_(2, heads, attend(picked, key, value).unflatten(2, (n, groups)))
     return out
 
 

@@ -42,3 +42,32 @@ def test_dense_route_rejects_more_queries_than_keys():
     q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="Lq <= Lk"):
         ops.dense_attention(q, k, k, kv_start=torch.zeros(1, dtype=torch.long), padded=False, scale=0.25)
+
+
+# batch, q heads, kv heads, q_len, k_len, head_dim, pads, sink, local, tile
+WINDOW_CASES = [
+    (1, 4, 4, 37, 37, 64, [0], 4, 8, 16),  # GQA 1, Lq not a tile multiple
+    (2, 6, 2, 29, 45, 32, [0, 5], 3, 7, 8),  # GQA 3, a chunk after cached keys, left padding
+    (3, 4, 1, 33, 33, 16, [0, 32, 3], 0, 5, 16),  # no sink, a row with one real token
+    (1, 2, 1, 50, 50, 80, [0], 64, 64, 256),  # window and sink cover everything, one tile
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=[f"case{i}" for i in range(len(WINDOW_CASES))])
+def test_cpu_window_tiles_match_the_rule(case, dtype):
+    """The CPU path of streaming heads (one SDPA call over window tiles) against the loop-built mask."""
+    from sparse_attn_hf.kernels.window_sdpa import streaming_attention_sdpa
+
+    batch, heads, kv_heads, q_len, k_len, head_dim, pads, sink, local, tile = case
+    gen = torch.Generator().manual_seed(50 + WINDOW_CASES.index(case))
+    q, k, v = (torch.randn(batch, h, n, head_dim, generator=gen, dtype=torch.float64)
+               for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
+    kv_start = torch.tensor(pads)
+    got = streaming_attention_sdpa(q.to(dtype), k.to(dtype), v.to(dtype), q_first=k_len - q_len, kv_start=kv_start,
+                                   sink=sink, local=local, scale=head_dim**-0.5, tile=tile)
+    slots = torch.arange(k_len).expand(batch, -1)
+    mask = loop_mask(slots[:, k_len - q_len :], slots, kv_start, torch.ones(kv_heads, dtype=torch.bool), sink, local)
+    golden = masked_sdpa(q, k, v, mask, head_dim**-0.5)
+    baseline = masked_sdpa(q.to(dtype), k.to(dtype), v.to(dtype), mask, head_dim**-0.5)
+    assert_close_by_rule(got, golden, baseline)
