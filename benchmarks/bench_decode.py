@@ -31,6 +31,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model, unpatch_model
 from sparse_attn_hf.attention import sparse_attention_forward
 from sparse_attn_hf.cache import PendingKV
+from sparse_attn_hf.compat import CACHE_ARG, cache_of
 from sparse_attn_hf.methods.page_selection import select_pages
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -130,10 +131,10 @@ class StepClock(LogitsProcessor):
 def decode_speed(model, ids, cache=None, **kwargs) -> tuple[float, object]:
     clock = StepClock()
     out = model.generate(ids, max_new_tokens=NEW_TOKENS + 1, min_new_tokens=NEW_TOKENS + 1, do_sample=False,
-                         logits_processor=LogitsProcessorList([clock]), past_key_values=cache,
+                         logits_processor=LogitsProcessorList([clock]), **{CACHE_ARG: cache},
                          return_dict_in_generate=True, **kwargs)
     steps = len(clock.times) - 1  # the first timestamp follows the prefill
-    return steps / (clock.times[-1] - clock.times[0]), out.past_key_values
+    return steps / (clock.times[-1] - clock.times[0]), cache_of(out)
 
 
 def cache_bytes(cache) -> int:

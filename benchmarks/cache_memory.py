@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from sparse_attn_hf import Profile, SparseConfig, patch_model
+from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
@@ -40,9 +41,9 @@ def main() -> None:
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                                  return_dict_in_generate=True)
-            cache = out.past_key_values
+            cache = cache_of(out)
             dynamic = DynamicCache(config=config)
-            model(out.sequences[:, : cache.get_seq_length()], past_key_values=dynamic)
+            model(out.sequences[:, : cache.get_seq_length()], **{CACHE_ARG: dynamic})
         seen = cache.get_seq_length()
         dynamic_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dynamic.layers)
         row = {

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model
+from sparse_attn_hf.compat import cache_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llama8b import build  # noqa: E402
@@ -71,7 +72,7 @@ def size(length: int, chunk: int) -> list[dict]:
         seconds = time.perf_counter() - start
         rows.append({"test": "8b_chunked_prefill", "L": length, "chunk": chunk, "streaming_fraction": fraction,
                      "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                     "weights_gib": weights / 2**30, "cache_gib": out.past_key_values.nbytes() / 2**30,
+                     "weights_gib": weights / 2**30, "cache_gib": cache_of(out).nbytes() / 2**30,
                      "gpu_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
                      "device": torch.cuda.get_device_name()})
         print(rows[-1], flush=True)

@@ -23,6 +23,7 @@ from bench_decode import SPARSE, patch  # noqa: E402
 from llama8b import build  # noqa: E402
 
 from sparse_attn_hf import SparseCache, unpatch_model  # noqa: E402
+from sparse_attn_hf.compat import CACHE_ARG, cache_of  # noqa: E402
 
 
 @torch.no_grad()
@@ -46,19 +47,19 @@ def main() -> None:
         if name == "patched":
             patch(model, **SPARSE)
         cache = DynamicCache(config=model.config) if name == "stock" else None
-        out = model.generate(ids, max_new_tokens=9, min_new_tokens=9, do_sample=False, past_key_values=cache,
+        out = model.generate(ids, max_new_tokens=9, min_new_tokens=9, do_sample=False, **{CACHE_ARG: cache},
                              return_dict_in_generate=True)
-        cache = out.past_key_values
+        cache = cache_of(out)
         nxt = out.sequences[:, -1:]
         decoding = cache.decoding() if isinstance(cache, SparseCache) else contextlib.nullcontext()
         decoding.__enter__()  # a manual loop on a SparseCache marks its decode steps
         for _ in range(3):  # warm
-            nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, **{CACHE_ARG: cache}).logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
             for _ in range(8):
-                nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+                nxt = model(nxt, **{CACHE_ARG: cache}).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) / 8
         decoding.__exit__(None, None, None)

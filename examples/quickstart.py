@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from sparse_attn_hf import SparseCache, patch_model, unpatch_model
+from sparse_attn_hf.compat import CACHE_ARG  # "cache" from Transformers 5.24 on, "past_key_values" before
 from sparse_attn_hf.default_model import load_default_model
 from sparse_attn_hf.eval.passkey import make_keys, passkey_prompt
 
@@ -29,9 +30,9 @@ def run(model, tokenizer, prompt, cache, max_new_tokens: int) -> tuple[str, floa
     ids = prompt.input_ids
     start = time.perf_counter()
     with torch.no_grad():
-        model(ids[:, :-1], past_key_values=cache)
+        model(ids[:, :-1], **{CACHE_ARG: cache})
     prefill = time.perf_counter() - start
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+    out = model.generate(ids, **{CACHE_ARG: cache}, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), prefill
 
 

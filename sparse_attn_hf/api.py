@@ -15,6 +15,7 @@ from . import models
 from ._log import log_once, logger
 from .attention import ATTENTION_NAME, sparse_attention_forward, sparse_attention_mask
 from .cache import SparseCache
+from .compat import CACHE_ARG, CACHE_KEYWORDS
 from .config import SparseConfig
 from .ops import check_dtype
 from .padding import left_padding_starts
@@ -159,11 +160,12 @@ def _reject_empty_input(module, args, kwargs):
 
 def _generate_with_sparse_cache(model):
     """``model.generate`` that builds a SparseCache when the caller passes no cache, and marks the decoding
-    loop of a SparseCache (one-token forwards past the prompt) as decode steps. It holds the model weakly and
-    the class's function, not a bound method: the model's own attribute makes no reference cycle."""
+    loop of a SparseCache (one-token forwards past the prompt) as decode steps. A cache given under either
+    keyword (``cache``, ``past_key_values``) is passed under the one the installed Transformers takes. It holds
+    the model weakly and the class's function, not a bound method: the model's own attribute makes no
+    reference cycle."""
     model_ref = weakref.ref(model)
     generate = type(model).generate
-    cache_keyword = cache_argument_name()
 
     @functools.wraps(generate)
     def wrapped(*args, **kwargs):
@@ -174,9 +176,10 @@ def _generate_with_sparse_cache(model):
         chose_cache = kwargs.get("cache_implementation", generation_config.cache_implementation) is not None
         if given is None and wants_cache and not chose_cache:
             given = SparseCache(model, max_cache_len=_length_hint(args, kwargs, generation_config))
-            for name in CACHE_KEYWORDS:
-                kwargs.pop(name, None)  # an explicit None would be a second (deprecated) cache argument
-            kwargs[cache_keyword] = given
+        for name in CACHE_KEYWORDS:
+            kwargs.pop(name, None)  # one cache argument, under the installed release's name
+        if given is not None:
+            kwargs[CACHE_ARG] = given
         if not isinstance(given, SparseCache):
             return generate(model, *args, **kwargs)
         with given.decoding(prompt_end=_prompt_end(args, kwargs, given)):
@@ -184,18 +187,6 @@ def _generate_with_sparse_cache(model):
 
     wrapped._sparse_attn_hf = True
     return wrapped
-
-
-CACHE_KEYWORDS = ("cache", "past_key_values")
-
-
-def cache_argument_name() -> str:
-    """The keyword under which the installed Transformers takes a cache: ``cache`` from 5.24 on (where
-    ``past_key_values`` is deprecated), ``past_key_values`` before."""
-    from packaging.version import Version
-    import transformers
-
-    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
 def _input_tensor(args, kwargs):

@@ -225,7 +225,8 @@ class SparseLayer(CacheLayerMixin):
         raise ValueError(
             "SparseCache cannot crop: streaming heads keep a ring buffer whose overwritten tokens are gone. "
             "Features that roll the cache back (assisted or prompt-lookup decoding) need "
-            "generate(past_key_values=DynamicCache(config=model.config)) on the patched model."
+            "generate(cache=DynamicCache(config=model.config)) (past_key_values= before Transformers 5.24) on the "
+            "patched model."
         )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -431,19 +432,20 @@ class SparseCache(Cache):
         max_cache_len: tokens to allocate for dense heads up front (``generate()`` passes prompt +
             new tokens); the buffer doubles past it.
 
-    Example:
+    Example (Transformers 5.24 and newer take ``cache=``, earlier releases ``past_key_values=``;
+    ``sparse_attn_hf.compat.CACHE_ARG`` names the installed one):
         >>> cache = SparseCache(model)
-        >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+        >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)
         >>> cache.nbytes(), cache.dynamic_cache_nbytes()
 
     A decoding loop of your own marks its steps with :meth:`decoding`::
 
         >>> cache = SparseCache(model)
-        >>> logits = model(prompt_ids, past_key_values=cache).logits          # prefill
+        >>> logits = model(prompt_ids, cache=cache).logits                   # prefill
         >>> with cache.decoding():                                           # one-token steps decode
         ...     for _ in range(32):
         ...         token = logits[:, -1:].argmax(-1)
-        ...         logits = model(token, past_key_values=cache).logits
+        ...         logits = model(token, cache=cache).logits
     """
 
     def __init__(self, model, max_cache_len: int | None = None):

@@ -17,3 +17,8 @@ def default_model():
 
     torch.manual_seed(0)
     return load_default_model()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "compat: the fast subset that CI also runs on the oldest supported Transformers release (.ci/run)")

@@ -12,10 +12,10 @@ VOCAB = 96
 
 
 def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, layers: int = 2, head_dim: int = 16,
-               dtype=torch.float32, seed: int = 0):
+               dtype=torch.float32, seed: int = 0, vocab: int = VOCAB):
     """A random tiny ``*ForCausalLM`` of ``family`` (no download)."""
     common = dict(
-        vocab_size=VOCAB, hidden_size=16 * heads, intermediate_size=96, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=16 * heads, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
@@ -29,9 +29,32 @@ def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, laye
         from transformers import Glm4Config, GlmConfig
 
         config = (GlmConfig if family == "glm" else Glm4Config)(**common)
-    elif family == "internlm3":
-        from transformers import InternLM3Config  # not in every 5.x release
+    elif family == "qwen3":
+        from transformers import Qwen3Config
 
+        config = Qwen3Config(**common)
+    elif family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        config = Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                decoder_sparse_step=1, mlp_only_layers=[0])  # layer 0 dense MLP, the rest MoE
+    elif family in ("phi3", "phi3_longrope"):
+        from transformers import Phi3Config
+
+        extra = {}
+        if family == "phi3_longrope":  # LongRoPE: per-frequency factors, the long ones past the original length
+            half = common["head_dim"] // 2
+            extra = dict(original_max_position_embeddings=16, rope_scaling={
+                "type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(half)],
+                "long_factor": [1.5 + 0.1 * i for i in range(half)]})
+        config = Phi3Config(**{k: v for k, v in common.items() if k != "head_dim"}, **extra)
+    elif family == "internlm3":
+        try:
+            from transformers import InternLM3Config  # not in every 5.x release
+        except ImportError:
+            import pytest
+
+            pytest.skip("this transformers release has no InternLM3")
         config = InternLM3Config(**common)
     else:
         raise ValueError(family)

@@ -7,6 +7,8 @@ from transformers import AttentionInterface, DynamicCache
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
 
+pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
+
 SINK, LOCAL = 3, 8
 SETTINGS = SparseConfig(sink_size=SINK, local_size=LOCAL, streaming_fraction=0.5)
 

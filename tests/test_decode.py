@@ -12,6 +12,8 @@ from sparse_attn_hf.kernels.reference import page_scores, physical_page_scores_r
 from sparse_attn_hf.kernels.selection import physical_page_scores_triton
 from sparse_attn_hf.methods.page_selection import select_pages
 
+pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
+
 
 # ------------------------------------------------------------------ selection
 def _stats(keys: torch.Tensor, logical: int, kv_start: torch.Tensor):
@@ -180,7 +182,8 @@ def _patched(family="llama", budget=4096, reuse=4, fraction=0.5, decode_local=No
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llama", "qwen2", "internlm3", "glm", "glm4"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "internlm3", "glm", "glm4", "qwen3", "qwen3_moe", "phi3",
+                                    "phi3_longrope"])
 def test_budget_covering_the_context_equals_dense(family):
     if family == "internlm3":
         pytest.importorskip("transformers", minversion="5.0")

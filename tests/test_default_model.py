@@ -69,6 +69,7 @@ def test_next_token_agreement_on_story_text(default_model):
     assert streaming["mean_kl"] > 1e-4  # streaming heads do change something
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the example uses the installed release's cache keyword
 def test_quickstart_runs_and_reports(default_model, capsys):
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
     quickstart = importlib.util.module_from_spec(spec)

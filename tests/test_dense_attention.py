@@ -8,6 +8,8 @@ from helpers import assert_close_by_rule, loop_mask, masked_sdpa
 
 from sparse_attn_hf import ops
 
+pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
+
 # batch, q heads, kv heads, q_len, k_len, head_dim, pads
 CASES = [
     (1, 4, 4, 37, 37, 64, [0]),  # GQA 1, one shot

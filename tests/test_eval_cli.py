@@ -15,6 +15,9 @@ from sparse_attn_hf.eval.haystack import haystack_text
 from sparse_attn_hf.eval.needle import DEFAULT_NEEDLE, hide, needle_prompt, retrieval_score
 from sparse_attn_hf.eval.passkey import _OVERHEAD, ANSWER_PREFIX, NEEDLE, QUESTION, passkey_prompt
 
+# the command lines pass caches under the installed release's keyword: no deprecation warning
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

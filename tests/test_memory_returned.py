@@ -12,6 +12,8 @@ from helpers import left_padded, random_ids, tiny_model
 import sparse_attn_hf.api as api
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model, unpatch_model
 
+pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
+
 SETTINGS = SparseConfig(sink_size=2, local_size=8, decode_local_size=4, page_size=16, logical_page_size=4,
                         token_budget=32, streaming_fraction=0.5)
 

@@ -9,8 +9,11 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from sparse_attn_hf import Profile, SparseCache, patch_model, patched, unpatch_model
 
+pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
+
 FAMILIES = [("llama", 4, 4), ("mistral", 6, 2), ("qwen2", 8, 2), ("internlm3", 16, 1),  # GQA 1, 3, 4, 16
-            ("glm", 4, 2), ("glm4", 6, 2)]
+            ("glm", 4, 2), ("glm4", 6, 2), ("qwen3", 6, 2), ("qwen3_moe", 4, 2), ("phi3", 6, 3),
+            ("phi3_longrope", 4, 2)]  # LongRoPE: the inputs run past its original 16 positions (long factors)
 
 
 @pytest.fixture(params=FAMILIES, ids=[f"{f}-gqa{h // k}" for f, h, k in FAMILIES])
@@ -97,9 +100,11 @@ def test_bad_models_are_rejected():
         SparseCache(model)
 
     windowed = tiny_model("mistral")
-    windowed.config.sliding_window = 4096
+    windowed.config.sliding_window = 256  # binds below its 1024 positions
     with pytest.raises(ValueError, match="sliding-window"):
         patch_model(windowed, Profile.all_dense(windowed))
+    windowed.config.sliding_window = 1024  # no input can exceed it (Phi-3-128k's 262144): full attention
+    unpatch_model(patch_model(windowed, Profile.all_dense(windowed)))
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="'gpt2' .* is not supported"):
         patch_model(gpt2)
@@ -150,3 +155,28 @@ def test_sparse_profile_same_through_every_path(model):
                              + [model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(30, 40)], dim=1)
     torch.testing.assert_close(stepwise, whole, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(whole, dense, atol=1e-3)
+
+
+@torch.no_grad()
+def test_no_deprecation_warning_from_the_package():
+    """On Transformers 5.24+ the cache keyword is ``cache``: the package passes its caches under the name the
+    installed release takes, whichever name the caller used."""
+    import warnings
+
+    from sparse_attn_hf.compat import CACHE_ARG, cache_of
+
+    model = tiny_model("llama", heads=6, kv_heads=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(3))
+    patch_model(model, Profile.from_scores(model, scores))
+    ids = random_ids(1, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        expected = _greedy(model, ids)
+        for name in ("cache", "past_key_values"):  # either name reaches the cache on any release
+            cache = SparseCache(model)
+            assert torch.equal(_greedy(model, ids, **{name: cache}), expected)
+            assert cache.get_seq_length() == ids.shape[1] + 5
+        out = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True)
+        assert isinstance(cache_of(out), SparseCache)
+        model(ids, **{CACHE_ARG: SparseCache(model)})
+    unpatch_model(model)

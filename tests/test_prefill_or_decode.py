@@ -9,6 +9,8 @@ from transformers import DynamicCache
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
 
+pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
+
 # decode window (4) < local window (16) and a budget (2 pages of 16) far below the prompt: a prompt token
 # mistaken for a decode step would see fewer keys and change the logits
 SETTINGS = SparseConfig(sink_size=2, local_size=16, decode_local_size=4, page_size=16, logical_page_size=4,

@@ -15,6 +15,9 @@ from sparse_attn_hf.profiler.calibration import Calibration, length_grid
 from sparse_attn_hf.profiler.duo_import import import_duo, read_gates
 from sparse_attn_hf.profiler.gates import GateSettings, _lr_factor, train_gates
 
+# the command lines pass caches under the installed release's keyword: no deprecation warning
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 LAYERS, KV_HEADS = 2, 2
 TINY_ARGS = ["--lengths", "200,260", "--sink", "8", "--local", "32", "--text-tokens", "128", "--dense-below", "0",
              "--crossover-lengths", "256,512"]  # timed on a GPU only
@@ -311,3 +314,28 @@ def test_activation_checkpointing_gives_the_same_gates(tiny):
     assert torch.allclose(plain.gates, recomputed.gates, atol=1e-6)
     assert not model.training  # left as it was
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "phi3"])
+def test_profiler_runs_on_newer_families(family):
+    """Gate training and the statistics scorer on tiny Qwen3, Qwen3-MoE and Phi-3 models; the scores make a
+    profile that patches the model."""
+    from helpers import tiny_model
+
+    from sparse_attn_hf.profiler.attention_stats import stats_scores
+
+    tokenizer = _tokenizer()
+    model = tiny_model(family, heads=4, kv_heads=KV_HEADS, layers=LAYERS, vocab=len(tokenizer))
+    calibration = Calibration.from_text(tokenizer, held_out=128)
+    result = train_gates(model, calibration, GateSettings(steps=3, lr=0.05, sink=8, local=32, lengths=(200, 260),
+                                                          seed=3))
+    assert result.gates.shape == (LAYERS, KV_HEADS) and (result.gates < 1).any()
+    scores = stats_scores(model, calibration, calibration.samples(2, (200, 260), seed=1), sink=8, local=32,
+                          text_tokens=128)
+    assert scores.shape == (LAYERS, KV_HEADS) and ((scores >= 0) & (scores <= 1)).all()
+    patch_model(model, Profile.from_scores(model, result.gates))
+    try:
+        ids = calibration.samples(1, (200, 200), seed=2)[0].input_ids
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    finally:
+        unpatch_model(model)

@@ -24,6 +24,12 @@ FAMILIES = (
     # partial interleaved rotary embedding before the attention function, so nothing here touches it
     Family("glm", ("glm",)),
     Family("glm4", ("glm4",)),
+    # Qwen3 and Qwen3-MoE normalize q and k per head (q_norm, k_norm) before RoPE, inside the model: the attention
+    # function sees the same RoPE-applied queries and keys as Llama's; the MoE changes the MLP only
+    Family("qwen3", ("qwen3",)),
+    Family("qwen3_moe", ("qwen3_moe",)),
+    # Phi-3 / Phi-4: fused qkv_proj split by the model, LongRoPE (short and long factors) applied before
+    Family("phi3", ("phi3",)),
 )
 
 # model types that only exist as remote code, which does not run on Transformers 5.x
@@ -54,7 +60,10 @@ def family_for(model) -> Family:
             f"supported: {', '.join(supported_model_types())}."
         )
     layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in layer_types:
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window >= getattr(config, "max_position_embeddings", float("inf")):
+        window = None  # a window no input can exceed never binds (Phi-3-128k's 262144): full attention
+    if window is not None or "sliding_attention" in layer_types:
         raise ValueError(
             f"this {model_type} model uses native sliding-window attention (sliding_window="
             f"{getattr(config, 'sliding_window', None)}), which sparse_attn_hf does not combine with its own "
