@@ -188,6 +188,23 @@ def test_converted_logits_match_original_reference(tmp_path, case):
     assert model.config.rope_parameters["rope_theta"] == config["rope_theta"]
 
 
+@torch.no_grad()
+def test_dynamic_rope_differs_exactly_where_documented(tmp_path):
+    """Transformers keeps the largest dynamic-NTK base of the calls so far (until a call within
+    max_position_embeddings); InternLM2 computes it per call. A long call after a longer one differs; a call
+    within the limit resets, and the long call matches again."""
+    config, tensors = write_original(tmp_path / "src", **CASES["dynamic"])  # max_position_embeddings 8
+    convert_internlm2(tmp_path / "src", tmp_path / "dst")
+    model = _load(tmp_path / "dst")
+    ids = _ids(1, 16)
+    expected = reference_logits(config, tensors, ids[:, :13])
+    torch.testing.assert_close(model(ids[:, :13]).logits.double(), expected, rtol=1e-4, atol=1e-4)  # first call
+    model(ids)  # 16 tokens: a larger base, kept
+    assert (model(ids[:, :13]).logits.double() - expected).abs().max() > 1e-3  # the documented difference
+    model(ids[:, :6])  # within the limit: back to the plain base
+    torch.testing.assert_close(model(ids[:, :13]).logits.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def _marked_checkpoint(folder, heads, kv_heads, bias):
     config, tensors = write_original(folder, heads=heads, kv_heads=kv_heads, bias=bias)
     rows = tensors["model.layers.1.attention.wqkv.weight"].shape[0]

@@ -9,9 +9,8 @@ writes safetensors that ``LlamaForCausalLM.from_pretrained(dst)`` loads without 
 
 Rotary scaling: ``{"type": "linear"}`` is exact (InternLM2 divides positions by the factor, Transformers
 divides the frequencies). ``{"type": "dynamic"}`` uses the same NTK formula and the same trigger
-(longest position + 1 > ``max_position_embeddings``); the one difference is that Transformers returns
-to the unscaled base when a later call is short again, while InternLM2's remote code keeps the last
-enlarged base for the rest of the process (see ``_rope_parameters``).
+(longest position + 1 > ``max_position_embeddings``), but the base of a call depends on the calls before it
+in Transformers: see ``_rope_parameters`` for exactly when the converted model differs.
 
 Tokenizer: InternLM2Tokenizer is remote code on top of sentencepiece; Transformers 5.x has no native
 class for it, and building a Llama tokenizer from ``tokenizer.model`` needs ``sentencepiece`` and
@@ -140,10 +139,15 @@ def _rope_parameters(config: dict, head_dim: int) -> tuple[dict, str]:
 
     * linear: positions ``t / f``; Transformers' "linear" uses ``inv_freq / f``: the same angles.
     * dynamic: when the longest position + 1 (``L``) exceeds ``M``, the base becomes
-      ``b * (f * L / M - (f - 1)) ** (dim / (dim - 2))``; Transformers' "dynamic" computes the same
-      base under the same trigger and grows it with the sequence as InternLM2 does. Transformers
-      resets to ``b`` when a later call is shorter than ``M``; InternLM2's remote code keeps the last
-      enlarged base, so after one long call its short calls differ from a fresh process.
+      ``b * (f * L / M - (f - 1)) ** (dim / (dim - 2))``. InternLM2's code computes it from each call's own
+      ``L``. Transformers' "dynamic" computes the same formula but keeps the largest base it has computed:
+      the base grows with ``L`` and never shrinks while calls stay longer than ``M``, and the first call with
+      ``L < M`` returns it to ``b``. So the converted model gives InternLM2's logits for a first call, for a
+      call longer than every call before it and for calls within ``M``; a call longer than ``M`` but shorter
+      than an earlier one uses the earlier, larger base (tests/test_convert_internlm2.py, a tiny checkpoint with
+      ``M`` = 8 and factor 2.5: a 13-token call after a 16-token call differs by up to 0.32 in logits of
+      magnitude 5). To get InternLM2's base for such a call, reload the model or make a call within ``M``
+      first.
     """
     theta = float(config.get("rope_theta", 10000.0))
     scaling = config.get("rope_scaling")
@@ -165,9 +169,10 @@ def _rope_parameters(config: dict, head_dim: int) -> tuple[dict, str]:
                 "factor, Transformers the frequencies)")
     else:
         note = (f"dynamic NTK scaling, factor {factor:g}, theta {theta:g}: same formula and trigger as InternLM2 "
-                f"(base grows once the longest position + 1 exceeds max_position_embeddings="
-                f"{config.get('max_position_embeddings')}); difference: Transformers returns to the plain base "
-                "when a later call is short again, InternLM2's remote code keeps the last enlarged base")
+                f"(the base grows once the longest position + 1 exceeds max_position_embeddings="
+                f"{config.get('max_position_embeddings')}); difference: Transformers keeps the largest base of "
+                "the calls so far until a call within max_position_embeddings, InternLM2 computes it per call, so "
+                "a long call after a longer one differs")
     return rope, note
 
 
