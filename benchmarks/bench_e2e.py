@@ -251,7 +251,8 @@ def plot(path: Path, rows: list[dict], info: dict) -> None:
         ax.set_xlabel("prompt tokens (batch 1)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].lines:
+        axes[0].legend(fontsize=8)
     fig.suptitle(f"generate() on a Llama-3-8B-shaped model ({info['layers']} layers, random weights), {info['device']}",
                  fontsize=9)
     fig.tight_layout()

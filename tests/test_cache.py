@@ -6,6 +6,7 @@ from helpers import left_padded, loop_mask, masked_sdpa, random_ids, tiny_model
 from transformers import AttentionInterface, DynamicCache
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
+from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
 
@@ -53,7 +54,7 @@ def test_streaming_heads_match_independent_masks(model):
     ids, mask = left_padded(random_ids(2, 30), [0, 6])
     expected = _independent_logits(model, ids, mask)
     for cache in (None, DynamicCache(config=model.config), SparseCache(model)):
-        logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+        logits = model(ids, attention_mask=mask, **{CACHE_ARG: cache}).logits
         real = mask.bool()
         torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-5)
 
@@ -75,8 +76,8 @@ def test_sparse_cache_decode_matches_dynamic_cache(model):
     common = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
                   output_logits=True)
     ours = model.generate(ids, **common)
-    theirs = model.generate(ids, past_key_values=DynamicCache(config=model.config), **common)
-    assert isinstance(ours.past_key_values, SparseCache)
+    theirs = model.generate(ids, **{CACHE_ARG: DynamicCache(config=model.config)}, **common)
+    assert isinstance(cache_of(ours), SparseCache)
     assert torch.equal(ours.sequences, theirs.sequences)
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), rtol=1e-4, atol=1e-5)
 
@@ -86,12 +87,12 @@ def test_beam_search_and_sampling_match_dynamic_cache(model):
     ids = random_ids(2, 20)
     beams = dict(max_new_tokens=8, num_beams=3, do_sample=False)
     assert torch.equal(model.generate(ids, **beams),
-                       model.generate(ids, past_key_values=DynamicCache(config=model.config), **beams))
+                       model.generate(ids, **{CACHE_ARG: DynamicCache(config=model.config)}, **beams))
     sampled = []
     for cache in (None, DynamicCache(config=model.config)):
         torch.manual_seed(3)
         sampled.append(model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=2,
-                                      past_key_values=cache))
+                                      **{CACHE_ARG: cache}))
     assert torch.equal(*sampled)
 
 
@@ -112,7 +113,7 @@ def test_manual_chunks_grow_the_cache_past_its_capacity(model):
     ids = random_ids(2, 150)
     expected = model(ids).logits
     cache = SparseCache(model)  # no length hint: starts at one chunk, then doubles
-    pieces = [model(ids[:, a:b], past_key_values=cache).logits for a, b in ((0, 10), (10, 75), (75, 76), (76, 150))]
+    pieces = [model(ids[:, a:b], **{CACHE_ARG: cache}).logits for a, b in ((0, 10), (10, 75), (75, 76), (76, 150))]
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-4, atol=1e-5)
     assert cache.get_seq_length() == 150
     assert all(layer.capacity >= 150 for layer in cache.layers if len(layer.dense_idx))
@@ -128,14 +129,14 @@ def test_streaming_heads_hold_constant_memory_and_bytes_match_prediction(model):
     ids = random_ids(1, 100)
     short = model.generate(ids[:, :40], max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
     long = model.generate(ids, max_new_tokens=29, do_sample=False, return_dict_in_generate=True)
-    assert _stream_bytes(short.past_key_values) == _stream_bytes(long.past_key_values) > 0
-    cache = long.past_key_values
+    assert _stream_bytes(cache_of(short)) == _stream_bytes(cache_of(long)) > 0
+    cache = cache_of(long)
     length = 128  # 100 prompt + 29 new, the last never fed back: two full 64-token pages, no rounding
     assert cache.get_seq_length() == length
     s = float(model._sparse_attn_state.streaming.float().mean())
     predicted = (1 - s) * (1 + 1 / 16) + s * (SINK + LOCAL) / length
     dynamic = DynamicCache(config=model.config)
-    model(long.sequences[:, :length], past_key_values=dynamic)
+    model(long.sequences[:, :length], **{CACHE_ARG: dynamic})
     dynamic_bytes = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
     assert cache.dynamic_cache_nbytes() == dynamic_bytes
     slot_tables = sum(layer._tensors[name].nbytes for layer in cache.layers for name in ("sink_pos", "ring_pos")
@@ -149,9 +150,9 @@ def test_streaming_heads_hold_constant_memory_and_bytes_match_prediction(model):
 def test_page_statistics_are_min_max_of_real_keys(model):
     ids, mask = left_padded(random_ids(2, 45), [0, 21])
     cache = SparseCache(model)
-    model(ids, attention_mask=mask, past_key_values=cache)
+    model(ids, attention_mask=mask, **{CACHE_ARG: cache})
     model(random_ids(2, 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-          past_key_values=cache)
+          **{CACHE_ARG: cache})
     for layer in (layer for layer in cache.layers if len(layer.dense_idx)):
         keys = layer._tensors["dense_key"][:, :, : layer.seen]
         for b, start in enumerate((0, 21)):
@@ -167,14 +168,14 @@ def test_page_statistics_are_min_max_of_real_keys(model):
 def test_cache_misuse_is_rejected(model):
     cache = SparseCache(model)
     with torch.no_grad():
-        model(random_ids(2, 5), past_key_values=cache)
+        model(random_ids(2, 5), **{CACHE_ARG: cache})
         with pytest.raises(ValueError, match="batch size 2"):
-            model(random_ids(3, 1), past_key_values=cache)
+            model(random_ids(3, 1), **{CACHE_ARG: cache})
         with pytest.raises(ValueError, match="cannot crop"):
             cache.crop(-1)
         other = tiny_model("llama", heads=6, kv_heads=2, layers=3)
         patch_model(other, _mixed(other), SETTINGS)
         with pytest.raises(ValueError, match="another model"):
-            other(random_ids(2, 1), past_key_values=cache)
+            other(random_ids(2, 1), **{CACHE_ARG: cache})
         with pytest.raises(ValueError, match="not left padding"):
             model(random_ids(1, 4), attention_mask=torch.tensor([[1, 0, 1, 1]]))

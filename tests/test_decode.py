@@ -11,6 +11,7 @@ from sparse_attn_hf.kernels.reference import DecodeKV, paged_decode_reference
 from sparse_attn_hf.kernels.reference import page_scores, physical_page_scores_reference
 from sparse_attn_hf.kernels.selection import physical_page_scores_triton
 from sparse_attn_hf.methods.page_selection import select_pages
+from sparse_attn_hf.compat import CACHE_ARG
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
 
@@ -242,7 +243,7 @@ def test_small_budget_changes_the_result_and_continuation_reselects():
     ids = random_ids(1, 120, seed=6).to(DEVICE)
     sparse = model(ids).logits  # prefill is not affected by the budget
     cache = SparseCache(model)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False,
+    out = model.generate(ids, **{CACHE_ARG: cache}, max_new_tokens=4, do_sample=False,
                          return_dict_in_generate=True, output_logits=True)
     full = _patched(budget=1024, fraction=0.0, layers=2)
     dense = full.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -250,7 +251,7 @@ def test_small_budget_changes_the_result_and_continuation_reselects():
     assert not torch.allclose(out.logits[-1], dense.logits[-1]), "a 2-page budget should change later steps"
     assert sparse.shape[1] == 120
     more = torch.cat([out.sequences, random_ids(1, 5, seed=7).to(DEVICE)], dim=1)
-    model.generate(more, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    model.generate(more, **{CACHE_ARG: cache}, max_new_tokens=2, do_sample=False)
     assert all("pages" in layer._tensors for layer in cache.layers)  # decoding after the continuation selected
     torch.manual_seed(0)
     sampled = model.generate(ids, do_sample=True, top_k=5, max_new_tokens=6, min_new_tokens=6)  # sampling with selection active

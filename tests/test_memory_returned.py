@@ -11,6 +11,7 @@ from helpers import left_padded, random_ids, tiny_model
 
 import sparse_attn_hf.api as api
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model, unpatch_model
+from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
 
@@ -51,7 +52,7 @@ def test_the_cache_of_a_finished_generate_is_freed(no_collector, monkeypatch):
     assert len(made) == 1 and made[0]() is None, "the SparseCache outlived generate()"
     out = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=4, num_beams=2,
                          do_sample=False, return_dict_in_generate=True)
-    assert made[1]() is out.past_key_values  # returned: alive while the caller holds it ...
+    assert made[1]() is cache_of(out)  # returned: alive while the caller holds it ...
     del out
     assert made[1]() is None  # ... and freed as soon as the caller drops it
 
@@ -113,7 +114,7 @@ def test_batch_selection_takes_indices_on_the_cache_device():
     model = _patched()
     cache = SparseCache(model)
     ids, mask = left_padded(random_ids(3, 20), [0, 4, 2])
-    model(ids.to(DEVICE), attention_mask=mask.to(DEVICE), past_key_values=cache)
+    model(ids.to(DEVICE), attention_mask=mask.to(DEVICE), **{CACHE_ARG: cache})
     keep = torch.tensor([2, 0], device=DEVICE)
     expected = {name: t[keep] for name, t in cache.layers[0]._tensors.items() if name != "ring_pos"}
     cache.batch_select_indices(keep)

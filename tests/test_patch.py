@@ -8,6 +8,7 @@ from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from sparse_attn_hf import Profile, SparseCache, patch_model, patched, unpatch_model
+from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
 
@@ -50,17 +51,17 @@ def test_all_dense_left_padded_batch_and_continuation():
                            return_dict_in_generate=True)
     follow = torch.cat([first.sequences, random_ids(3, 4, seed=9)], dim=1)
     follow_mask = torch.cat([mask, torch.ones(3, follow.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
-    expected = model.generate(follow, attention_mask=follow_mask, past_key_values=first.past_key_values,
+    expected = model.generate(follow, attention_mask=follow_mask, **{CACHE_ARG: cache_of(first)},
                               max_new_tokens=5, do_sample=False)
 
     patch_model(model, Profile.all_dense(model))
     out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, SparseCache)
+    assert isinstance(cache_of(out), SparseCache)
     assert torch.equal(out.sequences, first.sequences)
-    again = model.generate(follow, attention_mask=follow_mask, past_key_values=out.past_key_values,
+    again = model.generate(follow, attention_mask=follow_mask, **{CACHE_ARG: cache_of(out)},
                            max_new_tokens=5, do_sample=False)
     assert torch.equal(again, expected)
-    assert out.past_key_values.get_seq_length() == follow.shape[1] + 4  # tokens seen, not stored
+    assert cache_of(out).get_seq_length() == follow.shape[1] + 4  # tokens seen, not stored
 
 
 @torch.no_grad()
@@ -71,7 +72,7 @@ def test_prompt_of_one_token_and_caller_caches():
     logits = model(random_ids(2, 9)).logits
     with patched(model, Profile.all_dense(model)):
         assert torch.equal(_greedy(model, ids), expected)
-        assert torch.equal(_greedy(model, ids, past_key_values=DynamicCache(config=model.config)), expected)
+        assert torch.equal(_greedy(model, ids, **{CACHE_ARG: DynamicCache(config=model.config)}), expected)
         torch.testing.assert_close(model(random_ids(2, 9), use_cache=False).logits, logits, rtol=1e-4, atol=1e-5)
 
 
@@ -151,8 +152,8 @@ def test_sparse_profile_same_through_every_path(model):
                                                                           local_size=6)):
         whole = model(ids).logits
         cache = SparseCache(model)
-        stepwise = torch.cat([model(ids[:, :30], past_key_values=cache).logits]
-                             + [model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(30, 40)], dim=1)
+        stepwise = torch.cat([model(ids[:, :30], **{CACHE_ARG: cache}).logits]
+                             + [model(ids[:, i : i + 1], **{CACHE_ARG: cache}).logits for i in range(30, 40)], dim=1)
     torch.testing.assert_close(stepwise, whole, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(whole, dense, atol=1e-3)
 

@@ -8,6 +8,7 @@ from helpers import random_ids, tiny_model
 from transformers import DynamicCache
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
+from sparse_attn_hf.compat import CACHE_ARG
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
 
@@ -37,7 +38,7 @@ def test_one_token_chunks_are_prefill(model, pieces):
     ids = random_ids(1, PROMPT).to(DEVICE)
     expected = model(ids).logits
     cache = SparseCache(model)
-    got = torch.cat([model(ids[:, a:b], past_key_values=cache).logits for a, b in pieces], dim=1)
+    got = torch.cat([model(ids[:, a:b], **{CACHE_ARG: cache}).logits for a, b in pieces], dim=1)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not any("pages" in layer._tensors for layer in cache.layers), "no page selection in prefill"
 
@@ -57,8 +58,8 @@ def test_model_prefill_then_generate_feeds_the_last_prompt_token_as_prefill(mode
     ids = random_ids(1, PROMPT).to(DEVICE)
     one_shot = _generate(model, ids)
     cache = SparseCache(model)
-    model(ids[:, :-1], past_key_values=cache)
-    continued = _generate(model, ids, past_key_values=cache)
+    model(ids[:, :-1], **{CACHE_ARG: cache})
+    continued = _generate(model, ids, **{CACHE_ARG: cache})
     assert torch.equal(continued.sequences, one_shot.sequences)
     torch.testing.assert_close(torch.stack(continued.logits), torch.stack(one_shot.logits), rtol=1e-4, atol=1e-5)
     assert cache.sequence.decode_from is None, "generate() leaves the cache in prefill mode"
@@ -71,15 +72,15 @@ def test_manual_loop_decodes_only_when_marked(model):
     steps = len(expected.logits)
 
     def loop(cache, marked: bool):
-        logits, tokens = model(ids, past_key_values=cache).logits[:, -1], []
+        logits, tokens = model(ids, **{CACHE_ARG: cache}).logits[:, -1], []
         for _ in range(steps):
             token = logits.argmax(-1, keepdim=True)
             tokens.append(token)
             if marked:
                 with cache.decoding():
-                    logits = model(token, past_key_values=cache).logits[:, -1]
+                    logits = model(token, **{CACHE_ARG: cache}).logits[:, -1]
             else:
-                logits = model(token, past_key_values=cache).logits[:, -1]
+                logits = model(token, **{CACHE_ARG: cache}).logits[:, -1]
         return torch.cat(tokens, dim=1)
 
     marked = SparseCache(model)
@@ -92,7 +93,7 @@ def test_manual_loop_decodes_only_when_marked(model):
 @torch.no_grad()
 def test_decoding_block_restores_the_mode(model):
     cache = SparseCache(model)
-    model(random_ids(1, 10).to(DEVICE), past_key_values=cache)
+    model(random_ids(1, 10).to(DEVICE), **{CACHE_ARG: cache})
     with cache.decoding():
         assert cache.sequence.decode_from == 10
         with cache.decoding(prompt_end=12):
