@@ -34,7 +34,7 @@ class PatchState:
     modules: list  # weak references to the attention modules (each module holds this state: no cycle)
     heads: KVHeadSlice  # the model's KV heads this process holds (a tensor-parallel rank: its slice)
     hook: object = None  # the forward pre-hook that rejects empty inputs
-    _splits: dict = field(default_factory=dict)
+    _splits: dict = field(default_factory=dict)  # per (layer, device) index tensors and streaming flags
     _mask_memo: tuple | None = None
     checked_positions: object = None  # the position_ids of the current forward, once checked
     masks: dict = field(default_factory=dict)  # layer -> last SampleAttention mask (SparseConfig.record_masks)
@@ -46,6 +46,14 @@ class PatchState:
             dense, stream = self.head_lists(layer)
             self._splits[key] = (torch.tensor(dense, dtype=torch.long, device=device),
                                  torch.tensor(stream, dtype=torch.long, device=device))
+        return self._splits[key]
+
+    def all_streaming(self, count: int, device) -> torch.Tensor:
+        """bool [count] of ones on ``device``: the flags of a call that attends streaming heads only (cached,
+        not allocated per layer)."""
+        key = ("all_streaming", count, str(device))
+        if key not in self._splits:
+            self._splits[key] = torch.ones(count, dtype=torch.bool, device=device)
         return self._splits[key]
 
     def head_lists(self, layer: int) -> tuple[list[int], list[int]]:

@@ -77,7 +77,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     common = dict(q_first=first, kv_start=kv_start, sink=settings.sink_size, local=settings.local_size,
                   scale=scale, tile=settings.query_tile)
     sample = _sample_settings(state, module.layer_idx, q_len, first + q_len)
-    return _prefill(query, kv, dense_idx, stream_idx, common, padded, sample), None
+    stream_flags = state.all_streaming(len(stream_idx), query.device)
+    return _prefill(query, kv, dense_idx, stream_idx, stream_flags, common, padded, sample), None
 
 
 def _sample_settings(state, layer: int, q_len: int, k_len: int):
@@ -123,7 +124,8 @@ def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tenso
     return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"])
 
 
-def _prefill(query, kv: LayerKV, dense_idx, stream_idx, common, padded: bool, sample=None) -> torch.Tensor:
+def _prefill(query, kv: LayerKV, dense_idx, stream_idx, stream_flags, common, padded: bool,
+             sample=None) -> torch.Tensor:
     """Dense heads through the best dense kernel, streaming heads through the sparse kernel, which reads and
     writes its heads in place. Returns [B, Lq, Hq, D].
 
@@ -136,7 +138,7 @@ def _prefill(query, kv: LayerKV, dense_idx, stream_idx, common, padded: bool, sa
         return _dense_heads(query, kv.dense_key, kv.dense_value, common, padded, sample)
     streaming = dict(q_first=common["q_first"], k_pos=kv.stream_pos, kv_start=common["kv_start"],
                      sink=common["sink"], local=common["local"], scale=common["scale"], tile=common["tile"],
-                     streaming=torch.ones(n_stream, dtype=torch.bool, device=query.device))
+                     streaming=stream_flags)
     if not n_dense:  # every head streams: K/V hold them all, in order
         return ops.sparse_attention(query, kv.stream_key, kv.stream_value, **streaming)
     picked = query.unflatten(1, (-1, groups)).index_select(1, dense_idx).flatten(1, 2)

@@ -109,9 +109,10 @@ def sparse_attention(
     (``None``: 0..Lk-1); kv_start [B]; streaming [Hkv] bool. Rule: ``kernels.reference``.
 
     ``heads`` (int64 [n]) restricts the call to the query heads of those KV-head groups of ``query``
-    (Hq = ``groups`` x Hkv_total, query head ``h * groups + g`` belongs to KV head ``h``): key/value then hold the n heads in order, or every KV head when
-    ``key_all_heads`` (head ``heads[i]`` is read, no copy); ``streaming`` is [n]; the result goes into those
-    heads of ``out`` [B, Lq, Hq, D] (required), the other heads are left as they are.
+    (Hq = ``groups`` x Hkv_total, query head ``h * groups + g`` belongs to KV head ``h``): key/value then hold
+    the n heads in order, or every KV head when ``key_all_heads`` (head ``heads[i]`` is read, no copy);
+    ``streaming`` is [n]; the result goes into those heads of ``out`` [B, Lq, Hq, D] (required), the other
+    heads are left as they are.
     """
     _check_attention_inputs(query, key, value, kv_start)
     batch, num_heads, q_len, head_dim = query.shape
@@ -182,11 +183,14 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if num_heads % key.shape[1] or q_len > k_len:
         raise ValueError(f"query {tuple(query.shape)} does not fit key {tuple(key.shape)}: the query heads must be a "
                          "multiple of the KV heads and Lq <= Lk.")
-    no_stream = torch.zeros(key.shape[1], dtype=torch.bool, device=query.device)
-    kernel_args = dict(q_first=k_len - q_len, k_pos=None, kv_start=kv_start, streaming=no_stream, sink=0, local=1,
-                       scale=scale)
+
+    def kernel(query):  # the package's own kernel (or reference) with no streaming head
+        no_stream = torch.zeros(key.shape[1], dtype=torch.bool, device=query.device)
+        return sparse_attention(query, key, value, q_first=k_len - q_len, k_pos=None, kv_start=kv_start,
+                                streaming=no_stream, sink=0, local=1, scale=scale)
+
     if _backend != "auto":  # tests pin an implementation
-        return sparse_attention(query, key, value, **kernel_args)
+        return kernel(query)
     gqa = {"enable_gqa": True} if num_heads != key.shape[1] else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if query.is_cuda and key.stride(2) == key.shape[3] and query.stride(2) != query.shape[3]:
@@ -209,7 +213,7 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 log_once(f"sparse_attn_hf: SDPA cannot run bottom-right causal attention here ({error}); "
                          "chunked prefill runs the Triton kernel.")
     if _use_triton(query):
-        return sparse_attention(query, key, value, **kernel_args)
+        return kernel(query)
     slots = torch.arange(k_len, device=query.device)
     visible = (slots[None, :] <= slots[k_len - q_len :, None])[None] & (slots >= kv_start[:, None])[:, None, :]
     out = sdpa(query, key, value, attn_mask=visible[:, None], scale=scale, **gqa)
