@@ -79,9 +79,16 @@ class Device:
             torch.cuda.synchronize()
 
     def clean(self):
+        """Between rows: collect, give cached blocks back, reset the peaks."""
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def reset_peaks(self):
+        """Between calls of one row: the caching allocator keeps its blocks, as in a user's loop."""
+        gc.collect()
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
 
     def allocated(self):
@@ -95,7 +102,7 @@ class Device:
 
 def one_call(model, device: Device, ids, mask, new_tokens: int, extra: dict) -> dict:
     """One ``generate()``: per-token timestamps and memory around it."""
-    device.clean()
+    device.reset_peaks()
     before = device.allocated()
     clock = StepClock(device.sync)
     device.sync()
@@ -151,6 +158,7 @@ def run_row(model, device: Device, config: str, length: int, batch: int, args, e
     row = {"config": config, "L": length, "batch": batch, "part": args.part, "status": "ok",
            "args": {"max_new_tokens": args.new_tokens, "do_sample": False, "eos_token_id": None,
                     "attention_mask": "left padding" if batch > 1 else "ones", **call_args}}
+    device.clean()
     try:
         cold = one_call(model, device, ids, mask, args.new_tokens, call_args)
         calls = [cold]
