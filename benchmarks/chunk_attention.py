@@ -7,13 +7,16 @@ attention shape with half the KV heads dense (16 query / 4 KV heads, head_dim 12
 dense heads of one layer compute per chunk in ``generate(prefill_chunk_size=...)``. Backends, timed in one run:
 
 * ``sdpa_lower_right``: SDPA with ``causal_lower_right`` (PyTorch sends it to its flash backend);
+* ``package``: ``ops.dense_attention``, what the plugin runs for the dense heads of a chunk;
 * ``triton``: the package's kernel (``q_first = prefix``);
 * ``cudnn_split``: cuDNN twice with log-sum-exp (the prefix without mask, the chunk's own square with
-  ``is_causal``), merged;
+  ``is_causal``), merged (``ops.split_causal_attention``), K/V repeated to every query head;
+* ``cudnn_split_gqa``: the same with K/V as they are (what the package runs);
 * ``flash_split``: the same with PyTorch's flash backend.
 
-Also ``streaming_chunk``: the streaming heads of the chunk (16 query / 4 KV heads) over sink + ring + chunk
-with explicit slots, the path chunked prefill takes for them. Every output is compared with the Triton
+Also the streaming heads of the chunk (16 query / 4 KV heads) over sink + ring + chunk:
+``streaming_chunk_slots`` with explicit slots (every key block visited), ``streaming_chunk_consecutive`` as
+consecutive slots (sink and window blocks only; what the cache passes once the ring is past the sinks). Every output is compared with the Triton
 kernel's. Writes benchmarks/results/chunk_attention.json and .png.
 """
 
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 import triton
+from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
@@ -41,15 +45,11 @@ def flops(chunk: int, prefix: int) -> float:
     return 4.0 * HEADS * HEAD_DIM * chunk * (prefix + (chunk + 1) / 2)
 
 
-def split_merge(op, q, k, v, prefix: int, scale: float) -> torch.Tensor:
-    """Prefix part (no mask) and the chunk's own square (causal) through a private SDPA op that returns the
-    log-sum-exp, merged: out = o1 + (o2 - o1) * sigmoid(lse2 - lse1). -> [B, H, Lq, D]."""
-    o2, lse2 = op(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
+def split(op, q, k, v, prefix: int, scale: float) -> torch.Tensor:
+    """ops.split_causal_attention with ``op``; a chunk with no prefix is one causal call."""
     if prefix == 0:
-        return o2
-    o1, lse1 = op(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
-    weight = torch.sigmoid(lse2.reshape(*o2.shape[:3], 1).float() - lse1.reshape(*o1.shape[:3], 1).float())
-    return torch.lerp(o1.float(), o2.float(), weight).to(q.dtype)
+        return op(q, k, v, True, scale)[0]
+    return ops.split_causal_attention(op, q, k, v, scale)
 
 
 def _expand(k):
@@ -83,10 +83,12 @@ def run(chunk: int, prefix: int, rep_ms: int) -> list[dict]:
     backends = {
         "triton": lambda: sparse_attention_triton(q, k, v, q_first=prefix, k_pos=None, kv_start=start,
                                                   streaming=no_stream, sink=0, local=1, scale=scale),
-        "sdpa_lower_right": lambda: ops.dense_attention(q, k, v, kv_start=start, padded=False, scale=scale),
-        "cudnn_split": lambda: split_merge(cudnn_op, q, k, v, prefix, scale).transpose(1, 2),
-        "cudnn_split_gqa": lambda: split_merge(cudnn_gqa_op, q, k, v, prefix, scale).transpose(1, 2),
-        "flash_split": lambda: split_merge(flash_op, q, k, v, prefix, scale).transpose(1, 2),
+        "sdpa_lower_right": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(chunk, k_len), scale=scale, enable_gqa=True).transpose(1, 2),
+        "package": lambda: ops.dense_attention(q, k, v, kv_start=start, padded=False, scale=scale),
+        "cudnn_split": lambda: split(cudnn_op, q, k, v, prefix, scale).transpose(1, 2),
+        "cudnn_split_gqa": lambda: split(cudnn_gqa_op, q, k, v, prefix, scale).transpose(1, 2),
+        "flash_split": lambda: split(flash_op, q, k, v, prefix, scale).transpose(1, 2),
     }
     rows, reference = [], None
     for name, fn in backends.items():
@@ -114,12 +116,19 @@ def run(chunk: int, prefix: int, rep_ms: int) -> list[dict]:
         flags = torch.ones(KV_HEADS, dtype=torch.bool, device="cuda")
         fn = lambda: ops.sparse_attention(q, ks, vs, q_first=prefix, k_pos=pos, kv_start=start,  # noqa: E731
                                           streaming=flags, sink=SINK, local=LOCAL, scale=scale)
-        ms = triton.testing.do_bench(fn, warmup=10, rep=rep_ms)
+        # the same keys as consecutive slots (sinks, the ring in slot order, the chunk): what the cache passes
+        # once the ring is past the sinks; only the sink's and the window's blocks are visited
+        consecutive = lambda: ops.sparse_attention(  # noqa: E731
+            q, ks, vs, q_first=SINK + LOCAL, k_pos=None, kv_start=start, streaming=flags, sink=SINK, local=LOCAL,
+            scale=scale)
+        err = (fn().float() - consecutive().float()).abs().max().item()
         window = 4.0 * HEADS * HEAD_DIM * chunk * (SINK + LOCAL)
-        row = {"backend": "streaming_chunk", "chunk": chunk, "prefix": prefix, "keys": keys, "ms": ms,
-               "tflops_window_work": window / ms / 1e9}
-        print(row, flush=True)
-        rows.append(row)
+        for name, run_it in (("streaming_chunk_slots", fn), ("streaming_chunk_consecutive", consecutive)):
+            ms = triton.testing.do_bench(run_it, warmup=10, rep=rep_ms)
+            row = {"backend": name, "chunk": chunk, "prefix": prefix, "keys": keys, "ms": ms,
+                   "tflops_window_work": window / ms / 1e9, "max_abs_err_slots_vs_consecutive": err}
+            print(row, flush=True)
+            rows.append(row)
     return rows
 
 

@@ -48,6 +48,24 @@ class PatchState:
                                  torch.tensor(stream, dtype=torch.long, device=device))
         return self._splits[key]
 
+    def head_tables(self, layer: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dense KV heads, streaming KV heads, kind int32 [Hkv] (1 streaming), slot int32 [Hkv] (index among
+        its kind)) of ``layer`` on ``device``: built once per model and device, shared by every SparseCache
+        (a host-to-device copy per layer and call would synchronize the stream each time)."""
+        key = ("tables", layer, str(device))
+        if key not in self._splits:
+            dense, stream = self.head_lists(layer)
+            kind = [0] * (len(dense) + len(stream))
+            slot = list(kind)
+            for index, head in enumerate(dense):
+                slot[head] = index
+            for index, head in enumerate(stream):
+                kind[head], slot[head] = 1, index
+            self._splits[key] = (*self.head_split(layer, device),
+                                 torch.tensor(kind, dtype=torch.int32, device=device),
+                                 torch.tensor(slot, dtype=torch.int32, device=device))
+        return self._splits[key]
+
     def all_streaming(self, count: int, device) -> torch.Tensor:
         """bool [count] of ones on ``device``: the flags of a call that attends streaming heads only (cached,
         not allocated per layer)."""

@@ -136,9 +136,11 @@ def _prefill(query, kv: LayerKV, dense_idx, stream_idx, stream_flags, common, pa
     groups = num_heads // (n_dense + n_stream)
     if not n_stream:
         return _dense_heads(query, kv.dense_key, kv.dense_value, common, padded, sample)
-    streaming = dict(q_first=common["q_first"], k_pos=kv.stream_pos, kv_start=common["kv_start"],
-                     sink=common["sink"], local=common["local"], scale=common["scale"], tile=common["tile"],
-                     streaming=stream_flags)
+    q_first, kv_start = common["q_first"], common["kv_start"]
+    if kv.stream_first is not None:  # sinks + consecutive slots, no padding (LayerKV): in their coordinates
+        q_first, kv_start = kv.stream_first, torch.zeros_like(kv_start)
+    streaming = dict(q_first=q_first, k_pos=kv.stream_pos, kv_start=kv_start, sink=common["sink"],
+                     local=common["local"], scale=common["scale"], tile=common["tile"], streaming=stream_flags)
     if not n_dense:  # every head streams: K/V hold them all, in order
         return ops.sparse_attention(query, kv.stream_key, kv.stream_value, **streaming)
     picked = query.unflatten(1, (-1, groups)).index_select(1, dense_idx).flatten(1, 2)

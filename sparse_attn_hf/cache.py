@@ -61,6 +61,10 @@ class LayerKV:
     ``stream_key``/``stream_value``: [B, n, n_s, D] with slots ``stream_pos`` [B, n_s] (-1: empty slot;
     ``None``: slots 0..n_s-1). ``stream_all_heads``: the tensors hold every KV head of the layer (n = Hkv,
     the streaming heads are picked by index, no copy); otherwise only the streaming heads, in order.
+    ``stream_first`` (with ``stream_pos`` None): the tensors hold each row's sink tokens, then consecutive
+    slots up to the last new token, none of them padding; the first query sits at index ``stream_first``
+    of them. Attention then runs in these coordinates (no padding: every row starts at 0), where the
+    kernel visits only the sink's and the window's key blocks.
     """
 
     dense_key: torch.Tensor | None
@@ -69,6 +73,7 @@ class LayerKV:
     stream_value: torch.Tensor | None
     stream_pos: torch.Tensor | None
     stream_all_heads: bool = False
+    stream_first: int | None = None
 
     @classmethod
     def split(cls, key: torch.Tensor, value: torch.Tensor, dense_idx, stream_idx) -> "LayerKV":
@@ -144,6 +149,7 @@ class SparseLayer(CacheLayerMixin):
     def __init__(
         self,
         sequence: SequenceState,
+        layer_idx: int,
         dense_heads: list[int],
         stream_heads: list[int],
         *,
@@ -157,9 +163,8 @@ class SparseLayer(CacheLayerMixin):
     ):
         super().__init__()
         self.sequence = sequence
+        self.layer_idx = layer_idx
         self.dense_heads, self.stream_heads = list(dense_heads), list(stream_heads)  # KV head indices of each kind
-        self.dense_idx = torch.tensor(self.dense_heads, dtype=torch.long)
-        self.stream_idx = torch.tensor(self.stream_heads, dtype=torch.long)
         self.sink_size, self.local_size = sink_size, local_size
         self.decode_local_size = min(decode_local_size, local_size)
         self.page_size, self.logical_page_size = page_size, logical_page_size
@@ -173,7 +178,9 @@ class SparseLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, _, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.dense_idx, self.stream_idx = self.dense_idx.to(self.device), self.stream_idx.to(self.device)
+        # index tables of the model's head labels, on this device (shared, built once per model)
+        self.dense_idx, self.stream_idx, self.head_kind, self.head_slot = self.sequence.owner.head_tables(
+            self.layer_idx, self.device)
         n_stream = len(self.stream_heads)
         new = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
         if n_stream:
@@ -185,13 +192,6 @@ class SparseLayer(CacheLayerMixin):
                 ring_value=new(batch, n_stream, self.local_size, head_dim),
                 ring_pos=torch.full((self.local_size,), -1, dtype=torch.long, device=self.device),
             )
-        num_kv = len(self.dense_heads) + n_stream
-        kind = torch.zeros(num_kv, dtype=torch.int32, device=self.device)
-        kind[self.stream_idx] = 1
-        slot = torch.zeros(num_kv, dtype=torch.int32, device=self.device)
-        slot[self.dense_idx] = torch.arange(len(self.dense_heads), dtype=torch.int32, device=self.device)
-        slot[self.stream_idx] = torch.arange(n_stream, dtype=torch.int32, device=self.device)
-        self.head_kind, self.head_slot = kind, slot
         self.batch, self.head_dim = batch, head_dim
         self.is_initialized = True
 
@@ -285,7 +285,7 @@ class SparseLayer(CacheLayerMixin):
             self._resize_ring(self.local_size)
             stream = self._append_streaming(key, value, first, kv_start)
         self.seen = first + n
-        return LayerKV(*(dense or (None, None)), *(stream or (None, None, None, False)))
+        return LayerKV(*(dense or (None, None)), *(stream or (None, None, None, False, None)))
 
     def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor,
                       query: torch.Tensor) -> DecodeKV:
@@ -388,7 +388,20 @@ class SparseLayer(CacheLayerMixin):
         idx = self.stream_idx
         view = None
         if attend and first == 0:  # nothing cached yet: the new tokens alone, read in place
-            view = key, value, None, True
+            view = key, value, None, True, None
+        elif attend and first >= ring_size and first - ring_size >= self.sequence.max_kv_start + self.sink_size:
+            # the ring holds slots first-R..first-1, all past every row's sinks: sinks, then the ring in slot
+            # order, then the chunk are consecutive slots (a later prompt chunk of a long prompt)
+            oldest = first % ring_size
+            view = (
+                torch.cat([t["sink_key"], t["ring_key"][:, :, oldest:], t["ring_key"][:, :, :oldest],
+                           key.index_select(1, idx)], dim=2),
+                torch.cat([t["sink_value"], t["ring_value"][:, :, oldest:], t["ring_value"][:, :, :oldest],
+                           value.index_select(1, idx)], dim=2),
+                None,
+                False,
+                self.sink_size + ring_size,
+            )
         elif attend:
             batch = key.shape[0]
             new_pos = torch.arange(first, first + n, device=key.device)[None, :].expand(batch, n)
@@ -400,6 +413,7 @@ class SparseLayer(CacheLayerMixin):
                 torch.cat([t["sink_value"], t["ring_value"], value.index_select(1, idx)], dim=2),
                 torch.cat([t["sink_pos"], ring_pos, new_pos], dim=1),
                 False,
+                None,
             )
         # sinks: the first sink_size real tokens of each row (only the chunk's first tokens can be any); sink
         # slot s of row b holds slot kv_start[b] + s, chunk index kv_start[b] + s - first (no host sync)
@@ -457,6 +471,7 @@ class SparseCache(Cache):
         layers = [
             SparseLayer(
                 self.sequence,
+                layer,
                 *state.head_lists(layer),
                 sink_size=settings.sink_size,
                 local_size=settings.local_size,

@@ -202,6 +202,15 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             return sdpa(query, key, value, is_causal=True, scale=scale, **gqa).transpose(1, 2)
         if q_len == 1:
             return sdpa(query, key, value, scale=scale, **gqa).transpose(1, 2)
+        if query.is_cuda and query.dtype in KERNEL_DTYPES and _SPLIT_CUDNN.get(str(query.device), True):
+            try:
+                return split_causal_attention(_cudnn_with_lse, query, key, value, scale).transpose(1, 2)
+            except (RuntimeError, AttributeError, NotImplementedError) as error:  # no cuDNN op for this shape
+                _SPLIT_CUDNN[str(query.device)] = False
+                log_once(f"sparse_attn_hf: cuDNN attention with log-sum-exp is not available here ({error}); "
+                         "chunked prefill runs the Triton kernel.")
+        if _use_triton(query):  # faster than SDPA's bottom-right path (flash 2), measured: NOTES.md
+            return kernel(query)
         if query.is_cuda and _LOWER_RIGHT_SDPA.get(str(query.device), True):
             try:
                 from torch.nn.attention.bias import causal_lower_right
@@ -222,6 +231,31 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 _LOWER_RIGHT_SDPA: dict[str, bool] = {}
+_SPLIT_CUDNN: dict[str, bool] = {}
+
+
+def _cudnn_with_lse(query, key, value, causal: bool, scale: float):
+    """PyTorch's cuDNN attention (GQA as it is), returning (out [B, H, Lq, D], natural-log LSE)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, causal, False,
+                                                             scale=scale)
+    return out[0], out[1]
+
+
+def split_causal_attention(attend, query, key, value, scale: float) -> torch.Tensor:
+    """Bottom-right causal attention of Lq < Lk rows as two calls of ``attend`` (a kernel that returns the
+    log-sum-exp): the Lk - Lq earlier keys without a mask, the rows' own Lq x Lq square with the usual
+    top-left ``is_causal``; merged as o1 + (o2 - o1) * sigmoid(lse2 - lse1). -> [B, Hq, Lq, D].
+
+    SDPA sends bottom-right causality to its flash-2 backend, while cuDNN runs 1.7-1.8x faster on Hopper
+    (benchmarks/NOTES.md); this keeps chunked prefill on cuDNN."""
+    prefix = key.shape[2] - query.shape[2]
+    own, own_lse = attend(query, key[:, :, prefix:], value[:, :, prefix:], True, scale)
+    earlier, earlier_lse = attend(query, key[:, :, :prefix], value[:, :, :prefix], False, scale)
+    shape = (*own.shape[:3], 1)
+    weight = torch.sigmoid(own_lse.reshape(shape).float() - earlier_lse.reshape(shape).float())
+    merged = earlier.float()
+    del earlier
+    return merged.lerp_(own.float(), weight).to(query.dtype)
 
 
 def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,

@@ -6,6 +6,7 @@ from helpers import left_padded, loop_mask, masked_sdpa, random_ids, tiny_model
 from transformers import AttentionInterface, DynamicCache
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
+from sparse_attn_hf.cache import SparseLayer
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
@@ -106,6 +107,27 @@ def test_chunked_prefill_equals_one_shot(model, chunk):
     chunked = model.generate(ids, prefill_chunk_size=chunk, **common)
     assert torch.equal(one_shot.sequences, chunked.sequences)
     torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one_shot.logits), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_later_chunks_attend_sinks_then_consecutive_slots(model, monkeypatch):
+    """Once the ring holds only slots past every row's sinks, a chunk's streaming heads attend to sinks +
+    the ring in slot order + the chunk as consecutive slots (the kernel then visits only the window's
+    blocks); earlier chunks keep explicit slots. Both give one-shot's logits (the test above)."""
+    taken = []
+    append = SparseLayer.append
+
+    def spy(self, *args, **kwargs):
+        kv = append(self, *args, **kwargs)
+        if self.stream_heads:
+            taken.append(kv.stream_first)
+        return kv
+
+    monkeypatch.setattr(SparseLayer, "append", spy)
+    ids, mask = left_padded(random_ids(2, 31), [0, 7])
+    model.generate(ids, attention_mask=mask, prefill_chunk_size=11, max_new_tokens=2, do_sample=False)
+    # chunk at slot 11: ring not past the padded row's sinks (11 - 8 < 7 + 3); at slot 22 it is
+    assert taken.count(None) > 0 and taken.count(SINK + LOCAL) > 0, taken
 
 
 @torch.no_grad()

@@ -40,6 +40,33 @@ def test_dense_route_matches_the_rule(case, dtype):
     assert (got.cpu()[~real] == 0).all()
 
 
+def _math_attention_with_lse(query, key, value, causal, scale):
+    """Plain attention returning (out, natural-log LSE [B, H, Lq]), as the cuDNN op does (GQA included)."""
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scores = (query.double() @ key.double().transpose(-1, -2)) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return ((scores - lse[..., None]).exp() @ value.double()).to(query.dtype), lse.float()
+
+
+@pytest.mark.parametrize("q_len, k_len", [(5, 23), (16, 17), (31, 300)])
+def test_split_causal_attention_merges_to_bottom_right_causal(q_len, k_len):
+    """Chunks on CUDA run cuDNN twice (earlier keys, the chunk's own square) merged by log-sum-exp: the merge
+    must equal bottom-right causal attention."""
+    gen = torch.Generator().manual_seed(q_len)
+    q = torch.randn(2, 6, q_len, 32, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, k_len, 32, generator=gen, dtype=torch.float64) for _ in range(2))
+    got = ops.split_causal_attention(_math_attention_with_lse, q.float(), k.float(), v.float(), 32**-0.5)
+    slots = torch.arange(k_len).expand(2, -1)
+    mask = loop_mask(slots[:, k_len - q_len :], slots, torch.zeros(2, dtype=torch.long),
+                     torch.zeros(2, dtype=torch.bool), 0, 1)
+    assert got.shape == q.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.transpose(1, 2).double(), masked_sdpa(q, k, v, mask, 32**-0.5), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_dense_route_rejects_more_queries_than_keys():
     q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="Lq <= Lk"):
