@@ -14,7 +14,14 @@ published operating point for Llama-3-8B, not something measured here):
   decode compile (``compile_s``: the compile and capture time inside the first decode steps);
 * ``patched_default``: 50% streaming heads, every other setting at the package's default (SampleAttention on);
 * ``patched_streaming50``: the same with SampleAttention off;
-* ``patched_dense``: every head dense.
+* ``patched_dense``: every head dense;
+* ``patched_sample_pinned``: ``patched_default`` with SampleAttention's stripe counts pinned so that each
+  layer's mask has the density SampleAttention chose on real weights and real text
+  (``benchmarks/results/sample_density.json``, the default model's layers mapped by depth onto these 32;
+  the columns kept are still the ones stage 1 ranks first). Random weights cannot show what structure
+  buys; this row replays measured structure at this shape. The cost model still decides per layer.
+
+Patched rows record SampleAttention's choices (``sample``: mean density, layers it ran sparse).
 
 Per row: TTFT as the median of ``--repeats`` calls after a cold one (reported apart as ``ttft_cold_s``);
 decode ms per token from per-step timestamps inside one ``generate()`` of N new tokens, (t_N - t_8) / (N - 8),
@@ -44,13 +51,16 @@ from results_io import meta  # noqa: E402
 from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense")
+CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense",
+           "patched_sample_pinned")
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 PATCHED = {
     "patched_default": dict(streaming_fraction=0.5),
     "patched_streaming50": dict(streaming_fraction=0.5, alpha=1.0),
     "patched_dense": dict(streaming_fraction=0.0, alpha=1.0),
+    "patched_sample_pinned": dict(streaming_fraction=0.5),
 }
+DENSITIES = RESULTS / "sample_density.json"
 GIB = 2**30
 
 
@@ -140,11 +150,50 @@ SETTING_FIELDS = ("streaming_fraction", "sink_size", "local_size", "decode_local
                   "reuse_interval", "alpha", "dense_below", "rw", "r_row", "page_size", "logical_page_size")
 
 
+def pinned_densities(num_layers: int, path: Path = DENSITIES) -> list[float]:
+    """The densities SampleAttention chose on real weights at the longest measured length, one per layer of
+    this model (layers mapped by relative depth)."""
+    rows = json.loads(path.read_text())["rows"]
+    measured = max(rows, key=lambda r: r["L"])["density"]
+    return [measured[round(i * (len(measured) - 1) / max(num_layers - 1, 1))] for i in range(num_layers)]
+
+
+def pin_stripes(densities: list[float] | None) -> None:
+    """Replace (or, with None, restore) SampleAttention's stripe choice by one that keeps the stripes stage 1
+    ranks first until the layer's mask reaches ``densities[layer]`` of the causal matrix (one-shot prefill:
+    layers are called in order, so a counter names the layer)."""
+    from sparse_attn_hf.methods import sample_attention as sa
+
+    if densities is None:
+        sa.choose_stripes = getattr(sa, "_measured_choose_stripes", sa.choose_stripes)
+        return
+    sa._measured_choose_stripes = getattr(sa, "_measured_choose_stripes", sa.choose_stripes)
+    calls = iter(range(10**12))
+
+    def choose(col, row_mass, alpha):
+        layer = next(calls) % len(densities)
+        k_len = col.shape[-1]
+        window = sa.window_size(PINNED_RW, k_len)
+        target = densities[layer] * k_len * (k_len + 1) / 2 - (window * k_len - window * (window - 1) / 2)
+        order = torch.sort(col, dim=-1, descending=True, stable=True).indices
+        seen = (k_len - order - window).clamp(min=0).double().cumsum(-1)  # rows seeing each kept stripe
+        counts = ((seen < target).sum(-1) + 1).clamp(max=k_len).to(torch.int32)
+        if target <= 0:  # the window alone reaches the density
+            counts = torch.zeros_like(counts)
+        return sa._top_columns(col, counts), counts
+
+    sa.choose_stripes = choose
+
+
+PINNED_RW = 0.08  # the package's default rw, which the pinned configuration keeps
+
+
 def configure(model, config: str, settings: dict, scores: torch.Tensor) -> tuple[dict, dict | None]:
     """Patch (or leave stock) for ``config``; returns the extra generate() arguments and the resolved
     settings of a patched model."""
     if getattr(model, "_sparse_attn_state", None) is not None:
         unpatch_model(model)
+    pin_stripes(pinned_densities(model.config.num_hidden_layers) if config == "patched_sample_pinned" else None)
     resolved = None
     if config in PATCHED:
         patch_model(model, Profile.from_scores(model, scores), SparseConfig(**settings, **PATCHED[config]))
@@ -175,6 +224,12 @@ def run_row(model, device: Device, config: str, length: int, batch: int, args, e
             row["compile_s"] = cold.get("warmup_excess_s")
         if row["decode_ms_per_token"]:
             row["tokens_per_s"] = 1000 * batch / row["decode_ms_per_token"]
+        choices = getattr(getattr(model, "_sparse_attn_state", None), "sample_choices", None)
+        if choices:  # SampleAttention's last choices (the warm calls' prefill)
+            row["sample"] = {"density_mean": statistics.mean(c["density"] for c in choices.values()),
+                             "predicted_cost_mean": statistics.mean(c["predicted_cost"] for c in choices.values()),
+                             "sparse_layers": sum(c["sparse"] for c in choices.values()), "layers": len(choices)}
+            choices.clear()
         if device.cuda:
             row.update(before_gib=cold["before_gib"], peak_gib=max(c["peak_gib"] for c in calls),
                        reserved_gib=max(c["reserved_gib"] for c in calls),
@@ -333,6 +388,11 @@ def main(argv=None) -> None:
     rows = []
     order = sorted(dict.fromkeys(c for c, _, _ in plan), key=lambda c: c == "stock_static_compile")  # its compiles last
     for config in order:
+        if config == "patched_sample_pinned" and not DENSITIES.exists():
+            for _, length, batch in (p for p in plan if p[0] == config):
+                rows.append({"config": config, "L": length, "batch": batch, "part": args.part, "status": "not_run",
+                             "reason": f"{DENSITIES.name} is missing: run benchmarks/sample_density.py first"})
+            continue
         extra, resolved = configure(model, config, settings, scores)
         if resolved is not None:
             info["settings"][config] = resolved

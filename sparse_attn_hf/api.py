@@ -38,6 +38,7 @@ class PatchState:
     _mask_memo: tuple | None = None
     checked_positions: object = None  # the position_ids of the current forward, once checked
     masks: dict = field(default_factory=dict)  # layer -> last SampleAttention mask (SparseConfig.record_masks)
+    sample_choices: dict = field(default_factory=dict)  # layer -> last SampleAttention density, cost, sparse?
 
     def head_split(self, layer: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(dense KV head indices, streaming KV head indices) of ``layer``, on ``device`` (cached)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import flash_attention_mask
 
-from . import ops
+from . import cost, ops
 from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
 from .methods.sample_attention import sample_attention_mask, window_size
@@ -63,6 +63,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         kv = layer.append(key.key, key.value, kv_start)
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
         padded = sequence.max_kv_start > 0
+        # a first prefill: the new tokens are the whole sequence, every head, laid out as stock has them
+        whole, every_key, every_value = first == 0, key.key, key.value
     else:
         k_len = key.shape[2]
         if attention_mask is None and kwargs.get("position_ids") is not state.checked_positions:
@@ -71,14 +73,34 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         first = k_len - q_len
         kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
         dense_idx, stream_idx = state.head_split(module.layer_idx, query.device)
-        kv = LayerKV.split(key, value, dense_idx, stream_idx)
+        kv = None  # split below, unless every head runs dense
         padded = attention_mask is not None
+        whole, every_key, every_value = True, key, value
     settings = state.settings
     common = dict(q_first=first, kv_start=kv_start, sink=settings.sink_size, local=settings.local_size,
                   scale=scale, tile=settings.query_tile)
     sample = _sample_settings(state, module.layer_idx, q_len, first + q_len)
+    if sample is None and whole and (not len(stream_idx) or not _streaming_pays(settings, first, q_len)):
+        # every head dense: one SDPA call on K/V as they came (no gathered queries, no layout copy)
+        return ops.dense_attention(query, every_key, every_value, kv_start=kv_start, padded=padded, scale=scale), None
+    if kv is None:
+        kv = LayerKV.split(key, value, dense_idx, stream_idx)
     stream_flags = state.all_streaming(len(stream_idx), query.device)
     return _prefill(query, kv, dense_idx, stream_idx, stream_flags, common, padded, sample), None
+
+
+def _streaming_pays(settings, first: int, q_len: int) -> bool:
+    """Whether streaming heads attend to their sink + window in this prefill, or (when the window covers
+    so much that the sparse kernel would cost more than dense attention) every head runs dense."""
+    if settings.streaming_from is not None:
+        return first + q_len >= settings.streaming_from
+    if cost.streaming_pays(first, q_len, settings.sink_size, settings.local_size):
+        return True
+    log_once(f"sparse_attn_hf: a {first + q_len}-token prefill runs every head dense (exact): the streaming heads' "
+             f"sink + window ({settings.sink_size} + {settings.local_size}) would cover so much of causal attention "
+             "that the sparse kernel costs more than dense attention (sparse_attn_hf.cost). The cache keeps their "
+             "sink + window as usual. SparseConfig(streaming_from=0) forces the window.")
+    return False
 
 
 def _sample_settings(state, layer: int, q_len: int, k_len: int):
@@ -112,16 +134,24 @@ def _check_positions(position_ids, k_len: int) -> None:
 
 def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tensor:
     """Dense heads: full causal attention (the best dense kernel at hand), or SampleAttention's window +
-    stripes when ``sample``. -> [B, Lq, Hq, D], possibly a non-contiguous view."""
-    if sample is None:
-        return ops.dense_attention(query, key, value, kv_start=common["kv_start"], padded=padded,
-                                   scale=common["scale"])
-    mask = sample_attention_mask(query, key, q_first=common["q_first"], kv_start=common["kv_start"],
-                                 alpha=sample["alpha"], rw=sample["rw"], r_row=sample["r_row"], scale=common["scale"],
-                                 criterion=sample["criterion"])
-    if sample["record"]:
-        sample["state"].masks[sample["layer"]] = mask
-    return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"])
+    stripes when ``sample`` and the cost model predicts that its mask pays. -> [B, Lq, Hq, D], possibly a
+    non-contiguous view."""
+    if sample is not None:
+        mask = sample_attention_mask(query, key, q_first=common["q_first"], kv_start=common["kv_start"],
+                                     alpha=sample["alpha"], rw=sample["rw"], r_row=sample["r_row"],
+                                     scale=common["scale"], criterion=sample["criterion"])
+        state, layer = sample["state"], sample["layer"]
+        if sample["record"]:
+            state.masks[layer] = mask
+        density, predicted = cost.stripe_cost(mask, common["q_first"])
+        pays = predicted <= cost.MARGIN
+        state.sample_choices[layer] = {"density": density, "predicted_cost": predicted, "sparse": pays}
+        if pays:
+            return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"])
+        log_once(f"sparse_attn_hf: SampleAttention chose masks too dense to pay (layer {layer}: density {density:.2f}, "
+                 f"predicted {predicted:.2f}x dense attention's cost); such layers run dense "
+                 "(sparse_attn_hf.cost; state.sample_choices holds every layer's choice).")
+    return ops.dense_attention(query, key, value, kv_start=common["kv_start"], padded=padded, scale=common["scale"])
 
 
 def _prefill(query, kv: LayerKV, dense_idx, stream_idx, stream_flags, common, padded: bool,

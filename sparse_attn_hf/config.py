@@ -38,6 +38,11 @@ class SparseConfig:
         r_row: fraction of query rows SampleAttention samples, in (0, 1) (the last 64 rows always).
         dense_below: sequences shorter than this many tokens run the dense heads dense (SampleAttention
             gains nothing at short lengths: its sampling costs more than it saves). 0 forces it on.
+        streaming_from: prefill lengths (keys) from which streaming heads attend to their sink + window;
+            a shorter one-shot prefill runs every head dense (exact), where the window covers so much of
+            causal attention that the sparse kernel would cost more than dense attention (the cache
+            still keeps only sink + window). ``None``: decided per call by the measured cost model
+            (``sparse_attn_hf.cost``; about 2.5 x (sink_size + local_size)); 0: always the window.
         cra_criterion: ``"mean"`` (the mean kept mass over sampled rows reaches alpha, the paper's
             practical criterion) or ``"min"`` (every sampled row keeps alpha: the strict CRA, many
             more stripes; its search materializes [rows, L] scores, for short sequences).
@@ -65,6 +70,7 @@ class SparseConfig:
     rw: float | None = None
     r_row: float | None = None
     dense_below: int | None = None
+    streaming_from: int | None = None
     cra_criterion: str = "mean"
     record_masks: bool = False
 
@@ -89,6 +95,7 @@ class SparseConfig:
             if value is not None and not 0.0 < float(value) < 1.0:
                 raise ValueError(f"SparseConfig.{name}={value} is outside (0, 1); for example rw=0.08, r_row=0.05.")
         _check_int("dense_below", self.dense_below, minimum=0)
+        _check_int("streaming_from", self.streaming_from, minimum=0)
         if self.cra_criterion not in ("mean", "min"):
             raise ValueError(f"SparseConfig.cra_criterion={self.cra_criterion!r} must be 'mean' or 'min'.")
         if self.token_budget is not None and self.page_size is not None:
@@ -105,11 +112,12 @@ class SparseConfig:
                 )
 
     def resolve(self, profile: "Profile") -> "SparseConfig":
-        """Return a copy with every ``None`` field filled from ``profile`` (and validated again)."""
+        """Return a copy with every ``None`` field the profile defines filled from ``profile`` (and validated
+        again); ``streaming_from`` stays ``None`` (the cost model) unless given."""
         filled = {
             f.name: getattr(profile, f.name)
             for f in dataclasses.fields(self)
-            if getattr(self, f.name) is None
+            if getattr(self, f.name) is None and hasattr(profile, f.name)
         }
         return dataclasses.replace(self, **filled)
 

@@ -8,6 +8,8 @@
 3. Stripes: the fewest top columns whose ``col`` brings the mean kept mass over the sampled rows to
    ``alpha`` (the paper's practical criterion; exact, since stripes and windows do not overlap in
    ``col``). ``criterion="min"`` instead requires every sampled row to keep ``alpha`` (the strict CRA).
+4. The first real key of each row (the attention sink) is always a stripe, even where the window alone
+   reaches ``alpha``: rows far from it would otherwise lose the token most heads lean on.
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ def _top_columns(col: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     order = torch.sort(col, dim=-1, descending=True, stable=True).indices[..., :width]  # ties: lower column first
     keep = torch.arange(width, device=col.device) < counts[..., None]
     return torch.sort(torch.where(keep, order, k_len), dim=-1).values.to(torch.int32)
+
+
+def _with_sink_column(stripes, counts, kv_start, k_len: int):
+    """Add each row's first real key to its stripes where it is missing (sorted order and padding kept)."""
+    sink = kv_start.to(stripes.dtype)[:, None, None].expand(*stripes.shape[:2], 1)
+    has = (stripes == sink).any(-1)
+    extra = torch.where(has[..., None], torch.full_like(sink, k_len), sink)
+    stripes = torch.sort(torch.cat([stripes, extra], dim=-1), dim=-1).values
+    return stripes, counts + (~has).to(counts.dtype)
 
 
 def _row_kept_mass(query, key, *, rows, q_first, kv_start, window, columns, scale) -> torch.Tensor:
@@ -113,4 +124,5 @@ def sample_attention_mask(query, key, *, q_first: int, kv_start: torch.Tensor, a
         stripes = _top_columns(col, counts)
     else:
         raise ValueError(f"criterion must be 'mean' or 'min', got {criterion!r}.")
+    stripes, counts = _with_sink_column(stripes, counts, kv_start, k_len)
     return StripeMask(window=window, stripes=stripes, counts=counts, q_len=q_len, k_len=k_len, kv_start=kv_start)

@@ -1,0 +1,88 @@
+"""SampleAttention's chosen density per layer on real weights and real text (CPU).
+
+    python benchmarks/sample_density.py [--lengths 8192 16384 32768]
+
+The default model (SmolLM2-135M-Instruct, 30 layers, trained to 8192 positions), every head dense,
+SampleAttention at the package's defaults (alpha 0.95, rw 0.08, r_row 0.05, mean criterion) from the first
+token on. The text is the Python reference manual's topics (``pydoc_data.topics``, shipped with every
+CPython, PSF licence): prose and code the profile never saw. Past 8192 tokens the positions are
+extended by linear RoPE scaling (factor L / 8192): that is extrapolation, not how the model was
+trained, and the densities there say how concentrated attention stays, not what a long-context model
+would choose. Per layer: the density of the mask (window + stripes over the causal matrix) and the cost
+the cost model predicts for it (``sparse_attn_hf.cost``, 1 = dense attention). Writes
+benchmarks/results/sample_density.json; ``bench_e2e.py``'s ``patched_sample_pinned`` row replays these
+densities on the 8B shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparse_attn_hf import Profile, SparseConfig, patched
+from sparse_attn_hf.default_model import load_default_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_io import meta, write_results  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def reference_manual_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def set_linear_rope(model, factor: float) -> None:
+    """Linear position interpolation by ``factor`` (1: the model as trained)."""
+    config = model.config
+    theta = config.rope_parameters["rope_theta"]
+    config.rope_parameters = {"rope_type": "linear" if factor > 1 else "default", "factor": factor,
+                              "rope_theta": theta}
+    decoder = model.get_decoder()
+    decoder.rotary_emb = type(decoder.rotary_emb)(config=config)
+
+
+@torch.no_grad()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--alpha", type=float, default=0.95)
+    parser.add_argument("--out", type=Path, default=RESULTS / "sample_density")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model, tokenizer = load_default_model()
+    trained = model.config.max_position_embeddings
+    ids = tokenizer(reference_manual_text(), return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.shape[1] < max(args.lengths):
+        raise SystemExit(f"the text has {ids.shape[1]} tokens, fewer than {max(args.lengths)}")
+    config = SparseConfig(alpha=args.alpha, dense_below=0)
+    rows = []
+    for length in args.lengths:
+        factor = max(1.0, length / trained)
+        set_linear_rope(model, factor)
+        started = time.time()
+        with patched(model, Profile.all_dense(model), config):
+            model.get_decoder()(ids[:, :length])
+            choices = dict(sorted(model._sparse_attn_state.sample_choices.items()))
+        row = {"L": length, "rope_factor": factor, "extrapolated": factor > 1, "alpha": args.alpha,
+               "density": [round(c["density"], 4) for c in choices.values()],
+               "predicted_cost": [round(c["predicted_cost"], 4) for c in choices.values()],
+               "sparse_layers": sum(c["sparse"] for c in choices.values()), "layers": len(choices),
+               "seconds": time.time() - started}
+        row["density_mean"] = sum(row["density"]) / len(row["density"])
+        print({k: v for k, v in row.items() if k not in ("density", "predicted_cost")}, flush=True)
+        rows.append(row)
+        info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics (CPython)",
+                                       "tokens_available": ids.shape[1], "trained_positions": trained})
+        write_results(args.out, info, rows)
+    set_linear_rope(model, 1.0)
+
+
+if __name__ == "__main__":
+    main()
