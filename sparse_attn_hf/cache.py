@@ -319,7 +319,7 @@ class SparseLayer(CacheLayerMixin):
                 t["pages"], self.tail_first = select_pages(
                     grouped.index_select(1, self.dense_idx), t["key_min"], t["key_max"], kv_start=kv_start,
                     seen=self.seen, budget=self.token_budget, page_size=self.page_size,
-                    logical_page_size=self.logical_page_size)
+                    logical_page_size=self.logical_page_size, keys=t["dense_key"])
                 self.steps_since_selection = 0
             self.steps_since_selection += 1
             kv.pages, kv.tail_first = t["pages"], self.tail_first

@@ -17,7 +17,8 @@ class SparseConfig:
     Streaming heads (static sparsity, the same rule in prefill and decode): the query at slot ``i`` of
     a row sees key ``j`` when ``j - first_real_slot < sink_size`` or ``i - j < local_size`` (and
     ``j <= i``). One window serves prefill and decode, so that a prompt prefilled in chunks gives the
-    same result as in one piece; a streaming head's cache holds ``sink_size + local_size`` tokens.
+    same result as in one piece (with ``streaming_from=0``: by default a short one-shot prefill runs every
+    head dense, see ``streaming_from``); a streaming head's cache holds ``sink_size + local_size`` tokens.
 
     Args:
         streaming_fraction: fraction of (layer, KV head) pairs that stream, in [0, 1]; the heads with

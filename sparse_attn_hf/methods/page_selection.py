@@ -14,9 +14,27 @@ remaining budget goes to the highest-scoring pages.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import ops
+
+_selector = None  # an evaluation hook replacing the bound-based choice (see ``selector``)
+
+
+@contextlib.contextmanager
+def selector(choose):
+    """Within this block, decode steps choose their pages with ``choose(query, keys, key_min, key_max,
+    quest=..., **same keyword arguments as select_pages)``, which returns ``(pages, tail_first)`` as
+    ``select_pages`` does; ``quest`` is the bound-based choice, for a hook that only observes. For
+    evaluation (``sparse_attn_hf.eval.page_oracle``): an oracle, or a recorder of attention-mass recall."""
+    global _selector
+    previous, _selector = _selector, choose
+    try:
+        yield
+    finally:
+        _selector = previous
 
 
 def select_pages(
@@ -29,6 +47,7 @@ def select_pages(
     budget: int,
     page_size: int,
     logical_page_size: int,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Choose the pages a decode step of the dense heads reads.
 
@@ -38,12 +57,22 @@ def select_pages(
             (+inf / -inf where a page holds no real key).
         kv_start: [B] first real slot of each row; seen: tokens in the cache (the query is slot seen-1).
         budget: tokens to attend per head (a multiple of ``page_size``, at least two pages).
+        keys: [B, Hd, >= seen, D] the stored keys; read only by an evaluation ``selector`` hook.
 
     Returns:
         (pages, tail_first): int32 [B, Hd, budget / page_size - 1] physical page ids (-1 where a row
         has fewer candidates), and the first page of the tail. When the context fits the budget:
         an empty list and 0 (attend to everything).
     """
+    common = dict(kv_start=kv_start, seen=seen, budget=budget, page_size=page_size,
+                  logical_page_size=logical_page_size)
+    if _selector is not None:
+        return _selector(query, keys, key_min, key_max, quest=_quest, **common)
+    return _quest(query, key_min, key_max, **common)
+
+
+def _quest(query, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
+           logical_page_size: int) -> tuple[torch.Tensor, int]:
     n_pages = -(-seen // page_size)
     budget_pages = budget // page_size
     batch, heads = query.shape[:2]

@@ -1,0 +1,85 @@
+"""Page selection against an oracle (evaluation only, slow).
+
+Decoding reads, per dense KV head, the pages that Quest's bound ranks first (``methods/page_selection``).
+The oracle reads the pages of highest *true* attention mass at the same budget, with the same always-kept
+pages (each row's first real page, and the newest page onwards). Both are judged by the attention-mass
+recall of a decode step and KV head: the true attention mass of the group's query heads that falls on the
+pages read, divided by its total (the group's query heads each hold mass 1).
+
+    with page_oracle.recording("oracle", scale=head_dim ** -0.5) as recalls:
+        model.generate(...)                      # decode steps read the oracle's pages
+    sum(recalls) / len(recalls)                  # mean recall over steps, layers and KV heads
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..methods import page_selection
+
+
+def page_mass(query: torch.Tensor, keys: torch.Tensor, *, kv_start: torch.Tensor, seen: int, page_size: int,
+              scale: float) -> torch.Tensor:
+    """True attention mass per physical page, float32 [B, Hd, ceil(seen / page_size)], summed over the
+    group's query heads. query [B, Hd, G, D] at slot ``seen - 1``; keys [B, Hd, >= seen, D]; pads get none."""
+    batch, heads = query.shape[:2]
+    scores = torch.einsum("bhgd,bhnd->bhgn", query.float(), keys[:, :, :seen].float()) * scale
+    real = torch.arange(seen, device=keys.device)[None, :] >= kv_start[:, None]
+    probs = torch.softmax(scores.masked_fill(~real[:, None, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    n_pages = -(-seen // page_size)
+    mass = torch.zeros(batch, heads, n_pages * page_size, device=keys.device)
+    mass[:, :, :seen] = probs.sum(dim=2)
+    return mass.view(batch, heads, n_pages, page_size).sum(-1)
+
+
+def oracle_pages(mass: torch.Tensor, *, kv_start: torch.Tensor, budget: int, page_size: int):
+    """The oracle's choice, in ``select_pages``' format: ``(pages int32 [B, Hd, budget/page - 1], tail_first)``;
+    each row's first real page always, the newest page as the tail, the rest by the highest mass."""
+    batch, heads, n_pages = mass.shape
+    budget_pages = budget // page_size
+    if n_pages <= budget_pages:
+        return torch.empty(batch, heads, 0, dtype=torch.int32, device=mass.device), 0
+    tail_first = n_pages - 1
+    scores = mass[:, :, :tail_first].clone()
+    pages = torch.arange(tail_first, device=mass.device)
+    has_real = (pages[None, :] + 1) * page_size > kv_start[:, None]
+    scores = torch.where(has_real[:, None], scores, float("-inf"))
+    first_real = (kv_start // page_size).clamp(max=tail_first - 1)
+    scores.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+    values, chosen = torch.topk(scores, budget_pages - 1, dim=-1, sorted=False)
+    return torch.where(values == float("-inf"), -1, chosen).to(torch.int32), tail_first
+
+
+def mass_recall(mass: torch.Tensor, pages: torch.Tensor, tail_first: int) -> torch.Tensor:
+    """Share of the true attention mass on the pages read, float32 [B, Hd] (1 where everything is read)."""
+    batch, heads, n_pages = mass.shape
+    if pages.numel() == 0 and tail_first == 0:
+        return torch.ones(batch, heads, device=mass.device)
+    read = torch.zeros(batch, heads, n_pages + 1, dtype=torch.bool, device=mass.device)
+    read.scatter_(2, torch.where(pages < 0, n_pages, pages.long()), True)
+    read[:, :, tail_first:n_pages] = True
+    return (mass * read[:, :, :n_pages]).sum(-1) / mass.sum(-1).clamp(min=1e-30)
+
+
+@contextlib.contextmanager
+def recording(kind: str, *, scale: float):
+    """Decode steps choose pages by ``kind`` ("quest": the package's bound, or "oracle"), and the mass recall
+    of every (step, layer, batch row, KV head) is appended to the yielded list."""
+    if kind not in ("quest", "oracle"):
+        raise ValueError(f"kind must be 'quest' or 'oracle', got {kind!r}.")
+    recalls: list[float] = []
+
+    def choose(query, keys, key_min, key_max, *, quest, kv_start, seen, budget, page_size, logical_page_size):
+        mass = page_mass(query, keys, kv_start=kv_start, seen=seen, page_size=page_size, scale=scale)
+        if kind == "oracle":
+            pages, tail_first = oracle_pages(mass, kv_start=kv_start, budget=budget, page_size=page_size)
+        else:
+            pages, tail_first = quest(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
+                                      page_size=page_size, logical_page_size=logical_page_size)
+        recalls.extend(mass_recall(mass, pages, tail_first).flatten().tolist())
+        return pages, tail_first
+
+    with page_selection.selector(choose):
+        yield recalls

@@ -1,0 +1,72 @@
+"""The page-selection oracle and the attention-mass recall (issue: held-out fidelity, page selection)."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import random_ids, tiny_model
+
+from sparse_attn_hf import Profile, SparseConfig, patched
+from sparse_attn_hf.eval import page_oracle
+
+
+def test_mass_recall_on_a_hand_example():
+    mass = torch.tensor([[[0.5, 0.2, 0.1, 0.2]]])
+    pages = torch.tensor([[[0, -1]]], dtype=torch.int32)
+    assert page_oracle.mass_recall(mass, pages, tail_first=3).item() == pytest.approx(0.7)  # pages 0 and 3
+    assert page_oracle.mass_recall(mass, pages[:, :, :0], tail_first=0).item() == 1.0  # everything read
+
+
+def test_page_mass_sums_the_groups_attention_per_page():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 4, 8, generator=gen), torch.randn(2, 3, 50, 8, generator=gen)
+    kv_start = torch.tensor([0, 7])
+    mass = page_oracle.page_mass(q, k, kv_start=kv_start, seen=45, page_size=16, scale=0.3)
+    assert mass.shape == (2, 3, 3)
+    torch.testing.assert_close(mass.sum(-1), torch.full((2, 3), 4.0))  # each of the 4 query heads holds 1
+    scores = (q @ k[:, :, :45].transpose(-1, -2)) * 0.3
+    scores[1, :, :, :7] = float("-inf")
+    probs = torch.softmax(scores, -1).sum(2)
+    torch.testing.assert_close(mass[:, :, 1], probs[:, :, 16:32].sum(-1))
+    assert mass[1, :, 0].min() > 0 and probs[1, :, :7].sum() == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_oracle_pages_equal_brute_force_top_k(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, n_pages, page, budget = 2, 3, 11, 16, 5 * 16
+    mass = torch.rand(batch, heads, n_pages, generator=gen)
+    kv_start = torch.tensor([0, int(torch.randint(1, 60, (1,), generator=gen))])
+    pages, tail_first = page_oracle.oracle_pages(mass, kv_start=kv_start, budget=budget, page_size=page)
+    assert tail_first == n_pages - 1 and pages.shape == (batch, heads, budget // page - 1)
+    for b in range(batch):
+        first_real = int(kv_start[b]) // page
+        for h in range(heads):
+            candidates = [p for p in range(first_real + 1, tail_first)]
+            ranked = sorted(candidates, key=lambda p: -float(mass[b, h, p]))
+            expected = {first_real, *ranked[: budget // page - 2]}
+            assert set(pages[b, h].tolist()) == expected
+
+
+@torch.no_grad()
+def test_oracle_recall_is_at_least_quests_on_the_same_step():
+    """The first decode step sees the same cache either way: there the oracle's pages hold at least the mass of
+    Quest's (same budget, same always-kept pages)."""
+    model = tiny_model("llama", heads=6, kv_heads=2, layers=2, head_dim=16).to(DEVICE)
+    ids = random_ids(1, 300).to(DEVICE)
+    config = SparseConfig(token_budget=64, page_size=16, logical_page_size=4, reuse_interval=1)
+    recalls = {}
+    with patched(model, Profile.all_dense(model), config):
+        for kind in ("quest", "oracle"):
+            with page_oracle.recording(kind, scale=16**-0.5) as got:
+                model.generate(ids, max_new_tokens=2, do_sample=False)
+            recalls[kind] = torch.tensor(got)
+    assert recalls["quest"].shape == recalls["oracle"].shape == (2 * 2,)  # one step x 2 layers x 2 KV heads
+    assert (recalls["oracle"] >= recalls["quest"] - 1e-6).all()
+    assert (recalls["oracle"] <= 1 + 1e-6).all() and (recalls["quest"] > 0).all()
+    assert recalls["oracle"].mean() > recalls["quest"].mean()  # the bound does not find the best pages here
+
+
+def test_recording_rejects_an_unknown_selector():
+    with pytest.raises(ValueError, match="quest"):
+        with page_oracle.recording("best", scale=1.0):
+            pass
