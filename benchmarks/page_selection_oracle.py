@@ -2,9 +2,9 @@
 
     python benchmarks/page_selection_oracle.py [--lengths 2048 4096 8180] [--depths 0.1 0.3 0.5 0.7 0.9]
 
-Every head dense (so that only page selection acts), passkey and needle prompts hidden in the Python
-reference manual (``pydoc_data.topics``, shipped with CPython: text neither the profile nor the package's
-story saw), at budgets of 1/8, 1/4 and 1/2 of the context in whole 64-token pages. Per prompt the cache is
+Every head dense (so that only page selection acts), passkey and needle prompts hidden in the reporting half
+of the held-out text (``sparse_attn_hf.eval.heldout``: the Python reference manual, shipped with CPython),
+at budgets of 1/8, 1/4 and 1/2 of the context in whole 64-token pages. Per prompt the cache is
 prefilled once (exact dense attention) and copied for every (budget, selector); the decode steps then read
 the pages that Quest's bound ranks first, or the pages of highest true attention mass (the oracle,
 ``sparse_attn_hf.eval.page_oracle``). Per cell: the answers and whether each equals dense's (whose budget
@@ -27,13 +27,13 @@ from sparse_attn_hf import Profile, SparseCache, SparseConfig, patched
 from sparse_attn_hf.compat import CACHE_ARG
 from sparse_attn_hf.default_model import load_default_model
 from sparse_attn_hf.eval import page_oracle
+from sparse_attn_hf.eval.heldout import heldout_text
 from sparse_attn_hf.eval.needle import DEFAULT_NEEDLE, needle_prompt
 from sparse_attn_hf.eval.passkey import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, make_keys
 from sparse_attn_hf.eval.needle import hide
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
-from sample_density import reference_manual_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PAGE = 64
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
-    text = reference_manual_text()
+    text = heldout_text("reporting")
     scale = model.config.head_dim ** -0.5
     cells, rows, started = [], [], time.time()
     config = SparseConfig(page_size=PAGE, logical_page_size=16, token_budget=2 * PAGE)

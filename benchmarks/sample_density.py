@@ -4,8 +4,8 @@
 
 The default model (SmolLM2-135M-Instruct, 30 layers, trained to 8192 positions), every head dense,
 SampleAttention at the package's defaults (alpha 0.95, rw 0.08, r_row 0.05, mean criterion) from the first
-token on. The text is the Python reference manual's topics (``pydoc_data.topics``, shipped with every
-CPython, PSF licence): prose and code the profile never saw. Past 8192 tokens the positions are
+token on. The text is the Python reference manual's topics (``sparse_attn_hf.eval.heldout``, shipped with
+every CPython, PSF licence): prose and code the profile never saw. Past 8192 tokens the positions are
 extended by linear RoPE scaling (factor L / 8192): that is extrapolation, not how the model was
 trained, and the densities there say how concentrated attention stays, not what a long-context model
 would choose. Per layer: the density of the mask (window + stripes over the causal matrix) and the cost
@@ -25,17 +25,12 @@ import torch
 
 from sparse_attn_hf import Profile, SparseConfig, patched
 from sparse_attn_hf.default_model import load_default_model
+from sparse_attn_hf.eval.heldout import heldout_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def reference_manual_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name] for name in sorted(topics))
 
 
 def set_linear_rope(model, factor: float) -> None:
@@ -58,7 +53,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
     trained = model.config.max_position_embeddings
-    ids = tokenizer(reference_manual_text(), return_tensors="pt", add_special_tokens=False).input_ids
+    ids = tokenizer(heldout_text("all"), return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] < max(args.lengths):
         raise SystemExit(f"the text has {ids.shape[1]} tokens, fewer than {max(args.lengths)}")
     config = SparseConfig(alpha=args.alpha, dense_below=0)

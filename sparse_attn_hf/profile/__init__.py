@@ -48,6 +48,7 @@ _FIELDS: dict[str, tuple[type, object]] = {
     "created": (str, ""),
     "command": (str, ""),
     "sweep": (str, ""),  # JSON: the SampleAttention sweep's table (sparse_attn_hf.profiler.sweep)
+    "fraction_choice": (str, ""),  # JSON: the held-out fraction table and choice (sparse_attn_hf.profiler.held_out)
 }
 
 _HOW_TO_GET_ONE = (
@@ -89,6 +90,7 @@ class Profile:
     created: str = ""
     command: str = ""
     sweep: str = field(default="", repr=False)
+    fraction_choice: str = field(default="", repr=False)
     fingerprint: torch.Tensor | None = field(default=None, repr=False)
     source: Path | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
 

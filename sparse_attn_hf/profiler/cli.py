@@ -3,6 +3,7 @@
     python -m sparse_attn_hf.profile MODEL --out profiles/NAME.safetensors [options]
     python -m sparse_attn_hf.profile import-duo DIR --model MODEL --out profiles/NAME.safetensors
     python -m sparse_attn_hf.profile report PROFILE [--out PNG] [--streaming-fraction F]
+    python -m sparse_attn_hf.profile choose-fraction PROFILE --model MODEL --out profiles/NAME.safetensors
 
 MODEL is ``default`` (the embedded SmolLM2-135M-Instruct), a local model directory or a ``.gguf``
 file; nothing is downloaded. Making a profile: head scores (``--method duo``, DuoAttention gate
@@ -68,7 +69,8 @@ def profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=_pair, default=None,
                    help="MIN,MAX calibration prompt lengths in tokens (default 1024,min(32768, model positions) "
                         "on a GPU, 1024,2048 on a CPU)")
-    p.add_argument("--streaming-fraction", type=float, default=0.5, help="the profile's default fraction")
+    p.add_argument("--streaming-fraction", type=float, default=None,
+                   help="the profile's default fraction (default: the held-out choice with --choose-fraction, else 0.5)")
     p.add_argument("--sink", type=int, default=128, help="streaming heads' sink tokens (training and profile)")
     p.add_argument("--local", type=int, default=256, help="streaming heads' local window (training and profile)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,6 +95,14 @@ def profile_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-tokens", type=int, default=2048, help="held-out tokens for the KL")
     g.add_argument("--dense-below", type=int, default=16384,
                    help="kept when the crossover is not measured (CPU, or no length faster)")
+    g = p.add_argument_group("default fraction chosen on held-out text (sparse_attn_hf.profiler.held_out)")
+    g.add_argument("--choose-fraction", action="store_true",
+                   help="measure agreement with dense on the held-out choosing text and take the largest safe fraction")
+    g.add_argument("--fractions", type=_floats, default=tuple(round(0.25 + 0.05 * i, 2) for i in range(11)),
+                   help="candidate fractions (the rule also needs each fraction + 0.05)")
+    g.add_argument("--choice-lengths", type=_ints, default=(1024, 2048, 4096), help="prompt lengths of the cells")
+    g.add_argument("--allow-unchecked-fraction", action="store_true",
+                   help="write a default fraction the held-out rule did not pass")
     g.add_argument("--crossover-lengths", type=_ints, default=None,
                    help="lengths timed on a GPU for the dense-below crossover (default: powers of two from 4096 "
                         "up to the model's positions, at most 131072)")
@@ -107,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             _import_duo(argv[1:])
         elif argv and argv[0] == "report":
             _report(argv[1:])
+        elif argv and argv[0] == "choose-fraction":
+            _rechoose(argv[1:])
         else:
             make_profile(profile_parser().parse_args(argv), argv)
     except (ValueError, FileNotFoundError, ImportError) as error:
@@ -160,7 +172,7 @@ def make_profile(args, argv: list[str]) -> Profile:
         raise ValueError(f"cannot write --out {out}: {error}") from None
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file path ending in .safetensors.")
-    if not 0.0 <= args.streaming_fraction <= 1.0:
+    if args.streaming_fraction is not None and not 0.0 <= args.streaming_fraction <= 1.0:
         raise ValueError(f"--streaming-fraction {args.streaming_fraction} is outside [0, 1].")
     model, tokenizer, name = load_model(args.model, args.device, args.dtype)
     family_for(model)  # an unsupported model fails here, before any work
@@ -206,7 +218,8 @@ def make_profile(args, argv: list[str]) -> Profile:
         checkpoint = None
 
     profile = Profile.from_scores(
-        model, scores, model_name=args.name or name, streaming_fraction=args.streaming_fraction,
+        model, scores, model_name=args.name or name,
+        streaming_fraction=0.5 if args.streaming_fraction is None else args.streaming_fraction,
         sink_size=args.sink, local_size=args.local, method=method, dense_below=args.dense_below,
         calibration=f"{calibration.description}: {samples_note}", command=command,
     )
@@ -234,6 +247,11 @@ def make_profile(args, argv: list[str]) -> Profile:
             sweep["dense_below"] = {"measured": False, "kept": dense_below, "why": why}
         profile = dataclasses.replace(profile, **chosen, dense_below=dense_below, sweep=to_json(sweep))
 
+    if args.choose_fraction:
+        profile = _choose_fraction(args, model, tokenizer, profile)
+    elif args.streaming_fraction is None:
+        print("the default fraction 0.5 is not checked on held-out text (--choose-fraction does it)")
+
     path = profile.save(out)
     if checkpoint is not None and checkpoint.is_file():
         checkpoint.unlink()
@@ -246,6 +264,34 @@ def make_profile(args, argv: list[str]) -> Profile:
     print(report_text(profile))
     print(f"\nwrote {path}" + (f" and {picture}" if picture else "") + f" in {time.time() - started:.0f} s")
     return profile
+
+
+def _choose_fraction(args, model, tokenizer, profile: Profile) -> Profile:
+    """Measure the candidate fractions on the held-out choosing text, record table and choice, and refuse a
+    default above the choice unless --allow-unchecked-fraction."""
+    from ..eval.heldout import heldout_text
+    from .held_out import ALLOW_FLAG, STEP, check_default, choose_fraction, held_out_cells, measure, to_metadata
+
+    text = heldout_text("choosing")
+    cells = held_out_cells(tokenizer, text, lengths=args.choice_lengths)
+    fractions = sorted(set(args.fractions) | {round(f + STEP, 2) for f in args.fractions if f + STEP <= 1.0})
+    text_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
+    with tqdm(total=len(fractions), desc=f"held-out fractions ({len(cells)} cells)") as bar:
+        rows = measure(model, tokenizer, profile, cells, fractions, text_ids, progress=bar)
+    choice = choose_fraction(rows)
+    for row in choice["rows"]:
+        print(f"fraction {row['fraction']:.2f}: lost {row['lost']} of {row['dense_correct']} dense-correct cells, "
+              f"first-token KL {row['first_token_kl']:.4f}, text KL {row['text_kl']:.4f}")
+    fraction = args.streaming_fraction if args.streaming_fraction is not None else choice["fraction"]
+    if fraction is None:
+        if not args.allow_unchecked_fraction:
+            raise ValueError(f"no candidate fraction passed the held-out rule ({choice['rule']}); give lower "
+                             f"--fractions, or --streaming-fraction F with {ALLOW_FLAG}.")
+        fraction = profile.streaming_fraction
+    check_default(fraction, choice, allow=args.allow_unchecked_fraction)
+    print(f"default streaming fraction {fraction} (held-out choice: {choice['fraction']})")
+    return dataclasses.replace(profile, streaming_fraction=fraction,
+                               fraction_choice=to_metadata(choice, "sparse_attn_hf.eval.heldout, choosing half"))
 
 
 # ---------------------------------------------------------------------- other commands
@@ -268,6 +314,30 @@ def _import_duo(argv: list[str]) -> None:
     path = profile.save(args.out)
     print(profile.describe())
     print(f"wrote {path}")
+
+
+def _rechoose(argv: list[str]) -> None:
+    """An existing profile's default fraction chosen anew on held-out text (its head scores kept)."""
+    p = argparse.ArgumentParser(prog="python -m sparse_attn_hf.profile choose-fraction",
+                                description="Choose a profile's default streaming fraction on held-out text.")
+    p.add_argument("profile")
+    p.add_argument("--model", required=True, help="'default', a local model directory or a .gguf file")
+    p.add_argument("--out", required=True, help="the profile file to write (.safetensors)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    p.add_argument("--streaming-fraction", type=float, default=None)
+    p.add_argument("--fractions", type=_floats, default=tuple(round(0.25 + 0.05 * i, 2) for i in range(11)))
+    p.add_argument("--choice-lengths", type=_ints, default=(1024, 2048, 4096))
+    p.add_argument("--text-tokens", type=int, default=2048, help="held-out tokens for the next-token KL")
+    p.add_argument("--allow-unchecked-fraction", action="store_true")
+    args = p.parse_args(argv)
+    model, tokenizer, _ = load_model(args.model, args.device, args.dtype)
+    profile = Profile.load(args.profile)
+    profile.validate_for(model)
+    profile = _choose_fraction(args, model, tokenizer, profile)
+    command = "python -m sparse_attn_hf.profile " + shlex.join(["choose-fraction", *argv])
+    profile = dataclasses.replace(profile, command=f"{profile.command}; then {command}")
+    print(f"wrote {profile.save(args.out)}")
 
 
 def _report(argv: list[str]) -> None:

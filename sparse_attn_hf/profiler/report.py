@@ -27,6 +27,14 @@ def report_text(profile: Profile, streaming_fraction: float | None = None) -> st
     ]
     if profile.sweep:
         lines += ["SampleAttention sweep:", sweep_summary(json.loads(profile.sweep))]
+    choice = json.loads(profile.fraction_choice) if profile.fraction_choice else None
+    if choice is None:
+        lines.append("default fraction: not checked on held-out text (profiler option --choose-fraction)")
+    else:
+        lines.append(f"default fraction chosen on {choice.get('choosing_text', 'held-out text')}: "
+                     f"{choice['fraction']} ({choice['rule']})")
+        lines += [f"  fraction {r['fraction']:.2f}: lost {r['lost']} of {r['dense_correct']} dense-correct cells"
+                  + (f", text KL {r['text_kl']:.4f}" if "text_kl" in r else "") for r in choice["rows"]]
     return "\n".join(lines)
 
 
