@@ -12,6 +12,7 @@ import torch
 from sparse_attn_hf import Profile
 from sparse_attn_hf.eval import cli, harness
 from sparse_attn_hf.eval.haystack import haystack_text
+from sparse_attn_hf.eval.heldout import heldout_sha256
 from sparse_attn_hf.eval.needle import DEFAULT_NEEDLE, hide, needle_prompt, retrieval_score
 from sparse_attn_hf.eval.passkey import _OVERHEAD, ANSWER_PREFIX, NEEDLE, QUESTION, passkey_prompt
 
@@ -100,6 +101,15 @@ def test_passkey_cli_on_a_haystack_file(tiny, tmp_path, capsys):
     assert data["meta"]["haystack"] == str(text)
     assert row["dense_score"] == float(row["dense_correct"]) and len(row["key"]) == 5
     assert last.startswith("passkey | ") and "1 prompts" in last
+
+
+def test_passkey_cli_on_held_out_text(tiny, tmp_path, capsys):
+    folder, profile = tiny
+    run_cli(["passkey", "--model", folder, "--profile", profile, "--lengths", 256, "--depths", 0.5,
+             "--haystack", "heldout", "--out", tmp_path, "--seed", 3], capsys)
+    data = check_files(tmp_path, "passkey")
+    assert data["meta"]["haystack"].startswith("held-out text, reporting half")
+    assert data["meta"]["haystack_sha256"] == heldout_sha256("reporting")
 
 
 def test_ppl_cli_matches_dense_when_no_head_streams(tiny, tmp_path, capsys):

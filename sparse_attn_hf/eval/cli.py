@@ -33,7 +33,10 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt lengths in tokens (ppl: text lengths); default 512 1024 2048 (ppl: 2048)")
     p.add_argument("--depths", type=float, nargs="+", default=None,
                    help="needle depths in [0, 1] (needle, passkey); default 0.1 0.5 0.9")
-    p.add_argument("--haystack", default=None, help="a text file (default: the package's story, evaluation half)")
+    p.add_argument("--haystack", default=None,
+                   help="a text file, or 'heldout' (held-out text the profile never saw: CPython's reference manual, "
+                        "reporting half; 'heldout:choosing' for the other half); default: the package's story, "
+                        "evaluation half")
     p.add_argument("--streaming-fraction", type=float, default=None, help="share of KV heads that stream")
     p.add_argument("--token-budget", type=int, default=None, help="tokens a dense head reads per decode step")
     p.add_argument("--sink-size", type=int, default=None)

@@ -44,11 +44,22 @@ class Haystack:
     sha256: str
 
 
+HELDOUT = ("heldout", "heldout:reporting", "heldout:choosing")
+
+
 def load_haystack(path: str | Path | None = None) -> Haystack:
-    """The text file ``path`` (UTF-8; undecodable bytes replaced), or the package's story (its evaluation half)."""
+    """The text file ``path`` (UTF-8; undecodable bytes replaced), the package's story (its evaluation half;
+    the text the shipped profile was fitted on) when None, or held-out text: ``"heldout"`` (its reporting
+    half) or ``"heldout:choosing"`` (``sparse_attn_hf.eval.heldout``)."""
     if path is None:
         return Haystack(default_haystack.haystack_text("evaluation"), "default story, evaluation half "
                         "(sparse_attn_hf/eval/data/haystack.txt)", default_haystack.haystack_sha256())
+    if str(path) in HELDOUT:
+        from .heldout import heldout_sha256, heldout_text
+
+        part = "reporting" if str(path) == "heldout" else str(path).split(":")[1]
+        return Haystack(heldout_text(part), f"held-out text, {part} half (CPython's reference manual, "
+                        "sparse_attn_hf/eval/heldout.py)", heldout_sha256(part))
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--haystack {str(path)!r}: no such file.")
