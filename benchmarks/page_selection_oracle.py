@@ -65,6 +65,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8180])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--new-tokens", type=int, default=10)
+    parser.add_argument("--logical-page-size", type=int, default=16, help="Quest's statistics granularity (8: finer)")
+    parser.add_argument("--selectors", nargs="+", default=["quest", "oracle"], choices=["quest", "oracle"])
     parser.add_argument("--out", type=Path, default=RESULTS / "page_selection_oracle")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -72,7 +74,7 @@ def main(argv=None) -> None:
     text = heldout_text("reporting")
     scale = model.config.head_dim ** -0.5
     cells, rows, started = [], [], time.time()
-    config = SparseConfig(page_size=PAGE, logical_page_size=16, token_budget=2 * PAGE)
+    config = SparseConfig(page_size=PAGE, logical_page_size=args.logical_page_size, token_budget=2 * PAGE)
     with patched(model, Profile.all_dense(model), config):
         for length in args.lengths:
             budgets = [max(2, length // PAGE // d) * PAGE for d in (8, 4, 2)]
@@ -93,7 +95,7 @@ def main(argv=None) -> None:
                 for budget in budgets:
                     cell = {"L": length, "task": task, "depth": depth, "budget": budget, "prompt_tokens": ids.shape[1],
                             "dense_answer": dense, "dense_correct": all(w in dense for w in expected.split())}
-                    for kind in ("quest", "oracle"):
+                    for kind in args.selectors:
                         answer, recalls = run(budget, kind)
                         cell[f"{kind}_answer"] = answer
                         cell[f"{kind}_same"] = answer == dense
@@ -104,15 +106,17 @@ def main(argv=None) -> None:
                            if "answer" not in k}, flush=True)
             for budget in budgets:
                 mine = [c for c in cells if c["L"] == length and c["budget"] == budget]
-                rows.append({"L": length, "budget": budget, "cells": len(mine),
-                             "quest_mass_recall": statistics.mean(c["quest_mass_recall"] for c in mine),
-                             "oracle_mass_recall": statistics.mean(c["oracle_mass_recall"] for c in mine),
-                             "quest_same_answers": sum(c["quest_same"] for c in mine),
-                             "oracle_same_answers": sum(c["oracle_same"] for c in mine),
-                             "dense_correct": sum(c["dense_correct"] for c in mine)})
+                row = {"L": length, "budget": budget, "cells": len(mine), "logical_page_size": args.logical_page_size,
+                       "dense_correct": sum(c["dense_correct"] for c in mine)}
+                for kind in args.selectors:
+                    row[f"{kind}_mass_recall"] = statistics.mean(c[f"{kind}_mass_recall"] for c in mine)
+                    row[f"{kind}_same_answers"] = sum(c[f"{kind}_same"] for c in mine)
+                    row[f"{kind}_same_on_dense_correct"] = sum(c[f"{kind}_same"] for c in mine if c["dense_correct"])
+                rows.append(row)
                 print(rows[-1], flush=True)
             info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics (CPython)",
-                                           "page_size": PAGE, "logical_page_size": 16, "new_tokens": args.new_tokens,
+                                           "page_size": PAGE, "logical_page_size": args.logical_page_size,
+                                           "new_tokens": args.new_tokens,
                                            "profile": "all dense (page selection alone)", "cells": cells,
                                            "seconds": time.time() - started})
             write_results(args.out, info, rows)
