@@ -68,3 +68,20 @@ def test_held_out_halves_are_disjoint_text():
     assert choosing[:2000] not in reporting and reporting[:2000] not in choosing
     with pytest.raises(ValueError, match="part"):
         heldout_text("fitting")
+
+
+@torch.no_grad()
+def test_measure_stops_a_fraction_once_it_has_lost_two_cells():
+    model = tiny_model("llama", heads=4, kv_heads=2, layers=2).to(DEVICE)
+    prompts = [random_ids(1, 60, seed=s).to(DEVICE) for s in range(1, 7)]
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(int(i)) for i in ids)
+
+    dense = [Tok().decode(model.generate(ids, max_new_tokens=4, do_sample=False)[0, 60:]) for ids in prompts]
+    cells = [(ids, lambda answer, d=d: answer == d) for ids, d in zip(prompts, dense)]  # dense is right
+    profile = Profile.from_scores(model, torch.rand(2, 2), sink_size=1, local_size=3)
+    (row,) = held_out.measure(model, Tok(), profile, cells, [1.0], prompts[0], max_new_tokens=4)
+    assert row["dense_correct"] == 6
+    assert row["lost"] == 2 and row["stopped_after"] < 6, row  # every head streams over 4 tokens: answers change

@@ -57,9 +57,13 @@ def from_metadata(value: str) -> dict | None:
     return json.loads(value) if value else None
 
 
-def measure(model, tokenizer, profile, cells, fractions, text_ids, max_new_tokens: int = 12, progress=None) -> list:
+def measure(model, tokenizer, profile, cells, fractions, text_ids, max_new_tokens: int = 12, progress=None,
+            stop_at_lost: int | None = 2) -> list:
     """One row per fraction: lost cells, answers, first-answer-token KL and mean next-token KL on
-    ``text_ids``, all against dense attention. ``cells``: ``(input_ids [1, n], is_correct(answer) -> bool)``."""
+    ``text_ids``, all against dense attention. ``cells``: ``(input_ids [1, n], is_correct(answer) -> bool)``.
+
+    A fraction stops answering cells once it has lost ``stop_at_lost`` (the rule cannot take it nor use it as
+    a margin any more): its row then says ``"stopped_after"`` cells, and its counts are lower bounds."""
     import torch
     import torch.nn.functional as F
 
@@ -85,15 +89,21 @@ def measure(model, tokenizer, profile, cells, fractions, text_ids, max_new_token
     dense_text = text_logp()
     rows = []
     for fraction in fractions:
+        got, right, lost = [], [], 0
         with patched(model, profile, SparseConfig(streaming_fraction=fraction)):
-            got = [run(ids) for ids, _ in cells]
+            for (ids, check), was_right in zip(cells, dense_right):
+                got.append(run(ids))
+                right.append(check(got[-1][0]))
+                lost += was_right and not right[-1]
+                if stop_at_lost is not None and lost >= stop_at_lost:
+                    break
             text_kl = kl(dense_text, text_logp())
-        right = [check(text) for (_, check), (text, _) in zip(cells, got)]
-        rows.append({"fraction": fraction, "cells": len(cells), "dense_correct": sum(dense_right),
-                     "lost": sum(d and not s for d, s in zip(dense_right, right)),
-                     "gained": sum(s and not d for d, s in zip(dense_right, right)),
-                     "first_token_kl": sum(kl(d[1], s[1]) for d, s in zip(dense, got)) / len(cells),
-                     "text_kl": text_kl})
+        row = {"fraction": fraction, "cells": len(cells), "dense_correct": sum(dense_right), "lost": lost,
+               "gained": sum(s and not d for d, s in zip(dense_right, right)),
+               "first_token_kl": sum(kl(d[1], s[1]) for d, s in zip(dense, got)) / len(got), "text_kl": text_kl}
+        if len(got) < len(cells):
+            row["stopped_after"] = len(got)
+        rows.append(row)
         if progress is not None:
             progress.update(1)
     return rows
