@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--new-tokens", type=int, default=10)
     parser.add_argument("--logical-page-size", type=int, default=16, help="Quest's statistics granularity (8: finer)")
-    parser.add_argument("--selectors", nargs="+", default=["quest", "oracle"], choices=["quest", "oracle"])
+    parser.add_argument("--selectors", nargs="+", default=["quest", "oracle"], choices=list(page_oracle.KINDS))
     parser.add_argument("--out", type=Path, default=RESULTS / "page_selection_oracle")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

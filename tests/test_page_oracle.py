@@ -70,3 +70,23 @@ def test_recording_rejects_an_unknown_selector():
     with pytest.raises(ValueError, match="quest"):
         with page_oracle.recording("best", scale=1.0):
             pass
+
+
+def test_per_head_variant_shares_the_budget_round_robin():
+    """Two query heads of one KV head that like different pages each get their best pages in turn."""
+    dim, lp, page = 4, 16, 16
+    n = 8  # pages; page 7 is the tail
+    key_min = torch.zeros(1, 1, n, dim)
+    key_max = torch.zeros(1, 1, n, dim)
+    key_max[0, 0, [1, 2], 0] = torch.tensor([5.0, 4.0])  # head 0 (looks along dim 0) likes pages 1, 2
+    key_max[0, 0, [4, 5], 1] = torch.tensor([3.0, 2.0])  # head 1 (dim 1) likes pages 4, 5, less strongly
+    query = torch.zeros(1, 1, 2, dim)
+    query[0, 0, 0, 0] = query[0, 0, 1, 1] = 1.0
+    common = dict(kv_start=torch.zeros(1, dtype=torch.long), seen=n * page, budget=4 * page, page_size=page,
+                  logical_page_size=lp)
+    pages, tail = page_oracle.per_head_pages(query, key_min, key_max, **common)
+    assert tail == 7 and set(pages[0, 0].tolist()) == {0, 1, 4}  # sink, then each head's best page
+    from sparse_attn_hf.methods.page_selection import select_pages
+
+    quest, _ = select_pages(query, key_min, key_max, **common)
+    assert set(quest[0, 0].tolist()) == {0, 1, 2}  # the group maximum favours head 0's pages

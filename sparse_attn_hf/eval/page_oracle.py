@@ -63,18 +63,56 @@ def mass_recall(mass: torch.Tensor, pages: torch.Tensor, tail_first: int) -> tor
     return (mass * read[:, :, :n_pages]).sum(-1) / mass.sum(-1).clamp(min=1e-30)
 
 
+def per_head_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
+                   logical_page_size: int):
+    """An estimator variant: Quest's bound ranked per query head, the group's budget shared round-robin (a
+    page enters at the best rank any query head gives it), not by the group's maximum. ``select_pages``'
+    format."""
+    from ..kernels.reference import page_scores
+
+    n_pages = -(-seen // page_size)
+    budget_pages = budget // page_size
+    batch, heads, groups = query.shape[:3]
+    if n_pages <= budget_pages:
+        return torch.empty(batch, heads, 0, dtype=torch.int32, device=query.device), 0
+    tail_first = n_pages - 1
+    per_page = page_size // logical_page_size
+    n_logical = tail_first * per_page
+    scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical])
+    scores = scores.view(batch, heads, groups, tail_first, per_page).amax(-1)  # [B, Hd, G, pages]
+    has_real = (torch.arange(tail_first, device=query.device)[None, :] + 1) * page_size > kv_start[:, None]
+    scores = torch.where(has_real[:, None, None], scores, float("-inf"))
+    rank = torch.empty_like(scores)
+    rank.scatter_(-1, scores.argsort(-1, descending=True), torch.arange(tail_first, device=query.device,
+                                                                         dtype=scores.dtype).expand_as(scores))
+    best = rank.amin(dim=2)  # [B, Hd, pages]: the round in which the page enters the union
+    order = -best - 1e-6 * torch.arange(tail_first, device=query.device)  # ties: earlier page first
+    order = torch.where(has_real[:, None], order, float("-inf"))
+    first_real = (kv_start // page_size).clamp(max=tail_first - 1)
+    order.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+    values, chosen = torch.topk(order, budget_pages - 1, dim=-1, sorted=False)
+    return torch.where(values == float("-inf"), -1, chosen).to(torch.int32), tail_first
+
+
+KINDS = ("quest", "oracle", "quest_per_head")
+
+
 @contextlib.contextmanager
 def recording(kind: str, *, scale: float):
-    """Decode steps choose pages by ``kind`` ("quest": the package's bound, or "oracle"), and the mass recall
-    of every (step, layer, batch row, KV head) is appended to the yielded list."""
-    if kind not in ("quest", "oracle"):
-        raise ValueError(f"kind must be 'quest' or 'oracle', got {kind!r}.")
+    """Decode steps choose pages by ``kind`` ("quest": the package's bound; "oracle"; "quest_per_head": the
+    bound ranked per query head, see ``per_head_pages``), and the mass recall of every (step, layer, batch row,
+    KV head) is appended to the yielded list."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
     recalls: list[float] = []
 
     def choose(query, keys, key_min, key_max, *, quest, kv_start, seen, budget, page_size, logical_page_size):
         mass = page_mass(query, keys, kv_start=kv_start, seen=seen, page_size=page_size, scale=scale)
         if kind == "oracle":
             pages, tail_first = oracle_pages(mass, kv_start=kv_start, budget=budget, page_size=page_size)
+        elif kind == "quest_per_head":
+            pages, tail_first = per_head_pages(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
+                                               page_size=page_size, logical_page_size=logical_page_size)
         else:
             pages, tail_first = quest(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
                                       page_size=page_size, logical_page_size=logical_page_size)
