@@ -303,9 +303,44 @@ def e2e_table() -> str:
     return "\n".join(lines)
 
 
+def page_oracle_table() -> str:
+    """Quest's bound against the oracle (page_selection_oracle.json) and the estimator variants measured beside
+    it (page_selection_quest_lp8.json, page_selection_quest_per_head.json), when present."""
+    data = json.loads((RESULTS / "page_selection_oracle.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    variants = {}
+    for name, kind, label in (("page_selection_quest_lp8", "quest", "Quest, logical pages of 8"),
+                              ("page_selection_quest_per_head", "quest_per_head", "Quest per query head")):
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            variants[label] = ({(r["L"], r["budget"]): r for r in json.loads(path.read_text())["rows"]}, kind)
+    head = ["prompt tokens", "budget", "cells (dense right)", "Quest: same answers", "oracle: same answers",
+            "Quest: mass recall", "oracle: mass recall"]
+    for label in variants:
+        head += [f"{label}: same answers", f"{label}: mass recall"]
+    lines = [
+        f"Device {meta['device']}, {meta['dtype']}, every head dense (page selection alone), pages of "
+        f"{meta['page_size']} with logical pages of {meta['logical_page_size']}, {meta['new_tokens']} new tokens; "
+        f"held-out text (reporting half); commit `{meta['commit'][:10]}`, {meta['date'][:10]}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join("---" for _ in head) + " |",
+    ]
+    for r in rows:
+        cells = [f"{r['L']}", f"{r['budget']} ({r['budget'] / r['L']:.2f})", f"{r['cells']} ({r['dense_correct']})",
+                 f"{r['quest_same_answers']}/{r['cells']}", f"{r['oracle_same_answers']}/{r['cells']}",
+                 f"{r['quest_mass_recall']:.3f}", f"{r['oracle_mass_recall']:.3f}"]
+        for by_key, kind in variants.values():
+            v = by_key.get((r["L"], r["budget"]))
+            cells += [f"{v[kind + '_same_answers']}/{v['cells']}", f"{v[kind + '_mass_recall']:.3f}"] if v else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![page selection against the oracle](benchmarks/results/page_selection_oracle.png)"]
+    return "\n".join(lines)
+
+
 TABLES = {"e2e": e2e_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
-          "multi_gpu": multi_gpu_table}
+          "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table}
 
 
 def main() -> None:

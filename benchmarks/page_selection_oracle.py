@@ -16,6 +16,7 @@ recall is the judge. Writes benchmarks/results/page_selection_oracle.json.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -59,6 +60,28 @@ def prompts(tokenizer, text: str, length: int, depths: list[float]):
             tokenizer, text, length, depth, offset=1499 * i + 211).input_ids
 
 
+def plot(path: Path, rows: list[dict]) -> None:
+    """Mass recall against the budget (share of the context), one line per length and selector."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kinds = [k for k in page_oracle.KINDS if any(f"{k}_mass_recall" in r for r in rows)]
+    for length in sorted({r["L"] for r in rows}):
+        mine = sorted((r for r in rows if r["L"] == length), key=lambda r: r["budget"])
+        for kind, style in zip(kinds, ("-", "--", ":")):
+            ax.plot([r["budget"] / length for r in mine], [r[f"{kind}_mass_recall"] for r in mine], style, marker="o",
+                    label=f"{kind}, L={length}")
+    ax.set_xlabel("budget / context")
+    ax.set_ylabel("attention-mass recall")
+    ax.set_title("page selection: Quest's bound against the oracle (default model, held-out text)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 @torch.no_grad()
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,7 +91,10 @@ def main(argv=None) -> None:
     parser.add_argument("--logical-page-size", type=int, default=16, help="Quest's statistics granularity (8: finer)")
     parser.add_argument("--selectors", nargs="+", default=["quest", "oracle"], choices=list(page_oracle.KINDS))
     parser.add_argument("--out", type=Path, default=RESULTS / "page_selection_oracle")
+    parser.add_argument("--replot", action="store_true", help="draw the PNG from the existing JSON and stop")
     args = parser.parse_args(argv)
+    if args.replot:
+        return plot(args.out.with_suffix(".png"), json.loads(args.out.with_suffix(".json").read_text())["rows"])
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
     text = heldout_text("reporting")
@@ -120,6 +146,7 @@ def main(argv=None) -> None:
                                            "profile": "all dense (page selection alone)", "cells": cells,
                                            "seconds": time.time() - started})
             write_results(args.out, info, rows)
+            plot(args.out.with_suffix(".png"), rows)
 
 
 if __name__ == "__main__":
