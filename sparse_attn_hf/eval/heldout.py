@@ -18,7 +18,12 @@ PARTS = ("choosing", "reporting", "all")
 def heldout_text(part: str = "reporting") -> str:
     if part not in PARTS:
         raise ValueError(f"part must be one of {list(PARTS)}, got {part!r}.")
-    from pydoc_data.topics import topics
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise ImportError("the held-out text is CPython's pydoc_data.topics, which this Python build lacks (some "
+                          "distributions split it off: install the full standard library, for example Debian's "
+                          "libpython3-stdlib).") from None
 
     names = sorted(topics)
     half = len(names) // 2
