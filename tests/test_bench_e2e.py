@@ -41,3 +41,24 @@ def test_dry_run_writes_the_schema_and_merges_parts(tmp_path):
     assert not any(r["status"] == "running" for r in data["rows"])
     long_stock = next(r for r in data["rows"] if r["part"] == "long" and r["config"] == "stock")
     assert long_stock["status"] in ("not_run", "oom_predicted") and "KiB per token" in long_stock["reason"]
+
+
+def test_pinned_stripes_reach_each_layers_density_and_restore():
+    """patched_sample_pinned replays measured densities: layer i's mask must have densities[i]."""
+    import torch
+
+    from sparse_attn_hf.methods import sample_attention as sa
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 8, 1024, 32, generator=gen), torch.randn(1, 2, 1024, 32, generator=gen)
+
+    def density():
+        return sa.sample_attention_mask(q, k, q_first=0, kv_start=torch.zeros(1, dtype=torch.long), alpha=0.95,
+                                        rw=bench_e2e.PINNED_RW, r_row=0.05, scale=32**-0.5).density()
+
+    try:
+        bench_e2e.pin_stripes([0.3, 0.5])
+        assert [round(density(), 2) for _ in range(3)] == [0.3, 0.5, 0.3]  # layers in order, then again
+    finally:
+        bench_e2e.pin_stripes(None)
+    assert density() > 0.9  # the measured choice again (random inputs: diffuse attention)
