@@ -42,14 +42,25 @@ def oracle_pages(mass: torch.Tensor, *, kv_start: torch.Tensor, budget: int, pag
     if n_pages <= budget_pages:
         return torch.empty(batch, heads, 0, dtype=torch.int32, device=mass.device), 0
     tail_first = n_pages - 1
-    scores = mass[:, :, :tail_first].clone()
-    pages = torch.arange(tail_first, device=mass.device)
-    has_real = (pages[None, :] + 1) * page_size > kv_start[:, None]
-    scores = torch.where(has_real[:, None], scores, float("-inf"))
+    return _top_pages(mass[:, :, :tail_first], kv_start=kv_start, budget_pages=budget_pages,
+                      page_size=page_size), tail_first
+
+
+def _real_pages(tail_first: int, kv_start: torch.Tensor, page_size: int) -> torch.Tensor:
+    """bool [B, pages]: the candidate pages that hold a real (non-pad) token."""
+    return (torch.arange(tail_first, device=kv_start.device)[None, :] + 1) * page_size > kv_start[:, None]
+
+
+def _top_pages(scores: torch.Tensor, *, kv_start: torch.Tensor, budget_pages: int, page_size: int) -> torch.Tensor:
+    """The ``budget_pages - 1`` best candidate pages by ``scores`` [B, Hd, pages] (higher first), as
+    ``select_pages`` chooses them: pages of padding never, each row's first real page always; int32, -1 where a
+    row has fewer candidates."""
+    batch, heads, tail_first = scores.shape
+    scores = torch.where(_real_pages(tail_first, kv_start, page_size)[:, None], scores, float("-inf"))
     first_real = (kv_start // page_size).clamp(max=tail_first - 1)
     scores.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
     values, chosen = torch.topk(scores, budget_pages - 1, dim=-1, sorted=False)
-    return torch.where(values == float("-inf"), -1, chosen).to(torch.int32), tail_first
+    return torch.where(values == float("-inf"), -1, chosen).to(torch.int32)
 
 
 def mass_recall(mass: torch.Tensor, pages: torch.Tensor, tail_first: int) -> torch.Tensor:
@@ -80,18 +91,13 @@ def per_head_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int,
     n_logical = tail_first * per_page
     scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical])
     scores = scores.view(batch, heads, groups, tail_first, per_page).amax(-1)  # [B, Hd, G, pages]
-    has_real = (torch.arange(tail_first, device=query.device)[None, :] + 1) * page_size > kv_start[:, None]
-    scores = torch.where(has_real[:, None, None], scores, float("-inf"))
+    scores = torch.where(_real_pages(tail_first, kv_start, page_size)[:, None, None], scores, float("-inf"))
     rank = torch.empty_like(scores)
     rank.scatter_(-1, scores.argsort(-1, descending=True), torch.arange(tail_first, device=query.device,
                                                                          dtype=scores.dtype).expand_as(scores))
     best = rank.amin(dim=2)  # [B, Hd, pages]: the round in which the page enters the union
     order = -best - 1e-6 * torch.arange(tail_first, device=query.device)  # ties: earlier page first
-    order = torch.where(has_real[:, None], order, float("-inf"))
-    first_real = (kv_start // page_size).clamp(max=tail_first - 1)
-    order.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
-    values, chosen = torch.topk(order, budget_pages - 1, dim=-1, sorted=False)
-    return torch.where(values == float("-inf"), -1, chosen).to(torch.int32), tail_first
+    return _top_pages(order, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
 
 
 KINDS = ("quest", "oracle", "quest_per_head")
