@@ -1,6 +1,7 @@
 """SampleAttention prefill on a GPU: selection cost, sparse attention time and chosen density vs SDPA.
 
     python benchmarks/bench_sample_attention.py [--lengths 32768 131072] [--crossover 4096 8192 16384 32768]
+    python benchmarks/bench_sample_attention.py --costs [--lengths 32768 131072]   # selection cost, block-or-gather
 
 Llama-3-8B attention shape (32 query / 8 KV heads, head_dim 128, bf16, batch 1). Random Q/K have no
 structure, so the inputs come from a documented synthetic generator (``synthetic``):
@@ -187,15 +188,74 @@ def tune(length: int) -> None:
                                   "stage1_ms": ms, "sdpa_ms": sdpa, "share": ms / sdpa}), flush=True)
 
 
+def clustered_mask(length: int, heads: int, per_block: int, blocks: int, seed: int = 0) -> StripeMask:
+    """Window of rw x L plus ``blocks`` random key blocks of 128 per head, each holding ``per_block``
+    random stripe columns (stripes that come in clusters, as block-or-gather expects)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    window = torch.full((1, heads), window_size(RW, length), dtype=torch.long, device="cuda")
+    rows = []
+    for _ in range(heads):
+        chosen = torch.randperm(length // 128 - 1, device="cuda", generator=gen)[:blocks]
+        within = torch.stack([torch.randperm(128, device="cuda", generator=gen)[:per_block] for _ in range(blocks)])
+        rows.append(torch.sort((chosen[:, None] * 128 + within).flatten()).values)
+    cols = torch.stack(rows)[None].to(torch.int32)
+    counts = torch.full((1, heads), cols.shape[-1], dtype=torch.int32, device="cuda")
+    return StripeMask(window=window, stripes=cols, counts=counts, q_len=length, k_len=length,
+                      kv_start=torch.zeros(1, dtype=torch.long, device="cuda"))
+
+
+def costs(lengths: list[int]) -> list[dict]:
+    """Selection (stages 1 and 2) at r_row 0.05 and 0.025 against SDPA on the same heads, and block-or-gather:
+    stripes clustered in key blocks, gathered column by column against blocks visited whole."""
+    rows = []
+    for length in lengths:
+        q, k, v = synthetic(length)
+        zero = torch.zeros(1, dtype=torch.long, device="cuda")
+        none = torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda")
+        sdpa_ms = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                 enable_gqa=True), 1000)
+        base = {"L": length, "sdpa_ms": sdpa_ms, "device": torch.cuda.get_device_name()}
+        for r_row in (0.05, 0.025):
+            def select():
+                return sample_attention_mask(q, k, q_first=0, kv_start=zero, alpha=0.95, rw=RW, r_row=r_row,
+                                             scale=SCALE)
+            mask = select()
+            ms = timed(select, 1000)
+            rows.append({**base, "case": "selection", "r_row": r_row, "selection_ms": ms, "share": ms / sdpa_ms,
+                         "density": mask.density()})
+            print(json.dumps(rows[-1]), flush=True)
+        for per_block, blocks in ((96, 64), (64, 64), (32, 64), (96, 256)):
+            mask = clustered_mask(length, KV_HEADS, per_block, blocks)
+            common = dict(q_first=0, k_pos=None, kv_start=zero, streaming=none, sink=0, local=1, scale=SCALE,
+                          stripe_mask=mask)
+            gathered = sparse_attention_triton(q, k, v, whole_block_share=None, **common)
+            whole = sparse_attention_triton(q, k, v, whole_block_share=0.5, **common)
+            gather_ms = timed(lambda: sparse_attention_triton(q, k, v, whole_block_share=None, **common), 1000)
+            whole_ms = timed(lambda: sparse_attention_triton(q, k, v, whole_block_share=0.5, **common), 1000)
+            rows.append({**base, "case": "block_or_gather", "stripes_per_block": per_block, "blocks": blocks,
+                         "density": mask.density(), "gathered_ms": gather_ms, "block_or_gather_ms": whole_ms,
+                         "max_diff": float((gathered.float() - whole.float()).abs().max())})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--crossover", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sample_attention")
     parser.add_argument("--tune", action="store_true", help="time stage-1 kernel configurations at the first length")
+    parser.add_argument("--costs", action="store_true",
+                        help="selection cost by r_row and block-or-gather only (results/sample_attention_costs.json)")
     args = parser.parse_args()
     if args.tune:
         return tune(args.lengths[0])
+    if args.costs:
+        rows = costs(args.lengths)
+        info = meta(device=torch.cuda.get_device_name(), dtype="bfloat16", extra={
+            "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "batch": 1}, "rw": RW,
+            "timing": "triton.testing.do_bench median, rep 1000 ms", "inputs": "synthetic(), clustered_mask()"})
+        return write_results(args.out.with_name("sample_attention_costs"), info, rows)
     rows = crossover(args.crossover)
     for length in args.lengths:
         rows += run_length(length)

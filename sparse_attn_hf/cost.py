@@ -10,6 +10,10 @@ measured against cuDNN's causal attention (H200, bf16, head_dim 128, GQA 4; benc
   short sequences (1.56x at 8K, where its grid is small);
 * ``GATHER_RATE``: SampleAttention's gathered stripe columns, about twice the block rate.
 
+Block-or-gather: a key block that holds at least ``WHOLE_BLOCK_SHARE`` of its columns as stripes costs less
+visited whole (at the block rate, its other columns masked) than gathered column by column, so the kernel
+visits it whole (``kernels.prefill``) and the cost model charges it that way.
+
 A sparse path runs when its predicted cost is at most ``MARGIN`` of dense attention's: it also pays a
 second launch and the gathers of queries and outputs, which the rates leave out.
 """
@@ -21,6 +25,8 @@ import torch
 BLOCK_RATE = 1.25
 GATHER_RATE = 2.5
 MARGIN = 0.8
+WHOLE_BLOCK_SHARE = BLOCK_RATE / GATHER_RATE  # stripes per key block at which a whole visit costs less
+KEY_BLOCK = 128  # the prefill kernel's key block at head_dim <= 128
 
 
 def causal_elements(q_first: int, q_len: int) -> float:
@@ -51,7 +57,15 @@ def stripe_cost(mask, q_first: int) -> tuple[float, float]:
     in_window = short * q_first + short * (short + 1) / 2 + (q_len - short) * window
     # stripe pairs: column j is seen outside the window by rows p >= j + window (padding stripes are k_len)
     stripes = mask.stripes.to(torch.float64)
-    seen = (q_first + q_len - stripes - window[..., None]).clamp(min=0, max=q_len).sum(-1)
-    totals = torch.stack([(in_window + seen).sum(), (BLOCK_RATE * in_window + GATHER_RATE * seen).sum()]).tolist()
+    seen = (q_first + q_len - stripes - window[..., None]).clamp(min=0, max=q_len)
+    # a stripe in a block dense with stripes costs its share of the whole block's visit
+    num_blocks = -(-mask.k_len // KEY_BLOCK)
+    block_of = torch.where(mask.stripes < mask.k_len, mask.stripes // KEY_BLOCK, num_blocks).long()
+    per_block = torch.zeros(*block_of.shape[:2], num_blocks + 1, dtype=torch.float64, device=stripes.device)
+    per_block.scatter_add_(-1, block_of, torch.ones_like(stripes))
+    in_block = per_block.gather(-1, block_of)
+    rate = torch.where(in_block >= WHOLE_BLOCK_SHARE * KEY_BLOCK, BLOCK_RATE * KEY_BLOCK / in_block, GATHER_RATE)
+    totals = torch.stack([(in_window + seen.sum(-1)).sum(),
+                          (BLOCK_RATE * in_window).sum() + (rate * seen).sum()]).tolist()
     dense = causal_elements(q_first, q_len) * window.numel()
     return totals[0] / dense, totals[1] / dense

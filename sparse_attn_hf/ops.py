@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from . import cost
 from ._log import log_once
 from .kernels.reference import (
     DecodeKV,
@@ -193,7 +194,7 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return kernel(query)
     gqa = {"enable_gqa": True} if num_heads != key.shape[1] else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if query.is_cuda and key.stride(2) == key.shape[3] and query.stride(2) != query.shape[3]:
+    if _EQUAL_LAYOUTS and query.is_cuda and key.stride(2) == key.shape[3] and query.stride(2) != query.shape[3]:
         # q, k, v in one layout ([B, H, L, D], the cache's pages) for the fused backends; one copy of q, under
         # 0.1% of the attention at 32K+. Its own effect on speed is not measured yet (benchmarks/NOTES.md).
         query = query.contiguous()
@@ -231,6 +232,7 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 _LOWER_RIGHT_SDPA: dict[str, bool] = {}
+_EQUAL_LAYOUTS = True  # under measurement (benchmarks/prefill_gathers.py)
 _SPLIT_CUDNN: dict[str, bool] = {}
 
 
@@ -327,5 +329,5 @@ def stripe_attention(query, key, value, *, mask, scale: float, tile: int = 256) 
             return sparse_attention_triton(
                 query, key, value, q_first=key.shape[2] - query.shape[2], k_pos=None, kv_start=mask.kv_start,
                 streaming=torch.zeros(key.shape[1], dtype=torch.bool, device=query.device), sink=0, local=1,
-                scale=scale, stripe_mask=mask)
+                scale=scale, stripe_mask=mask, whole_block_share=cost.WHOLE_BLOCK_SHARE)
     return stripe_attention_reference(query, key, value, mask=mask, scale=scale, tile=tile)

@@ -46,6 +46,21 @@ def test_stripe_cost_counts_window_and_stripe_pairs():
     assert predicted < cost.MARGIN
 
 
+def test_stripes_in_a_block_dense_with_stripes_cost_the_whole_block():
+    k_len, block = 1000, cost.KEY_BLOCK
+    crowded = list(range(block, block + 100))  # 100 of one block's 128 columns: visited whole
+    _, predicted = cost.stripe_cost(_mask(10, crowded, k_len), 0)
+    causal = k_len * (k_len + 1) / 2
+    window = cost.window_elements(0, k_len, 10)
+    stripes = sum(k_len - c - 10 for c in crowded)
+    whole = cost.BLOCK_RATE * block / len(crowded)
+    assert whole < cost.GATHER_RATE
+    assert predicted == pytest.approx((cost.BLOCK_RATE * window + whole * stripes) / causal)
+    _, sparse = cost.stripe_cost(_mask(10, crowded[:10], k_len), 0)  # 10 of 128: gathered
+    assert sparse == pytest.approx((cost.BLOCK_RATE * window + cost.GATHER_RATE * sum(k_len - c - 10
+                                    for c in crowded[:10])) / causal)
+
+
 @torch.no_grad()
 def test_sample_attention_runs_dense_when_its_mask_does_not_pay_and_sparse_when_it_does():
     model = tiny_model("llama", heads=6, kv_heads=2, layers=2).to(DEVICE)

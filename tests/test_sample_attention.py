@@ -76,6 +76,40 @@ def test_stripe_kernel_matches_reference(case, dtype):
     assert_close_by_rule(out, golden, masked_sdpa(q, k, v, visible, dim**-0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stripe_blocks_visited_whole_match_reference(dtype):
+    """Block-or-gather: key blocks dense with stripes are visited whole with a column mask, the rest gathered;
+    the output is the reference's, padding and a query chunk included."""
+    from sparse_attn_hf.kernels.prefill import _stripe_arguments
+
+    batch, heads, kv_heads, q_len, k_len, dim = 2, 8, 2, 100, 150, 32
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(batch, h, n, dim, generator=gen).to(DEVICE, dtype)
+               for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
+    # per (row, head): a block of 16 all stripes, one with 12 of 16, one with 9, and scattered single columns
+    picks = [list(range(16, 32)) + list(range(48, 60)) + [3, 40, 77, 120], list(range(64, 73)) + [1, 5, 99, 130],
+             list(range(0, 16)) + [33, 145], list(range(80, 96)) + list(range(112, 124)) + [20]]
+    width = max(map(len, picks))
+    stripes = torch.tensor([sorted(p) + [k_len] * (width - len(p)) for p in picks], dtype=torch.int32).view(2, 2, -1)
+    mask = StripeMask(window=torch.tensor([[7, 12], [5, 30]]), stripes=stripes,
+                      counts=torch.tensor([[len(picks[0]), len(picks[1])], [len(picks[2]), len(picks[3])]],
+                                          dtype=torch.int32), q_len=q_len, k_len=k_len, kv_start=torch.tensor([0, 9]))
+    mask = StripeMask(mask.window.to(DEVICE), mask.stripes.to(DEVICE), mask.counts.to(DEVICE), q_len, k_len,
+                      mask.kv_start.to(DEVICE))
+    args = _stripe_arguments(mask, k_len - q_len, q_len, 16, 16, 0.5)
+    blocks = args[4]
+    assert int((blocks < -(-k_len // 16)).sum()) == 6, "the blocks with >= 8 of 16 stripes are visited whole"
+    assert not bool(((args[1][0] >= 16) & (args[1][0] < 32)).any()), "their stripes are not gathered again"
+    golden = stripe_attention_reference(q.double(), k.double(), v.double(), mask=mask, scale=dim**-0.5)
+    visible = torch.stack([mask.to_dense(b) for b in range(batch)])
+    common = dict(q_first=k_len - q_len, k_pos=None, kv_start=mask.kv_start,
+                  streaming=torch.zeros(kv_heads, dtype=torch.bool, device=DEVICE), sink=0, local=1, scale=dim**-0.5,
+                  stripe_mask=mask, block_n=16)
+    for share in (0.5, None):
+        out = sparse_attention_triton(q, k, v, whole_block_share=share, **common)
+        assert_close_by_rule(out, golden, masked_sdpa(q, k, v, visible, dim**-0.5))
+
+
 def _all_row_mass(case, q, k, mask):
     """Kept attention mass of every query row (exact attention, dense heads of a group summed per head)."""
     batch, heads, kv_heads, q_len, k_len, dim, pads = case

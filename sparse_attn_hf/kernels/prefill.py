@@ -20,6 +20,7 @@ pointer loads (measured in benchmarks/NOTES.md: TMA 4-5% faster on an H100).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -118,6 +119,36 @@ def _attend_columns(
 
 
 @triton.jit
+def _attend_stripe_block(
+    acc, m_i, l_i, q, n0, K, V, KD, VD, FLAGS, stride_kn, stride_kd, stride_vn, stride_vd, qpos, start, window,
+    k_len, scale_log2, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
+):
+    """A key block dense with stripes, visited whole (bulk loads, no gather): only its stripe columns
+    (``FLAGS``) count, and each only for the rows it lies outside the window of, as in ``_attend_columns``."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    in_range = offs_n < k_len
+    d_ok = offs_d < HEAD_DIM
+    flag = tl.load(FLAGS + offs_n, mask=in_range, other=0) != 0
+    if TMA:
+        k = KD.load([n0, 0]).T
+    else:
+        k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=in_range[None, :] & d_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    visible = flag[None, :] & (offs_n[None, :] >= start) & ((qpos[:, None] - offs_n[None, :]) >= window)
+    scores = tl.where(visible, scores, float("-inf"))
+    if TMA:
+        v = VD.load([n0, 0])
+    else:
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=in_range[:, None] & d_ok[None, :], other=0.0)
+    return _softmax_step(acc, m_i, l_i, scores, v, UPCAST, PRECISION, True)
+
+
+@triton.jit
 def _attend_range(
     acc, m_i, l_i, q, lo, hi, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
     qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
@@ -133,10 +164,10 @@ def _attend_range(
 
 
 # lengths change from call to call (chunks, decode steps): no specialization on them, one compiled variant
-@triton.jit(do_not_specialize=["q_len", "k_len", "q_first", "num_mask_q_blocks", "stripe_width"])
+@triton.jit(do_not_specialize=["q_len", "k_len", "q_first", "num_mask_q_blocks", "stripe_width", "blocks_width"])
 def _prefill_kernel(
     Q, K, V, O, KPOS, KV_START, STREAMING, HEADS, FULL_OFFSETS, FULL_INDICES, PART_OFFSETS, PART_INDICES,
-    WINDOW, STRIPES, TILE_COUNTS, stripe_width,
+    WINDOW, STRIPES, TILE_COUNTS, stripe_width, STRIPE_BLOCKS, STRIPE_FLAGS, TILE_BLOCK_COUNTS, blocks_width,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -245,6 +276,13 @@ def _prefill_kernel(
             qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
             HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
     if STRIPE_MODE:
+        # key blocks dense with stripes, whole (those left of the tile's last window), then the other stripes
+        n_blocks = tl.load(TILE_BLOCK_COUNTS + pid_bh * tl.num_programs(0) + pid_q)
+        for i in range(0, n_blocks):
+            acc, m_i, l_i = _attend_stripe_block(
+                acc, m_i, l_i, q, tl.load(STRIPE_BLOCKS + pid_bh * blocks_width + i) * BLOCK_N, K, V, KD, VD,
+                STRIPE_FLAGS + pid_bh * k_len, stride_kn, stride_kd, stride_vn, stride_vd, qpos, start, local, k_len,
+                scale_log2, offs_d, HEAD_DIM, BLOCK_N, UPCAST, PRECISION, TMA)
         n_cols = tl.load(TILE_COUNTS + pid_bh * tl.num_programs(0) + pid_q)  # stripes left of the tile's windows
         for s0 in range(0, n_cols, BLOCK_N):
             idx = s0 + tl.arange(0, BLOCK_N)
@@ -289,17 +327,40 @@ def _tma_ok(key: torch.Tensor, value: torch.Tensor, head_dim: int) -> bool:
 _ALLOCATOR_SET = False
 
 
-def _stripe_arguments(mask, q_first: int, q_len: int, block_q: int) -> list:
-    """Per (row x KV head): window, stripes [.., K] and, per query tile, how many stripes lie left of the
-    tile's last window (the only ones any of its rows can see outside its window)."""
-    batch_heads = mask.stripes.shape[0] * mask.stripes.shape[1]
+def _stripe_arguments(mask, q_first: int, q_len: int, block_q: int, block_n: int,
+                      whole_block_share: float | None) -> list:
+    """Per (row x KV head): window; the key blocks holding at least ``whole_block_share`` x block_n stripes
+    (visited whole, sorted, padded with the block count) and a flag per key column marking stripes; the other
+    stripes ([.., K] sorted, padded with k_len, gathered column by column); and per query tile how many
+    blocks and how many gathered stripes lie left of the tile's last window (the only ones any of its rows
+    can see outside its window). No host synchronization."""
+    batch_heads, k_len = mask.stripes.shape[0] * mask.stripes.shape[1], mask.k_len
     window = mask.window.reshape(batch_heads).contiguous()
     stripes = mask.stripes.reshape(batch_heads, -1).contiguous()
     tiles = torch.arange(triton.cdiv(q_len, block_q), device=stripes.device)
     last = q_first + torch.clamp((tiles + 1) * block_q, max=q_len) - 1
     limit = (last[None, :] - window[:, None]).to(stripes.dtype).contiguous()
+    num_blocks = triton.cdiv(k_len, block_n)
+    block_ids = torch.arange(num_blocks, device=stripes.device, dtype=stripes.dtype)
+    if whole_block_share is None:  # gather every stripe
+        blocks = torch.full((batch_heads, 1), num_blocks, dtype=stripes.dtype, device=stripes.device)
+        flags = torch.zeros(batch_heads, 1, dtype=torch.uint8, device=stripes.device)
+    else:
+        real = stripes < k_len
+        block_of = torch.where(real, stripes // block_n, num_blocks).long()
+        per_block = torch.zeros(batch_heads, num_blocks + 1, dtype=torch.int32, device=stripes.device)
+        per_block.scatter_add_(1, block_of, torch.ones_like(block_of, dtype=torch.int32))
+        whole = per_block >= max(1, math.ceil(whole_block_share * block_n))
+        whole[:, num_blocks] = False
+        in_whole = whole.gather(1, block_of)
+        blocks = torch.sort(torch.where(whole[:, :num_blocks], block_ids, num_blocks), dim=-1).values.contiguous()
+        flags = torch.zeros(batch_heads, k_len + 1, dtype=torch.uint8, device=stripes.device)
+        flags = flags.scatter_(1, torch.where(real, stripes, k_len).long(), 1)[:, :k_len].contiguous()
+        stripes = torch.sort(torch.where(in_whole, k_len, stripes), dim=-1).values.contiguous()
     counts = torch.searchsorted(stripes, limit, right=True).to(torch.int32)
-    return [window, stripes, counts.contiguous(), stripes.shape[1]]
+    block_counts = torch.searchsorted((blocks * block_n).contiguous(), limit, right=True).to(torch.int32)
+    return [window, stripes, counts.contiguous(), stripes.shape[1], blocks, flags, block_counts.contiguous(),
+            blocks.shape[1]]
 
 
 def _block_q(groups: int, block_m: int) -> int:
@@ -329,6 +390,7 @@ def sparse_attention_triton(
     heads: torch.Tensor | None = None,
     groups: int | None = None,
     key_all_heads: bool = False,
+    whole_block_share: float | None = None,
 ) -> torch.Tensor:
     """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
     (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given).
@@ -337,7 +399,9 @@ def sparse_attention_triton(
     (causality and padding still apply; ``streaming`` is ignored); its ``block_k`` sets the key block.
     ``tma=False`` forces pointer loads where bulk tensor copies would be used (for comparisons).
     With ``stripe_mask`` (a :class:`~sparse_attn_hf.stripe_mask.StripeMask`, SampleAttention) every head
-    attends to its row's window and stripes (``streaming``, ``sink``, ``local`` are ignored).
+    attends to its row's window and stripes (``streaming``, ``sink``, ``local`` are ignored); key blocks
+    holding at least ``whole_block_share`` x block_n stripes are visited whole with a column mask, the other
+    stripes gathered (``None``: every stripe gathered).
     With ``heads`` (int64 [n]) the programs attend only those KV-head groups of ``query`` (``groups`` query
     heads each) and write them into ``out`` (required); key/value hold the n heads in order, or every KV head
     when ``key_all_heads`` (then head ``heads[i]`` is read in place).
@@ -376,12 +440,12 @@ def sparse_attention_triton(
     if block_mask is not None:
         full, partial = block_mask.full_and_partial()
         lists = [full.offsets, full.indices, partial.offsets, partial.indices]
-    stripe_args = [kv_start, kv_start, kv_start, 0]
+    stripe_args = [kv_start, kv_start, kv_start, 0, kv_start, kv_start, kv_start, 0]
     if stripe_mask is not None:
         if k_pos is not None or stripe_mask.stripes.shape[:2] != (batch, num_kv_heads):
             raise ValueError(f"{stripe_mask} does not fit batch {batch} x {num_kv_heads} KV heads (and needs "
                              "consecutive key slots).")
-        stripe_args = _stripe_arguments(stripe_mask, q_first, q_len, block_q)
+        stripe_args = _stripe_arguments(stripe_mask, q_first, q_len, block_q, block_n, whole_block_share)
         kv_start = stripe_mask.kv_start
     mapped = heads is not None
     _prefill_kernel[grid](
