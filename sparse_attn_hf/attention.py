@@ -173,7 +173,7 @@ def _prefill(query, kv: LayerKV, dense_idx, stream_idx, stream_flags, common, pa
                      local=common["local"], scale=common["scale"], tile=common["tile"], streaming=stream_flags)
     if not n_dense:  # every head streams: K/V hold them all, in order
         return ops.sparse_attention(query, kv.stream_key, kv.stream_value, **streaming)
-    picked = query.unflatten(1, (-1, groups)).index_select(1, dense_idx).flatten(1, 2)
+    picked = _gather_heads(query, dense_idx, groups)
     dense_out = _dense_heads(picked, kv.dense_key, kv.dense_value, common, padded, sample)
     del picked
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
@@ -181,6 +181,19 @@ def _prefill(query, kv: LayerKV, dense_idx, stream_idx, stream_flags, common, pa
     del dense_out
     return ops.sparse_attention(query, kv.stream_key, kv.stream_value, heads=stream_idx, groups=groups,
                                 key_all_heads=kv.stream_all_heads, out=out, **streaming)
+
+
+def _gather_heads(query: torch.Tensor, kv_heads: torch.Tensor, groups: int) -> torch.Tensor:
+    """The query heads of ``kv_heads`` (``groups`` each) of query [B, Hq, L, D] -> [B, n x groups, L, D].
+
+    Transformers hands the query over as a [B, Hq, L, D] view of [B, L, Hq, D] memory; gathered in that
+    memory order, each token's n x groups x D values are copied as whole rows, and the result is the same
+    kind of view (the layout stock hands SDPA). Gathered in the view's order, the copy transposes
+    (benchmarks/prefill_gathers.py)."""
+    if query.stride(1) < query.stride(2):  # heads inside tokens in memory
+        by_token = query.transpose(1, 2).unflatten(2, (-1, groups)).index_select(2, kv_heads)
+        return by_token.flatten(2, 3).transpose(1, 2)
+    return query.unflatten(1, (-1, groups)).index_select(1, kv_heads).flatten(1, 2)
 
 
 __all__ = ["ATTENTION_NAME", "sparse_attention_forward", "sparse_attention_mask"]
