@@ -151,9 +151,9 @@ SETTING_FIELDS = ("streaming_fraction", "sink_size", "local_size", "decode_local
 
 
 def pinned_densities(num_layers: int, path: Path = DENSITIES) -> list[float]:
-    """The densities SampleAttention chose on real weights at the longest measured length, one per layer of
-    this model (layers mapped by relative depth)."""
-    rows = json.loads(path.read_text())["rows"]
+    """The densities SampleAttention chose on real weights at the longest measured length (with the profile's
+    default r_row), one per layer of this model (layers mapped by relative depth)."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if r.get("r_row", 0.05) == Profile.r_row]
     measured = max(rows, key=lambda r: r["L"])["density"]
     return [measured[round(i * (len(measured) - 1) / max(num_layers - 1, 1))] for i in range(num_layers)]
 

@@ -1,6 +1,6 @@
 """SampleAttention's chosen density per layer on real weights and real text (CPU).
 
-    python benchmarks/sample_density.py [--lengths 8192 16384 32768]
+    python benchmarks/sample_density.py [--lengths 8192 16384 32768] [--r-row 0.05]
 
 The default model (SmolLM2-135M-Instruct, 30 layers, trained to 8192 positions), every head dense,
 SampleAttention at the package's defaults (alpha 0.95, rw 0.08, r_row 0.05, mean criterion) from the first
@@ -17,6 +17,7 @@ densities on the 8B shape.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--alpha", type=float, default=0.95)
+    parser.add_argument("--r-row", type=float, default=None, help="sampled row fraction (default: the config's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "sample_density")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -56,8 +58,10 @@ def main(argv=None) -> None:
     ids = tokenizer(heldout_text("all"), return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] < max(args.lengths):
         raise SystemExit(f"the text has {ids.shape[1]} tokens, fewer than {max(args.lengths)}")
-    config = SparseConfig(alpha=args.alpha, dense_below=0)
-    rows = []
+    config = SparseConfig(alpha=args.alpha, dense_below=0, r_row=args.r_row)
+    # rows of other lengths or settings already in the file stay (runs of one length each take long on a CPU)
+    out = args.out.with_suffix(".json")
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
     for length in args.lengths:
         factor = max(1.0, length / trained)
         set_linear_rope(model, factor)
@@ -66,13 +70,16 @@ def main(argv=None) -> None:
             model.get_decoder()(ids[:, :length])
             choices = dict(sorted(model._sparse_attn_state.sample_choices.items()))
         row = {"L": length, "rope_factor": factor, "extrapolated": factor > 1, "alpha": args.alpha,
+               "r_row": config.r_row or Profile.all_dense(model).r_row,
                "density": [round(c["density"], 4) for c in choices.values()],
                "predicted_cost": [round(c["predicted_cost"], 4) for c in choices.values()],
                "sparse_layers": sum(c["sparse"] for c in choices.values()), "layers": len(choices),
                "seconds": time.time() - started}
         row["density_mean"] = sum(row["density"]) / len(row["density"])
         print({k: v for k, v in row.items() if k not in ("density", "predicted_cost")}, flush=True)
-        rows.append(row)
+        same = (row["L"], row["alpha"], row["r_row"])
+        rows = [r for r in rows if (r["L"], r["alpha"], r.get("r_row", 0.05)) != same] + [row]
+        rows.sort(key=lambda r: (r.get("r_row", 0.05), r["L"]))
         info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics (CPython)",
                                        "tokens_available": ids.shape[1], "trained_positions": trained})
         write_results(args.out, info, rows)
