@@ -33,7 +33,7 @@ import triton
 
 from sparse_attn_hf import ops
 from sparse_attn_hf.kernels.prefill import sparse_attention_triton
-from sparse_attn_hf.methods.sample_attention import sample_attention_mask, window_size
+from sparse_attn_hf.methods.sample_attention import sample_attention_mask, sample_rows, window_size
 from sparse_attn_hf.stripe_mask import StripeMask
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -166,7 +166,6 @@ def crossover(lengths: list[int]) -> list[dict]:
 def tune(length: int) -> None:
     """Stage 1 alone (both sampling passes) for kernel configurations; printed, not saved."""
     from sparse_attn_hf.kernels.sampling import sampled_column_scores_triton
-    from sparse_attn_hf.methods.sample_attention import sample_rows
 
     q, k, _ = synthetic(length)
     zero = torch.zeros(1, dtype=torch.long, device="cuda")
@@ -196,7 +195,7 @@ def clustered_mask(length: int, heads: int, per_block: int, blocks: int, seed: i
     rows = []
     for _ in range(heads):
         chosen = torch.randperm(length // 128 - 1, device="cuda", generator=gen)[:blocks]
-        within = torch.stack([torch.randperm(128, device="cuda", generator=gen)[:per_block] for _ in range(blocks)])
+        within = torch.stack([torch.randperm(128, device="cuda", generator=gen)[:per_block] for _ in chosen])
         rows.append(torch.sort((chosen[:, None] * 128 + within).flatten()).values)
     cols = torch.stack(rows)[None].to(torch.int32)
     counts = torch.full((1, heads), cols.shape[-1], dtype=torch.int32, device="cuda")
@@ -219,22 +218,30 @@ def costs(lengths: list[int]) -> list[dict]:
             def select():
                 return sample_attention_mask(q, k, q_first=0, kv_start=zero, alpha=0.95, rw=RW, r_row=r_row,
                                              scale=SCALE)
+            sampled = sample_rows(length, r_row, device="cuda")
+            window = torch.full((1, KV_HEADS), window_size(RW, length), dtype=torch.long, device="cuda")
             mask = select()
             ms = timed(select, 1000)
-            rows.append({**base, "case": "selection", "r_row": r_row, "selection_ms": ms, "share": ms / sdpa_ms,
-                         "density": mask.density()})
+            stage1 = timed(lambda: ops.sampled_column_scores(q, k, rows=sampled, q_first=0, kv_start=zero,
+                                                             window=window, scale=SCALE), 1000)
+            rows.append({**base, "case": "selection", "r_row": r_row, "selection_ms": ms, "stage1_ms": stage1,
+                         "share": ms / sdpa_ms, "density": mask.density()})
             print(json.dumps(rows[-1]), flush=True)
-        for per_block, blocks in ((96, 64), (64, 64), (32, 64), (96, 256)):
+        for per_block, blocks in ((128, 64), (112, 64), (96, 64), (64, 64), (96, 256)):
             mask = clustered_mask(length, KV_HEADS, per_block, blocks)
             common = dict(q_first=0, k_pos=None, kv_start=zero, streaming=none, sink=0, local=1, scale=SCALE,
                           stripe_mask=mask)
             gathered = sparse_attention_triton(q, k, v, whole_block_share=None, **common)
-            whole = sparse_attention_triton(q, k, v, whole_block_share=0.5, **common)
-            gather_ms = timed(lambda: sparse_attention_triton(q, k, v, whole_block_share=None, **common), 1000)
-            whole_ms = timed(lambda: sparse_attention_triton(q, k, v, whole_block_share=0.5, **common), 1000)
-            rows.append({**base, "case": "block_or_gather", "stripes_per_block": per_block, "blocks": blocks,
-                         "density": mask.density(), "gathered_ms": gather_ms, "block_or_gather_ms": whole_ms,
-                         "max_diff": float((gathered.float() - whole.float()).abs().max())})
+            row = {**base, "case": "block_or_gather", "stripes_per_block": per_block, "blocks": blocks,
+                   "density": mask.density(),
+                   "gathered_ms": timed(lambda: sparse_attention_triton(q, k, v, whole_block_share=None, **common),
+                                        1000)}
+            for share in (0.5, 0.75, 0.9):
+                whole = sparse_attention_triton(q, k, v, whole_block_share=share, **common)
+                row[f"whole_from_{share}_ms"] = timed(
+                    lambda: sparse_attention_triton(q, k, v, whole_block_share=share, **common), 1000)
+                row[f"whole_from_{share}_max_diff"] = float((gathered.float() - whole.float()).abs().max())
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

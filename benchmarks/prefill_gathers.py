@@ -13,9 +13,11 @@ heads' K/V as the SparseCache stores them ([B, H, L, D], contiguous). Timed, eac
   [B, L, Hkv, G, D], rows of G x D contiguous), handed on as a [B, n, L, D] view;
 * ``sdpa_q_contiguous`` / ``sdpa_q_token_major``: cuDNN causal attention of the dense heads with the query in
   either layout (K/V contiguous); ``query_copy``: the copy ``dense_attention`` made to equalize them;
+* ``gather_token_major_runs``: the same, as slices of consecutive KV heads concatenated (``torch.cat``);
 * ``scatter``: the dense heads' output written into the layer's [B, L, Hq, D] output (``index_copy_``);
+  ``scatter_runs``: the same as one ``copy_`` per run of consecutive KV heads;
 * ``streaming``: the streaming heads through our kernel (sink 128, local 4096), in place;
-* ``layer``: ``attention._prefill`` end to end, as the plugin runs it (``layer_no_copy``: without the query copy).
+* ``layer``: ``attention._prefill`` end to end, as the plugin runs it.
 Shares are of the layer's attention kernels (SDPA on the dense heads + the streaming kernel). Writes
 benchmarks/results/prefill_gathers.json.
 """
@@ -62,8 +64,21 @@ def run(length: int) -> dict:
     def token_major():
         return query.transpose(1, 2).unflatten(2, (-1, GROUPS)).index_select(2, dense_idx).flatten(2, 3).transpose(1, 2)
 
+    runs = [(1, 3), (5, 7)]  # dense_idx as runs of consecutive KV heads (known on the host at patch time)
+
+    def token_major_runs():
+        by_token = query.transpose(1, 2).unflatten(2, (-1, GROUPS))
+        return torch.cat([by_token[:, :, a:b] for a, b in runs], dim=2).flatten(2, 3).transpose(1, 2)
+
+    def scatter_runs():
+        heads = out.unflatten(2, (-1, GROUPS))
+        done = 0
+        for a, b in runs:
+            heads[:, :, a:b].copy_(dense_out[:, :, done * GROUPS:(done + b - a) * GROUPS].unflatten(2, (-1, GROUPS)))
+            done += b - a
+
     q_hm, q_tm = heads_major(), token_major()
-    assert torch.equal(q_hm, q_tm)
+    assert torch.equal(q_hm, q_tm) and torch.equal(q_tm, token_major_runs())
     dense_out = sdpa(q_tm, dense_key, dense_value, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
     check = sdpa(q_hm, dense_key, dense_value, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
     max_err = float((dense_out.float() - check.float()).abs().max())
@@ -75,6 +90,7 @@ def run(length: int) -> dict:
     row = {"L": length, "device": torch.cuda.get_device_name(), "max_err_layouts": max_err}
     row["gather_heads_major_ms"] = timed(heads_major)
     row["gather_token_major_ms"] = timed(token_major)
+    row["gather_token_major_runs_ms"] = timed(token_major_runs)
     row["query_copy_ms"] = timed(lambda: q_tm.contiguous())
     row["sdpa_q_contiguous_ms"] = timed(lambda: sdpa(q_hm, dense_key, dense_value, is_causal=True, scale=scale,
                                                      enable_gqa=True))
@@ -82,16 +98,16 @@ def run(length: int) -> dict:
                                                       enable_gqa=True))
     row["scatter_ms"] = timed(lambda: out.unflatten(2, (-1, GROUPS)).index_copy_(
         2, dense_idx, dense_out.unflatten(2, (n, GROUPS))))
+    row["scatter_runs_ms"] = timed(scatter_runs)
     row["streaming_ms"] = timed(lambda: ops.sparse_attention(
         query, key, value, heads=stream_idx, groups=GROUPS, key_all_heads=True, out=out, streaming=flags,
         k_pos=None, **common))
     row["layer_ms"] = timed(lambda: attention._prefill(query, kv, dense_idx, stream_idx, flags, common, False))
-    ops._EQUAL_LAYOUTS = False
-    row["layer_no_copy_ms"] = timed(lambda: attention._prefill(query, kv, dense_idx, stream_idx, flags, common, False))
-    ops._EQUAL_LAYOUTS = True
+
     kernels = min(row["sdpa_q_contiguous_ms"], row["sdpa_q_token_major_ms"]) + row["streaming_ms"]
     row["kernels_ms"] = kernels
-    for name in ("gather_heads_major", "gather_token_major", "query_copy", "scatter"):
+    for name in ("gather_heads_major", "gather_token_major", "gather_token_major_runs", "query_copy", "scatter",
+                 "scatter_runs"):
         row[f"{name}_share"] = row[f"{name}_ms"] / kernels
     row["layer_overhead_share"] = row["layer_ms"] / kernels - 1
     return row

@@ -194,9 +194,9 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return kernel(query)
     gqa = {"enable_gqa": True} if num_heads != key.shape[1] else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if _EQUAL_LAYOUTS and query.is_cuda and key.stride(2) == key.shape[3] and query.stride(2) != query.shape[3]:
-        # q, k, v in one layout ([B, H, L, D], the cache's pages) for the fused backends; one copy of q, under
-        # 0.1% of the attention at 32K+. Its own effect on speed is not measured yet (benchmarks/NOTES.md).
+    if query.is_cuda and key.stride(2) == key.shape[3] and query.stride(2) != query.shape[3]:
+        # q, k, v in one layout ([B, H, L, D], the cache's pages): cuDNN gains about what the copy costs (H200,
+        # 32K, 16 of 32 heads: 7.44 + 0.17 ms against 7.64 ms; benchmarks/prefill_gathers.py)
         query = query.contiguous()
     if not padded:
         if q_len == k_len:
@@ -232,7 +232,6 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 _LOWER_RIGHT_SDPA: dict[str, bool] = {}
-_EQUAL_LAYOUTS = True  # under measurement (benchmarks/prefill_gathers.py)
 _SPLIT_CUDNN: dict[str, bool] = {}
 
 

@@ -40,20 +40,24 @@ def choose_stripes(col: torch.Tensor, row_mass: torch.Tensor, alpha: float) -> t
     """Mean criterion. col float32 [B, H, Lk] (mass outside the windows), row_mass [B, H] (the sampled
     rows' total mass). Returns (stripes int32 [B, H, K] sorted, padded with Lk; counts int32 [B, H])."""
     k_len = col.shape[-1]
+    ranked = torch.sort(col, dim=-1, descending=True, stable=True)  # one sort serves the count and the columns
     if alpha >= 1.0:
         counts = torch.full(col.shape[:2], k_len, dtype=torch.int32, device=col.device)
     else:
         need = alpha * row_mass - (row_mass - col.sum(-1))  # what the stripes must add to the windows' mass
-        values = torch.sort(col, dim=-1, descending=True, stable=True).values.cumsum(-1)
-        counts = ((values < need[..., None]).sum(-1) + 1).clamp(max=k_len)
+        counts = ((ranked.values.cumsum(-1) < need[..., None]).sum(-1) + 1).clamp(max=k_len)
         counts = torch.where(need <= 0, 0, counts).to(torch.int32)
-    return _top_columns(col, counts), counts
+    return _top_columns(col, counts, ranked.indices), counts
 
 
-def _top_columns(col: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _top_columns(col: torch.Tensor, counts: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``counts`` top columns of ``col`` per (row, head), sorted, padded with k_len (``order``: col's
+    indices ranked by descending value, if already sorted)."""
     k_len = col.shape[-1]
     width = max(int(counts.max()), 1)
-    order = torch.sort(col, dim=-1, descending=True, stable=True).indices[..., :width]  # ties: lower column first
+    if order is None:
+        order = torch.sort(col, dim=-1, descending=True, stable=True).indices  # ties: lower column first
+    order = order[..., :width]
     keep = torch.arange(width, device=col.device) < counts[..., None]
     return torch.sort(torch.where(keep, order, k_len), dim=-1).values.to(torch.int32)
 
