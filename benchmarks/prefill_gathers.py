@@ -14,6 +14,9 @@ heads' K/V as the SparseCache stores them ([B, H, L, D], contiguous). Timed, eac
 * ``sdpa_q_contiguous`` / ``sdpa_q_token_major``: cuDNN causal attention of the dense heads with the query in
   either layout (K/V contiguous); ``query_copy``: the copy ``dense_attention`` made to equalize them;
 * ``gather_token_major_runs``: the same, as slices of consecutive KV heads concatenated (``torch.cat``);
+* ``gather_cat``: the plugin's gather (``attention._gather_heads``): slices of consecutive KV heads concatenated
+  straight into the [B, n, L, D] layout of the cache's K/V;
+* ``sdpa_all_token_major``: cuDNN with query, key and value all [B, L, H, D] in memory (as stock has them);
 * ``scatter``: the dense heads' output written into the layer's [B, L, Hq, D] output (``index_copy_``);
   ``scatter_runs``: the same as one ``copy_`` per run of consecutive KV heads;
 * ``streaming``: the streaming heads through our kernel (sink 128, local 4096), in place;
@@ -102,12 +105,19 @@ def run(length: int) -> dict:
     row["streaming_ms"] = timed(lambda: ops.sparse_attention(
         query, key, value, heads=stream_idx, groups=GROUPS, key_all_heads=True, out=out, streaming=flags,
         k_pos=None, **common))
-    row["layer_ms"] = timed(lambda: attention._prefill(query, kv, dense_idx, stream_idx, flags, common, False))
+    row["gather_cat_ms"] = timed(lambda: attention._gather_heads(query, runs, GROUPS))
+    key_tm = torch.randn(1, length, KV_HEADS, DIM, device="cuda", generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+    value_tm = torch.randn_like(key_tm)
+    k_tm = torch.cat([key_tm[:, a:b] for a, b in runs], 1).transpose(1, 2).contiguous().transpose(1, 2)
+    v_tm = torch.cat([value_tm[:, a:b] for a, b in runs], 1).transpose(1, 2).contiguous().transpose(1, 2)
+    row["sdpa_all_token_major_ms"] = timed(lambda: sdpa(q_tm, k_tm, v_tm, is_causal=True, scale=scale,
+                                                        enable_gqa=True))
+    row["layer_ms"] = timed(lambda: attention._prefill(query, kv, runs, stream_idx, flags, common, False))
 
     kernels = min(row["sdpa_q_contiguous_ms"], row["sdpa_q_token_major_ms"]) + row["streaming_ms"]
     row["kernels_ms"] = kernels
-    for name in ("gather_heads_major", "gather_token_major", "gather_token_major_runs", "query_copy", "scatter",
-                 "scatter_runs"):
+    for name in ("gather_heads_major", "gather_token_major", "gather_token_major_runs", "gather_cat", "query_copy",
+                 "scatter", "scatter_runs"):
         row[f"{name}_share"] = row[f"{name}_ms"] / kernels
     row["layer_overhead_share"] = row["layer_ms"] / kernels - 1
     return row

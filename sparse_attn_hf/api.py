@@ -80,6 +80,20 @@ class PatchState:
         labels = self.streaming[layer].tolist()
         return ([h for h, s in enumerate(labels) if not s], [h for h, s in enumerate(labels) if s])
 
+    def dense_runs(self, layer: int) -> list[tuple[int, int]]:
+        """The dense KV heads of ``layer`` as runs [start, stop) of consecutive heads (cached): gathers and
+        scatters by slices, which copy at full bandwidth where ``index_select`` does not."""
+        key = ("runs", layer)
+        if key not in self._splits:
+            runs = []
+            for head in self.head_lists(layer)[0]:
+                if runs and runs[-1][1] == head:
+                    runs[-1] = (runs[-1][0], head + 1)
+                else:
+                    runs.append((head, head + 1))
+            self._splits[key] = runs
+        return self._splits[key]
+
     def kv_start_for(self, attention_mask, batch: int, length: int, device) -> torch.Tensor:
         """Left-padding starts of a forward without SparseCache, computed once per mask object and device
         (layers of a model spread over devices by ``device_map`` run on their own device)."""

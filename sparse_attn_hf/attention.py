@@ -86,7 +86,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if kv is None:
         kv = LayerKV.split(key, value, dense_idx, stream_idx)
     stream_flags = state.all_streaming(len(stream_idx), query.device)
-    return _prefill(query, kv, dense_idx, stream_idx, stream_flags, common, padded, sample), None
+    runs = state.dense_runs(module.layer_idx)
+    return _prefill(query, kv, runs, stream_idx, stream_flags, common, padded, sample), None
 
 
 def _streaming_pays(settings, first: int, q_len: int) -> bool:
@@ -154,15 +155,16 @@ def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tenso
     return ops.dense_attention(query, key, value, kv_start=common["kv_start"], padded=padded, scale=common["scale"])
 
 
-def _prefill(query, kv: LayerKV, dense_idx, stream_idx, stream_flags, common, padded: bool,
+def _prefill(query, kv: LayerKV, dense_runs, stream_idx, stream_flags, common, padded: bool,
              sample=None) -> torch.Tensor:
     """Dense heads through the best dense kernel, streaming heads through the sparse kernel, which reads and
-    writes its heads in place. Returns [B, Lq, Hq, D].
+    writes its heads in place. Returns [B, Lq, Hq, D]. ``dense_runs``: the dense KV heads as runs of
+    consecutive heads (``PatchState.dense_runs``).
 
     Only the dense heads' queries are gathered and their output scattered (one copy each), and only when the
     layer has both kinds; the output buffer is allocated after the dense attention has freed its queries."""
     batch, num_heads, q_len, head_dim = query.shape
-    n_dense, n_stream = len(dense_idx), len(stream_idx)
+    n_dense, n_stream = sum(b - a for a, b in dense_runs), len(stream_idx)
     groups = num_heads // (n_dense + n_stream)
     if not n_stream:
         return _dense_heads(query, kv.dense_key, kv.dense_value, common, padded, sample)
@@ -173,27 +175,27 @@ def _prefill(query, kv: LayerKV, dense_idx, stream_idx, stream_flags, common, pa
                      local=common["local"], scale=common["scale"], tile=common["tile"], streaming=stream_flags)
     if not n_dense:  # every head streams: K/V hold them all, in order
         return ops.sparse_attention(query, kv.stream_key, kv.stream_value, **streaming)
-    picked = _gather_heads(query, dense_idx, groups)
+    picked = _gather_heads(query, dense_runs, groups)
     dense_out = _dense_heads(picked, kv.dense_key, kv.dense_value, common, padded, sample)
     del picked
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
-    out.unflatten(2, (-1, groups)).index_copy_(2, dense_idx, dense_out.unflatten(2, (n_dense, groups)))
+    by_kv_head, done = out.unflatten(2, (-1, groups)), 0
+    for a, b in dense_runs:  # one slice copy per run of consecutive dense heads
+        by_kv_head[:, :, a:b].copy_(dense_out[:, :, done * groups : (done + b - a) * groups].unflatten(2, (-1, groups)))
+        done += b - a
     del dense_out
     return ops.sparse_attention(query, kv.stream_key, kv.stream_value, heads=stream_idx, groups=groups,
                                 key_all_heads=kv.stream_all_heads, out=out, **streaming)
 
 
-def _gather_heads(query: torch.Tensor, kv_heads: torch.Tensor, groups: int) -> torch.Tensor:
-    """The query heads of ``kv_heads`` (``groups`` each) of query [B, Hq, L, D] -> [B, n x groups, L, D].
-
-    Transformers hands the query over as a [B, Hq, L, D] view of [B, L, Hq, D] memory; gathered in that
-    memory order, each token's n x groups x D values are copied as whole rows, and the result is the same
-    kind of view (the layout stock hands SDPA). Gathered in the view's order, the copy transposes
-    (benchmarks/prefill_gathers.py)."""
-    if query.stride(1) < query.stride(2):  # heads inside tokens in memory
-        by_token = query.transpose(1, 2).unflatten(2, (-1, groups)).index_select(2, kv_heads)
-        return by_token.flatten(2, 3).transpose(1, 2)
-    return query.unflatten(1, (-1, groups)).index_select(1, kv_heads).flatten(1, 2)
+def _gather_heads(query: torch.Tensor, runs, groups: int) -> torch.Tensor:
+    """The query heads of the KV-head ``runs`` ([start, stop), ``groups`` query heads each) of query
+    [B, Hq, L, D] -> contiguous [B, n x groups, L, D], the layout of the cache's K/V, which cuDNN wants for
+    all three (benchmarks/prefill_gathers.py: a transposed query costs it more than this copy). One
+    concatenation of slices: a single copy, where ``index_select`` on the heads ran at a third of the
+    bandwidth."""
+    parts = [query[:, a * groups : b * groups] for a, b in runs]
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 __all__ = ["ATTENTION_NAME", "sparse_attention_forward", "sparse_attention_mask"]

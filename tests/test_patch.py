@@ -181,3 +181,21 @@ def test_no_deprecation_warning_from_the_package():
         assert isinstance(cache_of(out), SparseCache)
         model(ids, **{CACHE_ARG: SparseCache(model)})
     unpatch_model(model)
+
+
+
+def test_dense_heads_are_gathered_by_runs_of_consecutive_heads():
+    from sparse_attn_hf.attention import _gather_heads
+
+    model = tiny_model("llama", heads=8, kv_heads=4, layers=2)
+    patch_model(model, Profile.all_dense(model))
+    state = model._sparse_attn_state
+    state.streaming = torch.tensor([[False, False, True, False], [True, False, False, True]])
+    state._splits.clear()
+    assert state.dense_runs(0) == [(0, 2), (3, 4)] and state.dense_runs(1) == [(1, 3)]
+    query = torch.randn(2, 9, 8, 16).transpose(1, 2)  # [B, Hq, L, D] over [B, L, Hq, D] memory, as Transformers
+    for layer, dense in ((0, [0, 1, 3]), (1, [1, 2])):
+        expected = query.unflatten(1, (-1, 2)).index_select(1, torch.tensor(dense)).flatten(1, 2)
+        got = _gather_heads(query, state.dense_runs(layer), 2)
+        assert torch.equal(got, expected) and got.is_contiguous()
+    unpatch_model(model)

@@ -41,7 +41,7 @@ _FIELDS: dict[str, tuple[type, object]] = {
     "decode_local_size": (int, 256),
     "alpha": (float, 0.95),
     "rw": (float, 0.08),
-    "r_row": (float, 0.05),
+    "r_row": (float, 0.025),
     "dense_below": (int, 16384),
     "method": (str, ""),
     "calibration": (str, ""),
@@ -83,7 +83,7 @@ class Profile:
     decode_local_size: int = 256
     alpha: float = 0.95
     rw: float = 0.08
-    r_row: float = 0.05
+    r_row: float = 0.025
     dense_below: int = 16384
     method: str = ""
     calibration: str = ""

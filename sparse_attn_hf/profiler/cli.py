@@ -89,7 +89,7 @@ def profile_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-sweep", action="store_true")
     g.add_argument("--alphas", type=_floats, default=(0.8, 0.9, 0.95, 0.98))
     g.add_argument("--rws", type=_floats, default=(0.04, 0.08))
-    g.add_argument("--r-rows", type=_floats, default=(0.05,))
+    g.add_argument("--r-rows", type=_floats, default=(0.025,))
     g.add_argument("--sweep-prompts", type=int, default=4, help="passkey prompts per setting")
     g.add_argument("--kl-tolerance", type=float, default=0.02)
     g.add_argument("--text-tokens", type=int, default=2048, help="held-out tokens for the KL")
