@@ -48,7 +48,7 @@ def test_stripe_cost_counts_window_and_stripe_pairs():
 
 def test_stripes_in_a_block_dense_with_stripes_cost_the_whole_block():
     k_len, block = 1000, cost.KEY_BLOCK
-    crowded = list(range(block, block + 100))  # 100 of one block's 128 columns: visited whole
+    crowded = list(range(block, block + 110))  # 110 of one block's 128 columns: visited whole
     _, predicted = cost.stripe_cost(_mask(10, crowded, k_len), 0)
     causal = k_len * (k_len + 1) / 2
     window = cost.window_elements(0, k_len, 10)
