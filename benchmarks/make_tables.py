@@ -261,7 +261,10 @@ def e2e_table() -> str:
     data = json.loads((RESULTS / "e2e.json").read_text())
     rows, meta = data["rows"], data["meta"]
     runs = meta["runs"]
-    stock = {(r["L"], r["batch"]): r for r in rows if r["config"] == "stock" and r["status"] == "ok"}
+    ok_stock = [r for r in rows if r["config"] == "stock" and r["status"] == "ok"]
+    stock = {(r["L"], r["batch"]): r for r in ok_stock}  # the last stock row per shape
+    same_run = {(r["L"], r["batch"], r.get("run")): r for r in ok_stock}
+    other_run = False
     first = next(iter(runs.values()))
     settings = first.get("settings", {}).get("patched_streaming50") or meta["settings"].get("patched_streaming50", {})
     lines = [
@@ -285,20 +288,26 @@ def e2e_table() -> str:
             why = r.get("reason", r.get("error", ""))
             lines.append(f"| {size} | {r['batch']} | {r['config']} | {r['status']} | | | | | | {why} |")
             continue
-        base = stock.get((r["L"], r["batch"]))
+        base = same_run.get((r["L"], r["batch"], r.get("run")))
+        mark = ""
+        if base is None:  # stock of this shape was timed in another run: its ratio is marked
+            base, mark = stock.get((r["L"], r["batch"])), "†"
         decode = r.get("decode_ms_per_token")
         decode_text = f"{decode:.1f}" if decode else "n/a"
         if r.get("decode_ms_per_token_repeated"):
             decode_text += f" ({r['decode_ms_per_token_repeated']:.1f})"
         if r.get("compile_s"):
             decode_text += f", compile {r['compile_s']:.0f} s"
-        ratio = lambda key: (f"{r[key] / base[key]:.2f}" if base and base is not r and r.get(key) and base.get(key)  # noqa: E731
-                             else "")
+        ratio = lambda key: (f"{r[key] / base[key]:.2f}{mark}"  # noqa: E731
+                             if base and base is not r and r.get(key) and base.get(key) else "")
+        other_run = other_run or (mark != "" and base is not None and base is not r)
         back = r["after_return_gib"] - r["before_gib"]
         lines.append(
             f"| {size} | {r['batch']} | {r['config']} | {r['ttft_s']:.2f} | {ratio('ttft_s')} | {decode_text} | "
             f"{ratio('decode_ms_per_token')} | {r['peak_gib']:.1f} | {ratio('peak_gib')} | "
             f"{back * 1024:+.0f} MiB |")
+    if other_run:
+        lines += ["", "† against the stock row of another run (ratios are otherwise taken within one run)."]
     lines += ["", "![generate() against stock](benchmarks/results/e2e.png)"]
     return "\n".join(lines)
 
