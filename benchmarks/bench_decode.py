@@ -32,6 +32,7 @@ from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model,
 from sparse_attn_hf.attention import sparse_attention_forward
 from sparse_attn_hf.cache import PendingKV
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
+from sparse_attn_hf.kernels.reference import STEP_RESELECT
 from sparse_attn_hf.methods.page_selection import select_pages
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -87,9 +88,13 @@ def layer_step(model, length: int) -> dict:
     zero = torch.zeros(1, dtype=torch.long, device="cuda")
     grouped = q.view(1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM).index_select(1, layer.dense_idx)
 
+    reselecting = layer.step.clone()
+    reselecting[STEP_RESELECT] = 1  # time a selection, not a reuse
+    scores = torch.empty(1, len(layer.dense_heads), layer.capacity // 64, device="cuda")
+
     def select():
-        return select_pages(grouped, t["key_min"], t["key_max"], kv_start=zero, seen=layer.seen, budget=4096,
-                            page_size=64, logical_page_size=16)
+        return select_pages(grouped, t["key_min"], t["key_max"], kv_start=zero, step=reselecting, scores=scores,
+                            budget=4096, page_size=64, logical_page_size=16)
 
     selection_ms = triton.testing.do_bench(select, warmup=50, rep=300, return_mode="median")
     # GPU time alone (CUDA-graph replay, no Python launch overhead): our append + decode kernels of one
@@ -97,7 +102,7 @@ def layer_step(model, length: int) -> dict:
     step = layer.append_decode(k, k, zero, q)
 
     def kernels():
-        ops.append_token(k, k, t, slot=layer.seen - 1, kv_start=zero, head_kind=layer.head_kind,
+        ops.append_token(k, k, t, seen=layer.step[:1], kv_start=zero, head_kind=layer.head_kind,
                          head_slot=layer.head_slot, sink=layer.sink_size, logical_page_size=16)
         ops.paged_decode(q[:, :, 0], step, kv_start=zero, sink=layer.sink_size, local=layer.decode_local_size,
                          scale=HEAD_DIM**-0.5)

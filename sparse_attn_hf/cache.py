@@ -37,8 +37,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
-from .kernels.reference import DecodeKV
-from .methods.page_selection import select_pages
+from .kernels.reference import STEP_SEEN, DecodeKV
+from .methods.page_selection import plan_step, reset_step, select_pages
 from .padding import left_padding_starts
 
 _STAT_CHUNK_PAGES = 1024  # logical pages whose statistics are computed per step (bounds the temporary memory)
@@ -100,6 +100,17 @@ class SequenceState:
         self.kv_start: torch.Tensor | None = None
         self.max_kv_start = 0
         self._mask_seen = None  # the mask object already turned into kv_start in this forward
+        self.steps: dict[str, tuple[int, torch.Tensor]] = {}  # device -> (planning layer, step counters)
+
+    def step_for(self, layer_idx: int, device) -> tuple[torch.Tensor, bool]:
+        """The decode-step counters on ``device`` (int32 [4], ``kernels.reference.STEP_*``; one tensor at a
+        fixed address for the cache's life) and whether ``layer_idx`` plans each step there (the first
+        layer to ask on that device, i.e. the first it runs)."""
+        key = str(device)
+        if key not in self.steps:
+            self.steps[key] = (layer_idx, torch.zeros(4, dtype=torch.int32, device=device))
+        planner, step = self.steps[key]
+        return step, planner == layer_idx
 
     def is_decode_step(self, seen: int, q_len: int) -> bool:
         return q_len == 1 and self.decode_from is not None and seen >= self.decode_from
@@ -171,7 +182,6 @@ class SparseLayer(CacheLayerMixin):
         self.token_budget, self.reuse_interval = token_budget, reuse_interval
         self.seen = 0
         self.capacity = 0
-        self.steps_since_selection = 0  # decode steps that used the stored selection
         self._tensors: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ Cache API
@@ -192,6 +202,7 @@ class SparseLayer(CacheLayerMixin):
                 ring_value=new(batch, n_stream, self.local_size, head_dim),
                 ring_pos=torch.full((self.local_size,), -1, dtype=torch.long, device=self.device),
             )
+        self.step, self.plans_step = self.sequence.step_for(self.layer_idx, self.device)
         self.batch, self.head_dim = batch, head_dim
         self.is_initialized = True
 
@@ -218,7 +229,7 @@ class SparseLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self._tensors.clear()
-        self.seen = self.capacity = self.steps_since_selection = 0
+        self.seen = self.capacity = 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -278,7 +289,9 @@ class SparseLayer(CacheLayerMixin):
         n = key.shape[2]
         first = self.seen
         dense = stream = None
-        self._tensors.pop("pages", None)  # new prompt tokens: the next decode step selects anew
+        self._tensors.pop("pages", None)
+        if self.plans_step:  # new prompt tokens: the next decode step selects anew
+            reset_step(self.step, first + n)
         if self.dense_heads:
             dense = self._append_dense(key, value, first, kv_start)
         if self.stream_heads:
@@ -289,18 +302,25 @@ class SparseLayer(CacheLayerMixin):
 
     def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor,
                       query: torch.Tensor) -> DecodeKV:
-        """Store one new token and return what the decode step reads: for dense heads the selected
-        pages (selected anew every ``reuse_interval`` steps and after any prefill), for streaming heads
-        sink + ring (the ring shrunk to the decode window). ``query`` [B, Hq, 1, D]."""
+        """Store one new token and return what the decode step reads: for dense heads the selected pages
+        (``methods.page_selection``: anew every ``reuse_interval`` steps and after any prefill), for streaming
+        heads sink + ring (the ring shrunk to the decode window). ``query`` [B, Hq, 1, D].
+
+        The step's counters live on the device (``self.step``; the first layer on the device advances them),
+        and the kernels read the slot and the tail there: once the buffers are sized (the first decode step
+        after a prefill may grow them) a step does no host work that depends on its position."""
         first = self.seen
-        kv = DecodeKV(seen=first + 1, page_size=self.page_size, head_kind=self.head_kind, head_slot=self.head_slot)
         t = self._tensors
         if self.dense_heads:
             self._ensure_capacity(first + 1)
         if self.stream_heads:
             self._resize_ring(self.decode_local_size)
-        if not ops.append_token(key, value, t, slot=first, kv_start=kv_start, head_kind=self.head_kind,
-                                head_slot=self.head_slot, sink=self.sink_size,
+        if self.plans_step:
+            plan_step(self.step, budget=self.token_budget, page_size=self.page_size,
+                      reuse_interval=self.reuse_interval)
+        kv = DecodeKV(step=self.step, page_size=self.page_size, head_kind=self.head_kind, head_slot=self.head_slot)
+        if not ops.append_token(key, value, t, seen=self.step[STEP_SEEN : STEP_SEEN + 1], kv_start=kv_start,
+                                head_kind=self.head_kind, head_slot=self.head_slot, sink=self.sink_size,
                                 logical_page_size=self.logical_page_size):
             if self.dense_heads:
                 self._append_dense(key, value, first, kv_start)
@@ -313,16 +333,20 @@ class SparseLayer(CacheLayerMixin):
             kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
         self.seen = first + 1
         if self.dense_heads:
-            if "pages" not in t or self.steps_since_selection >= self.reuse_interval:
-                groups = query.shape[1] // len(self.head_kind)
-                grouped = query.view(self.batch, len(self.head_kind), groups, self.head_dim)
-                t["pages"], self.tail_first = select_pages(
-                    grouped.index_select(1, self.dense_idx), t["key_min"], t["key_max"], kv_start=kv_start,
-                    seen=self.seen, budget=self.token_budget, page_size=self.page_size,
-                    logical_page_size=self.logical_page_size, keys=t["dense_key"])
-                self.steps_since_selection = 0
-            self.steps_since_selection += 1
-            kv.pages, kv.tail_first = t["pages"], self.tail_first
+            width = self.capacity // self.page_size
+            old = t.get("page_scores")
+            if old is None or old.shape[2] != width:  # sized with the buffers; a reused selection keeps its scores
+                t["page_scores"] = torch.full((self.batch, len(self.dense_heads), width), float("-inf"),
+                                              dtype=torch.float32, device=self.device)
+                if old is not None:
+                    t["page_scores"][:, :, : old.shape[2]] = old
+            groups = query.shape[1] // len(self.head_kind)
+            grouped = query.view(self.batch, len(self.head_kind), groups, self.head_dim)
+            t["pages"] = select_pages(
+                grouped.index_select(1, self.dense_idx), t["key_min"], t["key_max"], kv_start=kv_start,
+                step=self.step, scores=t["page_scores"], budget=self.token_budget, page_size=self.page_size,
+                logical_page_size=self.logical_page_size, pages=t.get("pages"), keys=t["dense_key"])
+            kv.pages = t["pages"]
         return kv
 
     def _append_dense(self, key, value, first: int, kv_start):

@@ -278,29 +278,35 @@ def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, s
     return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
 
 
-def physical_page_scores(query, key_min, key_max, *, kv_start, num_pages: int, page_size: int,
-                         logical_page_size: int) -> torch.Tensor:
-    """Page-selection scores [B, Hd, num_pages]; contract: ``kernels.reference.physical_page_scores_reference``."""
-    common = dict(kv_start=kv_start, num_pages=num_pages, page_size=page_size, logical_page_size=logical_page_size)
+def physical_page_scores(query, key_min, key_max, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
+                         reselect: torch.Tensor, page_size: int, logical_page_size: int) -> torch.Tensor:
+    """Page-selection scores written into ``out`` [B, Hd, width] when ``reselect`` (int32 [1]) is set, else
+    ``out`` is left as it is (the step reuses them); ``seen`` int32 [1], the tokens stored. Both live on the
+    device, so the Triton path never waits for the host. Contract:
+    ``kernels.reference.physical_page_scores_reference`` with ``seen=int(seen)``, ``width=out.shape[2]``."""
+    common = dict(kv_start=kv_start, page_size=page_size, logical_page_size=logical_page_size)
     per_page = page_size // logical_page_size
     if _use_triton(query) and per_page & (per_page - 1) == 0 and query.shape[-1] >= 16:
         from .kernels.selection import physical_page_scores_triton
 
         with _on_device(query):
-            return physical_page_scores_triton(query, key_min, key_max, **common)
-    return physical_page_scores_reference(query, key_min, key_max, **common)
+            return physical_page_scores_triton(query, key_min, key_max, seen=seen, out=out, reselect=reselect,
+                                               **common)
+    fresh = physical_page_scores_reference(query, key_min, key_max, seen=int(seen), width=out.shape[2], **common)
+    return out.copy_(torch.where(reselect.bool(), fresh, out))
 
 
-def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, slot: int, kv_start: torch.Tensor,
+def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen: torch.Tensor, kv_start: torch.Tensor,
                  head_kind: torch.Tensor, head_slot: torch.Tensor, sink: int, logical_page_size: int) -> bool:
-    """Store one decode token of every KV head in a SparseCache layer's buffers with one Triton launch.
-    Returns False where the kernel does not apply: the cache's PyTorch path (the contract) stores it."""
+    """Store one decode token of every KV head in a SparseCache layer's buffers with one Triton launch, at
+    slot ``seen - 1`` (``seen`` int32 [1] on the device). Returns False where the kernel does not apply: the
+    cache's PyTorch path (the contract) stores it."""
     if not _use_triton(key):
         return False
     from .kernels.append import append_token_triton
 
     with _on_device(key):
-        append_token_triton(key, value, tensors, slot=slot, kv_start=kv_start, head_kind=head_kind,
+        append_token_triton(key, value, tensors, seen=seen, kv_start=kv_start, head_kind=head_kind,
                             head_slot=head_slot, sink=sink, logical_page_size=logical_page_size)
     return True
 

@@ -7,10 +7,19 @@ from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model
 from sparse_attn_hf.kernels.decode import paged_decode_triton
-from sparse_attn_hf.kernels.reference import DecodeKV, paged_decode_reference
-from sparse_attn_hf.kernels.reference import page_scores, physical_page_scores_reference
+from sparse_attn_hf.kernels.reference import (
+    STEP_DUE,
+    STEP_RESELECT,
+    STEP_SEEN,
+    STEP_TAIL,
+    DecodeKV,
+    decode_step,
+    page_scores,
+    paged_decode_reference,
+    physical_page_scores_reference,
+)
 from sparse_attn_hf.kernels.selection import physical_page_scores_triton
-from sparse_attn_hf.methods.page_selection import select_pages
+from sparse_attn_hf.methods.page_selection import plan_step, reset_step, select_pages
 from sparse_attn_hf.compat import CACHE_ARG
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
@@ -48,9 +57,13 @@ def test_selection_keeps_sink_and_best_pages(pads):
     q = torch.randn(batch, heads, groups, dim, generator=gen)
     kmin, kmax = _stats(keys, logical, kv_start)
     kmin[:, :, seen // logical + 1 :], kmax[:, :, seen // logical + 1 :] = float("inf"), float("-inf")
-    pages, tail_first = select_pages(q, kmin, kmax, kv_start=kv_start, seen=seen, budget=budget, page_size=page,
-                                     logical_page_size=logical)
-    assert tail_first == (seen - 1) // page and pages.shape == (batch, heads, budget // page - 1)
+    step = decode_step(seen)
+    step[STEP_RESELECT] = 1
+    scores = torch.full((batch, heads, 1024 // page), float("nan"))  # every entry is written on a reselecting step
+    pages = select_pages(q, kmin, kmax, kv_start=kv_start, step=step, scores=scores, budget=budget, page_size=page,
+                         logical_page_size=logical)
+    tail_first = (seen - 1) // page
+    assert pages.shape == (batch, heads, budget // page - 1) and not scores.isnan().any()
     # brute force: score every candidate page from the keys themselves
     per_page = torch.maximum(q[..., None, :] * kmax[:, :, None], q[..., None, :] * kmin[:, :, None]).sum(-1)
     per_page = per_page.amax(2)[..., : tail_first * 4].view(batch, heads, tail_first, 4).amax(-1)
@@ -76,10 +89,17 @@ def test_selection_kernel_matches_reference(shape, dtype):
     kmin, kmax = _stats(keys.float(), logical, kv_start)
     kmin, kmax = kmin.to(dtype).to(DEVICE), kmax.to(dtype).to(DEVICE)
     q = torch.randn(batch, heads, groups, dim, generator=gen).to(dtype).to(DEVICE)
-    common = dict(kv_start=kv_start.to(DEVICE), num_pages=2048 // page - 3, page_size=page, logical_page_size=logical)
-    got = physical_page_scores_triton(q, kmin, kmax, **common)
-    expected = physical_page_scores_reference(q, kmin, kmax, **common)
-    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    common = dict(kv_start=kv_start.to(DEVICE), page_size=page, logical_page_size=logical)
+    seen, width = (2048 // page - 2) * page - 5, 2048 // page  # candidates: the pages before the newest
+    one = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    out = torch.full((batch, heads, width), float("nan"), device=DEVICE)
+    got = physical_page_scores_triton(q, kmin, kmax, seen=one * seen, out=out, reselect=one, **common)
+    expected = physical_page_scores_reference(q, kmin, kmax, seen=seen, width=width, **common)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected)) and not got.isnan().any()
+    assert (expected[..., -(seen // -page) - 1 :] == float("-inf")).all()  # the tail and past it: no candidate
+    kept = got.clone()
+    physical_page_scores_triton(q * 3, kmin, kmax, seen=one * seen, out=out, reselect=one * 0, **common)
+    assert torch.equal(out, kept), "a step that reuses its selection leaves the scores as they are"
     finite = torch.isfinite(expected)
     torch.testing.assert_close(got[finite], expected[finite], rtol=1e-4, atol=1e-3 * dim ** 0.5)
     k = 8
@@ -89,14 +109,33 @@ def test_selection_kernel_matches_reference(shape, dtype):
 
 def test_selection_when_the_context_fits_or_is_mostly_padding():
     q = torch.randn(1, 1, 1, 8)
-    kmin, kmax = _stats(torch.randn(1, 1, 256, 8), 16, torch.zeros(1, dtype=torch.long))
-    pages, tail = select_pages(q, kmin, kmax, kv_start=torch.zeros(1, dtype=torch.long), seen=256, budget=256,
-                               page_size=64, logical_page_size=16)
-    assert pages.numel() == 0 and tail == 0  # fits: everything, exactly dense
     start = torch.tensor([200])  # only pages 3 (partly) and the tail hold real tokens
     kmin, kmax = _stats(torch.randn(1, 1, 320, 8), 16, start)
-    pages, tail = select_pages(q, kmin, kmax, kv_start=start, seen=320, budget=256, page_size=64, logical_page_size=16)
-    assert tail == 4 and sorted(pages.flatten().tolist()) == [-1, -1, 3]
+    step = decode_step(320)
+    step[STEP_RESELECT] = 1
+    pages = select_pages(q, kmin, kmax, kv_start=start, step=step, scores=torch.empty(1, 1, 5), budget=256,
+                         page_size=64, logical_page_size=16)
+    assert sorted(pages.flatten().tolist()) == [-1, -1, 3]
+
+
+def test_step_plan_selects_when_the_context_outgrows_the_budget_then_every_reuse_interval():
+    """The device counters: the tail is everything while the context fits, then the newest page of the last
+    selection, which a reuse keeps even when a new page starts (the page before it stays attended)."""
+    step = torch.zeros(4, dtype=torch.int32)
+    reset_step(step, 250)  # a 250-token prompt; pages of 64, a budget of 4 pages (256 tokens)
+    seen = []
+    for _ in range(14):
+        plan_step(step, budget=256, page_size=64, reuse_interval=4)
+        seen.append((int(step[STEP_SEEN]), int(step[STEP_RESELECT]), int(step[STEP_TAIL])))
+    assert seen[:6] == [(251, 0, 0), (252, 0, 0), (253, 0, 0), (254, 0, 0), (255, 0, 0), (256, 0, 0)]  # fits
+    assert seen[6] == (257, 1, 4)  # 5 pages: select, the tail is page 4
+    assert [r for _, r, _ in seen[7:14]] == [0, 0, 0, 1, 0, 0, 0]  # every 4 steps
+    assert all(t == 4 for _, _, t in seen[6:14])
+    reset_step(step, 319)  # a prefill: the next step selects anew
+    plan_step(step, budget=256, page_size=64, reuse_interval=4)
+    assert step.tolist()[STEP_SEEN:] == [320, 3, 1, 4]
+    plan_step(step, budget=256, page_size=64, reuse_interval=4)  # slot 320 starts page 5; the tail stays 4
+    assert int(step[STEP_TAIL]) == 4 and int(step[STEP_DUE]) == 2
 
 
 # ------------------------------------------------------------------- kernel
@@ -120,12 +159,12 @@ def _decode_case(case, dtype, seed):
         slot[kind == k] = torch.arange(int((kind == k).sum()), dtype=torch.int32)
     n_dense, n_stream = int((kind == 0).sum()), int((kind == 1).sum())
     n_pages = -(-seen // page)
-    kv = DecodeKV(seen=seen, page_size=page, head_kind=kind, head_slot=slot)
+    tail_first = n_pages - 1 - (seen % page == 1)  # a page boundary crossed since the selection
+    kv = DecodeKV(step=decode_step(seen, tail_first), page_size=page, head_kind=kind, head_slot=slot)
     if n_dense:
         cap = n_pages * page + page
         kv.dense_key, kv.dense_value = rand(batch, n_dense, cap, dim), rand(batch, n_dense, cap, dim)
-        kv.tail_first = n_pages - 1 - (seen % page == 1)  # a page boundary crossed since the selection
-        pages = torch.stack([torch.randperm(kv.tail_first, generator=gen)[:n_sel] for _ in range(batch * n_dense)])
+        pages = torch.stack([torch.randperm(tail_first, generator=gen)[:n_sel] for _ in range(batch * n_dense)])
         pages[torch.rand(pages.shape, generator=gen) < 0.3] = -1  # rows with fewer candidates
         kv.pages = pages.view(batch, n_dense, n_sel).to(torch.int32)
     if n_stream:
@@ -163,7 +202,7 @@ def test_reference_sees_exactly_the_chosen_tokens():
     case = (1, 1, 2, 16, 200, [0], [0], 0, 0, 1, 16, 2)
     query, kv, kv_start, sink, local = _decode_case(case, torch.float32, 3)
     kv.pages = torch.tensor([[[2, -1]]], dtype=torch.int32, device=DEVICE)
-    kv.tail_first = 11
+    kv.step[STEP_TAIL] = 11
     before = paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=0.25)
     kv.dense_key[0, 0, 5 * 16] += 100.0  # page 5: not chosen
     assert torch.equal(before, paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=0.25))
@@ -207,13 +246,15 @@ def test_selection_runs_every_reuse_interval(monkeypatch):
     calls = []
 
     def counting(*args, **kwargs):
-        calls.append(kwargs["seen"])
+        step = kwargs["step"]
+        calls.append((int(step[STEP_SEEN]), int(step[STEP_RESELECT])))
         return select_pages(*args, **kwargs)
 
     monkeypatch.setattr(cache_module, "select_pages", counting)
     model = _patched(budget=32, reuse=3, layers=1)
     model.generate(random_ids(1, 60).to(DEVICE), max_new_tokens=8, do_sample=False)
-    assert calls == [61, 64, 67]  # decode steps at seen 61..67: selected at the 1st, 4th, 7th
+    assert [seen for seen, _ in calls] == list(range(61, 68))  # every decode step plans ...
+    assert [seen for seen, again in calls if again] == [61, 64, 67]  # ... and selects at the 1st, 4th, 7th
 
 
 @torch.no_grad()

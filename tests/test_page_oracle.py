@@ -86,7 +86,7 @@ def test_per_head_variant_shares_the_budget_round_robin():
                   logical_page_size=lp)
     pages, tail = page_oracle.per_head_pages(query, key_min, key_max, **common)
     assert tail == 7 and set(pages[0, 0].tolist()) == {0, 1, 4}  # sink, then each head's best page
-    from sparse_attn_hf.methods.page_selection import select_pages
+    from sparse_attn_hf.methods.page_selection import quest_pages
 
-    quest, _ = select_pages(query, key_min, key_max, **common)
+    quest, _ = quest_pages(query, key_min, key_max, **common)
     assert set(quest[0, 0].tolist()) == {0, 1, 2}  # the group maximum favours head 0's pages

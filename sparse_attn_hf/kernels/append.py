@@ -1,6 +1,8 @@
 """Triton kernel: store one decode token of every KV head of a layer in a SparseCache, in one launch.
 
-Dense heads: K/V into the paged buffer at ``slot`` and the token's key into its logical page's min/max
+The token's slot is read from the device (``SEEN`` holds the tokens stored once this one is, so the slot is
+``SEEN - 1``): no per-step host value, so a CUDA graph can replay the launch. Dense heads: K/V into the paged
+buffer at that slot and the token's key into its logical page's min/max
 (unless the token is padding). Streaming heads: K/V into the ring at ``slot % ring_size`` (and the ring's
 slot table), and into the sink buffer when the token is one of its row's first ``sink`` real tokens.
 Its contract is the PyTorch path of ``SparseLayer.append`` for one token (tests compare the two).
@@ -13,15 +15,15 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["slot_new"])
+@triton.jit
 def _append_kernel(
-    K, V, DK, DV, KMIN, KMAX, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT,
+    K, V, DK, DV, KMIN, KMAX, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT, SEEN,
     stride_kb, stride_kh, stride_kd, stride_vb, stride_vh, stride_vd,
     stride_db, stride_dh, stride_dn, stride_dd,
     stride_mb, stride_mh, stride_ml, stride_md,
     stride_sb, stride_sh, stride_sn, stride_sd, stride_spb, stride_spn,
     stride_rb, stride_rh, stride_rn, stride_rd,
-    slot_new, num_kv_heads, sink, ring_size,
+    num_kv_heads, sink, ring_size,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, LOGICAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -34,6 +36,7 @@ def _append_kernel(
     kind = tl.load(HEAD_KIND + h)
     slot = tl.load(HEAD_SLOT + h)
     start = tl.load(KV_START + b).to(tl.int32)
+    slot_new = tl.load(SEEN).to(tl.int32) - 1
     if kind == 0:
         row = b * stride_db + slot * stride_dh + slot_new * stride_dn + offs_d * stride_dd
         tl.store(DK + row, k, mask=d_ok)
@@ -56,10 +59,12 @@ def _append_kernel(
             tl.store(SPOS + b * stride_spb + rel * stride_spn, slot_new.to(tl.int64))
 
 
-def append_token_triton(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, slot: int, kv_start: torch.Tensor,
-                        head_kind: torch.Tensor, head_slot: torch.Tensor, sink: int, logical_page_size: int) -> None:
+def append_token_triton(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen: torch.Tensor,
+                        kv_start: torch.Tensor, head_kind: torch.Tensor, head_slot: torch.Tensor, sink: int,
+                        logical_page_size: int) -> None:
     """key/value [B, Hkv, 1, D]; ``tensors`` the layer's buffers (``dense_*``, ``key_min``/``key_max``,
-    ``sink_*``, ``ring_*``), with capacity for ``slot`` already ensured."""
+    ``sink_*``, ``ring_*``), with capacity for the slot already ensured; ``seen`` int32 [1] on the device,
+    the tokens stored once this one is."""
     batch, num_kv, _, head_dim = key.shape
     k, v = key[:, :, 0], value[:, :, 0]
     spare = key[:, :1]  # stands in for a kind the layer lacks (never written: no head of that kind)
@@ -73,9 +78,9 @@ def append_token_triton(key: torch.Tensor, value: torch.Tensor, tensors: dict, *
         sk = sv = spare
         spos = pos_spare
     _append_kernel[(batch * num_kv,)](
-        k, v, dk, dv, kmin, kmax, sk, sv, spos, rk, rv, rpos, kv_start, head_kind, head_slot,
+        k, v, dk, dv, kmin, kmax, sk, sv, spos, rk, rv, rpos, kv_start, head_kind, head_slot, seen,
         *k.stride(), *v.stride(), *dk.stride(), *kmin.stride(), *sk.stride(), *spos.stride(), *rk.stride(),
-        slot, num_kv, sink, rk.shape[2],
+        num_kv, sink, rk.shape[2],
         HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), LOGICAL=logical_page_size,
         num_warps=1,
     )

@@ -5,10 +5,14 @@ split) walks its share of the head's *entries* and writes a partial softmax (max
 values); a second small kernel combines the splits. Entries are 64-token pages:
 
 * dense head: the selected pages (``DecodeKV.pages``, -1 skipped), then the tail pages from
-  ``tail_first`` to the newest;
+  ``tail_first`` to the newest; when the context fits the budget (``budget_pages``) no page is selected
+  and the tail is everything;
 * streaming head: the blocks of the sink buffer, then the blocks of the ring buffer.
 
 The query heads of a GQA group are the rows of one program, so every K/V page is loaded once per group.
+
+The token count and the tail are read from the device (``DecodeKV.step``); the page table has a fixed width and the grid depends only on the cache's sizes, so a CUDA graph can
+replay a step.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .prefill import _softmax_step
-from .reference import DecodeKV
+from .reference import STEP_SEEN, STEP_TAIL, DecodeKV
 
 LOG2E = 1.4426950408889634
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # bf16 dots are wrong in the interpreter
@@ -36,10 +40,9 @@ def _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST: tl.constex
     return _softmax_step(acc, m_i, l_i, scores, v, UPCAST, PRECISION, True)
 
 
-# lengths change at every step: specializing on them (divisibility by 16) would compile new variants
-@triton.jit(do_not_specialize=["n_sel", "tail_first", "seen", "sink_cap", "ring_cap", "num_splits"])
+@triton.jit(do_not_specialize=["n_sel", "sink_cap", "ring_cap", "num_splits"])
 def _decode_split_kernel(
-    Q, DK, DV, PAGES, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT, M_OUT, L_OUT, ACC_OUT,
+    Q, DK, DV, PAGES, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT, STEP, M_OUT, L_OUT, ACC_OUT,
     stride_qb, stride_qh, stride_qd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -49,9 +52,10 @@ def _decode_split_kernel(
     stride_spb, stride_spn,
     stride_rkb, stride_rkh, stride_rkn, stride_rkd,
     stride_rvb, stride_rvh, stride_rvn, stride_rvd,
-    n_sel, tail_first, seen, sink_cap, ring_cap, sink, local, num_kv_heads, num_splits, scale_log2,
+    n_sel, sink_cap, ring_cap, sink, local, num_kv_heads, num_splits, scale_log2,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STEP_SEEN: tl.constexpr,
+    STEP_TAIL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -70,6 +74,7 @@ def _decode_split_kernel(
     kind = tl.load(HEAD_KIND + h)
     slot = tl.load(HEAD_SLOT + h)
     start = tl.load(KV_START + b).to(tl.int32)
+    seen = tl.load(STEP + STEP_SEEN).to(tl.int32)
     query_slot = seen - 1
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -77,6 +82,8 @@ def _decode_split_kernel(
     if kind == 0:  # dense head: selected pages, then the tail
         DK += b * stride_dkb + slot * stride_dkh
         DV += b * stride_dvb + slot * stride_dvh
+        tail_first = tl.load(STEP + STEP_TAIL).to(tl.int32)
+        n_sel = tl.where(tail_first == 0, 0, n_sel)  # tail 0: every page, no selection
         total = n_sel + tl.cdiv(seen, PAGE) - tail_first
         per = tl.cdiv(total, num_splits)
         for e in range(split * per, tl.minimum(split * per + per, total)):
@@ -152,7 +159,8 @@ def _num_splits(batch_heads: int, entries: int, device: torch.device) -> int:
 
 def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
                         scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """Launch the split and combine kernels. query [B, Hq, D] -> [B, Hq, D]."""
+    """Launch the split and combine kernels. query [B, Hq, D] -> [B, Hq, D]. The grid and every argument
+    depend on the cache's sizes only (``kv.step`` carries the step's counters), so CUDA graphs can replay it."""
     batch, num_heads, head_dim = query.shape
     num_kv = kv.head_kind.shape[0]
     groups = num_heads // num_kv
@@ -166,7 +174,9 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Te
             n_sel = 0
         else:
             n_sel = pages.shape[2]
-        entries = max(entries, n_sel + triton.cdiv(kv.seen, page) - kv.tail_first)
+        # pages a step visits: the selection + a tail of one or two pages (a page may start while a selection
+        # is reused), or the whole context while it fits the budget (at most n_sel + 1 pages); sets the split
+        entries = max(entries, n_sel + 2)
     else:
         dk = dv = query[:, :1, None]
         pages = torch.zeros(1, 1, 1, dtype=torch.int32, device=query.device)
@@ -188,15 +198,15 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Te
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(batch, num_heads, splits, d_pad, dtype=torch.float32, device=query.device)
     _decode_split_kernel[(batch * num_kv, splits)](
-        query, dk, dv, pages, sk, sv, spos, rk, rv, rpos, kv_start, kv.head_kind, kv.head_slot,
+        query, dk, dv, pages, sk, sv, spos, rk, rv, rpos, kv_start, kv.head_kind, kv.head_slot, kv.step,
         m_part, l_part, acc_part,
         *query.stride(), *dk.stride(), *dv.stride(), *pages.stride(), *sk.stride(), *sv.stride(),
         *spos.stride(), *rk.stride(), *rv.stride(),
-        n_sel, kv.tail_first, kv.seen, sink_cap, ring_cap, sink, local, num_kv, splits, scale * LOG2E,
+        n_sel, sink_cap, ring_cap, sink, local, num_kv, splits, scale * LOG2E,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), PAGE=page, HEAD_DIM=head_dim, D_PAD=d_pad,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 (tests): exact, not tf32
-        num_warps=4, num_stages=2,
+        STEP_SEEN=STEP_SEEN, STEP_TAIL=STEP_TAIL, num_warps=4, num_stages=2,
     )
     out = torch.empty_like(query)
     _combine_kernel[(batch * num_heads,)](

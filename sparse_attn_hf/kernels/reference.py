@@ -122,13 +122,26 @@ def block_sparse_attention_reference(query, key, value, *, mask, kv_start, scale
     return out.reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
 
 
+# a decode step's counters (int32, on the device): tokens stored, steps before the next page selection,
+# whether this step selects, and the first page attended whole (the tail)
+STEP_SEEN, STEP_DUE, STEP_RESELECT, STEP_TAIL = range(4)
+
+
+def decode_step(seen: int, tail_first: int = 0, device=None) -> torch.Tensor:
+    """A step tensor (see ``DecodeKV``) with these counters: for tests and benchmarks that build a step."""
+    return torch.tensor([seen, 0, 0, tail_first], dtype=torch.int32, device=device)
+
+
 @dataclass
 class DecodeKV:
     """What one decode step of a layer reads from a :class:`~sparse_attn_hf.SparseCache` (views, no copies).
 
+    ``step`` (int32 [4], on the device; ``STEP_*`` index it) holds the step's counters: ``seen`` tokens
+    stored, this one included, and ``tail_first``. Kernels read them there, not from the host, so that a
+    CUDA graph can replay a step; the reference reads them through the properties of the same names.
     Dense KV heads: ``dense_key``/``dense_value`` [B, Hd, capacity, D], slots 0..seen-1 filled. They see
     the physical pages listed in ``pages`` [B, Hd, n] (int32, -1 for none) plus every page from
-    ``tail_first`` to the newest; ``pages`` empty and ``tail_first`` 0 is exact dense attention.
+    ``tail_first`` to the newest; ``tail_first`` 0 is exact dense attention (``pages`` then unread).
     Streaming KV heads: the sink buffer ``sink_*`` [B, Hs, S, D] with slots ``sink_pos`` [B, S] and the
     ring ``ring_*`` [B, Hs, R, D] with slots ``ring_pos`` [R] (-1: empty); a ring token also in the
     sink (slot - kv_start < sink) counts once, from the sink buffer.
@@ -136,20 +149,27 @@ class DecodeKV:
     kind's buffers) map KV heads to buffers.
     """
 
-    seen: int
+    step: torch.Tensor
     page_size: int
     head_kind: torch.Tensor
     head_slot: torch.Tensor
     dense_key: torch.Tensor | None = None
     dense_value: torch.Tensor | None = None
     pages: torch.Tensor | None = None
-    tail_first: int = 0
     sink_key: torch.Tensor | None = None
     sink_value: torch.Tensor | None = None
     sink_pos: torch.Tensor | None = None
     ring_key: torch.Tensor | None = None
     ring_value: torch.Tensor | None = None
     ring_pos: torch.Tensor | None = None
+
+    @property
+    def seen(self) -> int:
+        return int(self.step[STEP_SEEN])
+
+    @property
+    def tail_first(self) -> int:
+        return int(self.step[STEP_TAIL])
 
 
 def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local: int):
@@ -208,15 +228,21 @@ def page_scores(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tenso
     return torch.relu(q) @ key_max.float().transpose(-1, -2) - torch.relu(-q) @ key_min.float().transpose(-1, -2)
 
 
-def physical_page_scores_reference(query, key_min, key_max, *, kv_start, num_pages: int, page_size: int,
+def physical_page_scores_reference(query, key_min, key_max, *, kv_start, seen: int, width: int, page_size: int,
                                    logical_page_size: int) -> torch.Tensor:
-    """Scores of physical pages 0..num_pages-1 for page selection, float32 [B, Hd, num_pages].
+    """Scores of physical pages 0..width-1 for page selection, float32 [B, Hd, width].
 
-    query [B, Hd, G, D]; key_min/key_max [B, Hd, >= num_pages * page_size / logical_page_size, D]. A
-    physical page scores the max over its logical pages and over the G query heads; logical pages
-    holding only padding score -inf; each row's first real page (the sink) scores +inf."""
+    query [B, Hd, G, D]; key_min/key_max [B, Hd, >= width * page_size / logical_page_size, D]. The
+    candidates are the pages before the tail (the newest page of ``seen`` tokens): ``ceil(seen / page_size)
+    - 1`` of them; later pages score -inf. A candidate scores the max over its logical pages and over the G
+    query heads; logical pages holding only padding score -inf; each row's first real page (the sink)
+    scores +inf."""
     batch, heads = query.shape[:2]
     per_page = page_size // logical_page_size
+    num_pages = min(-(-seen // page_size) - 1, width)
+    out = torch.full((batch, heads, width), float("-inf"), dtype=torch.float32, device=query.device)
+    if num_pages <= 0:
+        return out
     n_logical = num_pages * per_page
     scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical]).amax(dim=2)
     logical = torch.arange(n_logical, device=query.device)
@@ -224,7 +250,8 @@ def physical_page_scores_reference(query, key_min, key_max, *, kv_start, num_pag
     scores = torch.where(has_real[:, None], scores, float("-inf"))  # also clears NaN of empty pages
     scores = scores.view(batch, heads, num_pages, per_page).amax(dim=-1)
     first_real = (kv_start // page_size).clamp(max=num_pages - 1)
-    return scores.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+    out[:, :, :num_pages] = scores.scatter_(2, first_real.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+    return out
 
 
 def sampled_column_scores_reference(query, key, *, rows: torch.Tensor, q_first: int, kv_start: torch.Tensor,

@@ -17,17 +17,21 @@ import triton.language as tl
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit(do_not_specialize=["num_pages"])
+@triton.jit
 def _scores_kernel(
-    Q, KMIN, KMAX, KV_START, OUT,
+    Q, KMIN, KMAX, KV_START, SEEN, RESELECT, OUT,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_nb, stride_nh, stride_nl, stride_nd,
     stride_xb, stride_xh, stride_xl, stride_xd,
-    num_heads, num_pages,
+    num_heads, width,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     PAGE: tl.constexpr, LOGICAL: tl.constexpr, PER_PAGE: tl.constexpr, BLOCK_P: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    if tl.load(RESELECT) == 0:  # the step reuses the scores already in OUT
+        return
+    # candidates: the pages before the tail (the newest page), scored; the rest of the row -inf
+    num_pages = tl.cdiv(tl.load(SEEN).to(tl.int32), PAGE) - 1
     pid_bh = tl.program_id(0)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -42,7 +46,7 @@ def _scores_kernel(
         q_pos = q_pos.to(KMAX.dtype.element_ty)
         q_neg = q_neg.to(KMAX.dtype.element_ty)
     start = tl.load(KV_START + b).to(tl.int32)
-    first_real = tl.minimum(start // PAGE, num_pages - 1)
+    first_real = tl.minimum(start // PAGE, num_pages - 1)  # the sink page (-1 when there is no candidate)
     BLOCK_L: tl.constexpr = BLOCK_P * PER_PAGE
     logical = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     in_range = logical < num_pages * PER_PAGE
@@ -63,19 +67,23 @@ def _scores_kernel(
     per_page = tl.max(tl.reshape(per_logical, [BLOCK_P, PER_PAGE]), 1)
     pages = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     per_page = tl.where(pages == first_real, float("inf"), per_page)
-    tl.store(OUT + pid_bh * num_pages + pages, per_page, mask=pages < num_pages)
+    per_page = tl.where(pages < num_pages, per_page, float("-inf"))
+    tl.store(OUT + pid_bh * width + pages, per_page, mask=pages < width)
 
 
-def physical_page_scores_triton(query, key_min, key_max, *, kv_start, num_pages: int, page_size: int,
-                                logical_page_size: int) -> torch.Tensor:
+def physical_page_scores_triton(query, key_min, key_max, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
+                                reselect: torch.Tensor, page_size: int, logical_page_size: int) -> torch.Tensor:
+    """Scores into ``out`` [B, Hd, width] (contiguous) when ``reselect`` (int32 [1], on the device) is set;
+    ``seen`` int32 [1] on the device. Every launch argument is fixed for a given cache: a CUDA graph can
+    replay it."""
     batch, heads, groups, head_dim = query.shape
     per_page = page_size // logical_page_size
     block_p = max(1, 64 // per_page)  # 64 logical pages per program
-    out = torch.empty(batch, heads, num_pages, dtype=torch.float32, device=query.device)
-    _scores_kernel[(batch * heads, triton.cdiv(num_pages, block_p))](
-        query, key_min, key_max, kv_start, out,
+    width = out.shape[2]
+    _scores_kernel[(batch * heads, triton.cdiv(width, block_p))](
+        query, key_min, key_max, kv_start, seen, reselect, out,
         *query.stride(), *key_min.stride(), *key_max.stride(),
-        heads, num_pages,
+        heads, width,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page_size, LOGICAL=logical_page_size,
         PER_PAGE=per_page, BLOCK_P=block_p,

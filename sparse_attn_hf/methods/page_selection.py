@@ -10,6 +10,12 @@ scores the max of its logical pages; a KV head scores a page by the max over its
 so that one selection (one gather) serves the whole group. The first real page (the attention
 sink) is always kept; the newest page and everything after it (the *tail*) is always attended; the
 remaining budget goes to the highest-scoring pages.
+
+**Plan and run.** A decode step is planned once for all layers (:func:`plan_step`: the device counters
+advance and decide whether this step selects anew, every ``reuse_interval`` steps and after any prefill)
+and each layer runs :func:`select_pages`: scores (only on a reselecting step; otherwise the layer's stored
+scores stand) and a top-k of fixed width. Nothing waits for the host and no shape depends on the step, so
+a CUDA graph can replay the whole step.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import torch
 
 from .. import ops
+from ..kernels.reference import STEP_DUE, STEP_RESELECT, STEP_SEEN, STEP_TAIL
 
 _selector = None  # an evaluation hook replacing the bound-based choice (see ``selector``)
 
@@ -37,50 +44,96 @@ def selector(choose):
         _selector = previous
 
 
+def plan_step(step: torch.Tensor, *, budget: int, page_size: int, reuse_interval: int) -> None:
+    """Once per decode step, for every layer on ``step``'s device: one more token is stored, and the step
+    selects anew when the context no longer fits the budget and ``reuse_interval`` steps have used the last
+    selection (or none was made since the last prefill); the tail starts at the newest page of the last
+    selection. ``step`` int32 [4] (``kernels.reference.STEP_*``), updated in place: device work only."""
+    step[STEP_SEEN : STEP_SEEN + 1].add_(1)
+    seen, due, tail = step[STEP_SEEN], step[STEP_DUE], step[STEP_TAIL]
+    n_pages = (seen + (page_size - 1)) // page_size
+    fits = n_pages <= budget // page_size
+    reselect = (due <= 0) & ~fits
+    zero = torch.zeros((), dtype=step.dtype, device=step.device)
+    new_due = torch.where(reselect, zero + (reuse_interval - 1), torch.where(fits, zero, due - 1))
+    new_tail = torch.where(fits, zero, torch.where(reselect, n_pages - 1, tail))
+    step[STEP_DUE:].copy_(torch.stack([new_due, reselect.to(step.dtype), new_tail]))
+
+
+def reset_step(step: torch.Tensor, seen: int) -> None:
+    """After a prefill of ``seen`` tokens: the next decode step selects anew (no host synchronization)."""
+    step.zero_()
+    step[STEP_SEEN : STEP_SEEN + 1].fill_(seen)
+
+
 def select_pages(
     query: torch.Tensor,
     key_min: torch.Tensor,
     key_max: torch.Tensor,
     *,
     kv_start: torch.Tensor,
-    seen: int,
+    step: torch.Tensor,
+    scores: torch.Tensor,
     budget: int,
     page_size: int,
     logical_page_size: int,
+    pages: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Choose the pages a decode step of the dense heads reads.
+) -> torch.Tensor:
+    """Choose the pages a decode step of the dense heads reads besides its tail.
 
     Args:
         query: [B, Hd, G, D], the dense KV heads' query heads (G per KV head).
-        key_min, key_max: [B, Hd, >= ceil(seen / logical_page_size), D] logical-page statistics
+        key_min, key_max: [B, Hd, >= width x page_size / logical_page_size, D] logical-page statistics
             (+inf / -inf where a page holds no real key).
-        kv_start: [B] first real slot of each row; seen: tokens in the cache (the query is slot seen-1).
+        kv_start: [B] first real slot of each row.
+        step: the step's counters (int32 [4] on the device; :func:`plan_step` ran for this step).
+        scores: float32 [B, Hd, width], the layer's page scores, kept between steps (rewritten only on a
+            reselecting step); width: the pages the buffers hold.
         budget: tokens to attend per head (a multiple of ``page_size``, at least two pages).
-        keys: [B, Hd, >= seen, D] the stored keys; read only by an evaluation ``selector`` hook.
+        pages, keys: the layer's last selection and its stored keys [B, Hd, >= seen, D]; read only by an
+            evaluation ``selector`` hook.
 
     Returns:
-        (pages, tail_first): int32 [B, Hd, budget / page_size - 1] physical page ids (-1 where a row
-        has fewer candidates), and the first page of the tail. When the context fits the budget:
-        an empty list and 0 (attend to everything).
+        int32 [B, Hd, budget / page_size - 1] physical page ids, -1 where a row has fewer candidates. While
+        the context fits the budget the step attends to everything and does not read them.
     """
-    common = dict(kv_start=kv_start, seen=seen, budget=budget, page_size=page_size,
-                  logical_page_size=logical_page_size)
-    if _selector is not None:
-        return _selector(query, keys, key_min, key_max, quest=_quest, **common)
-    return _quest(query, key_min, key_max, **common)
+    width = budget // page_size - 1
+    if _selector is not None:  # evaluation, on the host: the hook chooses on reselecting steps
+        if pages is not None and not int(step[STEP_RESELECT]):
+            return pages
+        chosen, _ = _selector(query, keys, key_min, key_max, quest=quest_pages, kv_start=kv_start,
+                              seen=int(step[STEP_SEEN]), budget=budget, page_size=page_size,
+                              logical_page_size=logical_page_size)
+        return _to_width(chosen, width)
+    ops.physical_page_scores(query, key_min, key_max, kv_start=kv_start, seen=step[STEP_SEEN : STEP_SEEN + 1],
+                             out=scores, reselect=step[STEP_RESELECT : STEP_RESELECT + 1], page_size=page_size,
+                             logical_page_size=logical_page_size)
+    values, chosen = torch.topk(scores, min(width, scores.shape[2]), dim=-1, sorted=False)
+    return _to_width(torch.where(values == float("-inf"), -1, chosen).to(torch.int32), width)
 
 
-def _quest(query, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
+def _to_width(pages: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad a page list [B, Hd, n <= width] with -1 to ``width`` columns."""
+    if pages.shape[2] == width:
+        return pages
+    pad = torch.full((*pages.shape[:2], width - pages.shape[2]), -1, dtype=torch.int32, device=pages.device)
+    return torch.cat([pages.to(torch.int32), pad], dim=2)
+
+
+def quest_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
            logical_page_size: int) -> tuple[torch.Tensor, int]:
+    """Quest's bound-based choice with host-side arguments (for evaluation hooks): (pages [B, Hd,
+    budget / page_size - 1], tail_first), or an empty list and 0 when the context fits the budget."""
     n_pages = -(-seen // page_size)
     budget_pages = budget // page_size
     batch, heads = query.shape[:2]
     if n_pages <= budget_pages:
         return torch.empty(batch, heads, 0, dtype=torch.int32, device=query.device), 0
-    tail_first = n_pages - 1
-    scores = ops.physical_page_scores(query, key_min, key_max, kv_start=kv_start, num_pages=tail_first,
-                                      page_size=page_size, logical_page_size=logical_page_size)
+    scores = torch.empty(batch, heads, n_pages - 1, dtype=torch.float32, device=query.device)
+    one = torch.ones(1, dtype=torch.int32, device=query.device)
+    ops.physical_page_scores(query, key_min, key_max, kv_start=kv_start, seen=one * seen, out=scores, reselect=one,
+                             page_size=page_size, logical_page_size=logical_page_size)
     values, pages = torch.topk(scores, budget_pages - 1, dim=-1, sorted=False)
     pages = torch.where(values == float("-inf"), -1, pages)
-    return pages.to(torch.int32), tail_first
+    return pages.to(torch.int32), n_pages - 1
