@@ -17,6 +17,7 @@ from .attention import ATTENTION_NAME, sparse_attention_forward, sparse_attentio
 from .cache import SparseCache
 from .compat import CACHE_ARG, CACHE_KEYWORDS
 from .config import SparseConfig
+from .decode_graph import DecodeGraph
 from .ops import check_dtype
 from .padding import left_padding_starts
 from .parallel import KVHeadSlice, kv_head_slice
@@ -223,11 +224,31 @@ def _generate_with_sparse_cache(model):
             kwargs[CACHE_ARG] = given
         if not isinstance(given, SparseCache):
             return generate(model, *args, **kwargs)
-        with given.decoding(prompt_end=_prompt_end(args, kwargs, given)):
+        with given.decoding(prompt_end=_prompt_end(args, kwargs, given)), _decode_graphs(model, given):
             return generate(model, *args, **kwargs)
 
     wrapped._sparse_attn_hf = True
     return wrapped
+
+
+@contextlib.contextmanager
+def _decode_graphs(model, cache: SparseCache):
+    """Within the block, ``model.forward`` replays decode steps from a CUDA graph (``decode_graph``) when the
+    settings allow it and the model sits on one CUDA device in one process; otherwise nothing changes."""
+    state = model._sparse_attn_state
+    devices = {p.device for p in model.parameters()}
+    if not state.settings.decode_graphs or state.heads.sharded or len(devices) != 1 or next(iter(devices)).type != "cuda":
+        yield
+        return
+    previous = model.__dict__.get("forward")  # an instance attribute (accelerate's hooks) or the class's method
+    model.forward = DecodeGraph(model, cache)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous
 
 
 def _input_tensor(args, kwargs):

@@ -278,6 +278,44 @@ def test_small_budget_kernel_equals_reference_through_generate():
         assert torch.equal(got, expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.no_grad()
+def test_decode_steps_replayed_from_a_cuda_graph_give_the_eager_tokens():
+    """generate() captures the decode step after two eager ones: the same tokens and scores as every step
+    eager, with selection and reuse active, a padded batch, and sampling; beam search (which moves the cache's
+    buffers) falls back to eager steps."""
+    from sparse_attn_hf.decode_graph import DecodeGraph
+
+    ids, mask = left_padded(random_ids(2, 150, seed=8), [0, 13])
+    common = dict(attention_mask=mask.to(DEVICE), max_new_tokens=20, do_sample=False, return_dict_in_generate=True,
+                  output_scores=True)
+    runs = {}
+    for graphs in (False, True):
+        model = tiny_model("llama", heads=8, kv_heads=4, layers=3).to(DEVICE, torch.float16)
+        scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
+        patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+            streaming_fraction=0.5, sink_size=4, local_size=32, decode_local_size=16, token_budget=64,
+            page_size=16, logical_page_size=16, reuse_interval=3, decode_graphs=graphs))
+        captured = []
+        original = DecodeGraph._capture
+        DecodeGraph._capture = lambda self, kwargs: captured.append(1) or original(self, kwargs)
+        try:
+            runs[graphs] = model.generate(ids.to(DEVICE), **common)
+            assert len(captured) == (1 if graphs else 0)
+            torch.manual_seed(3)
+            runs[(graphs, "sampled")] = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), do_sample=True,
+                                                       top_k=4, max_new_tokens=12)
+            runs[(graphs, "beams")] = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), num_beams=2,
+                                                     do_sample=False, max_new_tokens=8)
+        finally:
+            DecodeGraph._capture = original
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for eager, replayed in zip(runs[False].scores, runs[True].scores):
+        torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+    assert torch.equal(runs[(True, "sampled")], runs[(False, "sampled")])
+    assert torch.equal(runs[(True, "beams")], runs[(False, "beams")])  # reordered buffers: eager after the move
+
+
 @torch.no_grad()
 def test_small_budget_changes_the_result_and_continuation_reselects():
     model = _patched(budget=32, fraction=0.0, layers=2)

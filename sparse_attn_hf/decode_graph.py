@@ -1,0 +1,133 @@
+"""Decode steps replayed from a CUDA graph inside ``generate()``.
+
+An eager decode step of a patched model is bound by Python and kernel launches (about 50 ms per token on the
+8B shape), while its GPU work is a few ms. A SparseCache keeps every step-dependent value on the device (the
+step counters of ``methods.page_selection.plan_step``, fixed-width page tables, buffers sized for the whole
+generation), so the model's whole one-token forward can be captured once and replayed:
+
+* the first ``WARMUP`` decode steps run eagerly (the ring shrinks to the decode window, kernels compile);
+* the next step is captured on a side stream, with the token ids and the positions as static inputs and no
+  attention mask (decode steps take the padding from the cache's ``kv_start``), then replayed. Positions the
+  caller does not pass are the ones the model would compute from the cache's length (``position_ids`` =
+  ``cache_position`` = the slot), filled in before each replay;
+* every later step copies its inputs into the static tensors, replays, and advances the host-side token
+  counts the eager path would have advanced.
+
+A step runs eagerly instead (and the reason is logged once) when replaying it would not be the same
+computation: not CUDA, inputs other than one token per row, outputs the graph does not make (attentions,
+hidden states), other keyword arguments than at capture, a cache whose buffers moved (beam search reorders
+them) or would have to grow, or a failed capture.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ._log import log_once
+
+WARMUP = 2  # eager decode steps before the capture
+
+
+class DecodeGraph:
+    """Replaces ``model.forward`` for the decode steps of one ``generate()`` call over ``cache``."""
+
+    def __init__(self, model, cache):
+        self.cache = cache
+        self.forward = model.forward  # the bound method (or accelerate's wrapper) generate would call
+        self.eager_steps = 0
+        self.graph = None
+        self.failed = False
+        self.static: dict[str, torch.Tensor] = {}
+        self.other: dict = {}
+        self.output = None
+        self.buffers: tuple = ()
+        self.positions: list[torch.Tensor] = []  # positions the caller does not pass, filled per step
+
+    # ------------------------------------------------------------------ the forward generate calls
+    def __call__(self, *args, **kwargs):
+        why = self._why_eager(args, kwargs)
+        if why is not None:
+            if why:
+                log_once(f"sparse_attn_hf: decode steps run eagerly, not from a CUDA graph: {why}.")
+            return self.forward(*args, **kwargs)
+        if self.graph is None:
+            if self.eager_steps < WARMUP:
+                self.eager_steps += 1
+                return self.forward(**kwargs)
+            if not self._capture(kwargs):
+                return self.forward(**kwargs)
+            self.graph.replay()  # the captured step itself (capture records, it does not run)
+        else:
+            for name, tensor in self.static.items():
+                tensor.copy_(kwargs[name])
+            for tensor in self.positions:
+                tensor.fill_(self.cache.get_seq_length())  # a kernel argument, no host synchronization
+            self.graph.replay()
+            for layer in self.cache.layers:  # the host-side counts the eager step advances
+                layer.seen += 1
+        out = self.output.__class__(**{k: v for k, v in self.output.items()})
+        out["logits"] = self.output["logits"].clone()  # the next replay overwrites the static one
+        return out
+
+    def _why_eager(self, args, kwargs) -> str | None:
+        """None when the step may be replayed; "" for a forward that is not a decode step at all (no log),
+        else the reason."""
+        ids = kwargs.get("input_ids")
+        if args or ids is None or ids.ndim != 2 or ids.shape[1] != 1 or not ids.is_cuda:
+            return ""
+        layers = [layer for layer in self.cache.layers if layer.is_initialized]
+        if not layers or not self.cache.sequence.is_decode_step(layers[0].seen, 1):
+            return ""
+        if self.failed:
+            return "the capture failed (see the first message)"
+        if kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions") or kwargs.get(
+                "output_hidden_states"):
+            return "the call asks for attentions, hidden states or embeddings, which the graph does not make"
+        if any(len(layer.dense_heads) and layer.seen + 1 > layer.capacity for layer in layers):
+            return "the cache would have to grow (generate sizes it for prompt + max_new_tokens)"
+        if self.graph is not None:
+            if self._buffer_addresses() != self.buffers:
+                return "the cache's buffers moved (beam search reorders them)"
+            if {k: v for k, v in kwargs.items() if k not in self.static and k != "attention_mask"} != self.other:
+                return "the call's arguments differ from the captured step's"
+            if any(kwargs[name].shape != tensor.shape for name, tensor in self.static.items()):
+                return "the call's shapes differ from the captured step's"
+        return None
+
+    # ------------------------------------------------------------------ capture
+    def _buffer_addresses(self) -> tuple:
+        return tuple(t.data_ptr() for layer in self.cache.layers for t in layer._tensors.values())
+
+    def _capture(self, kwargs) -> bool:
+        tensors = {name: kwargs[name] for name in ("input_ids", "position_ids", "cache_position")
+                   if isinstance(kwargs.get(name), torch.Tensor)}
+        self.static = {name: tensor.clone() for name, tensor in tensors.items()}
+        self.other = {k: v for k, v in kwargs.items() if k not in tensors and k != "attention_mask"}
+        device, slot = self.static["input_ids"].device, self.cache.get_seq_length()
+        made = {}
+        if "position_ids" not in tensors:  # what the model would compute from the cache's length
+            made["position_ids"] = torch.full((1, 1), slot, dtype=torch.long, device=device)
+        if "cache_position" not in tensors and "cache_position" in inspect.signature(self.forward).parameters:
+            made["cache_position"] = torch.full((1,), slot, dtype=torch.long, device=device)
+        self.positions = list(made.values())
+        seen = [layer.seen for layer in self.cache.layers]
+        stream = torch.cuda.Stream(device=self.static["input_ids"].device)
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                self.output = self.forward(**self.static, **made, **self.other)
+        except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly, say why once
+            for layer, count in zip(self.cache.layers, seen):  # capture ran Python, not the kernels
+                layer.seen = count
+            self.failed = True
+            log_once(f"sparse_attn_hf: capturing the decode step in a CUDA graph failed ({type(error).__name__}: "
+                     f"{error}); decode steps run eagerly.")
+            return False
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
+        self.graph = graph
+        self.buffers = self._buffer_addresses()
+        return True
