@@ -365,6 +365,7 @@ class SparseLayer(CacheLayerMixin):
         self._refresh_page_statistics(first, first + n, kv_start)
         return t["dense_key"][:, :, : first + n], t["dense_value"][:, :, : first + n]
 
+    @torch.no_grad()  # statistics for selection, never differentiated (and out= refuses tensors that need grad)
     def _refresh_page_statistics(self, first: int, end: int, kv_start: torch.Tensor) -> None:
         """Key min/max of the logical pages overlapping slots [first, end), from the stored keys: real tokens
         below ``end`` only. Reshaped views, no index tensors; a temporary only where a chunk of pages holds

@@ -90,7 +90,8 @@ class DecodeGraph:
         if self.graph is not None:
             if self._buffer_addresses() != self.buffers:
                 return "the cache's buffers moved (beam search reorders them)"
-            if {k: v for k, v in kwargs.items() if k not in self.static and k != "attention_mask"} != self.other:
+            if not _same_arguments(self.other, {k: v for k, v in kwargs.items()
+                                                if k not in self.static and k != "attention_mask"}):
                 return "the call's arguments differ from the captured step's"
             if any(kwargs[name].shape != tensor.shape for name, tensor in self.static.items()):
                 return "the call's shapes differ from the captured step's"
@@ -131,3 +132,11 @@ class DecodeGraph:
         self.graph = graph
         self.buffers = self._buffer_addresses()
         return True
+
+
+def _same_arguments(captured: dict, now: dict) -> bool:
+    """The same keywords with the same values (objects and tensors: the same objects)."""
+    if captured.keys() != now.keys():
+        return False
+    return all(a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
+               for a, b in ((captured[k], now[k]) for k in captured))

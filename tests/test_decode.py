@@ -399,3 +399,24 @@ def test_fused_append_equals_the_pytorch_path(dtype):
     assert states["reference"].keys() == states["triton"].keys()
     for name, tensor in states["reference"].items():
         assert torch.equal(tensor, states["triton"][name]), name
+
+
+def test_decode_graph_replays_only_the_calls_it_captured():
+    """The checks that send a step to the eager path (on the CPU: which forwards count as decode steps, and
+    which arguments must match the captured ones)."""
+    from sparse_attn_hf.decode_graph import DecodeGraph, _same_arguments
+
+    model = _patched(budget=32, layers=1)
+    cache = SparseCache(model)
+    graph = DecodeGraph(model, cache)
+    ids = random_ids(1, 40).to(DEVICE)
+    assert graph._why_eager((), {"input_ids": ids}) == ""  # a prompt is not a decode step
+    model(ids, **{CACHE_ARG: cache})
+    one = ids[:, :1]
+    assert graph._why_eager((), {"input_ids": one}) == ""  # outside cache.decoding(): prefill
+    with cache.decoding():
+        why = graph._why_eager((), {"input_ids": one, "output_attentions": True})
+        assert why == "" if DEVICE == "cpu" else "attentions" in why  # CPU tensors never replay
+    assert _same_arguments({"use_cache": True, "cache": cache}, {"use_cache": True, "cache": cache})
+    assert not _same_arguments({"use_cache": True}, {"use_cache": False})
+    assert not _same_arguments({"x": torch.ones(1)}, {"x": torch.ones(1)})  # another tensor: not the same call
