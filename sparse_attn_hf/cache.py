@@ -37,7 +37,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
-from .kernels.reference import STEP_SEEN, DecodeKV
+from .kernels.reference import STEP_SEEN, STEP_TAIL, DecodeKV
 from .methods.page_selection import plan_step, reset_step, select_pages
 from .padding import left_padding_starts
 
@@ -255,6 +255,12 @@ class SparseLayer(CacheLayerMixin):
                 self._tensors[name] = fn(tensor)
         if self.is_initialized:
             self.batch = len(fn(torch.arange(self.batch, device=self.device)))
+
+    @property
+    def tail_first(self) -> int:
+        """The first page the last decode step read whole (0: all of them); for inspection (it reads the
+        device's counter, a host synchronization)."""
+        return int(self.step[STEP_TAIL])
 
     # --------------------------------------------------------------- storing
     def nbytes(self) -> int:
