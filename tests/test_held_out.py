@@ -85,3 +85,26 @@ def test_measure_stops_a_fraction_once_it_has_lost_two_cells():
     (row,) = held_out.measure(model, Tok(), profile, cells, [1.0], prompts[0], max_new_tokens=4)
     assert row["dense_correct"] == 6
     assert row["lost"] == 2 and row["stopped_after"] < 6, row  # every head streams over 4 tokens: answers change
+
+
+@torch.no_grad()
+def test_measure_takes_further_settings_and_names_the_lost_cells():
+    """A token budget below the context is passed through (the held-out fidelity benchmark's budget rows)."""
+    model = tiny_model("llama", heads=4, kv_heads=2, layers=2).to(DEVICE)
+    prompts = [random_ids(1, 70, seed=s).to(DEVICE) for s in range(1, 4)]
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(int(i)) for i in ids)
+
+    dense = [Tok().decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, 70:]) for ids in prompts]
+    cells = [(ids, lambda answer, d=d: answer == d) for ids, d in zip(prompts, dense)]
+    profile = Profile.all_dense(model)
+    (exact,) = held_out.measure(model, Tok(), profile, cells, [0.0], prompts[0], max_new_tokens=6)
+    assert exact["lost"] == 0 and exact["cell_lost"] == [False] * 3
+    (budget,) = held_out.measure(model, Tok(), profile, cells, [0.0], prompts[0], max_new_tokens=6,
+                                 stop_at_lost=None, settings={"token_budget": 32, "page_size": 16,
+                                                              "logical_page_size": 16})
+    assert len(budget["cell_lost"]) == 3 and budget["lost"] == sum(budget["cell_lost"])
+    with pytest.raises(ValueError, match="token_budget"):
+        held_out.measure(model, Tok(), profile, cells, [0.0], prompts[0], settings={"token_budget": 33})

@@ -58,9 +58,10 @@ def from_metadata(value: str) -> dict | None:
 
 
 def measure(model, tokenizer, profile, cells, fractions, text_ids, max_new_tokens: int = 12, progress=None,
-            stop_at_lost: int | None = 2) -> list:
+            stop_at_lost: int | None = 2, settings: dict | None = None) -> list:
     """One row per fraction: lost cells, answers, first-answer-token KL and mean next-token KL on
-    ``text_ids``, all against dense attention. ``cells``: ``(input_ids [1, n], is_correct(answer) -> bool)``.
+    ``text_ids``, all against dense attention. ``cells``: ``(input_ids [1, n], is_correct(answer) -> bool)``;
+    ``settings``: further ``SparseConfig`` fields (for example a token budget).
 
     A fraction stops answering cells once it has lost ``stop_at_lost`` (the rule cannot take it nor use it as
     a margin any more): its row then says ``"stopped_after"`` cells, and its counts are lower bounds."""
@@ -90,7 +91,7 @@ def measure(model, tokenizer, profile, cells, fractions, text_ids, max_new_token
     rows = []
     for fraction in fractions:
         got, right, lost = [], [], 0
-        with patched(model, profile, SparseConfig(streaming_fraction=fraction)):
+        with patched(model, profile, SparseConfig(streaming_fraction=fraction, **(settings or {}))):
             for (ids, check), was_right in zip(cells, dense_right):
                 got.append(run(ids))
                 right.append(check(got[-1][0]))
@@ -103,6 +104,7 @@ def measure(model, tokenizer, profile, cells, fractions, text_ids, max_new_token
                "first_token_kl": sum(kl(d[1], s[1]) for d, s in zip(dense, got)) / len(got), "text_kl": text_kl}
         if len(got) < len(cells):
             row["stopped_after"] = len(got)
+        row["cell_lost"] = [bool(d and not g) for d, g in zip(dense_right, right)]
         rows.append(row)
         if progress is not None:
             progress.update(1)
