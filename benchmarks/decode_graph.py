@@ -124,6 +124,15 @@ def check(layers: int, length: int = 2048, steps: int = 24) -> dict:
     return row
 
 
+def _ms_per_step(step, steps: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
 @torch.no_grad()
 def timing(model, length: int, steps: int) -> dict:
     cache, first = prefill(model, length, 4 * steps + 16)
@@ -131,20 +140,10 @@ def timing(model, length: int, steps: int) -> dict:
         stepper = Stepper(model, cache, first, length)
         for _ in range(3):
             stepper.eager()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            stepper.eager()
-        torch.cuda.synchronize()
-        eager_ms = (time.perf_counter() - start) * 1e3 / steps
+        eager_ms = _ms_per_step(stepper.eager, steps)
         stepper.capture()
         stepper.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            stepper.replay()
-        torch.cuda.synchronize()
-        graph_ms = (time.perf_counter() - start) * 1e3 / steps
+        graph_ms = _ms_per_step(stepper.replay, steps)
     row = {"case": "timing", "L": length, "layers": model.config.num_hidden_layers, "steps": steps,
            "eager_ms_per_token": eager_ms, "graph_ms_per_token": graph_ms, "speedup": eager_ms / graph_ms}
     print(json.dumps(row), flush=True)

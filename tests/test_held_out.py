@@ -15,6 +15,13 @@ def _rows(losses: dict) -> list[dict]:
     return [{"fraction": f, "cells": 40, "dense_correct": 30, "lost": lost} for f, lost in losses.items()]
 
 
+
+class _Tok:
+    """Decodes token ids as their numbers (answers compared as text)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
 def test_rule_takes_the_largest_fraction_with_a_margin():
     choice = held_out.choose_fraction(_rows({0.3: 0, 0.35: 0, 0.4: 1, 0.45: 3, 0.5: 0}))
     # 0.5 loses nothing but 0.55 was not measured: no margin, not taken; 0.4 loses one
@@ -49,13 +56,9 @@ def test_measure_counts_cells_lost_against_dense():
     model = tiny_model("llama", heads=4, kv_heads=2, layers=2).to(DEVICE)
     tokens = [random_ids(1, 60, seed=s).to(DEVICE) for s in (1, 2)]
 
-    class Tok:
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(str(int(i)) for i in ids)
-
     cells = [(ids, lambda answer: True) for ids in tokens]  # every cell right for dense
     scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(0))
-    rows = held_out.measure(model, Tok(), Profile.from_scores(model, scores), cells, [0.0, 1.0], tokens[0],
+    rows = held_out.measure(model, _Tok(), Profile.from_scores(model, scores), cells, [0.0, 1.0], tokens[0],
                             max_new_tokens=3)
     assert [r["fraction"] for r in rows] == [0.0, 1.0]
     assert rows[0]["lost"] == 0 and rows[0]["dense_correct"] == 2 and rows[0]["text_kl"] < 1e-6
@@ -75,14 +78,10 @@ def test_measure_stops_a_fraction_once_it_has_lost_two_cells():
     model = tiny_model("llama", heads=4, kv_heads=2, layers=2).to(DEVICE)
     prompts = [random_ids(1, 60, seed=s).to(DEVICE) for s in range(1, 7)]
 
-    class Tok:
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(str(int(i)) for i in ids)
-
-    dense = [Tok().decode(model.generate(ids, max_new_tokens=4, do_sample=False)[0, 60:]) for ids in prompts]
+    dense = [_Tok().decode(model.generate(ids, max_new_tokens=4, do_sample=False)[0, 60:]) for ids in prompts]
     cells = [(ids, lambda answer, d=d: answer == d) for ids, d in zip(prompts, dense)]  # dense is right
     profile = Profile.from_scores(model, torch.rand(2, 2), sink_size=1, local_size=3)
-    (row,) = held_out.measure(model, Tok(), profile, cells, [1.0], prompts[0], max_new_tokens=4)
+    (row,) = held_out.measure(model, _Tok(), profile, cells, [1.0], prompts[0], max_new_tokens=4)
     assert row["dense_correct"] == 6
     assert row["lost"] == 2 and row["stopped_after"] < 6, row  # every head streams over 4 tokens: answers change
 
@@ -93,18 +92,14 @@ def test_measure_takes_further_settings_and_names_the_lost_cells():
     model = tiny_model("llama", heads=4, kv_heads=2, layers=2).to(DEVICE)
     prompts = [random_ids(1, 70, seed=s).to(DEVICE) for s in range(1, 4)]
 
-    class Tok:
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(str(int(i)) for i in ids)
-
-    dense = [Tok().decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, 70:]) for ids in prompts]
+    dense = [_Tok().decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, 70:]) for ids in prompts]
     cells = [(ids, lambda answer, d=d: answer == d) for ids, d in zip(prompts, dense)]
     profile = Profile.all_dense(model)
-    (exact,) = held_out.measure(model, Tok(), profile, cells, [0.0], prompts[0], max_new_tokens=6)
+    (exact,) = held_out.measure(model, _Tok(), profile, cells, [0.0], prompts[0], max_new_tokens=6)
     assert exact["lost"] == 0 and exact["cell_lost"] == [False] * 3
-    (budget,) = held_out.measure(model, Tok(), profile, cells, [0.0], prompts[0], max_new_tokens=6,
+    (budget,) = held_out.measure(model, _Tok(), profile, cells, [0.0], prompts[0], max_new_tokens=6,
                                  stop_at_lost=None, settings={"token_budget": 32, "page_size": 16,
                                                               "logical_page_size": 16})
     assert len(budget["cell_lost"]) == 3 and budget["lost"] == sum(budget["cell_lost"])
     with pytest.raises(ValueError, match="token_budget"):
-        held_out.measure(model, Tok(), profile, cells, [0.0], prompts[0], settings={"token_budget": 33})
+        held_out.measure(model, _Tok(), profile, cells, [0.0], prompts[0], settings={"token_budget": 33})
