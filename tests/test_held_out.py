@@ -15,12 +15,12 @@ def _rows(losses: dict) -> list[dict]:
     return [{"fraction": f, "cells": 40, "dense_correct": 30, "lost": lost} for f, lost in losses.items()]
 
 
-
 class _Tok:
     """Decodes token ids as their numbers (answers compared as text)."""
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(str(int(i)) for i in ids)
+
 
 def test_rule_takes_the_largest_fraction_with_a_margin():
     choice = held_out.choose_fraction(_rows({0.3: 0, 0.35: 0, 0.4: 1, 0.45: 3, 0.5: 0}))
