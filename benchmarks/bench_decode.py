@@ -99,7 +99,8 @@ def layer_step(model, length: int) -> dict:
     selection_ms = triton.testing.do_bench(select, warmup=50, rep=300, return_mode="median")
     # GPU time alone (CUDA-graph replay, no Python launch overhead): our append + decode kernels of one
     # step with a fixed selection, SDPA decode, and one selection
-    step = layer.append_decode(k, k, zero, q)
+    step = layer.append_decode(k, k, zero)
+    step.pages = t["pages"]
 
     def kernels():
         ops.append_token(k, k, t, seen=layer.step[:1], kv_start=zero, head_kind=layer.head_kind,

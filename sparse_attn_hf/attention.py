@@ -19,6 +19,7 @@ from transformers.masking_utils import flash_attention_mask
 from . import cost, ops
 from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
+from .methods.page_selection import plan_step, select_pages
 from .methods.sample_attention import sample_attention_mask, window_size
 from .parallel import check_heads
 
@@ -56,10 +57,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         first = layer.seen
         kv_start = sequence.resolve_kv_start(attention_mask, layer.batch, first, q_len, layer.device)
         if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming
-            step = layer.append_decode(key.key, key.value, kv_start, query)
-            out = ops.paged_decode(query[:, :, 0], step, kv_start=kv_start, sink=layer.sink_size,
-                                   local=layer.decode_local_size, scale=scale)
-            return out.unsqueeze(1), None
+            return _decode_step(layer, query, key, kv_start, scale).unsqueeze(1), None
         kv = layer.append(key.key, key.value, kv_start)
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
         padded = sequence.max_kv_start > 0
@@ -88,6 +86,25 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     stream_flags = state.all_streaming(len(stream_idx), query.device)
     runs = state.dense_runs(module.layer_idx)
     return _prefill(query, kv, runs, stream_idx, stream_flags, common, padded, sample), None
+
+
+def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale: float) -> torch.Tensor:
+    """One decode step of one layer -> [B, Hq, D]: plan (the first layer on the device advances the step's
+    counters), store the token, choose the dense heads' pages, attend. Every step-dependent value stays on
+    the device (a CUDA graph can replay the step, ``decode_graph``)."""
+    settings = dict(budget=layer.token_budget, page_size=layer.page_size)
+    if layer.plans_step:
+        plan_step(layer.step, reuse_interval=layer.reuse_interval, **settings)
+    kv = layer.append_decode(pending.key, pending.value, kv_start)
+    if layer.dense_heads:
+        buffers = layer.selection_buffers()
+        grouped = query.view(query.shape[0], len(layer.head_kind), -1, query.shape[-1]).index_select(1, layer.dense_idx)
+        kv.pages = select_pages(grouped, buffers["key_min"], buffers["key_max"], kv_start=kv_start, step=layer.step,
+                                scores=buffers["scores"], logical_page_size=layer.logical_page_size,
+                                pages=buffers["pages"], keys=buffers["keys"], **settings)
+        layer.keep_pages(kv.pages)
+    return ops.paged_decode(query[:, :, 0], kv, kv_start=kv_start, sink=layer.sink_size, local=layer.decode_local_size,
+                            scale=scale)
 
 
 def _streaming_pays(settings, first: int, q_len: int) -> bool:

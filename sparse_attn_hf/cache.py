@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
 from .kernels.reference import STEP_SEEN, STEP_TAIL, DecodeKV
-from .methods.page_selection import plan_step, reset_step, select_pages
+from .methods.page_selection import reset_step
 from .padding import left_padding_starts
 
 _STAT_CHUNK_PAGES = 1024  # logical pages whose statistics are computed per step (bounds the temporary memory)
@@ -306,24 +306,21 @@ class SparseLayer(CacheLayerMixin):
         self.seen = first + n
         return LayerKV(*(dense or (None, None)), *(stream or (None, None, None, False, None)))
 
-    def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor,
-                      query: torch.Tensor) -> DecodeKV:
-        """Store one new token and return what the decode step reads: for dense heads the selected pages
-        (``methods.page_selection``: anew every ``reuse_interval`` steps and after any prefill), for streaming
-        heads sink + ring (the ring shrunk to the decode window). ``query`` [B, Hq, 1, D].
+    def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor) -> DecodeKV:
+        """Store one new token and return what a decode step reads: the dense heads' buffers (the pages to
+        read are chosen by ``methods.page_selection``; see :meth:`selection_buffers`), and for streaming heads
+        sink + ring (the ring shrunk to the decode window).
 
-        The step's counters live on the device (``self.step``; the first layer on the device advances them),
-        and the kernels read the slot and the tail there: once the buffers are sized (the first decode step
-        after a prefill may grow them) a step does no host work that depends on its position."""
+        The step's counters live on the device (``self.step``, advanced before this call by
+        ``methods.page_selection.plan_step``): the append kernel reads the slot there. Once the buffers are
+        sized (the first decode step after a prefill may grow them) a step does no host work that depends on
+        its position."""
         first = self.seen
         t = self._tensors
         if self.dense_heads:
             self._ensure_capacity(first + 1)
         if self.stream_heads:
             self._resize_ring(self.decode_local_size)
-        if self.plans_step:
-            plan_step(self.step, budget=self.token_budget, page_size=self.page_size,
-                      reuse_interval=self.reuse_interval)
         kv = DecodeKV(step=self.step, page_size=self.page_size, head_kind=self.head_kind, head_slot=self.head_slot)
         if not ops.append_token(key, value, t, seen=self.step[STEP_SEEN : STEP_SEEN + 1], kv_start=kv_start,
                                 head_kind=self.head_kind, head_slot=self.head_slot, sink=self.sink_size,
@@ -334,26 +331,31 @@ class SparseLayer(CacheLayerMixin):
                 self._append_streaming(key, value, first, kv_start, attend=False)
         if self.dense_heads:
             kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
+            kv.pages = t.get("pages")
         if self.stream_heads:
             kv.sink_key, kv.sink_value, kv.sink_pos = t["sink_key"], t["sink_value"], t["sink_pos"]
             kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
         self.seen = first + 1
-        if self.dense_heads:
-            width = self.capacity // self.page_size
-            old = t.get("page_scores")
-            if old is None or old.shape[2] != width:  # sized with the buffers; a reused selection keeps its scores
-                t["page_scores"] = torch.full((self.batch, len(self.dense_heads), width), float("-inf"),
-                                              dtype=torch.float32, device=self.device)
-                if old is not None:
-                    t["page_scores"][:, :, : old.shape[2]] = old
-            groups = query.shape[1] // len(self.head_kind)
-            grouped = query.view(self.batch, len(self.head_kind), groups, self.head_dim)
-            t["pages"] = select_pages(
-                grouped.index_select(1, self.dense_idx), t["key_min"], t["key_max"], kv_start=kv_start,
-                step=self.step, scores=t["page_scores"], budget=self.token_budget, page_size=self.page_size,
-                logical_page_size=self.logical_page_size, pages=t.get("pages"), keys=t["dense_key"])
-            kv.pages = t["pages"]
         return kv
+
+    def selection_buffers(self) -> dict:
+        """What page selection reads and keeps for the dense heads: the logical-page statistics, the stored
+        keys, the page scores (float32 [B, Hd, capacity / page_size], kept between steps so that a reused
+        selection keeps its scores; sized with the buffers) and the last selection (or None)."""
+        t = self._tensors
+        width = self.capacity // self.page_size
+        old = t.get("page_scores")
+        if old is None or old.shape[2] != width:
+            t["page_scores"] = torch.full((self.batch, len(self.dense_heads), width), float("-inf"),
+                                          dtype=torch.float32, device=self.device)
+            if old is not None:
+                t["page_scores"][:, :, : old.shape[2]] = old
+        return {"key_min": t["key_min"], "key_max": t["key_max"], "keys": t["dense_key"],
+                "scores": t["page_scores"], "pages": t.get("pages")}
+
+    def keep_pages(self, pages: torch.Tensor) -> None:
+        """Store the pages a decode step reads (int32 [B, Hd, n]); a prefill drops them."""
+        self._tensors["pages"] = pages
 
     def _append_dense(self, key, value, first: int, kv_start):
         """Copy the dense heads of ``key``/``value`` [B, Hkv, n, D] into the paged buffers (one copy per run of

@@ -241,7 +241,7 @@ def test_budget_covering_the_context_equals_dense(family):
 
 @torch.no_grad()
 def test_selection_runs_every_reuse_interval(monkeypatch):
-    import sparse_attn_hf.cache as cache_module
+    import sparse_attn_hf.attention as attention_module
 
     calls = []
 
@@ -250,7 +250,7 @@ def test_selection_runs_every_reuse_interval(monkeypatch):
         calls.append((int(step[STEP_SEEN]), int(step[STEP_RESELECT])))
         return select_pages(*args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "select_pages", counting)
+    monkeypatch.setattr(attention_module, "select_pages", counting)
     model = _patched(budget=32, reuse=3, layers=1)
     model.generate(random_ids(1, 60).to(DEVICE), max_new_tokens=8, do_sample=False)
     assert [seen for seen, _ in calls] == list(range(61, 68))  # every decode step plans ...
@@ -350,6 +350,14 @@ def test_bad_decode_settings_are_rejected():
 
 
 # ------------------------------------------------------------------- memory
+def _decode_token(layer, key, value, kv_start):
+    """Store one decode token as a decode step does: the step's counters advance first (the first layer)."""
+    if layer.plans_step:
+        plan_step(layer.step, budget=layer.token_budget, page_size=layer.page_size,
+                  reuse_interval=layer.reuse_interval)
+    return layer.append_decode(key, value, kv_start)
+
+
 def test_cache_bytes_with_half_the_heads_streaming_at_32k():
     """Memory target of the decoding issue: <= 0.55 x DynamicCache at 32K tokens with the decode window."""
     model = tiny_model(heads=8, kv_heads=8, layers=2, head_dim=64)
@@ -364,7 +372,7 @@ def test_cache_bytes_with_half_the_heads_streaming_at_32k():
             layer.update(keys, keys)
             layer.append(keys, keys, kv_start)
         step = torch.randn(1, 8, 1, 64)
-        layer.append_decode(step, step, kv_start, torch.randn(1, 8, 1, 64))
+        _decode_token(layer, step, step, kv_start)
     ratio = cache.nbytes() / cache.dynamic_cache_nbytes()
     # dense half: K, V and 2 statistics vectors per 16 keys; streaming half: sink + decode ring
     predicted = 0.5 * (1 + 1 / 16) * 32768 / 32765 + 0.5 * (128 + 256) / 32765
@@ -392,7 +400,7 @@ def test_fused_append_equals_the_pytorch_path(dtype):
             ops.set_backend(backend)
             for _ in range(3):
                 token = torch.randn(2, 3, 1, 16, generator=gen).to(DEVICE, dtype)
-                layer.append_decode(token, -token, kv_start, torch.randn(2, 6, 1, 16, generator=gen).to(DEVICE, dtype))
+                _decode_token(layer, token, -token, kv_start)
         finally:
             ops.set_backend("auto")
         states[backend] = copy.deepcopy(layer._tensors)
