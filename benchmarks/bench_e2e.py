@@ -19,7 +19,9 @@ published operating point for Llama-3-8B, not something measured here):
   layer's mask has the density SampleAttention chose on real weights and real text
   (``benchmarks/results/sample_density.json``, the default model's layers mapped by depth onto these 32;
   the columns kept are still the ones stage 1 ranks first). Random weights cannot show what structure
-  buys; this row replays measured structure at this shape. The cost model still decides per layer.
+  buys; this row replays measured structure at this shape. The cost model still decides per layer;
+* ``patched_graphs``: ``patched_default`` with its decode steps replayed from a CUDA graph
+  (``SparseConfig(decode_graphs=True)``, ``sparse_attn_hf/decode_graph.py``).
 
 Patched rows record SampleAttention's choices (``sample``: mean density, layers it ran sparse).
 
@@ -52,13 +54,14 @@ from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model  # 
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense",
-           "patched_sample_pinned")
+           "patched_sample_pinned", "patched_graphs")
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 PATCHED = {
     "patched_default": dict(streaming_fraction=0.5),
     "patched_streaming50": dict(streaming_fraction=0.5, alpha=1.0),
     "patched_dense": dict(streaming_fraction=0.0, alpha=1.0),
     "patched_sample_pinned": dict(streaming_fraction=0.5),
+    "patched_graphs": dict(streaming_fraction=0.5, decode_graphs=True),
 }
 DENSITIES = RESULTS / "sample_density.json"
 GIB = 2**30
