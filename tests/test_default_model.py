@@ -13,6 +13,7 @@ from sparse_attn_hf.eval.agreement import next_token_agreement
 from sparse_attn_hf.eval.haystack import haystack_text
 from sparse_attn_hf.eval.passkey import make_keys, passkey_cells, passkey_prompt
 from sparse_attn_hf.profile import find_profile
+from sparse_attn_hf.profiler import held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,9 +29,12 @@ def test_shipped_profile_is_found_and_fits(default_model):
     profile = find_profile(model)
     assert profile.model_name == "SmolLM2-135M-Instruct"
     assert (profile.num_layers, profile.num_kv_heads, profile.sink_size, profile.local_size) == (30, 3, 64, 256)
-    assert profile.streaming_fraction == 0.5  # benchmarks/results/profile_comparison.json
-    assert profile.streaming_heads().sum() == 45
-    assert profile.streaming_heads(0.25).sum() == 23  # 0.25 of the 90 KV heads, rounded half up
+    assert profile.streaming_fraction == 0.25  # chosen on held-out text: its metadata holds the table
+    assert profile.streaming_heads().sum() == 23  # 0.25 of the 90 KV heads, rounded half up
+    assert profile.streaming_heads(0.5).sum() == 45
+    choice = held_out.from_metadata(profile.fraction_choice)
+    assert choice["fraction"] == 0.25 and "choosing" in choice["choosing_text"]
+    assert [r["lost"] for r in choice["rows"] if r["fraction"] in (0.25, 0.3)] == [0, 1]  # the rule's margin
     assert profile.command.startswith("python -m sparse_attn_hf.profile default --method duo")
     assert profile.method.startswith("DuoAttention gates: 2000 steps")
 

@@ -222,7 +222,7 @@ def test_default_model_needle_cell(default_model, tmp_path, capsys):
                           model=model, tokenizer=tokenizer, model_name="SmolLM2-135M-Instruct")
     (row,) = result["rows"]
     assert result["meta"]["profile"] == "smollm2-135m-instruct.safetensors"
-    assert result["meta"]["streaming_kv_heads"] == "45/90"
+    assert result["meta"]["streaming_kv_heads"] == "23/90"  # the shipped default fraction, 0.25
     assert row["dense_correct"] and row["sparse_correct"], row
     assert row["kl"] < 0.5, row
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("needle | SmolLM2-135M-Instruct")
