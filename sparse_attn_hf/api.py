@@ -14,7 +14,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from . import models
 from ._log import log_once, logger
 from .attention import ATTENTION_NAME, sparse_attention_forward, sparse_attention_mask
-from .cache import SparseCache
+from .cache import SparseCache, head_runs
 from .compat import CACHE_ARG, CACHE_KEYWORDS
 from .config import SparseConfig
 from .decode_graph import DecodeGraph
@@ -86,13 +86,7 @@ class PatchState:
         scatters by slices, which copy at full bandwidth where ``index_select`` does not."""
         key = ("runs", layer)
         if key not in self._splits:
-            runs = []
-            for head in self.head_lists(layer)[0]:
-                if runs and runs[-1][1] == head:
-                    runs[-1] = (runs[-1][0], head + 1)
-                else:
-                    runs.append((head, head + 1))
-            self._splits[key] = runs
+            self._splits[key] = [(first, end) for first, end, _ in head_runs(self.head_lists(layer)[0])]
         return self._splits[key]
 
     def kv_start_for(self, attention_mask, batch: int, length: int, device) -> torch.Tensor:

@@ -139,7 +139,7 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _runs(heads: list[int]) -> list[tuple[int, int, int]]:
+def head_runs(heads: list[int]) -> list[tuple[int, int, int]]:
     """Consecutive runs of ``heads`` as (first head, end head, index of the run's first head in ``heads``)."""
     runs = []
     for i, head in enumerate(heads):
@@ -331,7 +331,6 @@ class SparseLayer(CacheLayerMixin):
                 self._append_streaming(key, value, first, kv_start, attend=False)
         if self.dense_heads:
             kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
-            kv.pages = t.get("pages")
         if self.stream_heads:
             kv.sink_key, kv.sink_value, kv.sink_pos = t["sink_key"], t["sink_value"], t["sink_pos"]
             kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
@@ -367,7 +366,7 @@ class SparseLayer(CacheLayerMixin):
             t["dense_key"][:, :, first : first + n] = key
             t["dense_value"][:, :, first : first + n] = value
         else:
-            for head, end, at in _runs(self.dense_heads):
+            for head, end, at in head_runs(self.dense_heads):
                 t["dense_key"][:, at : at + end - head, first : first + n] = key[:, head:end]
                 t["dense_value"][:, at : at + end - head, first : first + n] = value[:, head:end]
         self._refresh_page_statistics(first, first + n, kv_start)

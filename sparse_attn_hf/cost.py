@@ -61,11 +61,8 @@ def stripe_cost(mask, q_first: int) -> tuple[float, float]:
     stripes = mask.stripes.to(torch.float64)
     seen = (q_first + q_len - stripes - window[..., None]).clamp(min=0, max=q_len)
     # a stripe in a block dense with stripes costs its share of the whole block's visit
-    num_blocks = -(-mask.k_len // KEY_BLOCK)
-    block_of = torch.where(mask.stripes < mask.k_len, mask.stripes // KEY_BLOCK, num_blocks).long()
-    per_block = torch.zeros(*block_of.shape[:2], num_blocks + 1, dtype=torch.float64, device=stripes.device)
-    per_block.scatter_add_(-1, block_of, torch.ones_like(stripes))
-    in_block = per_block.gather(-1, block_of)
+    per_block, block_of = mask.stripes_per_block(KEY_BLOCK)
+    in_block = per_block.gather(-1, block_of).to(torch.float64)
     rate = torch.where(in_block >= WHOLE_BLOCK_SHARE * KEY_BLOCK, BLOCK_RATE * KEY_BLOCK / in_block, GATHER_RATE)
     totals = torch.stack([(in_window + seen.sum(-1)).sum(),
                           (BLOCK_RATE * in_window).sum() + (rate * seen).sum()]).tolist()

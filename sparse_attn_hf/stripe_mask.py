@@ -53,6 +53,15 @@ class StripeMask:
         in_window = (q - k)[None] < self.window[b].view(-1, 1, 1)
         return real_causal[None] & (in_window | self.columns(b)[:, None, :])
 
+    def stripes_per_block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """How the stripes fall into key blocks of ``block`` columns: (int32 [B, H, n_blocks + 1], stripes per
+        block, the last column counting padding entries; int64 [B, H, K], each entry's block, padding in the
+        last column). Block-or-gather decides with it (the prefill kernel's arguments, the cost model)."""
+        num_blocks = -(-self.k_len // block)
+        block_of = torch.where(self.stripes < self.k_len, self.stripes // block, num_blocks).long()
+        per_block = torch.zeros(*block_of.shape[:2], num_blocks + 1, dtype=torch.int32, device=block_of.device)
+        return per_block.scatter_add_(-1, block_of, torch.ones_like(block_of, dtype=torch.int32)), block_of
+
     def density(self) -> float:
         """Computed share of the causal matrix (all rows, heads and batch rows), in O(K) per head."""
         first = self.k_len - self.q_len

@@ -5,14 +5,14 @@ split) walks its share of the head's *entries* and writes a partial softmax (max
 values); a second small kernel combines the splits. Entries are 64-token pages:
 
 * dense head: the selected pages (``DecodeKV.pages``, -1 skipped), then the tail pages from
-  ``tail_first`` to the newest; when the context fits the budget (``budget_pages``) no page is selected
-  and the tail is everything;
+  ``tail_first`` to the newest; a tail from page 0 (the context fits the budget) is everything, and
+  no selected page is read;
 * streaming head: the blocks of the sink buffer, then the blocks of the ring buffer.
 
 The query heads of a GQA group are the rows of one program, so every K/V page is loaded once per group.
 
-The token count and the tail are read from the device (``DecodeKV.step``); the page table has a fixed width and the grid depends only on the cache's sizes, so a CUDA graph can
-replay a step.
+The token count and the tail are read from the device (``DecodeKV.step``); the page table has a fixed
+width and the grid depends only on the cache's sizes, so a CUDA graph can replay a step.
 """
 
 from __future__ import annotations

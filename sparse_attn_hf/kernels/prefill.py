@@ -347,9 +347,7 @@ def _stripe_arguments(mask, q_first: int, q_len: int, block_q: int, block_n: int
         flags = torch.zeros(batch_heads, 1, dtype=torch.uint8, device=stripes.device)
     else:
         real = stripes < k_len
-        block_of = torch.where(real, stripes // block_n, num_blocks).long()
-        per_block = torch.zeros(batch_heads, num_blocks + 1, dtype=torch.int32, device=stripes.device)
-        per_block.scatter_add_(1, block_of, torch.ones_like(block_of, dtype=torch.int32))
+        per_block, block_of = (t.reshape(batch_heads, -1) for t in mask.stripes_per_block(block_n))
         whole = per_block >= max(1, math.ceil(whole_block_share * block_n))
         whole[:, num_blocks] = False
         in_whole = whole.gather(1, block_of)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .._log import logger
 from ..loading import DTYPES, load_config, load_model
 from ..profile import Profile
+from . import held_out
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -98,9 +99,9 @@ def profile_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("default fraction chosen on held-out text (sparse_attn_hf.profiler.held_out)")
     g.add_argument("--choose-fraction", action="store_true",
                    help="measure agreement with dense on the held-out choosing text and take the largest safe fraction")
-    g.add_argument("--fractions", type=_floats, default=tuple(round(0.25 + 0.05 * i, 2) for i in range(11)),
+    g.add_argument("--fractions", type=_floats, default=held_out.FRACTIONS,
                    help="candidate fractions (the rule also needs each fraction + 0.05)")
-    g.add_argument("--choice-lengths", type=_ints, default=(1024, 2048, 4096), help="prompt lengths of the cells")
+    g.add_argument("--choice-lengths", type=_ints, default=held_out.LENGTHS, help="prompt lengths of the cells")
     g.add_argument("--allow-unchecked-fraction", action="store_true",
                    help="write a default fraction the held-out rule did not pass")
     g.add_argument("--crossover-lengths", type=_ints, default=None,
@@ -270,15 +271,15 @@ def _choose_fraction(args, model, tokenizer, profile: Profile) -> Profile:
     """Measure the candidate fractions on the held-out choosing text, record table and choice, and refuse a
     default above the choice unless --allow-unchecked-fraction."""
     from ..eval.heldout import heldout_text
-    from .held_out import ALLOW_FLAG, STEP, check_default, choose_fraction, held_out_cells, measure, to_metadata
 
     text = heldout_text("choosing")
-    cells = held_out_cells(tokenizer, text, lengths=args.choice_lengths)
-    fractions = sorted(set(args.fractions) | {round(f + STEP, 2) for f in args.fractions if f + STEP <= 1.0})
+    cells = held_out.held_out_cells(tokenizer, text, lengths=args.choice_lengths)
+    step = held_out.STEP
+    fractions = sorted(set(args.fractions) | {round(f + step, 2) for f in args.fractions if f + step <= 1.0})
     text_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
     with tqdm(total=len(fractions), desc=f"held-out fractions ({len(cells)} cells)") as bar:
-        rows = measure(model, tokenizer, profile, cells, fractions, text_ids, progress=bar)
-    choice = choose_fraction(rows)
+        rows = held_out.measure(model, tokenizer, profile, cells, fractions, text_ids, progress=bar)
+    choice = held_out.choose_fraction(rows)
     for row in choice["rows"]:
         print(f"fraction {row['fraction']:.2f}: lost {row['lost']} of {row['dense_correct']} dense-correct cells, "
               f"first-token KL {row['first_token_kl']:.4f}, text KL {row['text_kl']:.4f}")
@@ -286,12 +287,12 @@ def _choose_fraction(args, model, tokenizer, profile: Profile) -> Profile:
     if fraction is None:
         if not args.allow_unchecked_fraction:
             raise ValueError(f"no candidate fraction passed the held-out rule ({choice['rule']}); give lower "
-                             f"--fractions, or --streaming-fraction F with {ALLOW_FLAG}.")
+                             f"--fractions, or --streaming-fraction F with {held_out.ALLOW_FLAG}.")
         fraction = profile.streaming_fraction
-    check_default(fraction, choice, allow=args.allow_unchecked_fraction)
+    held_out.check_default(fraction, choice, allow=args.allow_unchecked_fraction)
     print(f"default streaming fraction {fraction} (held-out choice: {choice['fraction']})")
-    return dataclasses.replace(profile, streaming_fraction=fraction,
-                               fraction_choice=to_metadata(choice, "sparse_attn_hf.eval.heldout, choosing half"))
+    choice_json = held_out.to_metadata(choice, "sparse_attn_hf.eval.heldout, choosing half")
+    return dataclasses.replace(profile, streaming_fraction=fraction, fraction_choice=choice_json)
 
 
 # ---------------------------------------------------------------------- other commands
@@ -326,8 +327,8 @@ def _rechoose(argv: list[str]) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
     p.add_argument("--streaming-fraction", type=float, default=None)
-    p.add_argument("--fractions", type=_floats, default=tuple(round(0.25 + 0.05 * i, 2) for i in range(11)))
-    p.add_argument("--choice-lengths", type=_ints, default=(1024, 2048, 4096))
+    p.add_argument("--fractions", type=_floats, default=held_out.FRACTIONS)
+    p.add_argument("--choice-lengths", type=_ints, default=held_out.LENGTHS)
     p.add_argument("--text-tokens", type=int, default=2048, help="held-out tokens for the next-token KL")
     p.add_argument("--allow-unchecked-fraction", action="store_true")
     args = p.parse_args(argv)

@@ -16,6 +16,8 @@ import json
 
 STEP = 0.05
 ALLOW_FLAG = "--allow-unchecked-fraction"
+FRACTIONS = tuple(round(0.25 + STEP * i, 2) for i in range(11))  # candidate fractions, 0.25 to 0.75
+LENGTHS = (1024, 2048, 4096)  # prompt lengths of the cells
 
 
 def choose_fraction(rows: list[dict], step: float = STEP) -> dict:
@@ -111,7 +113,7 @@ def measure(model, tokenizer, profile, cells, fractions, text_ids, max_new_token
     return rows
 
 
-def held_out_cells(tokenizer, text: str, lengths=(1024, 2048, 4096), depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+def held_out_cells(tokenizer, text: str, lengths=LENGTHS, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
                    offsets=(0, 1), seed: int = 5) -> list:
     """Passkey and needle cells hidden in ``text``: lengths x depths x offsets x both tasks (60 by default).
     Offsets shift where the filler starts (the needle task has one fact; its cells differ by filler)."""
