@@ -12,7 +12,9 @@ published operating point for Llama-3-8B, not something measured here):
 * ``stock``: sdpa + DynamicCache, what a user has;
 * ``stock_static_compile``: Transformers' own fast path, ``cache_implementation="static"`` with its automatic
   decode compile (``compile_s``: the compile and capture time inside the first decode steps);
-* ``patched_default``: 50% streaming heads, every other setting at the package's default (SampleAttention on);
+* ``patched_default``: 50% streaming heads, every other setting at the package's default (SampleAttention on,
+  decode steps replayed from a CUDA graph: ``compile_s`` is the capture's wall time, ``graph_gib`` the memory
+  the graph keeps, from ``sparse_attn_hf.decode_graph.last_capture``);
 * ``patched_streaming50``: the same with SampleAttention off;
 * ``patched_dense``: every head dense;
 * ``patched_sample_pinned``: ``patched_default`` with SampleAttention's stripe counts pinned so that each
@@ -20,8 +22,7 @@ published operating point for Llama-3-8B, not something measured here):
   (``benchmarks/results/sample_density.json``, the default model's layers mapped by depth onto these 32;
   the columns kept are still the ones stage 1 ranks first). Random weights cannot show what structure
   buys; this row replays measured structure at this shape. The cost model still decides per layer;
-* ``patched_graphs``: ``patched_default`` with its decode steps replayed from a CUDA graph
-  (``SparseConfig(decode_graphs=True)``, ``sparse_attn_hf/decode_graph.py``).
+* ``patched_eager``: ``patched_default`` with every decode step eager (``SparseConfig(decode_graphs=False)``).
 
 Patched rows record SampleAttention's choices (``sample``: mean density, layers it ran sparse).
 
@@ -50,18 +51,18 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta  # noqa: E402
 
-from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model  # noqa: E402
+from sparse_attn_hf import Profile, SparseConfig, decode_graph, patch_model, unpatch_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense",
-           "patched_sample_pinned", "patched_graphs")
+           "patched_sample_pinned", "patched_eager")
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 PATCHED = {
     "patched_default": dict(streaming_fraction=0.5),
     "patched_streaming50": dict(streaming_fraction=0.5, alpha=1.0),
     "patched_dense": dict(streaming_fraction=0.0, alpha=1.0),
     "patched_sample_pinned": dict(streaming_fraction=0.5),
-    "patched_graphs": dict(streaming_fraction=0.5, decode_graphs=True),
+    "patched_eager": dict(streaming_fraction=0.5, decode_graphs=False),
 }
 DENSITIES = RESULTS / "sample_density.json"
 GIB = 2**30
@@ -150,7 +151,8 @@ def inputs(batch: int, length: int, vocab: int, device: str):
 
 
 SETTING_FIELDS = ("streaming_fraction", "sink_size", "local_size", "decode_local_size", "token_budget",
-                  "reuse_interval", "alpha", "dense_below", "rw", "r_row", "page_size", "logical_page_size")
+                  "reuse_interval", "alpha", "dense_below", "rw", "r_row", "page_size", "logical_page_size",
+                  "decode_graphs")
 
 
 def pinned_densities(num_layers: int, path: Path = DENSITIES) -> list[float]:
@@ -211,8 +213,10 @@ def run_row(model, device: Device, config: str, length: int, batch: int, args, e
            "args": {"max_new_tokens": args.new_tokens, "do_sample": False, "eos_token_id": None,
                     "attention_mask": "left padding" if batch > 1 else "ones", **call_args}}
     device.clean()
+    decode_graph.last_capture.clear()
     try:
         cold = one_call(model, device, ids, mask, args.new_tokens, call_args)
+        capture = dict(decode_graph.last_capture)  # the cold call's capture (each generate() captures anew)
         calls = [cold]
         warm = [one_call(model, device, ids, mask, 1, call_args) for _ in range(args.repeats)]
         calls += warm
@@ -225,6 +229,8 @@ def run_row(model, device: Device, config: str, length: int, batch: int, args, e
             row["decode_ms_per_token_repeated"] = again.get("decode_ms_per_token")
         if config == "stock_static_compile":
             row["compile_s"] = cold.get("warmup_excess_s")
+        if capture:
+            row.update(compile_s=capture["seconds"], graph_gib=capture["graph_bytes"] / GIB)
         if row["decode_ms_per_token"]:
             row["tokens_per_s"] = 1000 * batch / row["decode_ms_per_token"]
         choices = getattr(getattr(model, "_sparse_attn_state", None), "sample_choices", None)

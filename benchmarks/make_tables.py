@@ -261,9 +261,11 @@ def e2e_table() -> str:
     data = json.loads((RESULTS / "e2e.json").read_text())
     rows, meta = data["rows"], data["meta"]
     runs = meta["runs"]
-    ok_stock = [r for r in rows if r["config"] == "stock" and r["status"] == "ok"]
-    stock = {(r["L"], r["batch"]): r for r in ok_stock}  # the last stock row per shape
-    same_run = {(r["L"], r["batch"], r.get("run")): r for r in ok_stock}
+    bases = {}  # (config, L, batch, run) -> row, and (config, L, batch) -> the last row of any run
+    for r in rows:
+        if r["config"] in ("stock", "stock_static_compile"):
+            bases[(r["config"], r["L"], r["batch"], r.get("run"))] = r
+            bases[(r["config"], r["L"], r["batch"])] = r
     other_run = False
     first = next(iter(runs.values()))
     settings = first.get("settings", {}).get("patched_streaming50") or meta["settings"].get("patched_streaming50", {})
@@ -273,41 +275,59 @@ def e2e_table() -> str:
         f"{len(runs)} runs ({', '.join(sorted({v['commit'][:10] for v in runs.values()}))}). "
         f"Patched settings: sink {settings.get('sink_size')}, local {settings.get('local_size')}, decode window "
         f"{settings.get('decode_local_size')}, token budget {settings.get('token_budget')}, reuse "
-        f"{settings.get('reuse_interval')}. TTFT: median of {first['ttft_repeats']} calls after a cold one; decode: "
+        f"{settings.get('reuse_interval')}. TTFT: median of the calls after a cold one; decode: "
         f"{first['decode_formula']}, N = {first['new_tokens']}, lengths seen for the first time (stock: repeated "
-        "lengths in brackets, where cuDNN reuses its plans); memory: peak allocated, and allocated after return minus "
-        "before the call.",
+        "lengths in brackets, where cuDNN reuses its plans); tokens/s: batch x 1000 / decode ms; memory: peak "
+        "allocated, and allocated after return minus before the call. Each x column is this row's figure divided "
+        "by stock's (sdpa + DynamicCache) or stock compiled's (static cache + its automatic decode compile): below "
+        "1 is faster or smaller. Patched rows of runs before decode steps were replayed from a CUDA graph by "
+        "default say *eager decode*; `compile` of a patched row is the capture of its decode graph.",
         "",
-        "| prompt | batch | configuration | TTFT, s | x stock | decode, ms/token | x stock | peak, GiB | x stock | "
-        "after return |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| prompt | batch | configuration | TTFT, s | x stock | decode, ms/token | tokens/s | x stock | x stock compiled "
+        "| peak, GiB | x stock | after return |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         size = f"{r['L'] // 1024}K" if r["L"] < 2**20 else f"{r['L'] // 2**20}M"
+        label = r["config"]
+        if label.startswith("patched") and "decode_graphs" not in r.get("settings", {"decode_graphs": None}):
+            label += " (eager decode)"
         if r["status"] != "ok":
             why = r.get("reason", r.get("error", ""))
-            lines.append(f"| {size} | {r['batch']} | {r['config']} | {r['status']} | | | | | | {why} |")
+            lines.append(f"| {size} | {r['batch']} | {label} | {r['status']} | | | | | | | | {why} |")
             continue
-        base = same_run.get((r["L"], r["batch"], r.get("run")))
-        mark = ""
-        if base is None:  # stock of this shape was timed in another run: its ratio is marked
-            base, mark = stock.get((r["L"], r["batch"])), "†"
+
+        def base(config):
+            """The baseline row of this shape: same run, else another run (marked), else None."""
+            nonlocal other_run
+            found = bases.get((config, r["L"], r["batch"], r.get("run")))
+            if found is None and (config, r["L"], r["batch"]) in bases:
+                other_run = True
+                return bases[(config, r["L"], r["batch"])], "†"
+            return found, ""
+
+        def ratio(key, config="stock"):
+            row, mark = base(config)
+            if row is None or row is r:
+                return ""
+            if row["status"] != "ok":
+                return row["status"]
+            return f"{r[key] / row[key]:.2f}{mark}" if r.get(key) and row.get(key) else ""
+
         decode = r.get("decode_ms_per_token")
         decode_text = f"{decode:.1f}" if decode else "n/a"
         if r.get("decode_ms_per_token_repeated"):
             decode_text += f" ({r['decode_ms_per_token_repeated']:.1f})"
         if r.get("compile_s"):
-            decode_text += f", compile {r['compile_s']:.0f} s"
-        ratio = lambda key: (f"{r[key] / base[key]:.2f}{mark}"  # noqa: E731
-                             if base and base is not r and r.get(key) and base.get(key) else "")
-        other_run = other_run or (mark != "" and base is not None and base is not r)
+            decode_text += f", compile {r['compile_s']:.2g} s"
+        rate = f"{1000 * r['batch'] / decode:.0f}" if decode else ""
         back = r["after_return_gib"] - r["before_gib"]
         lines.append(
-            f"| {size} | {r['batch']} | {r['config']} | {r['ttft_s']:.2f} | {ratio('ttft_s')} | {decode_text} | "
-            f"{ratio('decode_ms_per_token')} | {r['peak_gib']:.1f} | {ratio('peak_gib')} | "
-            f"{back * 1024:+.0f} MiB |")
+            f"| {size} | {r['batch']} | {label} | {r['ttft_s']:.2f} | {ratio('ttft_s')} | {decode_text} | {rate} | "
+            f"{ratio('decode_ms_per_token')} | {ratio('decode_ms_per_token', 'stock_static_compile')} | "
+            f"{r['peak_gib']:.1f} | {ratio('peak_gib')} | {back * 1024:+.0f} MiB |")
     if other_run:
-        lines += ["", "† against the stock row of another run (ratios are otherwise taken within one run)."]
+        lines += ["", "† against the baseline row of another run (ratios are otherwise taken within one run)."]
     lines += ["", "![generate() against stock](benchmarks/results/e2e.png)"]
     return "\n".join(lines)
 

@@ -52,9 +52,9 @@ class SparseConfig:
         record_masks: keep each layer's last SampleAttention mask (``model._sparse_attn_state.masks``),
             for inspection.
         decode_graphs: ``generate()`` on one CUDA device replays its decode steps from a CUDA graph after two
-            eager ones (``sparse_attn_hf.decode_graph``). A captured step of the 8B shape measured 7.7-8.0 ms
-            per token against 58-68 ms eager (``benchmarks/decode_graph.py``); the ``generate()`` path itself
-            is new and off by default until its GPU test has run (benchmarks/NOTES.md).
+            eager ones (``sparse_attn_hf.decode_graph``): on the 8B shape about 8 ms per token at 32K-128K
+            against about 53 ms eager (``benchmarks/bench_e2e.py``). False: every step eager. Steps the graph
+            would not reproduce run eagerly either way, with the reason logged once.
         decode_local_size: local window of streaming heads in decode steps (one query token); the
             ring buffer shrinks to it when decoding starts (LServe: prefill 4096, decode 256). Capped
             at ``local_size``. A continuation after decoding sees the decode window's tokens of the
@@ -80,7 +80,7 @@ class SparseConfig:
     streaming_from: int | None = None
     cra_criterion: str = "mean"
     record_masks: bool = False
-    decode_graphs: bool = False
+    decode_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.streaming_fraction is not None and not 0.0 <= float(self.streaming_fraction) <= 1.0:

@@ -14,7 +14,8 @@ generation), so the model's whole one-token forward can be captured once and rep
   counts the eager path would have advanced.
 
 A step runs eagerly instead (and the reason is logged once) when replaying it would not be the same
-computation: not CUDA, inputs other than one token per row, outputs the graph does not make (attentions,
+computation: not CUDA, a step that runs the PyTorch reference (fp32, an unusual head_dim or page size: it
+reads device values on the host), inputs other than one token per row, outputs the graph does not make (attentions,
 hidden states), other keyword arguments than at capture, a cache whose buffers moved (beam search reorders
 them) or would have to grow, or a failed capture.
 """
@@ -22,12 +23,16 @@ them) or would have to grow, or a failed capture.
 from __future__ import annotations
 
 import inspect
+import time
 
 import torch
 
+from . import ops
 from ._log import log_once
 
 WARMUP = 2  # eager decode steps before the capture
+last_capture: dict = {}  # the last capture's cost: {"seconds": wall time, "graph_bytes": memory the graph keeps}
+_streams: dict = {}  # one capture stream per device: libraries keep per-stream workspaces (cuBLAS: 32 MiB)
 
 
 class DecodeGraph:
@@ -36,6 +41,9 @@ class DecodeGraph:
     def __init__(self, model, cache):
         self.cache = cache
         self.forward = model.forward  # the bound method (or accelerate's wrapper) generate would call
+        # generate() reads the forward's parameters (position_ids from the mask for a padded batch,
+        # logits_to_keep so that a prefill makes one row of logits, not one per token): show it the model's
+        self.__signature__ = inspect.signature(self.forward)
         self.eager_steps = 0
         self.graph = None
         self.failed = False
@@ -85,6 +93,10 @@ class DecodeGraph:
         if kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions") or kwargs.get(
                 "output_hidden_states"):
             return "the call asks for attentions, hidden states or embeddings, which the graph does not make"
+        on_host = ops.decode_on_host(layers[0].dtype, layers[0].head_dim, ids.device, layers[0].page_size,
+                                     layers[0].logical_page_size)
+        if on_host:
+            return on_host
         if any(len(layer.dense_heads) and layer.seen + 1 > layer.capacity for layer in layers):
             return "the cache would have to grow (generate sizes it for prompt + max_new_tokens)"
         if self.graph is not None:
@@ -114,7 +126,13 @@ class DecodeGraph:
             made["cache_position"] = torch.full((1,), slot, dtype=torch.long, device=device)
         self.positions = list(made.values())
         seen = [layer.seen for layer in self.cache.layers]
-        stream = torch.cuda.Stream(device=self.static["input_ids"].device)
+        start = time.perf_counter()  # once per generate(): the capture's cost is measured
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: the pool the graph adds is what grows
+        reserved = torch.cuda.memory_reserved(device)
+        if device not in _streams:
+            _streams[device] = torch.cuda.Stream(device=device)
+        stream = _streams[device]
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         try:
@@ -131,6 +149,9 @@ class DecodeGraph:
             torch.cuda.current_stream().wait_stream(stream)
         self.graph = graph
         self.buffers = self._buffer_addresses()
+        torch.cuda.synchronize(device)
+        last_capture.update(seconds=time.perf_counter() - start,
+                            graph_bytes=torch.cuda.memory_reserved(device) - reserved)
         return True
 
 

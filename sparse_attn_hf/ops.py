@@ -52,6 +52,20 @@ def check_dtype(dtype: torch.dtype) -> None:
         )
 
 
+def decode_on_host(dtype: torch.dtype, head_dim: int, device: torch.device, page_size: int,
+                   logical_page_size: int) -> str | None:
+    """Why a decode step with these settings would run part of the PyTorch reference, which reads device
+    values on the host (a CUDA graph cannot capture it); None when every decode op runs its Triton kernel."""
+    per_page = page_size // logical_page_size
+    if _backend == "reference" or device.type != "cuda":
+        return "the PyTorch reference runs (not CUDA, or set_backend('reference'))"
+    if _backend == "auto" and (dtype not in KERNEL_DTYPES or not 16 <= head_dim <= KERNEL_MAX_HEAD_DIM):
+        return f"{dtype} with head_dim {head_dim} runs the PyTorch reference (the kernels take fp16/bf16, head_dim 16-256)"
+    if page_size < 16 or page_size & (page_size - 1) or per_page & (per_page - 1):
+        return f"page_size {page_size} / logical_page_size {logical_page_size} runs the PyTorch reference"
+    return None
+
+
 def _use_triton(query: torch.Tensor) -> bool:
     if _backend == "reference":
         return False

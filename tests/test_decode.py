@@ -409,6 +409,34 @@ def test_fused_append_equals_the_pytorch_path(dtype):
         assert torch.equal(tensor, states["triton"][name]), name
 
 
+@torch.no_grad()
+def test_decode_graph_wrapper_is_invisible_to_generate():
+    """generate() reads the forward's parameters (position_ids from the mask of a padded batch, logits_to_keep
+    for a prefill that makes one row of logits): with the wrapper in place of ``model.forward`` a padded
+    batch gets the same positions, hence the same logits, as without it (on the CPU every step runs the
+    wrapped forward; on the GPU, the captured one)."""
+    import inspect
+
+    from sparse_attn_hf.decode_graph import DecodeGraph
+
+    model = _patched(budget=32, fraction=0.0, layers=2)
+    assert inspect.signature(DecodeGraph(model, SparseCache(model))).parameters.keys() == \
+        inspect.signature(model.forward).parameters.keys()
+    ids, mask = left_padded(random_ids(2, 100, seed=4), [0, 13])
+    runs = []
+    for wrapped in (False, True):
+        cache = SparseCache(model)
+        if wrapped:
+            model.forward = DecodeGraph(model, cache)
+        try:
+            out = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), **{CACHE_ARG: cache},
+                                 max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        finally:
+            model.__dict__.pop("forward", None)
+        runs.append(torch.stack(out.logits, 1))
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
+
+
 def test_decode_graph_replays_only_the_calls_it_captured():
     """The checks that send a step to the eager path (on the CPU: which forwards count as decode steps, and
     which arguments must match the captured ones)."""
@@ -425,6 +453,8 @@ def test_decode_graph_replays_only_the_calls_it_captured():
     with cache.decoding():
         why = graph._why_eager((), {"input_ids": one, "output_attentions": True})
         assert why == "" if DEVICE == "cpu" else "attentions" in why  # CPU tensors never replay
+        why = graph._why_eager((), {"input_ids": one})
+        assert why == "" if DEVICE == "cpu" else "reference" in why  # fp32 runs the reference: not capturable
     assert _same_arguments({"use_cache": True, "cache": cache}, {"use_cache": True, "cache": cache})
     assert not _same_arguments({"use_cache": True}, {"use_cache": False})
     assert not _same_arguments({"x": torch.ones(1)}, {"x": torch.ones(1)})  # another tensor: not the same call
