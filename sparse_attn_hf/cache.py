@@ -153,6 +153,10 @@ def head_runs(heads: list[int]) -> list[tuple[int, int, int]]:
 class SparseLayer(CacheLayerMixin):
     """Cache of one layer: paged dense heads with key statistics, ring-buffered streaming heads."""
 
+    # Not for Transformers' own decode compile yet: a decode step traces whole (the decode ops are registered
+    # operators) but the length a step reads on the host (``seen``: Transformers' mask sizes, this cache's
+    # bookkeeping) changes every step, so each step would recompile. generate() replays a CUDA graph instead
+    # (``decode_graph``).
     is_compileable = False
     is_croppable = False
     is_sliding = False

@@ -7,6 +7,7 @@ logged reason). Both follow the contract of ``kernels/reference.py``.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -281,6 +282,14 @@ def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, s
     if query.ndim != 3 or query.shape[1] % kv.head_kind.shape[0]:
         raise ValueError(f"expected query [B, Hq, D] with Hq a multiple of {kv.head_kind.shape[0]} KV heads, "
                          f"got {tuple(query.shape)}.")
+    if torch.compiler.is_compiling():  # an opaque operator for torch.compile (below)
+        return torch.ops.sparse_attn_hf.paged_decode(query, kv.step, kv.head_kind, kv.head_slot,
+                                                     *(getattr(kv, f) for f in _DECODE_KV_FIELDS), kv_start,
+                                                     kv.page_size, sink, local, scale)
+    return _paged_decode(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+
+
+def _paged_decode(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale: float) -> torch.Tensor:
     page = kv.page_size
     if _use_triton(query) and page >= 16 and page & (page - 1) == 0:
         from .kernels.decode import paged_decode_triton
@@ -298,16 +307,26 @@ def physical_page_scores(query, key_min, key_max, *, kv_start, seen: torch.Tenso
     ``out`` is left as it is (the step reuses them); ``seen`` int32 [1], the tokens stored. Both live on the
     device, so the Triton path never waits for the host. Contract:
     ``kernels.reference.physical_page_scores_reference`` with ``seen=int(seen)``, ``width=out.shape[2]``."""
+    if torch.compiler.is_compiling():
+        torch.ops.sparse_attn_hf.physical_page_scores(query, key_min, key_max, kv_start, seen, out, reselect,
+                                                      page_size, logical_page_size)
+        return out
+    _physical_page_scores(query, key_min, key_max, kv_start, seen, out, reselect, page_size, logical_page_size)
+    return out
+
+
+def _physical_page_scores(query, key_min, key_max, kv_start, seen, out, reselect, page_size: int,
+                          logical_page_size: int) -> None:
     common = dict(kv_start=kv_start, page_size=page_size, logical_page_size=logical_page_size)
     per_page = page_size // logical_page_size
     if _use_triton(query) and per_page & (per_page - 1) == 0 and query.shape[-1] >= 16:
         from .kernels.selection import physical_page_scores_triton
 
         with _on_device(query):
-            return physical_page_scores_triton(query, key_min, key_max, seen=seen, out=out, reselect=reselect,
-                                               **common)
+            physical_page_scores_triton(query, key_min, key_max, seen=seen, out=out, reselect=reselect, **common)
+        return
     fresh = physical_page_scores_reference(query, key_min, key_max, seen=int(seen), width=out.shape[2], **common)
-    return out.copy_(torch.where(reselect.bool(), fresh, out))
+    out.copy_(torch.where(reselect.bool(), fresh, out))
 
 
 def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen: torch.Tensor, kv_start: torch.Tensor,
@@ -317,12 +336,23 @@ def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen:
     cache's PyTorch path (the contract) stores it."""
     if not _use_triton(key):
         return False
+    buffers = [tensors.get(name) for name in _APPEND_BUFFERS]
+    if torch.compiler.is_compiling():
+        torch.ops.sparse_attn_hf.append_token(key, value, *buffers, seen, kv_start, head_kind, head_slot, sink,
+                                              logical_page_size)
+    else:
+        _append_token(key, value, *buffers, seen, kv_start, head_kind, head_slot, sink, logical_page_size)
+    return True
+
+
+def _append_token(key, value, *args) -> None:
     from .kernels.append import append_token_triton
 
+    buffers, (seen, kv_start, head_kind, head_slot, sink, logical_page_size) = args[:-6], args[-6:]
+    tensors = {name: t for name, t in zip(_APPEND_BUFFERS, buffers) if t is not None}
     with _on_device(key):
         append_token_triton(key, value, tensors, seen=seen, kv_start=kv_start, head_kind=head_kind,
                             head_slot=head_slot, sink=sink, logical_page_size=logical_page_size)
-    return True
 
 
 def sampled_column_scores(query, key, *, rows, q_first: int, kv_start, window, scale: float) -> torch.Tensor:
@@ -350,3 +380,57 @@ def stripe_attention(query, key, value, *, mask, scale: float, tile: int = 256) 
                 streaming=torch.zeros(key.shape[1], dtype=torch.bool, device=query.device), sink=0, local=1,
                 scale=scale, stripe_mask=mask, whole_block_share=cost.WHOLE_BLOCK_SHARE)
     return stripe_attention_reference(query, key, value, mask=mask, scale=scale, tile=tile)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+# Under torch.compile the decode ops are registered operators (torch.library custom ops with fake
+# implementations): dynamo sees one opaque call each, not the reference's host reads of device counters or the
+# Triton launch code. Eager calls go straight to the implementations above, without the dispatcher.
+
+_DECODE_KV_FIELDS = ("dense_key", "dense_value", "pages", "sink_key", "sink_value", "sink_pos", "ring_key",
+                     "ring_value", "ring_pos")
+_APPEND_BUFFERS = ("dense_key", "dense_value", "key_min", "key_max", "sink_key", "sink_value", "sink_pos",
+                   "ring_key", "ring_value", "ring_pos")
+Tensor = torch.Tensor
+OptTensor = Optional[torch.Tensor]
+
+
+@torch.library.custom_op("sparse_attn_hf::paged_decode", mutates_args=())
+def _paged_decode_op(query: Tensor, step: Tensor, head_kind: Tensor, head_slot: Tensor, dense_key: OptTensor,
+                     dense_value: OptTensor, pages: OptTensor, sink_key: OptTensor, sink_value: OptTensor,
+                     sink_pos: OptTensor, ring_key: OptTensor, ring_value: OptTensor, ring_pos: OptTensor,
+                     kv_start: Tensor, page_size: int, sink: int, local: int, scale: float) -> Tensor:
+    kv = DecodeKV(step=step, page_size=page_size, head_kind=head_kind, head_slot=head_slot, dense_key=dense_key,
+                  dense_value=dense_value, pages=pages, sink_key=sink_key, sink_value=sink_value, sink_pos=sink_pos,
+                  ring_key=ring_key, ring_value=ring_value, ring_pos=ring_pos)
+    return _paged_decode(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+
+
+@_paged_decode_op.register_fake
+def _(query, *args):
+    return torch.empty_like(query)
+
+
+@torch.library.custom_op("sparse_attn_hf::physical_page_scores", mutates_args=("out",))
+def _physical_page_scores_op(query: Tensor, key_min: Tensor, key_max: Tensor, kv_start: Tensor, seen: Tensor,
+                             out: Tensor, reselect: Tensor, page_size: int, logical_page_size: int) -> None:
+    _physical_page_scores(query, key_min, key_max, kv_start, seen, out, reselect, page_size, logical_page_size)
+
+
+@_physical_page_scores_op.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("sparse_attn_hf::append_token", mutates_args=_APPEND_BUFFERS)
+def _append_token_op(key: Tensor, value: Tensor, dense_key: OptTensor, dense_value: OptTensor, key_min: OptTensor,
+                     key_max: OptTensor, sink_key: OptTensor, sink_value: OptTensor, sink_pos: OptTensor,
+                     ring_key: OptTensor, ring_value: OptTensor, ring_pos: OptTensor, seen: Tensor, kv_start: Tensor,
+                     head_kind: Tensor, head_slot: Tensor, sink: int, logical_page_size: int) -> None:
+    _append_token(key, value, dense_key, dense_value, key_min, key_max, sink_key, sink_value, sink_pos, ring_key,
+                  ring_value, ring_pos, seen, kv_start, head_kind, head_slot, sink, logical_page_size)
+
+
+@_append_token_op.register_fake
+def _(*args):
+    return None

@@ -458,3 +458,61 @@ def test_decode_graph_replays_only_the_calls_it_captured():
     assert _same_arguments({"use_cache": True, "cache": cache}, {"use_cache": True, "cache": cache})
     assert not _same_arguments({"use_cache": True}, {"use_cache": False})
     assert not _same_arguments({"x": torch.ones(1)}, {"x": torch.ones(1)})  # another tensor: not the same call
+
+
+@torch.no_grad()
+def test_decode_step_traces_whole_under_torch_compile():
+    """torch.compile(fullgraph=True) traces a patched model's decode step with no graph break (fullgraph raises
+    on one): the decode ops are registered operators with fake implementations (``ops``, torch.library), so
+    neither the reference's host reads of the step counters nor Triton's launch code reach dynamo. Compiled
+    steps, with page selection and reuse active, give the eager logits. (Each step still recompiles: the
+    cache's length is a host integer that Transformers' mask code and the cache's bookkeeping read.)"""
+    import torch._dynamo
+
+    model = _patched(budget=32, layers=2)
+    ids = random_ids(1, 100, seed=3).to(DEVICE)
+    runs = []
+    for compiled in (False, True):
+        cache = SparseCache(model, max_cache_len=120)
+        logits = model(ids, **{CACHE_ARG: cache}).logits[:, -1:]
+
+        def step(token, position):
+            return model(token, position_ids=position, **{CACHE_ARG: cache}).logits
+
+        if compiled:
+            torch._dynamo.reset()
+            step = torch.compile(step, fullgraph=True, backend="aot_eager")
+        steps = []
+        with cache.decoding(prompt_end=ids.shape[1]):
+            for i in range(5):
+                logits = step(logits.argmax(-1), torch.tensor([[ids.shape[1] + i]], device=DEVICE))
+                steps.append(logits)
+        runs.append(torch.cat(steps, 1))
+    assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1))
+    torch.testing.assert_close(runs[1], runs[0])
+
+
+def test_registered_decode_ops_pass_torch_library_checks():
+    """The custom ops' schemas, fake implementations and mutation declarations (``torch.library.opcheck``) on
+    random inputs: page scores (mutates its output) and a decode step over dense and streaming heads."""
+    gen = torch.Generator().manual_seed(11)
+    batch, heads, groups, dim, page, logical = 2, 2, 2, 16, 16, 4
+    keys = torch.randn(batch, heads, 128, dim, generator=gen)
+    kv_start = torch.tensor([0, 5])
+    kmin, kmax = _stats(keys, logical, kv_start)
+    q = torch.randn(batch, heads, groups, dim, generator=gen)
+    seen, one = torch.tensor([100], dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    out = torch.zeros(batch, heads, 128 // page)
+    torch.library.opcheck(torch.ops.sparse_attn_hf.physical_page_scores,
+                          (q, kmin, kmax, kv_start, seen, out, one, page, logical))
+    step = decode_step(100)
+    kind, slot = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32)
+    dense = keys[:, :1].contiguous()
+    pages = torch.tensor([[[0, 2]], [[1, -1]]], dtype=torch.int32)
+    sink, ring = keys[:, 1:, :4].contiguous(), keys[:, 1:, 96:112].contiguous()
+    sink_pos = (kv_start[:, None] + torch.arange(4)[None]).long()
+    ring_pos = torch.arange(96, 112).long()
+    query = torch.randn(batch, heads * groups, dim, generator=gen)
+    torch.library.opcheck(torch.ops.sparse_attn_hf.paged_decode,
+                          (query, step, kind, slot, dense, dense, pages, sink, sink, sink_pos, ring, ring, ring_pos,
+                           kv_start, page, 4, 16, dim ** -0.5))
