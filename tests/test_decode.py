@@ -316,6 +316,48 @@ def test_decode_steps_replayed_from_a_cuda_graph_give_the_eager_tokens():
     assert torch.equal(runs[(True, "beams")], runs[(False, "beams")])  # reordered buffers: eager after the move
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.no_grad()
+def test_cuda_graph_decode_over_64_steps_with_poisoned_scratch_and_a_continuation(monkeypatch):
+    """bf16, a left-padded batch, 64 replayed steps: before every replay the graph's output logits are filled
+    with NaN and each layer's page list of the last step with -7 (a replay that read them instead of writing
+    them first would show); then a continuation on the returned cache. The same tokens as eager steps."""
+    from sparse_attn_hf.decode_graph import DecodeGraph
+
+    graphs_seen = []
+    original_capture, original_replay = DecodeGraph._capture, torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(DecodeGraph, "_capture", lambda self, kw: graphs_seen.append(self) or original_capture(self, kw))
+
+    def poisoned_replay(graph):
+        for wrapper in graphs_seen:
+            if wrapper.graph is graph:
+                wrapper.output["logits"].fill_(float("nan"))
+                for layer in wrapper.cache.layers:
+                    if "pages" in layer._tensors:
+                        layer._tensors["pages"].fill_(-7)
+        return original_replay(graph)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", poisoned_replay)
+    ids, mask = left_padded(random_ids(2, 300, seed=12), [0, 37])
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    runs = {}
+    for graphs in (False, True):
+        model = tiny_model("llama", heads=8, kv_heads=4, layers=3).to(DEVICE, torch.bfloat16)
+        scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
+        patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+            streaming_fraction=0.5, sink_size=4, local_size=64, decode_local_size=16, token_budget=128,
+            page_size=16, logical_page_size=16, reuse_interval=4, decode_graphs=graphs))
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                             return_dict_in_generate=True)
+        longer = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
+        more = model.generate(out.sequences, attention_mask=longer, **{CACHE_ARG: out.past_key_values},
+                              max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        runs[graphs] = (out.sequences, more)
+    assert len(graphs_seen) >= 1
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert torch.equal(runs[True][1], runs[False][1])
+
+
 @torch.no_grad()
 def test_small_budget_changes_the_result_and_continuation_reselects():
     model = _patched(budget=32, fraction=0.0, layers=2)
