@@ -367,9 +367,37 @@ def page_oracle_table() -> str:
     return "\n".join(lines)
 
 
+def heldout_table() -> str:
+    """The shipped profile at its defaults on the text it was fitted on (the story's evaluation half) and on
+    text neither the fit nor the choice of its fraction saw (heldout_fidelity.json), side by side."""
+    data = json.loads((RESULTS / "heldout_fidelity.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    roles = {"story": "fit: the genre the profile was fitted on (the story's evaluation half)",
+             "reporting": "held out: the reporting half of CPython's reference manual"}
+    lines = [
+        f"Default model, profile `{Path(meta['profile']).name}` at its default streaming fraction "
+        f"{meta['streaming_fraction']}; {meta['cells_per_text']} passkey and needle prompts per text (1K, 2K and "
+        f"4K tokens, 5 depths, 2 offsets); device {meta['device']}, {meta['dtype']}, commit `{meta['commit'][:10]}`, "
+        f"{meta['date'][:10]}. Lost: prompts dense attention answers right and the patched model does not.",
+        "",
+        "| text | dense right | lost, default budget | lost at 1K / 2K / 4K | first-token KL | next-token KL, 4096 "
+        "tokens | budget 1/4: dense-right kept |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for text in dict.fromkeys(r["text"] for r in rows):
+        main = next(r for r in rows if r["text"] == text and r["setting"] == "default budget")
+        quarter = next((r for r in rows if r["text"] == text and r["setting"] == "budget 1/4"), None)
+        per = len(main["cell_lost"]) // len(main["lengths"])
+        by_length = " / ".join(str(sum(main["cell_lost"][i * per:(i + 1) * per])) for i in range(len(main["lengths"])))
+        kept = (f"{quarter['kept']}/{quarter['dense_correct']} ({quarter['kept_share']:.0%})" if quarter else "")
+        lines.append(f"| {roles.get(text, text)} | {main['dense_correct']}/{main['cells']} | {main['lost']} | "
+                     f"{by_length} | {main['first_token_kl']:.4f} | {main['text_kl']:.4f} | {kept} |")
+    return "\n".join(lines)
+
+
 TABLES = {"e2e": e2e_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
-          "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table}
+          "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table}
 
 
 def main() -> None:

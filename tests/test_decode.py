@@ -278,6 +278,16 @@ def test_small_budget_kernel_equals_reference_through_generate():
         assert torch.equal(got, expected)
 
 
+def _half_model(dtype, *, seed: int, graphs: bool, **settings):
+    """A 3-layer model in half precision on the device, half of its 4 KV heads streaming, pages of 16."""
+    model = tiny_model("llama", heads=8, kv_heads=4, layers=3).to(DEVICE, dtype)
+    scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(seed))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        streaming_fraction=0.5, sink_size=4, decode_local_size=16, page_size=16, logical_page_size=16,
+        decode_graphs=graphs, **settings))
+    return model
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @torch.no_grad()
 def test_decode_steps_replayed_from_a_cuda_graph_give_the_eager_tokens():
@@ -291,11 +301,7 @@ def test_decode_steps_replayed_from_a_cuda_graph_give_the_eager_tokens():
                   output_scores=True)
     runs = {}
     for graphs in (False, True):
-        model = tiny_model("llama", heads=8, kv_heads=4, layers=3).to(DEVICE, torch.float16)
-        scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
-        patch_model(model, Profile.from_scores(model, scores), SparseConfig(
-            streaming_fraction=0.5, sink_size=4, local_size=32, decode_local_size=16, token_budget=64,
-            page_size=16, logical_page_size=16, reuse_interval=3, decode_graphs=graphs))
+        model = _half_model(torch.float16, seed=1, graphs=graphs, local_size=32, token_budget=64, reuse_interval=3)
         captured = []
         original = DecodeGraph._capture
         DecodeGraph._capture = lambda self, kwargs: captured.append(1) or original(self, kwargs)
@@ -342,11 +348,7 @@ def test_cuda_graph_decode_over_64_steps_with_poisoned_scratch_and_a_continuatio
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
     runs = {}
     for graphs in (False, True):
-        model = tiny_model("llama", heads=8, kv_heads=4, layers=3).to(DEVICE, torch.bfloat16)
-        scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
-        patch_model(model, Profile.from_scores(model, scores), SparseConfig(
-            streaming_fraction=0.5, sink_size=4, local_size=64, decode_local_size=16, token_budget=128,
-            page_size=16, logical_page_size=16, reuse_interval=4, decode_graphs=graphs))
+        model = _half_model(torch.bfloat16, seed=2, graphs=graphs, local_size=64, token_budget=128, reuse_interval=4)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False,
                              return_dict_in_generate=True)
         longer = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
