@@ -63,6 +63,13 @@ def family_for(model) -> Family:
     window = getattr(config, "sliding_window", None)
     if window is not None and window >= getattr(config, "max_position_embeddings", float("inf")):
         window = None  # a window no input can exceed never binds (Phi-3-128k's 262144): full attention
+    if window is not None and "full_attention" not in layer_types:  # Mistral's window: every layer slides
+        raise ValueError(
+            f"every layer of this {model_type} model attends through its own sliding window of {window} tokens: "
+            "no layer reads the whole context, so there is nothing for sparse_attn_hf to make cheaper (its KV "
+            "memory is already bounded by the window); use it as it is. If your inputs are shorter than the "
+            "window, it never binds: set model.config.sliding_window = None and patch again."
+        )
     if window is not None or "sliding_attention" in layer_types:
         raise ValueError(
             f"this {model_type} model uses native sliding-window attention (sliding_window="
