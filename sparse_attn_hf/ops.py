@@ -53,34 +53,41 @@ def check_dtype(dtype: torch.dtype) -> None:
         )
 
 
-def decode_on_host(dtype: torch.dtype, head_dim: int, device: torch.device, page_size: int,
-                   logical_page_size: int) -> str | None:
-    """Why a decode step with these settings would run part of the PyTorch reference, which reads device
-    values on the host (a CUDA graph cannot capture it); None when every decode op runs its Triton kernel."""
-    per_page = page_size // logical_page_size
-    if _backend == "reference" or device.type != "cuda":
-        return "the PyTorch reference runs (not CUDA, or set_backend('reference'))"
-    if _backend == "auto" and (dtype not in KERNEL_DTYPES or not 16 <= head_dim <= KERNEL_MAX_HEAD_DIM):
-        return f"{dtype} with head_dim {head_dim} runs the PyTorch reference (the kernels take fp16/bf16, head_dim 16-256)"
-    if page_size < 16 or page_size & (page_size - 1) or per_page & (per_page - 1):
-        return f"page_size {page_size} / logical_page_size {logical_page_size} runs the PyTorch reference"
+def _reference_reason(dtype: torch.dtype, head_dim: int, device: torch.device) -> str | None:
+    """Why an op on these inputs runs the PyTorch reference rather than its Triton kernel, or None."""
+    if _backend == "reference":
+        return "set_backend('reference') runs the PyTorch reference"
+    if _backend == "triton":
+        return None
+    if device.type != "cuda":
+        return "not CUDA: the PyTorch reference runs"
+    if dtype not in KERNEL_DTYPES:
+        return f"{dtype} runs the PyTorch reference (the Triton kernel takes fp16/bf16)"
+    if head_dim > KERNEL_MAX_HEAD_DIM:
+        return f"head_dim {head_dim} > {KERNEL_MAX_HEAD_DIM} runs the PyTorch reference"
     return None
 
 
 def _use_triton(query: torch.Tensor) -> bool:
-    if _backend == "reference":
-        return False
-    if _backend == "triton":
-        return True
-    if query.device.type != "cuda":
-        return False
-    if query.dtype not in KERNEL_DTYPES:
-        log_once(f"sparse_attn_hf: {query.dtype} runs the PyTorch reference (the Triton kernel takes fp16/bf16).")
-        return False
-    if query.shape[-1] > KERNEL_MAX_HEAD_DIM:
-        log_once(f"sparse_attn_hf: head_dim {query.shape[-1]} > {KERNEL_MAX_HEAD_DIM} runs the PyTorch reference.")
-        return False
-    return True
+    reason = _reference_reason(query.dtype, query.shape[-1], query.device)
+    if reason is not None and query.is_cuda and _backend == "auto":
+        log_once(f"sparse_attn_hf: {reason}.")
+    return reason is None
+
+
+def decode_on_host(dtype: torch.dtype, head_dim: int, device: torch.device, page_size: int,
+                   logical_page_size: int) -> str | None:
+    """Why a decode step with these settings would run part of the PyTorch reference, which reads device
+    values on the host (a CUDA graph cannot capture it); None when every decode op runs its Triton kernel
+    (the conditions of ``_paged_decode`` and ``_physical_page_scores``)."""
+    reason = _reference_reason(dtype, head_dim, device)
+    if reason is not None:
+        return reason
+    per_page = page_size // logical_page_size
+    if page_size < 16 or page_size & (page_size - 1) or per_page & (per_page - 1) or head_dim < 16:
+        return (f"page_size {page_size}, logical_page_size {logical_page_size} or head_dim {head_dim} runs the "
+                "PyTorch reference of page selection or decoding")
+    return None
 
 
 def _check_attention_inputs(query, key, value, kv_start) -> None:
