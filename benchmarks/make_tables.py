@@ -339,7 +339,8 @@ def page_oracle_table() -> str:
     rows, meta = data["rows"], data["meta"]
     variants = {}
     for name, kind, label in (("page_selection_quest_lp8", "quest", "Quest, logical pages of 8"),
-                              ("page_selection_quest_per_head", "quest_per_head", "Quest per query head")):
+                              ("page_selection_quest_per_head", "quest_per_head", "Quest per query head"),
+                              ("page_selection_quest_recent", "quest_recent", "Quest + newest pages (1/4)")):
         path = RESULTS / f"{name}.json"
         if path.exists():
             variants[label] = ({(r["L"], r["budget"]): r for r in json.loads(path.read_text())["rows"]}, kind)

@@ -90,3 +90,25 @@ def test_per_head_variant_shares_the_budget_round_robin():
 
     quest, _ = quest_pages(query, key_min, key_max, **common)
     assert set(quest[0, 0].tolist()) == {0, 1, 2}  # the group maximum favours head 0's pages
+
+
+def test_recent_variant_keeps_the_newest_pages_and_the_best_of_the_rest():
+    """A quarter of the selected pages (here 2 of 7) are the newest before the tail; the sink page and the
+    bound's best fill the rest."""
+    gen = torch.Generator().manual_seed(3)
+    page, n = 16, 20  # pages; page 19 is the tail
+    key_min = torch.randn(1, 2, n, 8, generator=gen)
+    key_max = key_min + torch.rand(1, 2, n, 8, generator=gen)
+    query = torch.randn(1, 2, 3, 8, generator=gen)
+    common = dict(kv_start=torch.zeros(1, dtype=torch.long), seen=n * page, budget=8 * page, page_size=page,
+                  logical_page_size=page)
+    pages, tail = page_oracle.recent_pages(query, key_min, key_max, **common)
+    assert tail == 19 and pages.shape == (1, 2, 7)
+    from sparse_attn_hf.kernels.reference import page_scores
+
+    bound = page_scores(query, key_min, key_max)[..., :19].amax(2)  # [1, 2, pages]
+    for h in range(2):
+        chosen = set(pages[0, h].tolist())
+        assert {0, 17, 18} <= chosen
+        best = set(torch.topk(bound[0, h, 1:17], 4).indices.add(1).tolist())
+        assert chosen - {0, 17, 18} == best

@@ -100,13 +100,38 @@ def per_head_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int,
     return _top_pages(order, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
 
 
-KINDS = ("quest", "oracle", "quest_per_head")
+RECENT_SHARE = 0.25  # quest_recent: the share of the selected pages given to the newest ones
+
+
+def recent_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
+                 logical_page_size: int, recent_share: float = RECENT_SHARE):
+    """An estimator variant: a budget split that favours the recent pages. ``recent_share`` of the selected
+    pages (at least one) are the newest pages before the tail, the rest Quest's bound chooses (the group's
+    maximum, as ``select_pages``). ``select_pages``' format."""
+    from ..kernels.reference import page_scores
+
+    n_pages = -(-seen // page_size)
+    budget_pages = budget // page_size
+    batch, heads, groups = query.shape[:3]
+    if n_pages <= budget_pages:
+        return torch.empty(batch, heads, 0, dtype=torch.int32, device=query.device), 0
+    tail_first = n_pages - 1
+    per_page = page_size // logical_page_size
+    n_logical = tail_first * per_page
+    scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical])
+    scores = scores.view(batch, heads, groups, tail_first, per_page).amax(-1).amax(2)  # [B, Hd, pages]
+    n_recent = max(1, round(recent_share * (budget_pages - 1)))
+    scores[:, :, max(0, tail_first - n_recent):] = float("inf")
+    return _top_pages(scores, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
+
+
+KINDS = ("quest", "oracle", "quest_per_head", "quest_recent")
 
 
 @contextlib.contextmanager
 def recording(kind: str, *, scale: float):
     """Decode steps choose pages by ``kind`` ("quest": the package's bound; "oracle"; "quest_per_head": the
-    bound ranked per query head, see ``per_head_pages``), and the mass recall of every (step, layer, batch row,
+    bound ranked per query head, see ``per_head_pages``; "quest_recent": see ``recent_pages``), and the mass recall of every (step, layer, batch row,
     KV head) is appended to the yielded list."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
@@ -116,6 +141,9 @@ def recording(kind: str, *, scale: float):
         mass = page_mass(query, keys, kv_start=kv_start, seen=seen, page_size=page_size, scale=scale)
         if kind == "oracle":
             pages, tail_first = oracle_pages(mass, kv_start=kv_start, budget=budget, page_size=page_size)
+        elif kind == "quest_recent":
+            pages, tail_first = recent_pages(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
+                                             page_size=page_size, logical_page_size=logical_page_size)
         elif kind == "quest_per_head":
             pages, tail_first = per_head_pages(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
                                                page_size=page_size, logical_page_size=logical_page_size)
