@@ -22,7 +22,9 @@ published operating point for Llama-3-8B, not something measured here):
   (``benchmarks/results/sample_density.json``, the default model's layers mapped by depth onto these 32;
   the columns kept are still the ones stage 1 ranks first). Random weights cannot show what structure
   buys; this row replays measured structure at this shape. The cost model still decides per layer;
-* ``patched_eager``: ``patched_default`` with every decode step eager (``SparseConfig(decode_graphs=False)``).
+* ``patched_eager``: ``patched_default`` with every decode step eager (``SparseConfig(decode_graphs=False)``);
+* ``patched_compile``: ``patched_default`` with Transformers' own decode compile in place of the CUDA graph
+  (``SparseConfig(decode_compile=True)``; ``compile_s`` as for stock's compiled path).
 
 Patched rows record SampleAttention's choices (``sample``: mean density, layers it ran sparse).
 
@@ -55,7 +57,7 @@ from sparse_attn_hf import Profile, SparseConfig, decode_graph, patch_model, unp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense",
-           "patched_sample_pinned", "patched_eager")
+           "patched_sample_pinned", "patched_eager", "patched_compile")
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 PATCHED = {
     "patched_default": dict(streaming_fraction=0.5),
@@ -63,6 +65,7 @@ PATCHED = {
     "patched_dense": dict(streaming_fraction=0.0, alpha=1.0),
     "patched_sample_pinned": dict(streaming_fraction=0.5),
     "patched_eager": dict(streaming_fraction=0.5, decode_graphs=False),
+    "patched_compile": dict(streaming_fraction=0.5, decode_compile=True),
 }
 DENSITIES = RESULTS / "sample_density.json"
 GIB = 2**30
@@ -152,7 +155,7 @@ def inputs(batch: int, length: int, vocab: int, device: str):
 
 SETTING_FIELDS = ("streaming_fraction", "sink_size", "local_size", "decode_local_size", "token_budget",
                   "reuse_interval", "alpha", "dense_below", "rw", "r_row", "page_size", "logical_page_size",
-                  "decode_graphs")
+                  "decode_graphs", "decode_compile")
 
 
 def pinned_densities(num_layers: int, path: Path = DENSITIES) -> list[float]:
@@ -227,7 +230,7 @@ def run_row(model, device: Device, config: str, length: int, batch: int, args, e
             again = one_call(model, device, ids, mask, args.new_tokens, call_args)
             calls.append(again)
             row["decode_ms_per_token_repeated"] = again.get("decode_ms_per_token")
-        if config == "stock_static_compile":
+        if config in ("stock_static_compile", "patched_compile"):
             row["compile_s"] = cold.get("warmup_excess_s")
         if capture:
             row.update(compile_s=capture["seconds"], graph_gib=capture["graph_bytes"] / GIB)

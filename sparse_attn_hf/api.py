@@ -218,6 +218,9 @@ def _generate_with_sparse_cache(model):
             kwargs[CACHE_ARG] = given
         if not isinstance(given, SparseCache):
             return generate(model, *args, **kwargs)
+        hint = _length_hint(args, kwargs, generation_config)  # a cache passed in: room for this call too
+        if hint is not None and hint > (given.sequence.capacity_hint or 0):
+            given.sequence.capacity_hint = hint
         with given.decoding(prompt_end=_prompt_end(args, kwargs, given)), _decode_graphs(model, given):
             return generate(model, *args, **kwargs)
 
@@ -231,7 +234,9 @@ def _decode_graphs(model, cache: SparseCache):
     settings allow it and the model sits on one CUDA device in one process; otherwise nothing changes."""
     state = model._sparse_attn_state
     devices = {p.device for p in model.parameters()}
-    if not state.settings.decode_graphs or state.heads.sharded or len(devices) != 1 or next(iter(devices)).type != "cuda":
+    settings = state.settings
+    one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
+    if not settings.decode_graphs or settings.decode_compile or state.heads.sharded or not one_gpu:
         yield
         return
     previous = model.__dict__.get("forward")  # an instance attribute (accelerate's hooks) or the class's method

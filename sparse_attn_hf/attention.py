@@ -25,8 +25,15 @@ from .parallel import check_heads
 
 ATTENTION_NAME = "sparse_attn_hf"
 
-# The mask function: ``None`` when nothing is padded, else the 2D bool padding mask [B, Lkv].
-sparse_attention_mask = flash_attention_mask
+def sparse_attention_mask(*args, **kwargs):
+    """The mask function: ``None`` when nothing is padded, else the 2D bool padding mask [B, Lkv]. A compiled
+    one-token step gets ``None`` without looking (the check reads the mask on the host; decode steps take the
+    padding from the cache)."""
+    if torch.compiler.is_compiling():
+        positions = kwargs.get("cache_position")  # Transformers before 5.24 passes positions, not q_length
+        if kwargs.get("q_length", None if positions is None else positions.shape[0]) == 1:
+            return None
+    return flash_attention_mask(*args, **kwargs)
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -54,6 +61,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
                 "this SparseCache was made for another model or an earlier patch: create SparseCache(model) "
                 "for the model you call."
             )
+        if q_len == 1 and sequence.decoding and layer.is_compileable and torch.compiler.is_compiling():
+            # Transformers' compiled decode step (SparseConfig(decode_compile=True)): nothing here reads a host
+            # value that changes per step or per prompt (the padding comes from the prefill's kv_start)
+            if sequence.kv_start is None:
+                raise ValueError("a compiled decode step needs a prefill on this SparseCache first.")
+            return _decode_step(layer, query, key, sequence.kv_start, scale).unsqueeze(1), None
         first = layer.seen
         kv_start = sequence.resolve_kv_start(attention_mask, layer.batch, first, q_len, layer.device)
         if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming

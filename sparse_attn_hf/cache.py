@@ -94,6 +94,7 @@ class SequenceState:
         self.owner = owner  # the PatchState of the model the cache was made for
         self.capacity_hint = capacity_hint
         self.decode_from: int | None = None  # one-token forwards at slot >= this are decode steps
+        self.decoding = False  # inside SparseCache.decoding() (a compiled decode step reads this, not decode_from)
         self.reset()
 
     def reset(self) -> None:
@@ -153,11 +154,7 @@ def head_runs(heads: list[int]) -> list[tuple[int, int, int]]:
 class SparseLayer(CacheLayerMixin):
     """Cache of one layer: paged dense heads with key statistics, ring-buffered streaming heads."""
 
-    # Not for Transformers' own decode compile yet: a decode step traces whole (the decode ops are registered
-    # operators) but the length a step reads on the host (``seen``: Transformers' mask sizes, this cache's
-    # bookkeeping) changes every step, so each step would recompile. generate() replays a CUDA graph instead
-    # (``decode_graph``).
-    is_compileable = False
+    is_compileable = False  # per cache: True with SparseConfig(decode_compile=True), see __init__
     is_croppable = False
     is_sliding = False
 
@@ -175,6 +172,7 @@ class SparseLayer(CacheLayerMixin):
         token_budget: int,
         reuse_interval: int,
         decode_local_size: int,
+        compiled_decode: bool = False,
     ):
         super().__init__()
         self.sequence = sequence
@@ -184,7 +182,11 @@ class SparseLayer(CacheLayerMixin):
         self.decode_local_size = min(decode_local_size, local_size)
         self.page_size, self.logical_page_size = page_size, logical_page_size
         self.token_budget, self.reuse_interval = token_budget, reuse_interval
-        self.seen = 0
+        # Transformers' own decode compile (SparseConfig(decode_compile=True)): a compiled step reads no host
+        # value that changes per step or per prompt, so buffers are sized in powers of two before decoding and
+        # the tokens stored advance on the device only (``seen`` catches up when read on the host)
+        self.is_compileable = compiled_decode
+        self._seen, self._device_ahead = 0, False
         self.capacity = 0
         self._tensors: dict[str, torch.Tensor] = {}
 
@@ -222,10 +224,26 @@ class SparseLayer(CacheLayerMixin):
         pending = PendingKV(self, key_states, value_states)
         return pending, pending
 
-    def get_seq_length(self) -> int:
+    @property
+    def seen(self) -> int:
+        """Tokens stored. After compiled decode steps (which advance only the device counter) the first read
+        on the host synchronizes once."""
+        if self._device_ahead:
+            self._seen, self._device_ahead = int(self.step[STEP_SEEN]), False
+        return self._seen
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        self._seen, self._device_ahead = value, False
+
+    def get_seq_length(self):
+        if torch.compiler.is_compiling() and self.is_compileable and self.is_initialized:
+            return self.step[STEP_SEEN]  # a tensor, as Transformers' StaticLayer returns: no per-step guard
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if torch.compiler.is_compiling() and self.is_compileable:
+            return self.capacity, 0  # a compiled decode step takes no mask (the padding is kv_start)
         return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
@@ -276,6 +294,8 @@ class SparseLayer(CacheLayerMixin):
             return
         hint = self.sequence.capacity_hint or 0
         capacity = _round_up(max(needed, hint if self.capacity == 0 else 2 * self.capacity), self.page_size)
+        if self.is_compileable:  # one size for every prompt of a bucket: compiled steps see the same shapes
+            capacity = max(self.page_size, 1 << (capacity - 1).bit_length())
         n_dense = len(self.dense_heads)
         shape = (self.batch, n_dense, capacity, self.head_dim)
         stat_shape = (self.batch, n_dense, capacity // self.logical_page_size, self.head_dim)
@@ -308,7 +328,20 @@ class SparseLayer(CacheLayerMixin):
             self._resize_ring(self.local_size)
             stream = self._append_streaming(key, value, first, kv_start)
         self.seen = first + n
+        if self.is_compileable and self.sequence.decoding and self.seen >= self.sequence.decode_from:
+            self.prepare_decode()
         return LayerKV(*(dense or (None, None)), *(stream or (None, None, None, False, None)))
+
+    def prepare_decode(self) -> None:
+        """Size what decode steps write (the buffers for the capacity hint, the decode window, the page scores)
+        before a compiled step, which must not allocate or read the host length."""
+        if self.dense_heads:
+            self._ensure_capacity(max(self.seen + 1, self.sequence.capacity_hint or 0))
+            self.selection_buffers()
+        if self.stream_heads:
+            self._resize_ring(self.decode_local_size)
+        for tensor in (*self._tensors.values(), self.step):  # written in place by every step: CUDA graphs of a
+            torch._dynamo.mark_static_address(tensor)  # compiled step keep their addresses, as for StaticCache
 
     def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor) -> DecodeKV:
         """Store one new token and return what a decode step reads: the dense heads' buffers (the pages to
@@ -318,13 +351,16 @@ class SparseLayer(CacheLayerMixin):
         The step's counters live on the device (``self.step``, advanced before this call by
         ``methods.page_selection.plan_step``): the append kernel reads the slot there. Once the buffers are
         sized (the first decode step after a prefill may grow them) a step does no host work that depends on
-        its position."""
-        first = self.seen
+        its position. Compiled (``decode_compile``): sized beforehand (:meth:`prepare_decode`), the token
+        stored by the registered append operator, the host length left to catch up."""
+        compiled = torch.compiler.is_compiling()
+        first = None if compiled else self.seen
         t = self._tensors
-        if self.dense_heads:
-            self._ensure_capacity(first + 1)
-        if self.stream_heads:
-            self._resize_ring(self.decode_local_size)
+        if not compiled:
+            if self.dense_heads:
+                self._ensure_capacity(first + 1)
+            if self.stream_heads:
+                self._resize_ring(self.decode_local_size)
         kv = DecodeKV(step=self.step, page_size=self.page_size, head_kind=self.head_kind, head_slot=self.head_slot)
         if not ops.append_token(key, value, t, seen=self.step[STEP_SEEN : STEP_SEEN + 1], kv_start=kv_start,
                                 head_kind=self.head_kind, head_slot=self.head_slot, sink=self.sink_size,
@@ -338,7 +374,10 @@ class SparseLayer(CacheLayerMixin):
         if self.stream_heads:
             kv.sink_key, kv.sink_value, kv.sink_pos = t["sink_key"], t["sink_value"], t["sink_pos"]
             kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
-        self.seen = first + 1
+        if compiled:
+            self._device_ahead = True  # a store, not a read: no guard on the length
+        else:
+            self.seen = first + 1
         return kv
 
     def selection_buffers(self) -> dict:
@@ -357,8 +396,10 @@ class SparseLayer(CacheLayerMixin):
                 "scores": t["page_scores"], "pages": t.get("pages")}
 
     def keep_pages(self, pages: torch.Tensor) -> None:
-        """Store the pages a decode step reads (int32 [B, Hd, n]); a prefill drops them."""
-        self._tensors["pages"] = pages
+        """Store the pages a decode step reads (int32 [B, Hd, n]; for evaluation hooks); a prefill drops them.
+        Not in a compiled step: a graph's output must not outlive the step."""
+        if not torch.compiler.is_compiling():
+            self._tensors["pages"] = pages
 
     def _append_dense(self, key, value, first: int, kv_start):
         """Copy the dense heads of ``key``/``value`` [B, Hkv, n, D] into the paged buffers (one copy per run of
@@ -516,6 +557,7 @@ class SparseCache(Cache):
                 token_budget=settings.token_budget,
                 reuse_interval=settings.reuse_interval,
                 decode_local_size=settings.decode_local_size,
+                compiled_decode=settings.decode_compile,
             )
             for layer in range(state.streaming.shape[0])
         ]
@@ -530,12 +572,17 @@ class SparseCache(Cache):
         """Within this block, a one-token forward at slot ``prompt_end`` or later (default: the tokens seen
         so far) is a decode step: page selection for dense heads, the decode window for streaming heads.
         Outside it every forward is prefill. ``generate()`` on a patched model enters it by itself."""
-        previous = self.sequence.decode_from
-        self.sequence.decode_from = self.get_seq_length() if prompt_end is None else prompt_end
+        sequence = self.sequence
+        previous = sequence.decode_from, sequence.decoding
+        sequence.decode_from = self.get_seq_length() if prompt_end is None else prompt_end
+        sequence.decoding = True
+        for layer in self.layers:  # a prefill made before this block: size what compiled steps write now
+            if layer.is_compileable and layer.is_initialized and layer.seen >= sequence.decode_from:
+                layer.prepare_decode()
         try:
             yield self
         finally:
-            self.sequence.decode_from = previous
+            sequence.decode_from, sequence.decoding = previous
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)

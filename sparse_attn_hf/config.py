@@ -55,6 +55,12 @@ class SparseConfig:
             eager ones (``sparse_attn_hf.decode_graph``): on the 8B shape about 8 ms per token at 32K-128K
             against about 53 ms eager (``benchmarks/bench_e2e.py``). False: every step eager. Steps the graph
             would not reproduce run eagerly either way, with the reason logged once.
+        decode_compile: a SparseCache reports ``is_compileable``, so that Transformers' own decode compile
+            (``generate(..., compile_config=...)``, automatic on CUDA) or your ``torch.compile`` of a decode
+            step applies: the step then reads no host value that changes per step or per prompt, and the
+            cache's buffers are sized in powers of two (a prompt of the same bucket compiles nothing new).
+            Replaces ``decode_graphs``. The cache holds at most its ``max_cache_len`` (``generate()`` passes
+            prompt + new tokens), as a static cache does.
         decode_local_size: local window of streaming heads in decode steps (one query token); the
             ring buffer shrinks to it when decoding starts (LServe: prefill 4096, decode 256). Capped
             at ``local_size``. A continuation after decoding sees the decode window's tokens of the
@@ -81,6 +87,7 @@ class SparseConfig:
     cra_criterion: str = "mean"
     record_masks: bool = False
     decode_graphs: bool = True
+    decode_compile: bool = False
 
     def __post_init__(self) -> None:
         if self.streaming_fraction is not None and not 0.0 <= float(self.streaming_fraction) <= 1.0:

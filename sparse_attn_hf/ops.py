@@ -15,6 +15,7 @@ from . import cost
 from ._log import log_once
 from .kernels.reference import (
     DecodeKV,
+    append_token_reference,
     paged_decode_reference,
     physical_page_scores_reference,
     sampled_column_scores_reference,
@@ -341,25 +342,29 @@ def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen:
     """Store one decode token of every KV head in a SparseCache layer's buffers with one Triton launch, at
     slot ``seen - 1`` (``seen`` int32 [1] on the device). Returns False where the kernel does not apply: the
     cache's PyTorch path (the contract) stores it."""
-    if not _use_triton(key):
-        return False
     buffers = [tensors.get(name) for name in _APPEND_BUFFERS]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the registered operator, whatever runs inside it
         torch.ops.sparse_attn_hf.append_token(key, value, *buffers, seen, kv_start, head_kind, head_slot, sink,
                                               logical_page_size)
-    else:
-        _append_token(key, value, *buffers, seen, kv_start, head_kind, head_slot, sink, logical_page_size)
+        return True
+    if not _use_triton(key):
+        return False
+    _append_token(key, value, *buffers, seen, kv_start, head_kind, head_slot, sink, logical_page_size)
     return True
 
 
 def _append_token(key, value, *args) -> None:
-    from .kernels.append import append_token_triton
-
     buffers, (seen, kv_start, head_kind, head_slot, sink, logical_page_size) = args[:-6], args[-6:]
     tensors = {name: t for name, t in zip(_APPEND_BUFFERS, buffers) if t is not None}
+    common = dict(kv_start=kv_start, head_kind=head_kind, head_slot=head_slot, sink=sink,
+                  logical_page_size=logical_page_size)
+    if not _use_triton(key):
+        append_token_reference(key, value, tensors, seen=int(seen), **common)
+        return
+    from .kernels.append import append_token_triton
+
     with _on_device(key):
-        append_token_triton(key, value, tensors, seen=seen, kv_start=kv_start, head_kind=head_kind,
-                            head_slot=head_slot, sink=sink, logical_page_size=logical_page_size)
+        append_token_triton(key, value, tensors, seen=seen, **common)
 
 
 def sampled_column_scores(query, key, *, rows, q_first: int, kv_start, window, scale: float) -> torch.Tensor:

@@ -504,36 +504,86 @@ def test_decode_graph_replays_only_the_calls_it_captured():
     assert not _same_arguments({"x": torch.ones(1)}, {"x": torch.ones(1)})  # another tensor: not the same call
 
 
+def _compile_mode_model():
+    model = tiny_model("llama", heads=4, kv_heads=2, layers=2).to(DEVICE)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16, logical_page_size=4, token_budget=32,
+        reuse_interval=4, decode_compile=True))
+    return model
+
+
 @torch.no_grad()
-def test_decode_step_traces_whole_under_torch_compile():
-    """torch.compile(fullgraph=True) traces a patched model's decode step with no graph break (fullgraph raises
-    on one): the decode ops are registered operators with fake implementations (``ops``, torch.library), so
-    neither the reference's host reads of the step counters nor Triton's launch code reach dynamo. Compiled
-    steps, with page selection and reuse active, give the eager logits. (Each step still recompiles: the
-    cache's length is a host integer that Transformers' mask code and the cache's bookkeeping read.)"""
-    import torch._dynamo
+def test_compiled_decode_steps_compile_once_for_every_step_and_prompt_of_a_bucket():
+    """SparseConfig(decode_compile=True): torch.compile(fullgraph=True) traces a decode step whole (the decode
+    ops are registered operators) and, since the step reads no host value that changes per step or per prompt,
+    16 steps and then a prompt of another length in the same capacity bucket (128) compile one graph in all.
+    The compiled steps, with page selection and reuse active, give the eager logits; the host length catches
+    up from the device."""
+    from torch._dynamo.utils import counters
 
-    model = _patched(budget=32, layers=2)
-    ids = random_ids(1, 100, seed=3).to(DEVICE)
-    runs = []
-    for compiled in (False, True):
-        cache = SparseCache(model, max_cache_len=120)
+    model = _compile_mode_model()
+
+    def step(token, position, cache):
+        return model(token, position_ids=position, **{CACHE_ARG: cache}).logits
+
+    def run(ids, forward, steps=16):
+        cache = SparseCache(model, max_cache_len=ids.shape[1] + steps)
         logits = model(ids, **{CACHE_ARG: cache}).logits[:, -1:]
-
-        def step(token, position):
-            return model(token, position_ids=position, **{CACHE_ARG: cache}).logits
-
-        if compiled:
-            torch._dynamo.reset()
-            step = torch.compile(step, fullgraph=True, backend="aot_eager")
-        steps = []
+        out = []
         with cache.decoding(prompt_end=ids.shape[1]):
-            for i in range(5):
-                logits = step(logits.argmax(-1), torch.tensor([[ids.shape[1] + i]], device=DEVICE))
-                steps.append(logits)
-        runs.append(torch.cat(steps, 1))
-    assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1))
-    torch.testing.assert_close(runs[1], runs[0])
+            for i in range(steps):
+                logits = forward(logits.argmax(-1), torch.tensor([[ids.shape[1] + i]], device=DEVICE), cache)
+                out.append(logits)
+        assert cache.get_seq_length() == ids.shape[1] + steps
+        return torch.cat(out, 1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    counters.clear()
+    for length in (100, 90):
+        ids = random_ids(1, length, seed=length).to(DEVICE)
+        torch.testing.assert_close(run(ids, compiled), run(ids, step), rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@torch.no_grad()
+def test_transformers_compiled_generate_gives_the_eager_tokens():
+    """Transformers' own decode compile (``compile_config``; here on the CPU with its all-devices switch and the
+    aot_eager backend) on a SparseCache: a left-padded batch greedy over 64 steps, sampling with a fixed seed
+    and a continuation on the returned cache give the eager tokens; a second prompt of the same bucket
+    compiles nothing new."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = _compile_mode_model()
+    config = CompileConfig(backend="aot_eager", mode=None, fullgraph=True)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+
+    def both(ids, mask, sample=False, **kwargs):
+        out = {}
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            out[compiled] = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), do_sample=sample,
+                                           return_dict_in_generate=True, **kwargs,
+                                           **({"compile_config": config} if compiled else {"disable_compile": True}))
+        assert torch.equal(out[True].sequences, out[False].sequences)
+        return out
+
+    ids, mask = left_padded(random_ids(2, 100, seed=3), [0, 11])
+    first = both(ids, mask, max_new_tokens=64)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    both(*left_padded(random_ids(2, 90, seed=4), [3, 0]), max_new_tokens=64)
+    assert counters["stats"]["unique_graphs"] == graphs  # the same bucket: nothing recompiled
+    both(ids, mask, sample=True, top_k=5, max_new_tokens=12)
+    for compiled, out in first.items():  # a continuation on each returned cache
+        longer = torch.cat([mask.to(DEVICE), torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
+        kwargs = {"compile_config": config} if compiled else {"disable_compile": True}
+        first[compiled] = model.generate(out.sequences, attention_mask=longer, **{CACHE_ARG: out.past_key_values},
+                                         max_new_tokens=8, do_sample=False, **kwargs)
+    assert torch.equal(first[True], first[False])
 
 
 def test_registered_decode_ops_pass_torch_library_checks():

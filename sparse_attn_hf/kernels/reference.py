@@ -303,3 +303,34 @@ def stripe_attention_reference(query, key, value, *, mask, scale: float, tile: i
         tile_out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v)
         out[:, start:stop] = tile_out.reshape(batch, num_heads, stop - start, head_dim).transpose(1, 2).to(query.dtype)
     return out
+
+
+def append_token_reference(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen: int,
+                           kv_start: torch.Tensor, head_kind: torch.Tensor, head_slot: torch.Tensor, sink: int,
+                           logical_page_size: int) -> None:
+    """Store one decode token [B, Hkv, 1, D] of every KV head at slot ``seen - 1``, in place (the contract of
+    ``kernels.append``): dense heads into ``dense_key``/``dense_value`` and, for a real token, into its logical
+    page's ``key_min``/``key_max``; streaming heads into the ring at ``slot % ring size`` (and ``ring_pos``), and
+    into the sink when the token is one of its row's first ``sink`` real tokens."""
+    slot = seen - 1
+    k, v = key[:, :, 0], value[:, :, 0]
+    real = (slot >= kv_start)[:, None]  # [B, 1]
+    rel = slot - kv_start  # [B]
+    for h, (kind, index) in enumerate(zip(head_kind.tolist(), head_slot.tolist())):
+        if kind == 0:
+            tensors["dense_key"][:, index, slot] = k[:, h]
+            tensors["dense_value"][:, index, slot] = v[:, h]
+            page = slot // logical_page_size
+            for name, fn in (("key_min", torch.minimum), ("key_max", torch.maximum)):
+                stat = tensors[name][:, index, page]
+                stat.copy_(torch.where(real, fn(stat, k[:, h]), stat))
+            continue
+        at = slot % tensors["ring_key"].shape[2]
+        tensors["ring_key"][:, index, at] = k[:, h]
+        tensors["ring_value"][:, index, at] = v[:, h]
+        tensors["ring_pos"][at] = slot
+        for b in torch.nonzero((rel >= 0) & (rel < sink)).flatten().tolist():
+            r = int(rel[b])
+            tensors["sink_key"][b, index, r] = k[b, h]
+            tensors["sink_value"][b, index, r] = v[b, h]
+            tensors["sink_pos"][b, r] = slot
