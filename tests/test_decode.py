@@ -425,13 +425,20 @@ def test_cache_bytes_with_half_the_heads_streaming_at_32k():
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_fused_append_equals_the_pytorch_path(dtype):
-    """One decode token stored by the Triton append kernel and by the cache's PyTorch path: same buffers."""
+def test_fused_append_equals_the_pytorch_path(dtype, monkeypatch):
+    """One decode token stored by the Triton append kernel, by its reference (``append_token_reference``, what
+    the registered operator runs on the CPU) and by the cache's PyTorch path: the same buffers."""
     import copy
+
+    from sparse_attn_hf.kernels.reference import append_token_reference
+
+    def by_reference(key, value, tensors, *, seen, **kwargs):
+        append_token_reference(key, value, tensors, seen=int(seen), **kwargs)
+        return True
 
     model = _patched(layers=1, fraction=0.5, heads=6, kv_heads=3).to(dtype)  # sink 4, local 24, pages 16/4
     states = {}
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton", "function"):
         cache = SparseCache(model, max_cache_len=64)
         layer = cache.layers[0]
         gen = torch.Generator().manual_seed(9)
@@ -441,16 +448,21 @@ def test_fused_append_equals_the_pytorch_path(dtype):
         kv_start = cache.sequence.resolve_kv_start(mask, layer.batch, 0, 6, DEVICE)
         layer.append(prompt, prompt * 2, kv_start)
         try:
-            ops.set_backend(backend)
+            if backend == "function":
+                monkeypatch.setattr(ops, "append_token", by_reference)
+            else:
+                ops.set_backend(backend)
             for _ in range(3):
                 token = torch.randn(2, 3, 1, 16, generator=gen).to(DEVICE, dtype)
                 _decode_token(layer, token, -token, kv_start)
         finally:
             ops.set_backend("auto")
+            monkeypatch.undo()
         states[backend] = copy.deepcopy(layer._tensors)
-    assert states["reference"].keys() == states["triton"].keys()
-    for name, tensor in states["reference"].items():
-        assert torch.equal(tensor, states["triton"][name]), name
+    for other in ("triton", "function"):
+        assert states["reference"].keys() == states[other].keys()
+        for name, tensor in states["reference"].items():
+            assert torch.equal(tensor, states[other][name]), (other, name)
 
 
 @torch.no_grad()
