@@ -66,7 +66,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             # value that changes per step or per prompt (the padding comes from the prefill's kv_start)
             if sequence.kv_start is None:
                 raise ValueError("a compiled decode step needs a prefill on this SparseCache first.")
-            return _decode_step(layer, query, key, sequence.kv_start, scale).unsqueeze(1), None
+            return _decode_step(layer, query, key, sequence.kv_start.to(query.device), scale).unsqueeze(1), None
         first = layer.seen
         kv_start = sequence.resolve_kv_start(attention_mask, layer.batch, first, q_len, layer.device)
         if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming
