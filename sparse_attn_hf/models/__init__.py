@@ -39,6 +39,16 @@ _NEEDS_CONVERSION = {
 }
 
 
+# families whose attention needs terms the kernels do not compute yet: what is missing, for the refusal
+_NOT_YET = {
+    "gemma2": "soft-capped attention logits (attn_logit_softcapping) and sliding-window layers",
+    "gemma3_text": "sliding-window layers between its full-attention layers",
+    "gemma3": "sliding-window layers between its full-attention layers",
+    "gpt_oss": "learned attention sinks (an extra logit per head) and sliding-window layers",
+    "exaone4": "sliding-window layers between its full-attention layers",
+}
+
+
 def supported_model_types() -> list[str]:
     return [t for family in FAMILIES for t in family.model_types]
 
@@ -52,6 +62,12 @@ def family_for(model) -> Family:
             f"{type(model).__name__} ({model_type}) runs its own remote attention code, which sparse_attn_hf "
             f"cannot patch: {_NEEDS_CONVERSION[model_type]} first with "
             f"`python -m sparse_attn_hf.convert {model_type} SRC DST`, load DST and patch that."
+        )
+    if model_type in _NOT_YET:
+        raise ValueError(
+            f"{type(model).__name__} ({model_type}) is not supported by sparse_attn_hf yet: its attention has "
+            f"{_NOT_YET[model_type]}, which the package's kernels do not compute yet; "
+            f"supported: {', '.join(supported_model_types())}."
         )
     family = next((f for f in FAMILIES if model_type in f.model_types), None)
     if family is None or not model._can_set_attn_implementation():
