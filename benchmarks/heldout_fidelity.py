@@ -51,15 +51,24 @@ def main(argv=None) -> None:
     profile = find_profile(model)
     fraction = profile.streaming_fraction
     rows = []
+
+    def done(row: dict) -> None:
+        """Print the row and rewrite the results with it (a stopped run keeps what it measured)."""
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "cell_lost"}), flush=True)
+        info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "profile": str(profile.source),
+                                       "streaming_fraction": fraction, "cells_per_text": len(cells),
+                                       "lengths": args.lengths})
+        write_results(args.out, info, rows)
+
     for name in args.texts:
         text = TEXTS[name]()
         text_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
         started = time.time()
         cells = held_out_cells(tokenizer, text, lengths=args.lengths)
         [row] = measure(model, tokenizer, profile, cells, [fraction], text_ids, stop_at_lost=None)
-        rows.append({"text": name, "setting": "default budget", "lengths": args.lengths, **row,
-                     "seconds": time.time() - started})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "cell_lost"}), flush=True)
+        done({"text": name, "setting": "default budget", "lengths": args.lengths, **row,
+              "seconds": time.time() - started})
         per_length = len(cells) // len(args.lengths)
         kept = dense_correct = 0
         for i, length in enumerate(args.lengths):
@@ -69,14 +78,9 @@ def main(argv=None) -> None:
                              settings={"token_budget": budget})
             dense_correct += part["dense_correct"]
             kept += part["dense_correct"] - part["lost"]
-            rows.append({"text": name, "setting": f"budget {budget}", "L": length, **part})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "cell_lost"}), flush=True)
-        rows.append({"text": name, "setting": "budget 1/4", "dense_correct": dense_correct, "kept": kept,
-                     "kept_share": kept / dense_correct if dense_correct else None})
-        print(json.dumps(rows[-1]), flush=True)
-        info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "profile": str(profile.source),
-                                       "streaming_fraction": fraction, "cells_per_text": len(cells)})
-        write_results(args.out, info, rows)
+            done({"text": name, "setting": f"budget {budget}", "L": length, **part})
+        done({"text": name, "setting": "budget 1/4", "dense_correct": dense_correct, "kept": kept,
+              "kept_share": kept / dense_correct if dense_correct else None})
 
 
 if __name__ == "__main__":

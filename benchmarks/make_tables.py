@@ -390,7 +390,13 @@ def heldout_table() -> str:
         quarter = next((r for r in rows if r["text"] == text and r["setting"] == "budget 1/4"), None)
         per = len(main["cell_lost"]) // len(main["lengths"])
         by_length = " / ".join(str(sum(main["cell_lost"][i * per:(i + 1) * per])) for i in range(len(main["lengths"])))
-        kept = (f"{quarter['kept']}/{quarter['dense_correct']} ({quarter['kept_share']:.0%})" if quarter else "")
+        if quarter:
+            kept = f"{quarter['kept']}/{quarter['dense_correct']} ({quarter['kept_share']:.0%})"
+        else:  # a stopped run: the lengths it measured
+            parts = [r for r in rows if r["text"] == text and "L" in r]
+            right = sum(r["dense_correct"] for r in parts)
+            kept = ", ".join(f"{r['L'] // 1024}K: {r['dense_correct'] - r['lost']}/{r['dense_correct']}" for r in parts)
+            kept += f" ({(right - sum(r['lost'] for r in parts)) / right:.0%}; other lengths not run)" if right else ""
         lines.append(f"| {roles.get(text, text)} | {main['dense_correct']}/{main['cells']} | {main['lost']} | "
                      f"{by_length} | {main['first_token_kl']:.4f} | {main['text_kl']:.4f} | {kept} |")
     return "\n".join(lines)
