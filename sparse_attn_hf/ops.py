@@ -69,6 +69,15 @@ def _reference_reason(dtype: torch.dtype, head_dim: int, device: torch.device) -
     return None
 
 
+def _decode_kernel_takes(page_size: int) -> bool:
+    return page_size >= 16 and page_size & (page_size - 1) == 0
+
+
+def _selection_kernel_takes(page_size: int, logical_page_size: int, head_dim: int) -> bool:
+    per_page = page_size // logical_page_size
+    return per_page & (per_page - 1) == 0 and head_dim >= 16
+
+
 def _use_triton(query: torch.Tensor) -> bool:
     reason = _reference_reason(query.dtype, query.shape[-1], query.device)
     if reason is not None and query.is_cuda and _backend == "auto":
@@ -84,8 +93,7 @@ def decode_on_host(dtype: torch.dtype, head_dim: int, device: torch.device, page
     reason = _reference_reason(dtype, head_dim, device)
     if reason is not None:
         return reason
-    per_page = page_size // logical_page_size
-    if page_size < 16 or page_size & (page_size - 1) or per_page & (per_page - 1) or head_dim < 16:
+    if not _decode_kernel_takes(page_size) or not _selection_kernel_takes(page_size, logical_page_size, head_dim):
         return (f"page_size {page_size}, logical_page_size {logical_page_size} or head_dim {head_dim} runs the "
                 "PyTorch reference of page selection or decoding")
     return None
@@ -299,7 +307,7 @@ def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, s
 
 def _paged_decode(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale: float) -> torch.Tensor:
     page = kv.page_size
-    if _use_triton(query) and page >= 16 and page & (page - 1) == 0:
+    if _use_triton(query) and _decode_kernel_takes(page):
         from .kernels.decode import paged_decode_triton
 
         with _on_device(query):
@@ -326,8 +334,7 @@ def physical_page_scores(query, key_min, key_max, *, kv_start, seen: torch.Tenso
 def _physical_page_scores(query, key_min, key_max, kv_start, seen, out, reselect, page_size: int,
                           logical_page_size: int) -> None:
     common = dict(kv_start=kv_start, page_size=page_size, logical_page_size=logical_page_size)
-    per_page = page_size // logical_page_size
-    if _use_triton(query) and per_page & (per_page - 1) == 0 and query.shape[-1] >= 16:
+    if _use_triton(query) and _selection_kernel_takes(page_size, logical_page_size, query.shape[-1]):
         from .kernels.selection import physical_page_scores_triton
 
         with _on_device(query):
@@ -342,25 +349,18 @@ def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen:
     """Store one decode token of every KV head in a SparseCache layer's buffers with one Triton launch, at
     slot ``seen - 1`` (``seen`` int32 [1] on the device). Returns False where the kernel does not apply: the
     cache's PyTorch path (the contract) stores it."""
-    buffers = [tensors.get(name) for name in _APPEND_BUFFERS]
     if torch.compiler.is_compiling():  # the registered operator, whatever runs inside it
-        torch.ops.sparse_attn_hf.append_token(key, value, *buffers, seen, kv_start, head_kind, head_slot, sink,
-                                              logical_page_size)
+        torch.ops.sparse_attn_hf.append_token(key, value, *(tensors.get(name) for name in _APPEND_BUFFERS), seen,
+                                              kv_start, head_kind, head_slot, sink, logical_page_size)
         return True
     if not _use_triton(key):
         return False
-    _append_token(key, value, *buffers, seen, kv_start, head_kind, head_slot, sink, logical_page_size)
+    _append_triton(key, value, tensors, seen=seen, kv_start=kv_start, head_kind=head_kind, head_slot=head_slot,
+                   sink=sink, logical_page_size=logical_page_size)
     return True
 
 
-def _append_token(key, value, *args) -> None:
-    buffers, (seen, kv_start, head_kind, head_slot, sink, logical_page_size) = args[:-6], args[-6:]
-    tensors = {name: t for name, t in zip(_APPEND_BUFFERS, buffers) if t is not None}
-    common = dict(kv_start=kv_start, head_kind=head_kind, head_slot=head_slot, sink=sink,
-                  logical_page_size=logical_page_size)
-    if not _use_triton(key):
-        append_token_reference(key, value, tensors, seen=int(seen), **common)
-        return
+def _append_triton(key, value, tensors: dict, *, seen, **common) -> None:
     from .kernels.append import append_token_triton
 
     with _on_device(key):
@@ -439,8 +439,15 @@ def _append_token_op(key: Tensor, value: Tensor, dense_key: OptTensor, dense_val
                      key_max: OptTensor, sink_key: OptTensor, sink_value: OptTensor, sink_pos: OptTensor,
                      ring_key: OptTensor, ring_value: OptTensor, ring_pos: OptTensor, seen: Tensor, kv_start: Tensor,
                      head_kind: Tensor, head_slot: Tensor, sink: int, logical_page_size: int) -> None:
-    _append_token(key, value, dense_key, dense_value, key_min, key_max, sink_key, sink_value, sink_pos, ring_key,
-                  ring_value, ring_pos, seen, kv_start, head_kind, head_slot, sink, logical_page_size)
+    buffers = (dense_key, dense_value, key_min, key_max, sink_key, sink_value, sink_pos, ring_key, ring_value,
+               ring_pos)
+    tensors = {name: t for name, t in zip(_APPEND_BUFFERS, buffers) if t is not None}
+    common = dict(kv_start=kv_start, head_kind=head_kind, head_slot=head_slot, sink=sink,
+                  logical_page_size=logical_page_size)
+    if _use_triton(key):
+        _append_triton(key, value, tensors, seen=seen, **common)
+    else:  # the kernel's reference (the CPU under torch.compile)
+        append_token_reference(key, value, tensors, seen=int(seen), **common)
 
 
 @_append_token_op.register_fake

@@ -40,7 +40,7 @@ def oracle_pages(mass: torch.Tensor, *, kv_start: torch.Tensor, budget: int, pag
     batch, heads, n_pages = mass.shape
     budget_pages = budget // page_size
     if n_pages <= budget_pages:
-        return torch.empty(batch, heads, 0, dtype=torch.int32, device=mass.device), 0
+        return _nothing(mass)
     tail_first = n_pages - 1
     return _top_pages(mass[:, :, :tail_first], kv_start=kv_start, budget_pages=budget_pages,
                       page_size=page_size), tail_first
@@ -74,30 +74,41 @@ def mass_recall(mass: torch.Tensor, pages: torch.Tensor, tail_first: int) -> tor
     return (mass * read[:, :, :n_pages]).sum(-1) / mass.sum(-1).clamp(min=1e-30)
 
 
+def _page_bounds(query, key_min, key_max, *, seen: int, budget: int, page_size: int, logical_page_size: int):
+    """Quest's bound per query head and candidate page, float32 [B, Hd, G, pages] (a page scores the max of its
+    logical pages), and the tail's first page; None and 0 when the context fits the budget."""
+    from ..kernels.reference import page_scores
+
+    n_pages = -(-seen // page_size)
+    if n_pages <= budget // page_size:
+        return None, 0
+    tail_first = n_pages - 1
+    per_page = page_size // logical_page_size
+    n_logical = tail_first * per_page
+    scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical])
+    return scores.view(*query.shape[:3], tail_first, per_page).amax(-1), tail_first
+
+
+def _nothing(query):
+    return torch.empty(*query.shape[:2], 0, dtype=torch.int32, device=query.device), 0
+
+
 def per_head_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
                    logical_page_size: int):
     """An estimator variant: Quest's bound ranked per query head, the group's budget shared round-robin (a
     page enters at the best rank any query head gives it), not by the group's maximum. ``select_pages``'
     format."""
-    from ..kernels.reference import page_scores
-
-    n_pages = -(-seen // page_size)
-    budget_pages = budget // page_size
-    batch, heads, groups = query.shape[:3]
-    if n_pages <= budget_pages:
-        return torch.empty(batch, heads, 0, dtype=torch.int32, device=query.device), 0
-    tail_first = n_pages - 1
-    per_page = page_size // logical_page_size
-    n_logical = tail_first * per_page
-    scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical])
-    scores = scores.view(batch, heads, groups, tail_first, per_page).amax(-1)  # [B, Hd, G, pages]
+    scores, tail_first = _page_bounds(query, key_min, key_max, seen=seen, budget=budget, page_size=page_size,
+                                      logical_page_size=logical_page_size)
+    if scores is None:
+        return _nothing(query)
     scores = torch.where(_real_pages(tail_first, kv_start, page_size)[:, None, None], scores, float("-inf"))
     rank = torch.empty_like(scores)
     rank.scatter_(-1, scores.argsort(-1, descending=True), torch.arange(tail_first, device=query.device,
                                                                          dtype=scores.dtype).expand_as(scores))
     best = rank.amin(dim=2)  # [B, Hd, pages]: the round in which the page enters the union
     order = -best - 1e-6 * torch.arange(tail_first, device=query.device)  # ties: earlier page first
-    return _top_pages(order, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
+    return _top_pages(order, kv_start=kv_start, budget_pages=budget // page_size, page_size=page_size), tail_first
 
 
 RECENT_SHARE = 0.25  # quest_recent: the share of the selected pages given to the newest ones
@@ -108,18 +119,12 @@ def recent_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, p
     """An estimator variant: a budget split that favours the recent pages. ``recent_share`` of the selected
     pages (at least one) are the newest pages before the tail, the rest Quest's bound chooses (the group's
     maximum, as ``select_pages``). ``select_pages``' format."""
-    from ..kernels.reference import page_scores
-
-    n_pages = -(-seen // page_size)
+    scores, tail_first = _page_bounds(query, key_min, key_max, seen=seen, budget=budget, page_size=page_size,
+                                      logical_page_size=logical_page_size)
+    if scores is None:
+        return _nothing(query)
+    scores = scores.amax(2)  # [B, Hd, pages]
     budget_pages = budget // page_size
-    batch, heads, groups = query.shape[:3]
-    if n_pages <= budget_pages:
-        return torch.empty(batch, heads, 0, dtype=torch.int32, device=query.device), 0
-    tail_first = n_pages - 1
-    per_page = page_size // logical_page_size
-    n_logical = tail_first * per_page
-    scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical])
-    scores = scores.view(batch, heads, groups, tail_first, per_page).amax(-1).amax(2)  # [B, Hd, pages]
     n_recent = max(1, round(recent_share * (budget_pages - 1)))
     scores[:, :, max(0, tail_first - n_recent):] = float("inf")
     return _top_pages(scores, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
@@ -131,8 +136,8 @@ KINDS = ("quest", "oracle", "quest_per_head", "quest_recent")
 @contextlib.contextmanager
 def recording(kind: str, *, scale: float):
     """Decode steps choose pages by ``kind`` ("quest": the package's bound; "oracle"; "quest_per_head": the
-    bound ranked per query head, see ``per_head_pages``; "quest_recent": see ``recent_pages``), and the mass recall of every (step, layer, batch row,
-    KV head) is appended to the yielded list."""
+    bound ranked per query head, see ``per_head_pages``; "quest_recent": see ``recent_pages``), and the mass
+    recall of every (step, layer, batch row, KV head) is appended to the yielded list."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
     recalls: list[float] = []
