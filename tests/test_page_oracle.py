@@ -112,3 +112,26 @@ def test_recent_variant_keeps_the_newest_pages_and_the_best_of_the_rest():
         assert {0, 17, 18} <= chosen
         best = set(torch.topk(bound[0, h, 1:17], 4).indices.add(1).tolist())
         assert chosen - {0, 17, 18} == best
+
+
+@pytest.mark.parametrize("radius", [1.0, 0.5])
+def test_mass_estimate_variant_equals_the_oracle_where_bounds_are_exact(radius):
+    """Pages whose logical pages hold identical keys have exact bounds (min = max = the key): the estimated mass
+    is then the true mass, so the variant picks the oracle's pages, whatever the shrink towards the midpoint."""
+    generator = torch.Generator().manual_seed(5)
+    batch, heads, groups, dim, page, logical, seen = 2, 2, 3, 16, 16, 4, 16 * 9 + 3
+    n_logical = -(-seen // logical)
+    per_logical = torch.randn(batch, heads, n_logical, dim, generator=generator)
+    keys = per_logical.repeat_interleave(logical, dim=2)[:, :, :seen]
+    query = torch.randn(batch, heads, groups, dim, generator=generator) * 2
+    kv_start = torch.tensor([0, 20])  # row 1: a padded start (its first page holds padding only)
+    scale = dim ** -0.5
+    pages, tail = page_oracle.mass_estimate_pages(query, per_logical, per_logical, kv_start=kv_start, seen=seen,
+                                                  budget=4 * page, page_size=page, logical_page_size=logical,
+                                                  scale=scale, radius=radius)
+    mass = page_oracle.page_mass(query, keys, kv_start=kv_start, seen=seen, page_size=page, scale=scale)
+    # the true mass of real tokens only: padded keys of row 1's first real page still hold statistics here
+    expected, expected_tail = page_oracle.oracle_pages(mass, kv_start=kv_start, budget=4 * page, page_size=page)
+    assert tail == expected_tail == 9
+    assert torch.equal(pages[0].sort(-1).values, expected[0].sort(-1).values)
+    assert (pages[1] == 1).any(-1).all()  # row 1's first real page (slot 20 is in page 1) is always kept

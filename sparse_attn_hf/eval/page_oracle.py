@@ -74,9 +74,11 @@ def mass_recall(mass: torch.Tensor, pages: torch.Tensor, tail_first: int) -> tor
     return (mass * read[:, :, :n_pages]).sum(-1) / mass.sum(-1).clamp(min=1e-30)
 
 
-def _page_bounds(query, key_min, key_max, *, seen: int, budget: int, page_size: int, logical_page_size: int):
+def _page_bounds(query, key_min, key_max, *, seen: int, budget: int, page_size: int, logical_page_size: int,
+                 logical: bool = False):
     """Quest's bound per query head and candidate page, float32 [B, Hd, G, pages] (a page scores the max of its
-    logical pages), and the tail's first page; None and 0 when the context fits the budget."""
+    logical pages; with ``logical``, [B, Hd, G, pages, logical pages per page] unreduced), and the tail's first
+    page; None and 0 when the context fits the budget."""
     from ..kernels.reference import page_scores
 
     n_pages = -(-seen // page_size)
@@ -86,7 +88,8 @@ def _page_bounds(query, key_min, key_max, *, seen: int, budget: int, page_size: 
     per_page = page_size // logical_page_size
     n_logical = tail_first * per_page
     scores = page_scores(query, key_min[:, :, :n_logical], key_max[:, :, :n_logical])
-    return scores.view(*query.shape[:3], tail_first, per_page).amax(-1), tail_first
+    scores = scores.view(*query.shape[:3], tail_first, per_page)
+    return (scores if logical else scores.amax(-1)), tail_first
 
 
 def _nothing(query):
@@ -130,13 +133,38 @@ def recent_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, p
     return _top_pages(scores, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
 
 
-KINDS = ("quest", "oracle", "quest_per_head", "quest_recent")
+def mass_estimate_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
+                        logical_page_size: int, scale: float, radius: float = 1.0):
+    """An estimator variant that aggregates as the oracle does: each query head turns its bounds into an
+    estimated attention mass (a softmax of ``scale`` x bound over the logical pages of real tokens), a physical
+    page sums the mass of its logical pages, and the group's query heads add their masses (Quest takes the
+    group's maximum of raw bounds, where one head with large logits outranks the others). With ``radius`` < 1
+    the bound shrinks towards the page's midpoint: ``q . mid + radius * |q| . (kmax - kmin) / 2``."""
+    bounds, tail_first = _page_bounds(query, key_min, key_max, seen=seen, budget=budget, page_size=page_size,
+                                      logical_page_size=logical_page_size, logical=True)
+    if bounds is None:
+        return _nothing(query)
+    if radius != 1.0:
+        from ..kernels.reference import page_scores
+
+        n_logical = bounds.shape[3] * bounds.shape[4]
+        mid = (key_min[:, :, :n_logical].float() + key_max[:, :, :n_logical].float()) / 2
+        center = page_scores(query, mid, mid).view(bounds.shape)  # q . mid (min = max = mid)
+        bounds = center + radius * (bounds - center)
+    real = _real_pages(tail_first, kv_start, page_size)[:, None, None, :, None]
+    logits = torch.where(real, bounds * scale, float("-inf")).flatten(3)
+    mass = torch.softmax(logits, dim=-1).view(bounds.shape).sum(-1).sum(2)  # [B, Hd, pages]
+    return _top_pages(mass, kv_start=kv_start, budget_pages=budget // page_size, page_size=page_size), tail_first
+
+
+KINDS = ("quest", "oracle", "quest_per_head", "quest_recent", "quest_mass", "quest_mass_mid")
 
 
 @contextlib.contextmanager
 def recording(kind: str, *, scale: float):
     """Decode steps choose pages by ``kind`` ("quest": the package's bound; "oracle"; "quest_per_head": the
-    bound ranked per query head, see ``per_head_pages``; "quest_recent": see ``recent_pages``), and the mass
+    bound ranked per query head, see ``per_head_pages``; "quest_recent": see ``recent_pages``; "quest_mass" and
+    "quest_mass_mid": see ``mass_estimate_pages``), and the mass
     recall of every (step, layer, batch row, KV head) is appended to the yielded list."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
@@ -149,6 +177,11 @@ def recording(kind: str, *, scale: float):
         elif kind == "quest_recent":
             pages, tail_first = recent_pages(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
                                              page_size=page_size, logical_page_size=logical_page_size)
+        elif kind in ("quest_mass", "quest_mass_mid"):
+            pages, tail_first = mass_estimate_pages(query, key_min, key_max, kv_start=kv_start, seen=seen,
+                                                    budget=budget, page_size=page_size,
+                                                    logical_page_size=logical_page_size, scale=scale,
+                                                    radius=0.5 if kind == "quest_mass_mid" else 1.0)
         elif kind == "quest_per_head":
             pages, tail_first = per_head_pages(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
                                                page_size=page_size, logical_page_size=logical_page_size)
