@@ -34,12 +34,22 @@ class PatchState:
     previous_attention: str
     modules: list  # weak references to the attention modules (each module holds this state: no cycle)
     heads: KVHeadSlice  # the model's KV heads this process holds (a tensor-parallel rank: its slice)
+    windows: list = field(default_factory=list)  # per layer: None (full attention) or its native window
     hook: object = None  # the forward pre-hook that rejects empty inputs
     _splits: dict = field(default_factory=dict)  # per (layer, device) index tensors and streaming flags
     _mask_memo: tuple | None = None
     checked_positions: object = None  # the position_ids of the current forward, once checked
     masks: dict = field(default_factory=dict)  # layer -> last SampleAttention mask (SparseConfig.record_masks)
     sample_choices: dict = field(default_factory=dict)  # layer -> last SampleAttention density, cost, sparse?
+
+    def rule(self, layer: int) -> tuple[int, int, int]:
+        """(sink, local window, decode window) of ``layer``'s streaming heads: the settings' on a full-attention
+        layer; (0, window, window) on a native window layer, whose every head streams (``models``)."""
+        window = self.windows[layer] if self.windows else None
+        if window is None:
+            local = self.settings.local_size
+            return self.settings.sink_size, local, min(self.settings.decode_local_size, local)
+        return 0, window, window
 
     def head_split(self, layer: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(dense KV head indices, streaming KV head indices) of ``layer``, on ``device`` (cached)."""
@@ -135,17 +145,24 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
         raise ValueError(f"found {len(modules)} attention modules, the profile has {profile.num_layers} layers.")
     _register()
     labels = profile.streaming_heads(settings.streaming_fraction)  # chosen over all heads, then sliced
+    windows = models.layer_windows(model.config)
+    chosen = int(labels[:, heads.start : heads.stop].sum())
+    for layer, window in enumerate(windows):
+        if window is not None:  # a native window layer: every head streams with sink 0 and local = window
+            labels[layer] = True
     state = PatchState(
         profile=profile,
         settings=settings,
         streaming=labels[:, heads.start : heads.stop].clone(),
+        windows=windows,
         previous_attention=model.config._attn_implementation,
         modules=[weakref.ref(module) for module in modules],
         heads=heads,
     )
+    covered = [i for i, window in enumerate(windows) if window is None]
     if heads.sharded:
-        log_once(f"sparse_attn_hf: {heads.describe()}; {int(state.streaming.sum())} of its "
-                 f"{state.streaming.numel()} (layer, KV head) pairs stream.")
+        log_once(f"sparse_attn_hf: {heads.describe()}; {chosen} of its "
+                 f"{len(covered) * heads.count} (layer, KV head) pairs of full-attention layers stream.")
     for module in modules:
         module._sparse_attn_state = state
     model.set_attn_implementation(ATTENTION_NAME)
@@ -154,9 +171,10 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
     model.generate = _generate_with_sparse_cache(model)
     logger.log(
         logging.INFO,
-        "sparse_attn_hf: patched %s (%s family): %d of %d KV heads stream (sink %d, local %d).",
-        type(model).__name__, family.name, int(state.streaming.sum()), state.streaming.numel(),
-        settings.sink_size, settings.local_size,
+        "sparse_attn_hf: patched %s (%s family): %d of %d KV heads of full-attention layers stream (sink %d, "
+        "local %d)%s.", type(model).__name__, family.name, chosen, len(covered) * heads.count, settings.sink_size,
+        settings.local_size, "" if len(covered) == len(windows) else
+        f"; its {len(windows) - len(covered)} window layers keep their native window (ring of the window's size)",
     )
     return model
 

@@ -78,7 +78,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         whole, every_key, every_value = first == 0, key.key, key.value
     else:
         k_len = key.shape[2]
-        if attention_mask is None and kwargs.get("position_ids") is not state.checked_positions:
+        window_layer = state.windows and state.windows[module.layer_idx] is not None
+        # a native window layer may get only its window's keys (Transformers' sliding cache layers): the rule is
+        # the same in the keys' own slots, so its positions are not checked against the keys
+        if not window_layer and attention_mask is None and kwargs.get("position_ids") is not state.checked_positions:
             _check_positions(kwargs.get("position_ids"), k_len)  # once per forward, not per layer
             state.checked_positions = kwargs.get("position_ids")
         first = k_len - q_len
@@ -88,10 +91,14 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         padded = attention_mask is not None
         whole, every_key, every_value = True, key, value
     settings = state.settings
-    common = dict(q_first=first, kv_start=kv_start, sink=settings.sink_size, local=settings.local_size,
-                  scale=scale, tile=settings.query_tile)
+    sink, local, _ = state.rule(module.layer_idx)
+    common = dict(q_first=first, kv_start=kv_start, sink=sink, local=local, scale=scale, tile=settings.query_tile)
     sample = _sample_settings(state, module.layer_idx, q_len, first + q_len)
-    if sample is None and whole and (not len(stream_idx) or not _streaming_pays(settings, first, q_len)):
+    if state.windows and state.windows[module.layer_idx] is not None:  # native window: exact only where it binds
+        stream_pays = first + q_len > local
+    else:
+        stream_pays = bool(len(stream_idx)) and _streaming_pays(settings, first, q_len)
+    if sample is None and whole and not stream_pays:
         # every head dense: one SDPA call on K/V as they came (no gathered queries, no layout copy)
         return ops.dense_attention(query, every_key, every_value, kv_start=kv_start, padded=padded, scale=scale), None
     if kv is None:

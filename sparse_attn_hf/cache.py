@@ -11,7 +11,9 @@ Per layer:
   element-wise min and max of its real (non-pad) keys, ``[B, H_dense, capacity / 16, D]``, computed from
   the stored keys as tokens arrive (+inf / -inf where a page has no real key yet).
 * **streaming KV heads** keep the first ``sink_size`` real tokens of each row and the last
-  ``local_size`` tokens in a ring buffer of constant size; absolute slots are tracked.
+  ``local_size`` tokens in a ring buffer of constant size; absolute slots are tracked. A hybrid model's
+  native window layer is all streaming heads with no sink and its window as ``local_size`` (no decode
+  shrink): a ring of the window's size, as Transformers' own sliding cache.
 
 Transformers calls ``update()`` before the attention function, without the padding mask. So
 ``update()`` returns a :class:`PendingKV` in place of the key tensor; the plugin's attention function,
@@ -545,22 +547,22 @@ class SparseCache(Cache):
             raise ValueError("SparseCache needs a patched model: call sparse_attn_hf.patch_model(model) first.")
         settings = state.settings
         self.sequence = SequenceState(state, max_cache_len)
-        layers = [
-            SparseLayer(
+        layers = []
+        for layer in range(state.streaming.shape[0]):
+            sink, local, decode_local = state.rule(layer)  # a native window layer: (0, window, window)
+            layers.append(SparseLayer(
                 self.sequence,
                 layer,
                 *state.head_lists(layer),
-                sink_size=settings.sink_size,
-                local_size=settings.local_size,
+                sink_size=sink,
+                local_size=local,
                 page_size=settings.page_size,
                 logical_page_size=settings.logical_page_size,
                 token_budget=settings.token_budget,
                 reuse_interval=settings.reuse_interval,
-                decode_local_size=settings.decode_local_size,
+                decode_local_size=decode_local,
                 compiled_decode=settings.decode_compile,
-            )
-            for layer in range(state.streaming.shape[0])
-        ]
+            ))
         super().__init__(layers=layers)
 
     @property

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 VOCAB = 96
+WINDOW_FAMILIES = ("ministral", "gemma3", "exaone4", "qwen2_window")  # tiny configs with window layers of 8 tokens
 
 
 def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, layers: int = 2, head_dim: int = 16,
@@ -48,6 +49,22 @@ def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, laye
                 "type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(half)],
                 "long_factor": [1.5 + 0.1 * i for i in range(half)]})
         config = Phi3Config(**{k: v for k, v in common.items() if k != "head_dim"}, **extra)
+    elif family in WINDOW_FAMILIES:  # hybrid: window layers (window 8) between full-attention ones
+        types = [("full_attention" if i % 2 else "sliding_attention") for i in range(layers)]
+        if family == "ministral":
+            from transformers import MinistralConfig
+
+            config = MinistralConfig(**common, sliding_window=8, layer_types=types)
+        elif family == "gemma3":
+            from transformers import Gemma3TextConfig
+
+            config = Gemma3TextConfig(**common, sliding_window=8, layer_types=types, query_pre_attn_scalar=24)
+        elif family == "exaone4":
+            from transformers import Exaone4Config
+
+            config = Exaone4Config(**common, sliding_window=8, layer_types=types)
+        else:  # qwen2 with use_sliding_window: layers from max_window_layers on slide
+            config = Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     elif family == "internlm3":
         try:
             from transformers import InternLM3Config  # not in every 5.x release

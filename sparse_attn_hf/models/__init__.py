@@ -2,6 +2,13 @@
 
 Every supported family runs its attention through Transformers' ``AttentionInterface``; its attention
 modules carry ``layer_idx`` and ``num_key_value_groups`` and receive RoPE-applied queries and keys.
+
+**Window layers.** Hybrid models (Gemma 3, Ministral, Exaone 4, Qwen2/Qwen3 with ``use_sliding_window``) mark
+each layer ``full_attention`` or ``sliding_attention`` in ``config.layer_types``. A sliding layer is the
+streaming rule with no sink and a local window of ``config.sliding_window`` tokens (query ``i`` sees key ``j``
+when ``0 <= i - j < window``, as Transformers' ``sliding_window_overlay``) on every head: the package runs it
+through the same kernels and stores it in a ring of the window's size. A profile's labels apply to the
+full-attention layers only (:func:`layer_windows`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ FAMILIES = (
     Family("qwen3_moe", ("qwen3_moe",)),
     # Phi-3 / Phi-4: fused qkv_proj split by the model, LongRoPE (short and long factors) applied before
     Family("phi3", ("phi3",)),
+    # hybrid families: window layers between full-attention layers (layer_types); Gemma 3 scales queries by
+    # query_pre_attn_scalar (passed as ``scaling``) and normalizes q and k inside the model; Exaone 4 too
+    Family("ministral", ("ministral",)),
+    Family("gemma3", ("gemma3_text",)),
+    Family("exaone4", ("exaone4",)),
 )
 
 # model types that only exist as remote code, which does not run on Transformers 5.x
@@ -41,12 +53,48 @@ _NEEDS_CONVERSION = {
 
 # families whose attention needs terms the kernels do not compute yet: what is missing, for the refusal
 _NOT_YET = {
-    "gemma2": "soft-capped attention logits (attn_logit_softcapping) and sliding-window layers",
-    "gemma3_text": "sliding-window layers between its full-attention layers",
-    "gemma3": "sliding-window layers between its full-attention layers",
-    "gpt_oss": "learned attention sinks (an extra logit per head) and sliding-window layers",
-    "exaone4": "sliding-window layers between its full-attention layers",
+    "gemma2": "soft-capped attention logits (attn_logit_softcapping)",
+    "gemma3": "bidirectional attention within each image (the vision-language model; its text-only "
+              "Gemma3ForCausalLM, model_type gemma3_text, is supported)",
+    "gpt_oss": "learned attention sinks (an extra logit per head)",
 }
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per layer of ``config`` (a model config or its text config): ``None`` for full attention, or the
+    window in tokens of a native sliding-window layer. A window that no input can exceed (Phi-3-128k's
+    262144 against its positions) never binds: full attention."""
+    config = config.get_text_config(decoder=True)
+    layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window >= getattr(config, "max_position_embeddings", float("inf")):
+        window = None
+    types = getattr(config, "layer_types", None)
+    if not types:  # no per-layer types: a window applies to every layer (Mistral's)
+        return [window] * layers
+    other = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+    if other:
+        raise ValueError(
+            f"layer types {other} of this {config.model_type} model are not supported by sparse_attn_hf (it knows "
+            "full_attention and sliding_attention layers)."
+        )
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def full_attention_layers(config) -> tuple[int, ...]:
+    """The layers of ``config`` without a native window (those a profile covers), or ``ValueError`` where every
+    layer slides (Mistral's window): there is nothing for the package to make cheaper."""
+    windows = layer_windows(config)
+    full = tuple(i for i, window in enumerate(windows) if window is None)
+    if not full:
+        raise ValueError(
+            f"every layer of this {config.get_text_config(decoder=True).model_type} model attends through its own "
+            f"sliding window of {windows[0]} tokens: no layer reads the whole context, so there is nothing for "
+            "sparse_attn_hf to make cheaper (its KV memory is already bounded by the window); use it as it is. If "
+            "your inputs are shorter than the window, it never binds: set model.config.sliding_window = None and "
+            "patch again."
+        )
+    return full
 
 
 def supported_model_types() -> list[str]:
@@ -75,24 +123,13 @@ def family_for(model) -> Family:
             f"model_type {model_type!r} ({type(model).__name__}) is not supported by sparse_attn_hf; "
             f"supported: {', '.join(supported_model_types())}."
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    window = getattr(config, "sliding_window", None)
-    if window is not None and window >= getattr(config, "max_position_embeddings", float("inf")):
-        window = None  # a window no input can exceed never binds (Phi-3-128k's 262144): full attention
-    if window is not None and "full_attention" not in layer_types:  # Mistral's window: every layer slides
-        raise ValueError(
-            f"every layer of this {model_type} model attends through its own sliding window of {window} tokens: "
-            "no layer reads the whole context, so there is nothing for sparse_attn_hf to make cheaper (its KV "
-            "memory is already bounded by the window); use it as it is. If your inputs are shorter than the "
-            "window, it never binds: set model.config.sliding_window = None and patch again."
-        )
-    if window is not None or "sliding_attention" in layer_types:
-        raise ValueError(
-            f"this {model_type} model uses native sliding-window attention (sliding_window="
-            f"{getattr(config, 'sliding_window', None)}), which sparse_attn_hf does not combine with its own "
-            "sparsity yet. If your inputs are shorter than the window, set model.config.sliding_window = None "
-            "(it then attends exactly as before) and patch again."
-        )
+    for name in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(config, name, None):
+            raise ValueError(
+                f"{type(model).__name__} ({model_type}) sets {name}={getattr(config, name)!r}, which the package's "
+                "kernels do not compute; it is not supported by sparse_attn_hf yet."
+            )
+    full_attention_layers(config)  # raises where every layer slides
     return family
 
 

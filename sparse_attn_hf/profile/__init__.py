@@ -1,9 +1,12 @@
 """Profiles: per-(layer, KV head) scores and per-model defaults, stored as safetensors.
 
-A profile file holds the tensor ``head_score`` (float32 [num_layers, num_kv_heads], in [0, 1]: how
+A profile file holds the tensor ``head_score`` (float32 [covered layers, num_kv_heads], in [0, 1]: how
 much a head needs the full context), optionally ``fingerprint`` (float32 [n], a summary of the model's
 weights that identifies the model a shipped profile was made for), and a string metadata map whose
-keys are listed in ``_FIELDS``. Loading checks every field; ``validate_for(model)`` checks the profile
+keys are listed in ``_FIELDS``. A profile covers exactly the layers it may change: the model's
+full-attention layers (``layers``, a JSON list; every layer of a model without native sliding-window
+layers, whose windows stay as the model has them). Format 1 files (before ``layers``) cover every layer
+and still load. Loading checks every field; ``validate_for(model)`` checks the profile
 against a model and names the mismatch and the fix.
 
 Profiles are made by ``python -m sparse_attn_hf.profile`` (see :mod:`sparse_attn_hf.profiler`).
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the covered layers (``layers``); 1 still loads (every layer covered)
+_READS = ("1", "2")
 
 # metadata key -> (type, default or _REQUIRED)
 _REQUIRED = object()
@@ -49,6 +53,7 @@ _FIELDS: dict[str, tuple[type, object]] = {
     "command": (str, ""),
     "sweep": (str, ""),  # JSON: the SampleAttention sweep's table (sparse_attn_hf.profiler.sweep)
     "fraction_choice": (str, ""),  # JSON: the held-out fraction table and choice (sparse_attn_hf.profiler.held_out)
+    "layers": (list, None),  # JSON list: the covered layers (format 2); absent: every layer
 }
 
 _HOW_TO_GET_ONE = (
@@ -60,6 +65,9 @@ _HOW_TO_GET_ONE = (
 @dataclass
 class Profile:
     """Per-head scores plus the model identity and default settings they were made for.
+
+    ``head_score`` has one row per covered layer (``layers``, ascending; ``None`` = every layer): a hybrid
+    model's full-attention layers. ``streaming_heads`` answers for every layer of the model.
 
     Example:
         >>> profile = Profile.load("profiles/smollm2-135m-instruct.safetensors")
@@ -91,16 +99,22 @@ class Profile:
     command: str = ""
     sweep: str = field(default="", repr=False)
     fraction_choice: str = field(default="", repr=False)
+    layers: tuple[int, ...] | None = None
     fingerprint: torch.Tensor | None = field(default=None, repr=False)
     source: Path | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
 
     def __post_init__(self) -> None:
         self.head_score = torch.as_tensor(self.head_score, dtype=torch.float32).detach().cpu()
-        expected = (self.num_layers, self.num_kv_heads)
+        layers = tuple(range(self.num_layers)) if self.layers is None else tuple(int(i) for i in self.layers)
+        if list(layers) != sorted(set(layers)) or any(not 0 <= i < self.num_layers for i in layers) or not layers:
+            raise ValueError(f"profile layers {list(layers)} must be ascending, distinct, at least one, and within the "
+                             f"model's {self.num_layers} layers.")
+        self.layers = layers
+        expected = (len(layers), self.num_kv_heads)
         if tuple(self.head_score.shape) != expected:
             raise ValueError(
                 f"profile head_score has shape {tuple(self.head_score.shape)}, expected "
-                f"[num_layers, num_kv_heads] = {list(expected)}."
+                f"[covered layers, num_kv_heads] = {list(expected)}."
             )
         if not torch.isfinite(self.head_score).all():
             raise ValueError("profile head_score holds NaN or infinite values; re-create the profile.")
@@ -134,28 +148,35 @@ class Profile:
 
     # ----------------------------------------------------------------- labels
     def streaming_heads(self, streaming_fraction: float | None = None) -> torch.Tensor:
-        """Bool [num_layers, num_kv_heads]: True for streaming heads.
+        """Bool [num_layers, num_kv_heads]: True for streaming heads (always False on layers not covered).
 
-        The ``floor(fraction * num_layers * num_kv_heads + 0.5)`` heads (halves round up, so 0.25 of 90
-        heads is 23) with the lowest scores stream; equal scores are ordered by (layer, head), so the
-        split never changes from run to run.
+        Of the covered heads, the ``floor(fraction * n + 0.5)`` (halves round up, so 0.25 of 90 heads is 23)
+        with the lowest scores stream; equal scores are ordered by (layer, head), so the split never changes
+        from run to run.
         """
         fraction = self.streaming_fraction if streaming_fraction is None else streaming_fraction
         flat = self.head_score.flatten()
         n_stream = math.floor(fraction * flat.numel() + 0.5)
         order = torch.sort(flat, stable=True).indices  # stable: ties keep (layer, head) order
-        labels = torch.zeros(flat.numel(), dtype=torch.bool)
-        labels[order[:n_stream]] = True
-        return labels.view_as(self.head_score)
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen[order[:n_stream]] = True
+        labels = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.bool)
+        labels[list(self.layers)] = chosen.view_as(self.head_score)
+        return labels
 
     # ------------------------------------------------------------ constructors
     @classmethod
     def from_scores(cls, model, scores, **settings) -> "Profile":
-        """A profile for ``model`` from scores [num_layers, num_kv_heads]; ``settings`` set other fields."""
+        """A profile for ``model`` from scores [num_layers or covered layers, num_kv_heads] (the rows of a
+        hybrid model's window layers, if given, are dropped); ``settings`` set other fields."""
         shape = model_shape(model)
+        layers = covered_layers(model)
+        scores = torch.as_tensor(scores, dtype=torch.float32)
+        if scores.ndim == 2 and scores.shape[0] == shape["num_layers"] != len(layers):
+            scores = scores[list(layers)]
         settings.setdefault("method", "user scores")
         settings.setdefault("created", _today())
-        return cls(head_score=scores, fingerprint=weight_fingerprint(model), **shape, **settings)
+        return cls(head_score=scores, fingerprint=weight_fingerprint(model), layers=layers, **shape, **settings)
 
     @classmethod
     def all_dense(cls, model, **settings) -> "Profile":
@@ -163,7 +184,7 @@ class Profile:
         shape = model_shape(model)
         settings.setdefault("method", "all dense")
         settings.setdefault("streaming_fraction", 0.0)
-        scores = torch.ones(shape["num_layers"], shape["num_kv_heads"])
+        scores = torch.ones(len(covered_layers(model)), shape["num_kv_heads"])
         return cls.from_scores(model, scores, **settings)
 
     # --------------------------------------------------------------------- I/O
@@ -175,7 +196,8 @@ class Profile:
         if self.fingerprint is not None:
             tensors["fingerprint"] = self.fingerprint.contiguous()
         metadata = {"format_version": str(FORMAT_VERSION)}
-        metadata.update({key: str(getattr(self, key)) for key in _FIELDS})
+        metadata.update({key: str(getattr(self, key)) for key in _FIELDS if key != "layers"})
+        metadata["layers"] = json.dumps(list(self.layers))
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
         return path
@@ -209,8 +231,8 @@ class Profile:
         version = metadata.get("format_version")
         if version is None:
             raise ValueError("metadata has no 'format_version'; this is not a sparse_attn_hf profile.")
-        if version != str(FORMAT_VERSION):
-            raise ValueError(f"format_version {version} is not supported (this version reads {FORMAT_VERSION}).")
+        if version not in _READS:
+            raise ValueError(f"format_version {version} is not supported (this version reads {', '.join(_READS)}).")
         if "head_score" not in tensors:
             raise ValueError("the tensor 'head_score' is missing.")
         values = {}
@@ -234,6 +256,9 @@ class Profile:
             for key, value in shape.items()
             if getattr(self, key) != value
         ]
+        if not problems and self.layers != covered_layers(model):
+            problems.append(f"covered layers: profile {list(self.layers)}, the model's full-attention layers "
+                            f"{list(covered_layers(model))}")
         if not problems and self.fingerprint is not None:
             model_print = weight_fingerprint(model)
             if model_print is not None and not fingerprints_match(self.fingerprint, model_print):
@@ -253,8 +278,9 @@ class Profile:
 
     def describe(self) -> str:
         labels = self.streaming_heads()
+        covers = "" if len(self.layers) == self.num_layers else f" (covers the full-attention layers {list(self.layers)})"
         return (
-            f"Profile({self.model_name or self.model_type}: {self.num_layers} layers x {self.num_kv_heads} KV heads, "
+            f"Profile({self.model_name or self.model_type}: {self.num_layers} layers{covers} x {self.num_kv_heads} KV heads, "
             f"{int(labels.sum())} streaming at fraction {self.streaming_fraction}, sink {self.sink_size}, "
             f"local {self.local_size}, method {self.method!r})"
         )
@@ -262,6 +288,14 @@ class Profile:
 
 # --------------------------------------------------------------------- helpers
 def _parse(kind: type, text: str):
+    if kind is list:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(text) from None
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise ValueError(text)
+        return tuple(value)
     if kind is int:
         return int(text)
     if kind is float:
@@ -290,6 +324,14 @@ def model_shape(model) -> dict:
         "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_heads,
         "head_dim": head_dim,
     }
+
+
+def covered_layers(model) -> tuple[int, ...]:
+    """The layers a profile for ``model`` (a model or its config) covers: those without a native window
+    (``ValueError`` where every layer slides)."""
+    from ..models import full_attention_layers
+
+    return full_attention_layers(getattr(model, "config", model))
 
 
 _CHUNKS = 8

@@ -23,9 +23,11 @@ _PROBE = "sparse_attn_hf_probe"
 class _Recorder:
     def __init__(self):
         self.handler = None  # fn(layer_idx, probs [B, Hq, Lq, Lk])
+        self.windows: list = []  # per layer: None, or a native window (models.layer_windows)
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if attention_mask is not None:
+        window = self.windows[module.layer_idx] if self.windows else None
+        if attention_mask is not None and window is None:  # a window layer's mask is its window, rebuilt here
             raise ValueError("attention statistics take one unpadded sequence at a time.")
         groups = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(groups, dim=1).float()
@@ -34,6 +36,8 @@ class _Recorder:
         scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
         q_len, k_len = scores.shape[-2:]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        if window is not None:  # the model's own window: key j seen by query i when i - j < window
+            causal &= ~torch.ones_like(causal).tril(k_len - q_len - window)
         probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
         self.handler(module.layer_idx, probs)
         return torch.matmul(probs, v).to(query.dtype).transpose(1, 2), None
@@ -44,9 +48,11 @@ _recorder = _Recorder()
 
 @contextlib.contextmanager
 def _probing(model, handler):
+    from ..models import layer_windows
+
     AttentionInterface.register(_PROBE, _recorder.attention)
     previous = model.config._attn_implementation
-    _recorder.handler = handler
+    _recorder.handler, _recorder.windows = handler, layer_windows(model.config)
     model.set_attn_implementation(_PROBE)
     try:
         yield

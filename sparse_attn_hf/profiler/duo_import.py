@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..profile import Profile, _today, model_shape, weight_fingerprint
+from ..profile import Profile, _today, covered_layers, model_shape, weight_fingerprint
 
 TSV = "full_attention_heads.tsv"
 CONFIG = "config.json"
@@ -60,7 +60,10 @@ def import_duo(folder: str | Path, model_or_config, **settings) -> Profile:
         if not isinstance(duo, dict):
             raise ValueError(f"{folder / CONFIG} must hold a JSON object.")
     shape = model_shape(model_or_config)
-    expected = (shape["num_layers"], shape["num_kv_heads"])
+    layers = covered_layers(model_or_config)
+    if gates.shape[0] == shape["num_layers"] != len(layers):
+        gates = gates[list(layers)]  # a hybrid model's window layers keep their native window
+    expected = (len(layers), shape["num_kv_heads"])
     if tuple(gates.shape) != expected:
         hint = ""
         if gates.shape == (shape["num_layers"], shape["num_heads"]):
@@ -82,4 +85,4 @@ def import_duo(folder: str | Path, model_or_config, **settings) -> Profile:
     settings.setdefault("calibration", str(duo.get("dataset_name", "")))
     settings.setdefault("created", _today())
     fingerprint = weight_fingerprint(model_or_config) if hasattr(model_or_config, "config") else None
-    return Profile(head_score=gates, fingerprint=fingerprint, **shape, **settings)
+    return Profile(head_score=gates, fingerprint=fingerprint, layers=layers, **shape, **settings)

@@ -56,15 +56,19 @@ class _GatedAttention:
     def __init__(self):
         self.gates: torch.Tensor | None = None
         self.sink = self.local = 0
+        self.windows: list = []  # per layer: None, or a native window (models.layer_windows)
         self._masks: dict = {}
 
-    def band(self, length: int, device) -> torch.Tensor:
-        key = (length, str(device))
+    def band(self, length: int, device, sink: int | None = None, local: int | None = None) -> torch.Tensor:
+        sink = self.sink if sink is None else sink
+        local = self.local if local is None else local
+        key = (length, str(device), sink, local)
         if key not in self._masks:
-            self._masks.clear()
+            if any(k[:2] != key[:2] for k in self._masks):
+                self._masks.clear()  # masks of one length at a time (each is length^2)
             pos = torch.arange(length, device=device)
             diff = pos[:, None] - pos[None, :]
-            self._masks[key] = (diff >= 0) & ((pos[None, :] < self.sink) | (diff < self.local))
+            self._masks[key] = (diff >= 0) & ((pos[None, :] < sink) | (diff < local))
         return self._masks[key]
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -73,6 +77,11 @@ class _GatedAttention:
         if key.shape[2] != length:
             raise ValueError("gate training runs whole sequences without a cache.")
         groups = query.shape[1] // key.shape[1]
+        window = self.windows[module.layer_idx] if self.windows else None
+        if window is not None:  # a native window layer stays as the model has it (no gate: the profile skips it)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.band(length, query.device, 0, window),
+                                                 scale=scaling, enable_gqa=groups > 1)
+            return out.transpose(1, 2).contiguous(), None
         full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
         stream = F.scaled_dot_product_attention(query, key, value, attn_mask=self.band(length, query.device),
                                                 scale=scaling, enable_gqa=groups > 1)
@@ -88,13 +97,16 @@ _gated = _GatedAttention()
 def _gated_attention(model, gates: torch.Tensor, sink: int, local: int):
     AttentionInterface.register(_GATED, _gated)
     previous = model.config._attn_implementation
+    from ..models import layer_windows
+
     _gated.gates, _gated.sink, _gated.local = gates, sink, local
+    _gated.windows = layer_windows(model.config)
     model.set_attn_implementation(_GATED)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
-        _gated.gates = None
+        _gated.gates, _gated.windows = None, []
         _gated._masks.clear()
 
 

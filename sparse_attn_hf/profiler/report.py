@@ -13,10 +13,13 @@ from .sweep import sweep_summary
 def report_text(profile: Profile, streaming_fraction: float | None = None) -> str:
     fraction = profile.streaming_fraction if streaming_fraction is None else streaming_fraction
     labels = profile.streaming_heads(fraction)
+    covered = list(profile.layers)
     lines = [
         profile.describe(),
-        f"streaming heads at fraction {fraction}: {int(labels.sum())} of {labels.numel()}; per layer "
-        f"{labels.sum(-1).tolist()}",
+        "covers: every layer" if len(covered) == profile.num_layers else
+        f"covers: the full-attention layers {covered} (the model's window layers keep their native window)",
+        f"streaming heads at fraction {fraction}: {int(labels.sum())} of {profile.head_score.numel()}; per "
+        f"{'layer' if len(covered) == profile.num_layers else 'covered layer'} {labels[covered].sum(-1).tolist()}",
         f"prefill: sink {profile.sink_size}, local {profile.local_size}; decode: token budget {profile.token_budget}, "
         f"pages {profile.page_size}/{profile.logical_page_size}, reuse {profile.reuse_interval}, "
         f"decode window {profile.decode_local_size}",
@@ -48,7 +51,7 @@ def save_report(profile: Profile, path: str | Path, streaming_fraction: float | 
     except ImportError:
         raise ImportError("the profile report draws with matplotlib: pip install matplotlib") from None
     fraction = profile.streaming_fraction if streaming_fraction is None else streaming_fraction
-    labels = profile.streaming_heads(fraction)
+    labels = profile.streaming_heads(fraction)[list(profile.layers)]  # rows of the covered layers, as the scores
     scores = profile.head_score.numpy()
     layers, heads = scores.shape
     text = report_text(profile, fraction)
@@ -62,7 +65,7 @@ def save_report(profile: Profile, path: str | Path, streaming_fraction: float | 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
+    ax.set_ylabel("layer" if len(profile.layers) == profile.num_layers else "covered layer (index among them)")
     ax.set_title(f"{profile.model_name or profile.model_type}: head scores\n(x = streaming at fraction {fraction})",
                  fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.08, pad=0.04, label="score (1 = needs the full context)")
