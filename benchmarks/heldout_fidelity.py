@@ -1,6 +1,6 @@
 """The shipped profile on text it never saw: answers and KL against dense attention (CPU).
 
-    python benchmarks/heldout_fidelity.py [--texts reporting story] [--lengths 1024 2048 4096]
+    python benchmarks/heldout_fidelity.py [--texts reporting story] [--lengths 1024 2048 4096] [--rows default quarter]
 
 The default model with its shipped profile at the profile's default streaming fraction. Cells: passkey and
 needle prompts hidden in the text at ``--lengths`` x 5 depths x 2 offsets (60 by default,
@@ -45,6 +45,8 @@ def main(argv=None) -> None:
     parser.add_argument("--texts", nargs="+", choices=list(TEXTS), default=["reporting"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--text-tokens", type=int, default=4096)
+    parser.add_argument("--rows", nargs="+", choices=["default", "quarter"], default=["default", "quarter"],
+                        help="the default-budget row, the budget-1/4 rows, or both")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     model, tokenizer = load_default_model()
@@ -66,9 +68,12 @@ def main(argv=None) -> None:
         text_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
         started = time.time()
         cells = held_out_cells(tokenizer, text, lengths=args.lengths)
-        [row] = measure(model, tokenizer, profile, cells, [fraction], text_ids, stop_at_lost=None)
-        done({"text": name, "setting": "default budget", "lengths": args.lengths, **row,
-              "seconds": time.time() - started})
+        if "default" in args.rows:
+            [row] = measure(model, tokenizer, profile, cells, [fraction], text_ids, stop_at_lost=None)
+            done({"text": name, "setting": "default budget", "lengths": args.lengths, **row,
+                  "seconds": time.time() - started})
+        if "quarter" not in args.rows:
+            continue
         per_length = len(cells) // len(args.lengths)
         kept = dense_correct = 0
         for i, length in enumerate(args.lengths):
