@@ -121,7 +121,8 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
     """Make ``model`` run sparse attention; returns ``model`` (patched in place).
 
     Args:
-        model: a supported ``*ForCausalLM`` (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, InternLM3, GLM-4).
+        model: a supported ``*ForCausalLM`` (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, InternLM3, GLM-4; the
+            hybrid Gemma 2, Gemma 3, GPT-OSS, Ministral, Exaone 4: ``models``).
         profile: ``None`` (the shipped profile made for this model), a path to a profile file, or a
             :class:`Profile` (for example ``Profile.all_dense(model)``).
         config: :class:`SparseConfig` overriding the profile's settings.

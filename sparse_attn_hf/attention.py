@@ -53,6 +53,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if kv_heads != state.streaming.shape[1] or query.shape[1] != kv_heads * module.num_key_value_groups:
         check_heads(state.heads, module, query.shape[1], kv_heads)  # raises: labels would land on wrong heads
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # terms of some families that SDPA lacks: learned sinks (GPT-OSS passes s_aux, float [Hq]) and soft-capped
+    # logits (Gemma 2 passes softcap); the package's kernels compute both
+    terms = dict(sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"))
     if isinstance(key, PendingKV):
         layer: SparseLayer = key.layer
         sequence = layer.sequence
@@ -66,11 +69,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             # value that changes per step or per prompt (the padding comes from the prefill's kv_start)
             if sequence.kv_start is None:
                 raise ValueError("a compiled decode step needs a prefill on this SparseCache first.")
-            return _decode_step(layer, query, key, sequence.kv_start.to(query.device), scale).unsqueeze(1), None
+            return _decode_step(layer, query, key, sequence.kv_start.to(query.device), scale, terms).unsqueeze(1), None
         first = layer.seen
         kv_start = sequence.resolve_kv_start(attention_mask, layer.batch, first, q_len, layer.device)
         if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming
-            return _decode_step(layer, query, key, kv_start, scale).unsqueeze(1), None
+            return _decode_step(layer, query, key, kv_start, scale, terms).unsqueeze(1), None
         kv = layer.append(key.key, key.value, kv_start)
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
         padded = sequence.max_kv_start > 0
@@ -92,7 +95,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         whole, every_key, every_value = True, key, value
     settings = state.settings
     sink, local, _ = state.rule(module.layer_idx)
-    common = dict(q_first=first, kv_start=kv_start, sink=sink, local=local, scale=scale, tile=settings.query_tile)
+    common = dict(q_first=first, kv_start=kv_start, sink=sink, local=local, scale=scale, tile=settings.query_tile,
+                  **terms)
     sample = _sample_settings(state, module.layer_idx, q_len, first + q_len)
     if state.windows and state.windows[module.layer_idx] is not None:  # native window: exact only where it binds
         stream_pays = first + q_len > local
@@ -100,7 +104,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         stream_pays = bool(len(stream_idx)) and _streaming_pays(settings, first, q_len)
     if sample is None and whole and not stream_pays:
         # every head dense: one SDPA call on K/V as they came (no gathered queries, no layout copy)
-        return ops.dense_attention(query, every_key, every_value, kv_start=kv_start, padded=padded, scale=scale), None
+        return ops.dense_attention(query, every_key, every_value, kv_start=kv_start, padded=padded, scale=scale,
+                                   **terms), None
     if kv is None:
         kv = LayerKV.split(key, value, dense_idx, stream_idx)
     stream_flags = state.all_streaming(len(stream_idx), query.device)
@@ -108,7 +113,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     return _prefill(query, kv, runs, stream_idx, stream_flags, common, padded, sample), None
 
 
-def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale: float) -> torch.Tensor:
+def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale: float, terms: dict) -> torch.Tensor:
     """One decode step of one layer -> [B, Hq, D]: plan (the first layer on the device advances the step's
     counters), store the token, choose the dense heads' pages, attend. Every step-dependent value stays on
     the device (a CUDA graph can replay the step, ``decode_graph``)."""
@@ -124,7 +129,7 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
                                 pages=buffers["pages"], keys=buffers["keys"], **settings)
         layer.keep_pages(kv.pages)
     return ops.paged_decode(query[:, :, 0], kv, kv_start=kv_start, sink=layer.sink_size, local=layer.decode_local_size,
-                            scale=scale)
+                            scale=scale, **terms)
 
 
 def _streaming_pays(settings, first: int, q_len: int) -> bool:
@@ -175,9 +180,10 @@ def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tenso
     stripes when ``sample`` and the cost model predicts that its mask pays. -> [B, Lq, Hq, D], possibly a
     non-contiguous view."""
     if sample is not None:
+        terms = dict(sinks=common["sinks"], softcap=common["softcap"])
         mask = sample_attention_mask(query, key, q_first=common["q_first"], kv_start=common["kv_start"],
                                      alpha=sample["alpha"], rw=sample["rw"], r_row=sample["r_row"],
-                                     scale=common["scale"], criterion=sample["criterion"])
+                                     scale=common["scale"], criterion=sample["criterion"], **terms)
         state, layer = sample["state"], sample["layer"]
         if sample["record"]:
             state.masks[layer] = mask
@@ -185,11 +191,13 @@ def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tenso
         pays = predicted <= cost.MARGIN
         state.sample_choices[layer] = {"density": density, "predicted_cost": predicted, "sparse": pays}
         if pays:
-            return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"])
+            return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"],
+                                        **terms)
         log_once(f"sparse_attn_hf: SampleAttention chose masks too dense to pay (layer {layer}: density {density:.2f}, "
                  f"predicted {predicted:.2f}x dense attention's cost); such layers run dense "
                  "(sparse_attn_hf.cost; state.sample_choices holds every layer's choice).")
-    return ops.dense_attention(query, key, value, kv_start=common["kv_start"], padded=padded, scale=common["scale"])
+    return ops.dense_attention(query, key, value, kv_start=common["kv_start"], padded=padded, scale=common["scale"],
+                               sinks=common["sinks"], softcap=common["softcap"])
 
 
 def _prefill(query, kv: LayerKV, dense_runs, stream_idx, stream_flags, common, padded: bool,
@@ -209,11 +217,15 @@ def _prefill(query, kv: LayerKV, dense_runs, stream_idx, stream_flags, common, p
     if kv.stream_first is not None:  # sinks + consecutive slots, no padding (LayerKV): in their coordinates
         q_first, kv_start = kv.stream_first, torch.zeros_like(kv_start)
     streaming = dict(q_first=q_first, k_pos=kv.stream_pos, kv_start=kv_start, sink=common["sink"],
-                     local=common["local"], scale=common["scale"], tile=common["tile"], streaming=stream_flags)
+                     local=common["local"], scale=common["scale"], tile=common["tile"], streaming=stream_flags,
+                     sinks=common["sinks"], softcap=common["softcap"])
     if not n_dense:  # every head streams: K/V hold them all, in order
         return ops.sparse_attention(query, kv.stream_key, kv.stream_value, **streaming)
     picked = _gather_heads(query, dense_runs, groups)
-    dense_out = _dense_heads(picked, kv.dense_key, kv.dense_value, common, padded, sample)
+    dense_common = common
+    if common["sinks"] is not None:  # the gathered query heads' sinks, in the same order
+        dense_common = dict(common, sinks=_gather_heads(common["sinks"].view(1, -1, 1, 1), dense_runs, groups).flatten())
+    dense_out = _dense_heads(picked, kv.dense_key, kv.dense_value, dense_common, padded, sample)
     del picked
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
     by_kv_head, done = out.unflatten(2, (-1, groups)), 0

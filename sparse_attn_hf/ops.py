@@ -134,6 +134,8 @@ def sparse_attention(
     groups: int = 1,
     key_all_heads: bool = False,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Dense + streaming attention of one layer -> [B, Lq, Hq, D].
 
@@ -144,7 +146,8 @@ def sparse_attention(
     (Hq = ``groups`` x Hkv_total, query head ``h * groups + g`` belongs to KV head ``h``): key/value then hold
     the n heads in order, or every KV head when ``key_all_heads`` (head ``heads[i]`` is read, no copy);
     ``streaming`` is [n]; the result goes into those heads of ``out`` [B, Lq, Hq, D] (required), the other
-    heads are left as they are.
+    heads are left as they are. ``sinks`` (float [Hq], by query head of ``query``) and ``softcap``: the
+    optional terms of ``kernels.reference``.
     """
     _check_attention_inputs(query, key, value, kv_start)
     batch, num_heads, q_len, head_dim = query.shape
@@ -170,35 +173,40 @@ def sparse_attention(
             return sparse_attention_triton(
                 query, key, value, q_first=q_first, k_pos=k_pos, kv_start=kv_start, streaming=streaming,
                 sink=sink, local=local, scale=scale, heads=heads, groups=groups, key_all_heads=key_all_heads,
-                out=out,
+                out=out, sinks=sinks, softcap=softcap,
             )
-    if _backend == "auto" and query.device.type == "cpu" and k_pos is None and bool(streaming.all()):
+    terms = sinks is not None or softcap is not None
+    if _backend == "auto" and query.device.type == "cpu" and k_pos is None and bool(streaming.all()) and not terms:
         # the CPU path for streaming heads: one fused SDPA call over window tiles (same rule)
         from .kernels.window_sdpa import streaming_attention_sdpa
 
-        def attend(q, k, v):
+        def attend(q, k, v, sinks=None):
             return streaming_attention_sdpa(q, k, v, q_first=q_first, kv_start=kv_start, sink=sink, local=local,
                                             scale=scale, tile=tile)
     else:
         q_pos = torch.arange(q_first, q_first + q_len, device=query.device).expand(batch, -1)
         k_pos = torch.arange(key.shape[2], device=query.device).expand(batch, -1) if k_pos is None else k_pos
 
-        def attend(q, k, v):
+        def attend(q, k, v, sinks=sinks):
             return sparse_attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start,
-                                              streaming=streaming, sink=sink, local=local, scale=scale, tile=tile)
+                                              streaming=streaming, sink=sink, local=local, scale=scale, tile=tile,
+                                              sinks=sinks, softcap=softcap)
     if heads is None:
         result = attend(query, key, value)
         return result if out is None else out.copy_(result)
     # PyTorch paths attend gathered heads; the result is scattered into ``out``
     picked = query.unflatten(1, (-1, groups)).index_select(1, heads).flatten(1, 2)
+    if sinks is not None:
+        sinks = sinks.view(-1, groups).index_select(0, heads).flatten()
     if key_all_heads:
         key, value = key.index_select(1, heads), value.index_select(1, heads)
-    out.unflatten(2, (-1, groups)).index_copy_(2, heads, attend(picked, key, value).unflatten(2, (n, groups)))
+    out.unflatten(2, (-1, groups)).index_copy_(2, heads, attend(picked, key, value, sinks).unflatten(2, (n, groups)))
     return out
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, kv_start: torch.Tensor,
-                    padded: bool, scale: float) -> torch.Tensor:
+                    padded: bool, scale: float, sinks: torch.Tensor | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Causal attention of dense heads -> [B, Lq, Hq, D] (possibly a non-contiguous view).
 
     query [B, Hq, Lq, D] holds the last Lq of the Lk slots of key/value [B, Hkv, Lk, D] (bottom-right
@@ -207,7 +215,8 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
     Runs the fastest correct kernel at hand: PyTorch SDPA (cuDNN / flash, ``enable_gqa``, as stock
     Transformers calls it) when nothing is padded; with padding, the Triton kernel on CUDA (fp16/bf16) and
-    SDPA with an explicit mask elsewhere (a row that sees no key gets zeros).
+    SDPA with an explicit mask elsewhere (a row that sees no key gets zeros). SDPA has no learned sinks and no
+    soft-capping: with ``sinks`` or ``softcap`` the package's kernel (or its reference) runs.
     """
     _check_attention_inputs(query, key, value, kv_start)
     batch, num_heads, q_len, _ = query.shape
@@ -219,9 +228,9 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     def kernel(query):  # the package's own kernel (or reference) with no streaming head
         no_stream = torch.zeros(key.shape[1], dtype=torch.bool, device=query.device)
         return sparse_attention(query, key, value, q_first=k_len - q_len, k_pos=None, kv_start=kv_start,
-                                streaming=no_stream, sink=0, local=1, scale=scale)
+                                streaming=no_stream, sink=0, local=1, scale=scale, sinks=sinks, softcap=softcap)
 
-    if _backend != "auto":  # tests pin an implementation
+    if _backend != "auto" or sinks is not None or softcap is not None:  # pinned by tests, or terms SDPA lacks
         return kernel(query)
     gqa = {"enable_gqa": True} if num_heads != key.shape[1] else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -291,7 +300,7 @@ def split_causal_attention(attend, query, key, value, scale: float) -> torch.Ten
 
 
 def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
-                 scale: float) -> torch.Tensor:
+                 scale: float, sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """One decode step of one layer over a SparseCache -> [B, Hq, D]. query [B, Hq, D] at slot
     ``kv.seen - 1``; contract: ``kernels.reference.paged_decode_reference``."""
     check_dtype(query.dtype)
@@ -301,20 +310,23 @@ def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, s
     if torch.compiler.is_compiling():  # an opaque operator for torch.compile (below)
         return torch.ops.sparse_attn_hf.paged_decode(query, kv.step, kv.head_kind, kv.head_slot,
                                                      *(getattr(kv, f) for f in _DECODE_KV_FIELDS), kv_start,
-                                                     kv.page_size, sink, local, scale)
-    return _paged_decode(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+                                                     kv.page_size, sink, local, scale, sinks, softcap)
+    return _paged_decode(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, sinks=sinks,
+                         softcap=softcap)
 
 
-def _paged_decode(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale: float) -> torch.Tensor:
+def _paged_decode(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale: float, sinks=None,
+                  softcap=None) -> torch.Tensor:
     page = kv.page_size
+    terms = dict(sinks=sinks, softcap=softcap)
     if _use_triton(query) and _decode_kernel_takes(page):
         from .kernels.decode import paged_decode_triton
 
         with _on_device(query):
-            return paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+            return paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, **terms)
     if query.is_cuda and _backend == "auto" and query.dtype in KERNEL_DTYPES:
         log_once(f"sparse_attn_hf: page_size {page} is not a power of two >= 16: decoding runs the PyTorch reference.")
-    return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+    return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, **terms)
 
 
 def physical_page_scores(query, key_min, key_max, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
@@ -367,20 +379,22 @@ def _append_triton(key, value, tensors: dict, *, seen, **common) -> None:
         append_token_triton(key, value, tensors, seen=seen, **common)
 
 
-def sampled_column_scores(query, key, *, rows, q_first: int, kv_start, window, scale: float) -> torch.Tensor:
+def sampled_column_scores(query, key, *, rows, q_first: int, kv_start, window, scale: float, sinks=None,
+                          softcap=None) -> torch.Tensor:
     """SampleAttention stage 1 -> float32 [B, Hkv, Lk]; contract:
     ``kernels.reference.sampled_column_scores_reference``."""
+    common = dict(rows=rows, q_first=q_first, kv_start=kv_start, window=window, scale=scale, sinks=sinks,
+                  softcap=softcap)
     if _use_triton(query):
         from .kernels.sampling import sampled_column_scores_triton
 
         with _on_device(query):
-            return sampled_column_scores_triton(query, key, rows=rows, q_first=q_first, kv_start=kv_start,
-                                                window=window, scale=scale)
-    return sampled_column_scores_reference(query, key, rows=rows, q_first=q_first, kv_start=kv_start,
-                                           window=window, scale=scale)
+            return sampled_column_scores_triton(query, key, **common)
+    return sampled_column_scores_reference(query, key, **common)
 
 
-def stripe_attention(query, key, value, *, mask, scale: float, tile: int = 256) -> torch.Tensor:
+def stripe_attention(query, key, value, *, mask, scale: float, tile: int = 256, sinks=None,
+                     softcap=None) -> torch.Tensor:
     """Attention on a StripeMask (window + column stripes) -> [B, Lq, Hq, D]; contract:
     ``kernels.reference.stripe_attention_reference``."""
     if _use_triton(query):
@@ -390,8 +404,9 @@ def stripe_attention(query, key, value, *, mask, scale: float, tile: int = 256) 
             return sparse_attention_triton(
                 query, key, value, q_first=key.shape[2] - query.shape[2], k_pos=None, kv_start=mask.kv_start,
                 streaming=torch.zeros(key.shape[1], dtype=torch.bool, device=query.device), sink=0, local=1,
-                scale=scale, stripe_mask=mask, whole_block_share=cost.WHOLE_BLOCK_SHARE)
-    return stripe_attention_reference(query, key, value, mask=mask, scale=scale, tile=tile)
+                scale=scale, stripe_mask=mask, whole_block_share=cost.WHOLE_BLOCK_SHARE, sinks=sinks, softcap=softcap)
+    return stripe_attention_reference(query, key, value, mask=mask, scale=scale, tile=tile, sinks=sinks,
+                                      softcap=softcap)
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -411,11 +426,13 @@ OptTensor = Optional[torch.Tensor]
 def _paged_decode_op(query: Tensor, step: Tensor, head_kind: Tensor, head_slot: Tensor, dense_key: OptTensor,
                      dense_value: OptTensor, pages: OptTensor, sink_key: OptTensor, sink_value: OptTensor,
                      sink_pos: OptTensor, ring_key: OptTensor, ring_value: OptTensor, ring_pos: OptTensor,
-                     kv_start: Tensor, page_size: int, sink: int, local: int, scale: float) -> Tensor:
+                     kv_start: Tensor, page_size: int, sink: int, local: int, scale: float, sinks: OptTensor = None,
+                     softcap: Optional[float] = None) -> Tensor:
     kv = DecodeKV(step=step, page_size=page_size, head_kind=head_kind, head_slot=head_slot, dense_key=dense_key,
                   dense_value=dense_value, pages=pages, sink_key=sink_key, sink_value=sink_value, sink_pos=sink_pos,
                   ring_key=ring_key, ring_value=ring_value, ring_pos=ring_pos)
-    return _paged_decode(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+    return _paged_decode(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, sinks=sinks,
+                         softcap=softcap)
 
 
 @_paged_decode_op.register_fake

@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 VOCAB = 96
-WINDOW_FAMILIES = ("ministral", "gemma3", "exaone4", "qwen2_window")  # tiny configs with window layers of 8 tokens
+# tiny configs with window layers of 8 tokens; Gemma 2 soft-caps its logits (to matter on tiny random
+# weights needs 0.02: their scaled logits are far below 1), GPT-OSS adds learned sinks (random, so that they matter)
+WINDOW_FAMILIES = ("ministral", "gemma3", "exaone4", "qwen2_window", "gemma2", "gpt_oss")
 
 
 def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, layers: int = 2, head_dim: int = 16,
@@ -63,6 +65,16 @@ def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, laye
             from transformers import Exaone4Config
 
             config = Exaone4Config(**common, sliding_window=8, layer_types=types)
+        elif family == "gemma2":
+            from transformers import Gemma2Config
+
+            config = Gemma2Config(**common, sliding_window=8, layer_types=types, query_pre_attn_scalar=24,
+                                  attn_logit_softcapping=0.02, final_logit_softcapping=None)
+        elif family == "gpt_oss":
+            from transformers import GptOssConfig
+
+            config = GptOssConfig(**common, sliding_window=8, layer_types=types, num_local_experts=4,
+                                  num_experts_per_tok=2)
         else:  # qwen2 with use_sliding_window: layers from max_window_layers on slide
             config = Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     elif family == "internlm3":
@@ -77,6 +89,11 @@ def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, laye
         raise ValueError(family)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if family == "gpt_oss":  # sinks start at zero: make them matter
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "sinks"):
+                    module.sinks.copy_(torch.randn(module.sinks.shape, generator=torch.Generator().manual_seed(seed)))
     model.generation_config.pad_token_id = 0
     return model
 

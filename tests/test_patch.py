@@ -106,10 +106,10 @@ def test_bad_models_are_rejected():
         patch_model(windowed, Profile.all_dense(windowed))
     windowed.config.sliding_window = 1024  # no input can exceed it (Phi-3-128k's 262144): full attention
     unpatch_model(patch_model(windowed, Profile.all_dense(windowed)))
-    gemma2 = types.SimpleNamespace(config=types.SimpleNamespace(
-        get_text_config=lambda decoder: types.SimpleNamespace(model_type="gemma2")))
-    with pytest.raises(ValueError, match="gemma2.* soft-capped attention logits"):
-        patch_model(gemma2)
+    vision = types.SimpleNamespace(config=types.SimpleNamespace(
+        get_text_config=lambda decoder: types.SimpleNamespace(model_type="gemma3")))
+    with pytest.raises(ValueError, match="gemma3.* bidirectional attention within each image"):
+        patch_model(vision)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="'gpt2' .* is not supported"):
         patch_model(gpt2)

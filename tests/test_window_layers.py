@@ -5,6 +5,7 @@ the profile covers the full-attention layers only."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -143,6 +144,34 @@ def test_format_1_files_load_and_cover_every_layer(tmp_path):
         Profile.load(path)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+@torch.no_grad()
+def test_soft_capping_and_learned_sinks_matter_and_are_computed(family):
+    """Gemma 2's soft-capped logits and GPT-OSS's learned sinks change stock's logits on these tiny models, and the
+    patched model (its kernels, here their references) reproduces stock with them, one-shot and decoding."""
+    model = tiny_model(family, layers=4)
+    ids = random_ids(2, LENGTH)
+    reference = model(ids).logits
+    attentions = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    saved = [(m.sinks.clone() if family == "gpt_oss" else m.attn_logit_softcapping) for m in attentions]
+    for m in attentions:  # without the term
+        if family == "gpt_oss":
+            m.sinks.fill_(-1e4)
+        else:
+            m.attn_logit_softcapping = None
+    without = model(ids).logits
+    for m, value in zip(attentions, saved):
+        if family == "gpt_oss":
+            m.sinks.copy_(value)
+        else:
+            m.attn_logit_softcapping = value
+    assert (without - reference).abs().max() > 1e-3
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with patched(model, Profile.all_dense(model)):
+        torch.testing.assert_close(model(ids).logits, reference, atol=2e-5, rtol=1e-4)
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
 def test_models_that_cannot_gain_or_need_missing_terms_are_refused():
     every = tiny_model("ministral", layers=2)
     every.config.layer_types = ["sliding_attention"] * 2
@@ -150,10 +179,14 @@ def test_models_that_cannot_gain_or_need_missing_terms_are_refused():
         patch_model(every, Profile(head_score=torch.ones(1, 2), layers=(0,), **_shape(every)))
     with pytest.raises(ValueError, match="every layer .* no layer reads the whole"):
         Profile.all_dense(every)
-    capped = tiny_model("gemma3", layers=2)
-    capped.config.attn_logit_softcapping = 1.0
-    with pytest.raises(ValueError, match="attn_logit_softcapping=1.0, which the package's kernels do not compute"):
-        patch_model(capped)
+    encoder = tiny_model("gemma3", layers=2)
+    encoder.config.use_bidirectional_attention = True
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True .* causal attention only"):
+        patch_model(encoder)
+    vision = types.SimpleNamespace(config=types.SimpleNamespace(
+        get_text_config=lambda decoder: types.SimpleNamespace(model_type="gemma3")))
+    with pytest.raises(ValueError, match="bidirectional attention within each image .* gemma3_text, is supported"):
+        patch_model(vision)
     chunked = tiny_model("ministral", layers=2)
     chunked.config.layer_types = ["chunked_attention", "full_attention"]
     with pytest.raises(ValueError, match="layer types \\['chunked_attention'\\]"):
@@ -187,18 +220,21 @@ def test_profiler_scores_only_the_full_attention_layers(family):
             unpatch_model(model)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "gpt_oss"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @torch.no_grad()
-def test_half_precision_prefill_and_decode_within_tolerance_rule(dtype):
+def test_half_precision_prefill_and_decode_within_tolerance_rule(dtype, family):
     """On a GPU the kernels run a window layer (the streaming prefill kernel, the append and decode kernels with
-    no sink): a chunked prefill and 10 decode steps on a SparseCache stay within the tolerance rule of a float64
-    stock model fed the same tokens; generate() replaying steps from a CUDA graph gives the eager steps' tokens."""
+    no sink) and, for Gemma 2 and GPT-OSS, every head with soft-capping or learned sinks: a chunked prefill and 10
+    decode steps on a SparseCache stay within the tolerance rule of a float64 stock model fed the same tokens;
+    generate() replaying steps from a CUDA graph gives the eager steps' tokens."""
     from conftest import DEVICE
     from helpers import assert_close_by_rule
 
     ids = random_ids(2, 40).to(DEVICE)
-    golden = tiny_model("gemma3", layers=4, heads=8, kv_heads=2, dtype=torch.float64).to(DEVICE)(ids).logits
-    model = tiny_model("gemma3", layers=4, heads=8, kv_heads=2, dtype=dtype).to(DEVICE)
+    exact = torch.float32 if family == "gpt_oss" else torch.float64  # GPT-OSS's experts take no float64
+    golden = tiny_model(family, layers=4, heads=8, kv_heads=2, dtype=exact).to(DEVICE)(ids).logits
+    model = tiny_model(family, layers=4, heads=8, kv_heads=2, dtype=dtype).to(DEVICE)
     baseline = model(ids).logits
     with patched(model, Profile.all_dense(model), SparseConfig(token_budget=128)):
         cache, logits = SparseCache(model), []

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill import _softmax_step
+from .prefill import _logits, _merge_sink, _softmax_step
 from .reference import STEP_SEEN, STEP_TAIL, DecodeKV
 
 LOG2E = 1.4426950408889634
@@ -31,11 +31,12 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # bf16 dots are wrong
 
 
 @triton.jit
-def _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap_log2, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Online-softmax step for one page: k [D, PAGE], v [PAGE, D], visible [PAGE]."""
     if UPCAST:
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    scores = _logits(q, k, scale_log2, softcap_log2, PRECISION)
     scores = tl.where(visible[None, :], scores, float("-inf"))
     return _softmax_step(acc, m_i, l_i, scores, v, UPCAST, PRECISION, True)
 
@@ -52,7 +53,7 @@ def _decode_split_kernel(
     stride_spb, stride_spn,
     stride_rkb, stride_rkh, stride_rkn, stride_rkd,
     stride_rvb, stride_rvh, stride_rvn, stride_rvd,
-    n_sel, sink_cap, ring_cap, sink, local, num_kv_heads, num_splits, scale_log2,
+    n_sel, sink_cap, ring_cap, sink, local, num_kv_heads, num_splits, scale_log2, softcap_log2,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STEP_SEEN: tl.constexpr,
     STEP_TAIL: tl.constexpr,
@@ -97,7 +98,7 @@ def _decode_split_kernel(
                         mask=visible[None, :] & d_ok[:, None], other=0.0)
             v = tl.load(DV + offs[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
                         mask=visible[:, None] & d_ok[None, :], other=0.0)
-            acc, m_i, l_i = _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST, PRECISION)
+            acc, m_i, l_i = _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap_log2, UPCAST, PRECISION)
     else:  # streaming head: sink blocks, then ring blocks
         SK += b * stride_skb + slot * stride_skh
         SV += b * stride_svb + slot * stride_svh
@@ -123,7 +124,7 @@ def _decode_split_kernel(
                             mask=visible[None, :] & d_ok[:, None], other=0.0)
                 v = tl.load(RV + idx[:, None] * stride_rvn + offs_d[None, :] * stride_rvd,
                             mask=visible[:, None] & d_ok[None, :], other=0.0)
-            acc, m_i, l_i = _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, UPCAST, PRECISION)
+            acc, m_i, l_i = _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap_log2, UPCAST, PRECISION)
     out = (b * num_kv_heads * GROUPS + head) * num_splits + split  # [B, Hq, splits] layout
     tl.store(M_OUT + out, m_i, mask=row_ok)
     tl.store(L_OUT + out, l_i, mask=row_ok)
@@ -131,8 +132,8 @@ def _decode_split_kernel(
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _combine_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, stride_od, num_heads, num_splits,
-                    S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+def _combine_kernel(M_IN, L_IN, ACC_IN, O, SINKS, stride_ob, stride_oh, stride_od, num_heads, num_splits,
+                    S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_SINKS: tl.constexpr):
     pid = tl.program_id(0)  # b * num_heads + head
     b = pid // num_heads
     head = pid % num_heads
@@ -143,9 +144,14 @@ def _combine_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, stride_od, num_
     l = tl.load(L_IN + pid * num_splits + s, mask=s_ok, other=0.0)
     acc = tl.load(ACC_IN + (pid * num_splits + s)[:, None] * D_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     m_all = tl.max(m, 0)
+    if HAS_SINKS:  # the head's learned sink (natural units): one more logit, no value
+        sink_log2 = tl.load(SINKS + head).to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_all, sink_log2)
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
     w = tl.exp2(m - m_all)  # splits that saw nothing: m = -inf, weight 0
     denom = tl.sum(w * l, 0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink_log2 - m_all)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(O + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(O.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
@@ -158,7 +164,8 @@ def _num_splits(batch_heads: int, entries: int, device: torch.device) -> int:
 
 
 def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
-                        scale: float, num_splits: int | None = None) -> torch.Tensor:
+                        scale: float, num_splits: int | None = None, sinks: torch.Tensor | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """Launch the split and combine kernels. query [B, Hq, D] -> [B, Hq, D]. The grid and every argument
     depend on the cache's sizes only (``kv.step`` carries the step's counters), so CUDA graphs can replay it."""
     batch, num_heads, head_dim = query.shape
@@ -202,7 +209,7 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Te
         m_part, l_part, acc_part,
         *query.stride(), *dk.stride(), *dv.stride(), *pages.stride(), *sk.stride(), *sv.stride(),
         *spos.stride(), *rk.stride(), *rv.stride(),
-        n_sel, sink_cap, ring_cap, sink, local, num_kv, splits, scale * LOG2E,
+        n_sel, sink_cap, ring_cap, sink, local, num_kv, splits, scale * LOG2E, (softcap or 0.0) * LOG2E,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), PAGE=page, HEAD_DIM=head_dim, D_PAD=d_pad,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 (tests): exact, not tf32
@@ -210,7 +217,8 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Te
     )
     out = torch.empty_like(query)
     _combine_kernel[(batch * num_heads,)](
-        m_part, l_part, acc_part, out, *out.stride(), num_heads, splits,
-        S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
+        m_part, l_part, acc_part, out, sinks if sinks is not None else m_part, *out.stride(), num_heads, splits,
+        S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad, HAS_SINKS=sinks is not None,
+        num_warps=4,
     )
     return out

@@ -13,7 +13,8 @@ repeated K/V). The key blocks it visits are computed from integers, outside the 
 * a :class:`~sparse_attn_hf.block_mask.BlockSparseMask`: the key blocks listed for the program's
   (KV head, query block), any pattern (random blocks, SampleAttention's window + stripes).
 
-Only visible keys enter the softmax (token-exact masks); a block is never visited twice. On Hopper and
+Only visible keys enter the softmax (token-exact masks); a block is never visited twice. Soft-capping
+(``softcap``) and learned sinks (``sinks``) follow ``kernels.reference``. On Hopper and
 newer GPUs K/V tiles arrive by bulk tensor copies (TMA descriptors) when the layout allows, else by
 pointer loads (measured in benchmarks/NOTES.md: TMA 4-5% faster on an H100).
 """
@@ -36,9 +37,34 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _logits(q, k, scale_log2, softcap_log2, PRECISION: tl.constexpr):
+    """Scaled scores in log2 units; soft-capped (``cap * tanh(s / cap)``, Gemma 2) when ``softcap_log2`` (the cap
+    in log2 units) is positive."""
+    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    if softcap_log2 > 0:
+        scores = softcap_log2 * _tanh(scores / softcap_log2)
+    return scores
+
+
+@triton.jit
+def _merge_sink(acc, m_i, l_i, sink_log2):
+    """Fold one extra logit per row (a learned sink, GPT-OSS; log2 units) into the online softmax: it takes its
+    share of the denominator and adds no value."""
+    m_new = tl.maximum(m_i, sink_log2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    return acc * alpha[:, None], m_new, l_i * alpha + tl.exp2(sink_log2 - m_safe)
+
+
+@triton.jit
 def _attend_block(
     acc, m_i, l_i, q, n0, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-    qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+    qpos, start, is_stream, sink, local, k_len, scale_log2, softcap_log2, offs_d,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):
@@ -59,7 +85,7 @@ def _attend_block(
         k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    scores = _logits(q, k, scale_log2, softcap_log2, PRECISION)
     if MASKED:
         if CONSECUTIVE:
             kpos = offs_n
@@ -101,7 +127,7 @@ def _softmax_step(acc, m_i, l_i, scores, v, UPCAST: tl.constexpr, PRECISION: tl.
 @triton.jit
 def _attend_columns(
     acc, m_i, l_i, q, cols, col_ok, K, V, stride_kn, stride_kd, stride_vn, stride_vd, qpos, start, window,
-    scale_log2, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    scale_log2, softcap_log2, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Gathered key columns (SampleAttention stripes): each is visible to the rows it lies outside the
     local window of (the window's keys are visited by the window loop: no key counts twice)."""
@@ -110,7 +136,7 @@ def _attend_columns(
                 other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    scores = _logits(q, k, scale_log2, softcap_log2, PRECISION)
     visible = col_ok[None, :] & (cols[None, :] >= start) & ((qpos[:, None] - cols[None, :]) >= window)
     scores = tl.where(visible, scores, float("-inf"))
     v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None] & d_ok[None, :],
@@ -121,7 +147,7 @@ def _attend_columns(
 @triton.jit
 def _attend_stripe_block(
     acc, m_i, l_i, q, n0, K, V, KD, VD, FLAGS, stride_kn, stride_kd, stride_vn, stride_vd, qpos, start, window,
-    k_len, scale_log2, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    k_len, scale_log2, softcap_log2, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """A key block dense with stripes, visited whole (bulk loads, no gather): only its stripe columns
@@ -137,7 +163,7 @@ def _attend_stripe_block(
                     mask=in_range[None, :] & d_ok[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    scores = _logits(q, k, scale_log2, softcap_log2, PRECISION)
     visible = flag[None, :] & (offs_n[None, :] >= start) & ((qpos[:, None] - offs_n[None, :]) >= window)
     scores = tl.where(visible, scores, float("-inf"))
     if TMA:
@@ -151,14 +177,14 @@ def _attend_stripe_block(
 @triton.jit
 def _attend_range(
     acc, m_i, l_i, q, lo, hi, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-    qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+    qpos, start, is_stream, sink, local, k_len, scale_log2, softcap_log2, offs_d,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CONSECUTIVE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, n0, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, softcap_log2, offs_d,
             HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, MASKED, TMA)
     return acc, m_i, l_i
 
@@ -173,11 +199,11 @@ def _prefill_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_pb, stride_pn,
-    num_kv_heads, q_len, k_len, q_first, sink, local, scale_log2, num_mask_q_blocks, mask_block_q,
-    GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    num_kv_heads, q_len, k_len, q_first, sink, local, scale_log2, softcap_log2, num_mask_q_blocks, mask_block_q,
+    SINKS, GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSECUTIVE: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_LIST: tl.constexpr, TMA: tl.constexpr, STRIPE_MODE: tl.constexpr,
-    MAPPED: tl.constexpr, KV_MAPPED: tl.constexpr,
+    MAPPED: tl.constexpr, KV_MAPPED: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
@@ -228,18 +254,18 @@ def _prefill_kernel(
             for i in range(tl.load(FULL_OFFSETS + row), tl.load(FULL_OFFSETS + row + 1)):
                 acc, m_i, l_i = _attend_block(
                     acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
-                    stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                    stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, softcap_log2, offs_d,
                     HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False, TMA)
         else:
             for i in range(tl.load(FULL_OFFSETS + row), tl.load(FULL_OFFSETS + row + 1)):
                 acc, m_i, l_i = _attend_block(
                     acc, m_i, l_i, q, tl.load(FULL_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
-                    stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                    stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, softcap_log2, offs_d,
                     HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
         for i in range(tl.load(PART_OFFSETS + row), tl.load(PART_OFFSETS + row + 1)):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, tl.load(PART_INDICES + i) * BLOCK_N, K, V, KD, VD, KPOS, stride_kn, stride_kd,
-                stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, offs_d,
+                stride_vn, stride_vd, stride_pn, qpos, start, 0, sink, local, k_len, scale_log2, softcap_log2, offs_d,
                 HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
     elif CONSECUTIVE:
         end = tl.minimum(last_q + 1, k_len)
@@ -250,7 +276,7 @@ def _prefill_kernel(
             sink_blocks_end = tl.cdiv(tl.minimum(start + sink, end), BLOCK_N) * BLOCK_N
             acc, m_i, l_i = _attend_range(
                 acc, m_i, l_i, q, lo, sink_blocks_end, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_pn, qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+                stride_pn, qpos, start, is_stream, sink, local, k_len, scale_log2, softcap_log2, offs_d,
                 HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
             # ... then the window's blocks that come after them
             lo = tl.maximum(tl.maximum(sink_blocks_end, ((first_q - local + 1) // BLOCK_N) * BLOCK_N), 0)
@@ -260,20 +286,20 @@ def _prefill_kernel(
         full_hi = tl.minimum(full_hi, end)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, lo, full_lo, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, softcap_log2, offs_d,
             HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, full_lo, full_hi, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, softcap_log2, offs_d,
             HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, False, TMA)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, full_hi, end, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, softcap_log2, offs_d,
             HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
     else:
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, 0, k_len, K, V, KD, VD, KPOS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-            qpos, start, is_stream, sink, local, k_len, scale_log2, offs_d,
+            qpos, start, is_stream, sink, local, k_len, scale_log2, softcap_log2, offs_d,
             HEAD_DIM, D_PAD, BLOCK_N, CONSECUTIVE, UPCAST, PRECISION, True, TMA)
     if STRIPE_MODE:
         # key blocks dense with stripes, whole (those left of the tile's last window), then the other stripes
@@ -282,7 +308,7 @@ def _prefill_kernel(
             acc, m_i, l_i = _attend_stripe_block(
                 acc, m_i, l_i, q, tl.load(STRIPE_BLOCKS + pid_bh * blocks_width + i) * BLOCK_N, K, V, KD, VD,
                 STRIPE_FLAGS + pid_bh * k_len, stride_kn, stride_kd, stride_vn, stride_vd, qpos, start, local, k_len,
-                scale_log2, offs_d, HEAD_DIM, BLOCK_N, UPCAST, PRECISION, TMA)
+                scale_log2, softcap_log2, offs_d, HEAD_DIM, BLOCK_N, UPCAST, PRECISION, TMA)
         n_cols = tl.load(TILE_COUNTS + pid_bh * tl.num_programs(0) + pid_q)  # stripes left of the tile's windows
         for s0 in range(0, n_cols, BLOCK_N):
             idx = s0 + tl.arange(0, BLOCK_N)
@@ -290,7 +316,10 @@ def _prefill_kernel(
             cols = tl.load(STRIPES + pid_bh * stripe_width + idx, mask=ok, other=0)
             acc, m_i, l_i = _attend_columns(
                 acc, m_i, l_i, q, cols, ok, K, V, stride_kn, stride_kd, stride_vn, stride_vd, qpos, start, local,
-                scale_log2, offs_d, HEAD_DIM, UPCAST, PRECISION)
+                scale_log2, softcap_log2, offs_d, HEAD_DIM, UPCAST, PRECISION)
+    if HAS_SINKS:  # learned sinks: one more logit per query head (natural units), no value
+        sink_log2 = tl.load(SINKS + head, mask=row_ok, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        acc, m_i, l_i = _merge_sink(acc, m_i, l_i, sink_log2)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that sees nothing gets zeros
     tl.store(O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -389,6 +418,8 @@ def sparse_attention_triton(
     groups: int | None = None,
     key_all_heads: bool = False,
     whole_block_share: float | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
     (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given).
@@ -403,6 +434,7 @@ def sparse_attention_triton(
     With ``heads`` (int64 [n]) the programs attend only those KV-head groups of ``query`` (``groups`` query
     heads each) and write them into ``out`` (required); key/value hold the n heads in order, or every KV head
     when ``key_all_heads`` (then head ``heads[i]`` is read in place).
+    ``sinks`` (float [Hq], indexed by query head of ``query``) and ``softcap``: the terms of ``kernels.reference``.
     """
     if block_mask is not None and stripe_mask is not None:
         raise ValueError("pass block_mask or stripe_mask, not both: each lists keys to visit, and together "
@@ -450,15 +482,16 @@ def sparse_attention_triton(
         query, key, value, out, pos, kv_start, streaming, heads if mapped else kv_start, *lists, *stripe_args,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         pos.stride(0), pos.stride(-1),
-        num_kv_heads, q_len, k_len, q_first, sink, local, scale * LOG2E,
+        num_kv_heads, q_len, k_len, q_first, sink, local, scale * LOG2E, (softcap or 0.0) * LOG2E,
         block_mask.num_q_blocks if block_mask is not None else 0,
         block_mask.block_q if block_mask is not None else 1,
+        sinks if sinks is not None else kv_start,
         GROUPS=groups, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), CONSECUTIVE=consecutive,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not tf32
         BLOCK_LIST=block_mask is not None, TMA=tma, STRIPE_MODE=stripe_mask is not None,
-        MAPPED=mapped, KV_MAPPED=mapped and key_all_heads,
+        MAPPED=mapped, KV_MAPPED=mapped and key_all_heads, HAS_SINKS=sinks is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -10,6 +10,11 @@ Key ``j`` is visible to query ``i`` of row ``b`` in KV head ``h`` when all of th
         or k_pos[b, j] - kv_start[b] < sink                         (one of the first real tokens)
         or q_pos[b, i] - k_pos[b, j] < local                        (inside the local window)
 
+Two optional terms of some families change the softmax, in every reference and kernel: **soft-capping**
+(Gemma 2: a scaled score ``s`` becomes ``softcap * tanh(s / softcap)`` before masking) and **learned sinks**
+(GPT-OSS: ``sinks[h]``, one extra logit per query head in the softmax's denominator, with no value; a query
+that sees no key then gets zeros as before).
+
 Causality is therefore aligned bottom-right for any Lq <= Lk when the positions are consecutive::
 
     keys     0 1 2 3 4 5 6 7          Lk = 8, Lq = 3: q_pos = [5, 6, 7]
@@ -46,6 +51,26 @@ def visibility_mask(
     return real_and_causal & (in_window | ~streaming.view(1, -1, 1, 1))
 
 
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Scaled scores after soft-capping (``softcap * tanh(scores / softcap)``), or as they are."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim of masked scores (-inf: not visible), with ``sinks`` (broadcastable to
+    ``scores[..., :1]``) as one extra logit per row that takes probability but has no value. Rows that see
+    nothing get zeros."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    extra = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, extra], dim=-1), dim=-1)[..., :-1]
+
+
+def _group_sinks(sinks: torch.Tensor | None, num_kv: int, extra_dims: int):
+    """sinks [Hq] -> [1, Hkv, G, 1 x extra_dims] for scores laid out [B, Hkv, G, ...]."""
+    return None if sinks is None else sinks.float().view(1, num_kv, -1, *([1] * extra_dims))
+
+
 def sparse_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -59,6 +84,8 @@ def sparse_attention_reference(
     local: int,
     scale: float,
     tile: int = 256,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of dense and streaming heads, tile by tile over queries.
 
@@ -70,6 +97,7 @@ def sparse_attention_reference(
         scale: softmax scale (usually D ** -0.5).
         tile: query rows per step; memory is O(B * Hq * tile * Lk). Each tile computes only the key
             columns that some query of the tile sees, so causal and window sparsity save work.
+        sinks: float [Hq] learned sink logits, or None; softcap: the soft-capping scale, or None.
 
     Returns:
         [B, Lq, Hq, D] in the dtype of ``query``. Softmax runs in float32 (float64 for float64
@@ -92,12 +120,15 @@ def sparse_attention_reference(
         if columns.numel() < k_len:  # skip keys no query of the tile sees (future, outside the window)
             k_tile, v_tile = k.index_select(2, columns), v.index_select(2, columns)
             mask = mask.index_select(3, columns)
-        scores = torch.einsum("bhgqd,bhkd->bhgqk", q_tile, k_tile) * scale
+        scores = capped(torch.einsum("bhgqd,bhkd->bhgqk", q_tile, k_tile) * scale, softcap)
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(compute).min)
-        weights = torch.exp(scores - row_max)
-        denom = weights.sum(dim=-1, keepdim=True)
-        probs = weights / denom.clamp_min(torch.finfo(compute).tiny)
+        if sinks is not None:
+            probs = softmax_with_sinks(scores, _group_sinks(sinks, num_kv_heads, 2).to(compute))
+        else:
+            row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(compute).min)
+            weights = torch.exp(scores - row_max)
+            denom = weights.sum(dim=-1, keepdim=True)
+            probs = weights / denom.clamp_min(torch.finfo(compute).tiny)
         tile_out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v_tile)
         out[:, start:stop] = tile_out.reshape(batch, num_heads, stop - start, head_dim).transpose(1, 2).to(query.dtype)
     return out
@@ -200,11 +231,13 @@ def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local
 
 
 def paged_decode_reference(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
-                           scale: float) -> torch.Tensor:
+                           scale: float, sinks: torch.Tensor | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """One decode step of one layer: query [B, Hq, D] at slot ``seen - 1`` -> [B, Hq, D].
 
     Dense heads attend to their chosen pages (``DecodeKV``), streaming heads to sink + recent window
-    (the rule of this module with ``local`` the decode window). Softmax in float32."""
+    (the rule of this module with ``local`` the decode window). Softmax in float32; ``sinks`` [Hq] and
+    ``softcap`` as in the module docstring."""
     batch, num_heads, head_dim = query.shape
     num_kv = kv.head_kind.shape[0]
     groups = num_heads // num_kv
@@ -213,9 +246,10 @@ def paged_decode_reference(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch
     for kind, (keys, values, visible) in decode_visible_tokens(kv, kv_start, sink, local).items():
         heads = torch.nonzero(kv.head_kind == (0 if kind == "dense" else 1)).flatten()
         slots = kv.head_slot[heads].long()
-        scores = torch.einsum("bhgd,bhnd->bhgn", q[:, heads], keys[:, slots].float()) * scale
+        scores = capped(torch.einsum("bhgd,bhnd->bhgn", q[:, heads], keys[:, slots].float()) * scale, softcap)
         scores = scores.masked_fill(~visible[:, slots, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        group_sinks = _group_sinks(sinks, num_kv, 1)
+        probs = softmax_with_sinks(scores, None if group_sinks is None else group_sinks[:, heads])
         out[:, heads] = torch.einsum("bhgn,bhnd->bhgd", probs, values[:, slots].float())
     return out.view(batch, num_heads, head_dim).to(query.dtype)
 
@@ -255,13 +289,15 @@ def physical_page_scores_reference(query, key_min, key_max, *, kv_start, seen: i
 
 
 def sampled_column_scores_reference(query, key, *, rows: torch.Tensor, q_first: int, kv_start: torch.Tensor,
-                                    window: torch.Tensor, scale: float, tile: int = 64) -> torch.Tensor:
+                                    window: torch.Tensor, scale: float, tile: int = 64,
+                                    sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """SampleAttention stage 1: the exact softmax attention of the sampled query rows over every visible
     key (real, causal), summed per key column over those rows and the GQA group's query heads, counting
     only entries *outside* the row's local window (the window is kept anyway).
 
     query [B, Hq, Lq, D] at slots ``q_first + i``; key [B, Hkv, Lk, D]; rows int64 [n] (query indices);
-    window int64 [B, Hkv]. Returns float32 [B, Hkv, Lk]. Memory O(tile x Lk)."""
+    window int64 [B, Hkv]. Returns float32 [B, Hkv, Lk]. Memory O(tile x Lk). With ``sinks`` a row's mass
+    on its keys is what its sink leaves them."""
     batch, num_heads, _, head_dim = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv
@@ -272,15 +308,17 @@ def sampled_column_scores_reference(query, key, *, rows: torch.Tensor, q_first: 
         picked = rows[first : first + tile]
         q_pos = q_first + picked
         q = query[:, :, picked].float().view(batch, num_kv, groups, picked.numel(), head_dim)
-        scores = torch.einsum("bhgnd,bhkd->bhgnk", q, keys) * scale
+        scores = capped(torch.einsum("bhgnd,bhkd->bhgnk", q, keys) * scale, softcap)
         visible = (k_pos[None, None, :] <= q_pos[None, :, None]) & (k_pos[None, None, :] >= kv_start[:, None, None])
-        probs = torch.softmax(scores.masked_fill(~visible[:, None, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = softmax_with_sinks(scores.masked_fill(~visible[:, None, None], float("-inf")),
+                                   _group_sinks(sinks, num_kv, 2))
         outside = (q_pos[None, None, :, None] - k_pos) >= window[:, :, None, None]  # [B, Hkv, n, Lk]
         out += (probs * outside[:, :, None]).sum(dim=(2, 3))
     return out
 
 
-def stripe_attention_reference(query, key, value, *, mask, scale: float, tile: int = 256) -> torch.Tensor:
+def stripe_attention_reference(query, key, value, *, mask, scale: float, tile: int = 256,
+                               sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention on a :class:`~sparse_attn_hf.stripe_mask.StripeMask` (window + stripes per row and KV
     head; causal, real tokens). query [B, Hq, Lq, D] (the last Lq slots of Lk), key/value [B, Hkv, Lk, D].
     Returns [B, Lq, Hq, D]; tile by tile over queries, softmax in float32."""
@@ -298,8 +336,9 @@ def stripe_attention_reference(query, key, value, *, mask, scale: float, tile: i
         real_causal = (k_pos[None, None, :] <= q_pos[None, :, None]) & (k_pos >= mask.kv_start[:, None, None])
         in_window = (q_pos[None, None, :, None] - k_pos) < mask.window[:, :, None, None]  # [B, Hkv, t, Lk]
         visible = real_causal[:, None] & (in_window | columns[:, :, None, :])
-        scores = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:stop].float(), k) * scale
-        probs = torch.softmax(scores.masked_fill(~visible[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        scores = capped(torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:stop].float(), k) * scale, softcap)
+        probs = softmax_with_sinks(scores.masked_fill(~visible[:, :, None], float("-inf")),
+                                   _group_sinks(sinks, num_kv, 2))
         tile_out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v)
         out[:, start:stop] = tile_out.reshape(batch, num_heads, stop - start, head_dim).transpose(1, 2).to(query.dtype)
     return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .prefill import _logits, _merge_sink
+
 LOG2E = 1.4426950408889634
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -43,9 +45,10 @@ def _load_rows(Q, ROWS, b, h, tile, stride_qb, stride_qh, stride_qm, stride_qd, 
 def _row_stats_kernel(
     Q, K, ROWS, KV_START, M_OUT, L_OUT,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    n_rows, q_first, k_len, num_kv_heads, scale_log2,
+    n_rows, q_first, k_len, num_kv_heads, scale_log2, softcap_log2, SINKS,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -64,13 +67,18 @@ def _row_stats_kernel(
                     mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        s = _logits(q, k, scale_log2, softcap_log2, PRECISION)
         visible = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] >= start) & ok[:, None]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
+    if HAS_SINKS:  # a row's sink takes its share of the denominator (its mass on keys is what it leaves)
+        g = tl.arange(0, BLOCK_R * G_PAD) % G_PAD
+        sink_log2 = tl.load(SINKS + h * GROUPS + g, mask=g < GROUPS, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        acc = tl.zeros([BLOCK_R * G_PAD, 1], tl.float32)
+        acc, m_i, l_i = _merge_sink(acc, m_i, l_i, tl.where(ok, sink_log2, float("-inf")))
     out = tile * BLOCK_R * G_PAD + tl.arange(0, BLOCK_R * G_PAD)
     tl.store(M_OUT + pid_bh * tl.num_programs(0) * BLOCK_R * G_PAD + out, m_i)
     tl.store(L_OUT + pid_bh * tl.num_programs(0) * BLOCK_R * G_PAD + out, l_i)
@@ -80,7 +88,7 @@ def _row_stats_kernel(
 def _column_kernel(
     Q, K, ROWS, KV_START, WINDOW, FIRST_TILE, M_IN, L_IN, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    n_rows, q_first, k_len, num_kv_heads, num_tiles, scale_log2,
+    n_rows, q_first, k_len, num_kv_heads, num_tiles, scale_log2, softcap_log2,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -104,7 +112,7 @@ def _column_kernel(
         stat = pid_bh * num_tiles * rows_per_tile + tile * rows_per_tile + tl.arange(0, rows_per_tile)
         m = tl.load(M_IN + stat)
         l = tl.load(L_IN + stat)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        s = _logits(q, k, scale_log2, softcap_log2, PRECISION)
         keep = ((offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] >= start) & ok[:, None]
                 & ((qpos[:, None] - offs_n[None, :]) >= window) & (l > 0.0)[:, None])
         p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None]) / tl.where(l > 0.0, l, 1.0)[:, None]
@@ -117,7 +125,8 @@ CONFIG = {"block_n": 128, "packed_rows": 128, "num_warps": 4}  # the best of 8 o
 
 def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, window, scale: float,
                                  block_n: int | None = None, packed_rows: int | None = None,
-                                 num_warps: int | None = None) -> torch.Tensor:
+                                 num_warps: int | None = None, sinks: torch.Tensor | None = None,
+                                 softcap: float | None = None) -> torch.Tensor:
     batch, num_heads, _, head_dim = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv
@@ -136,7 +145,8 @@ def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, wi
     l = torch.empty_like(m)
     _row_stats_kernel[(num_tiles, batch * num_kv)](
         query, key, rows, kv_start, m, l, *query.stride(), *key.stride(), n_rows, q_first, k_len, num_kv,
-        scale * LOG2E, **common, num_warps=num_warps)
+        scale * LOG2E, (softcap or 0.0) * LOG2E, sinks if sinks is not None else m, **common,
+        HAS_SINKS=sinks is not None, num_warps=num_warps)
     # the first row tile whose last row reaches each key block (rows are sorted)
     last_of_tile = q_first + rows[torch.clamp((torch.arange(num_tiles, device=rows.device) + 1) * block_r, max=n_rows) - 1]
     block_start = torch.arange(triton.cdiv(k_len, block_n), device=rows.device, dtype=torch.int32) * block_n
@@ -145,5 +155,5 @@ def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, wi
     _column_kernel[(triton.cdiv(k_len, block_n), batch * num_kv)](
         query, key, rows, kv_start, window.reshape(-1).contiguous(), first_tile, m, l, out,
         *query.stride(), *key.stride(), n_rows, q_first, k_len, num_kv, num_tiles, scale * LOG2E,
-        **common, num_warps=num_warps)
+        (softcap or 0.0) * LOG2E, **common, num_warps=num_warps)
     return out

@@ -108,16 +108,21 @@ def _strict_counts(query, key, col, *, rows, q_first, kv_start, window, alpha, s
 
 
 def sample_attention_mask(query, key, *, q_first: int, kv_start: torch.Tensor, alpha: float, rw: float,
-                          r_row: float, scale: float, criterion: str = "mean") -> StripeMask:
+                          r_row: float, scale: float, criterion: str = "mean", sinks=None,
+                          softcap: float | None = None) -> StripeMask:
     """The SampleAttention mask of the dense heads of one layer (see the module docstring).
 
-    query [B, Hq, Lq, D] at slots ``q_first + i``; key [B, Hkv, Lk, D]; kv_start [B]."""
+    query [B, Hq, Lq, D] at slots ``q_first + i``; key [B, Hkv, Lk, D]; kv_start [B]. ``sinks`` / ``softcap``:
+    the terms of ``kernels.reference`` (with sinks a row's keys hold less than its whole mass, so the "mean"
+    criterion's target, alpha of the whole, keeps at least as many stripes as needed)."""
+    if criterion == "min" and (sinks is not None or softcap is not None):
+        raise ValueError("cra_criterion='min' does not compute learned sinks or soft-capping; use 'mean'.")
     batch, num_heads, q_len, _ = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     rows = sample_rows(q_len, r_row, device=query.device)
     window = torch.full((batch, num_kv), window_size(rw, k_len), dtype=torch.long, device=query.device)
     col = ops.sampled_column_scores(query, key, rows=rows, q_first=q_first, kv_start=kv_start, window=window,
-                                    scale=scale)
+                                    scale=scale, sinks=sinks, softcap=softcap)
     real_rows = ((q_first + rows)[None, :] >= kv_start[:, None]).sum(-1).float()  # [B]
     row_mass = (real_rows * (num_heads // num_kv))[:, None].expand(batch, num_kv)
     if criterion == "mean":

@@ -3,7 +3,8 @@
 Every supported family runs its attention through Transformers' ``AttentionInterface``; its attention
 modules carry ``layer_idx`` and ``num_key_value_groups`` and receive RoPE-applied queries and keys.
 
-**Window layers.** Hybrid models (Gemma 3, Ministral, Exaone 4, Qwen2/Qwen3 with ``use_sliding_window``) mark
+**Window layers.** Hybrid models (Gemma 2 and 3, GPT-OSS, Ministral, Exaone 4, Qwen2/Qwen3 with
+``use_sliding_window``) mark
 each layer ``full_attention`` or ``sliding_attention`` in ``config.layer_types``. A sliding layer is the
 streaming rule with no sink and a local window of ``config.sliding_window`` tokens (query ``i`` sees key ``j``
 when ``0 <= i - j < window``, as Transformers' ``sliding_window_overlay``) on every head: the package runs it
@@ -42,6 +43,11 @@ FAMILIES = (
     Family("ministral", ("ministral",)),
     Family("gemma3", ("gemma3_text",)),
     Family("exaone4", ("exaone4",)),
+    # Gemma 2 soft-caps attention logits (the model passes softcap=attn_logit_softcapping); GPT-OSS adds a learned
+    # sink logit per query head (s_aux) and its MoE changes only the MLP: terms SDPA lacks, so every head of these
+    # families runs the package's kernels (or their references)
+    Family("gemma2", ("gemma2",)),
+    Family("gpt_oss", ("gpt_oss",)),
 )
 
 # model types that only exist as remote code, which does not run on Transformers 5.x
@@ -53,10 +59,8 @@ _NEEDS_CONVERSION = {
 
 # families whose attention needs terms the kernels do not compute yet: what is missing, for the refusal
 _NOT_YET = {
-    "gemma2": "soft-capped attention logits (attn_logit_softcapping)",
     "gemma3": "bidirectional attention within each image (the vision-language model; its text-only "
               "Gemma3ForCausalLM, model_type gemma3_text, is supported)",
-    "gpt_oss": "learned attention sinks (an extra logit per head)",
 }
 
 
@@ -123,12 +127,11 @@ def family_for(model) -> Family:
             f"model_type {model_type!r} ({type(model).__name__}) is not supported by sparse_attn_hf; "
             f"supported: {', '.join(supported_model_types())}."
         )
-    for name in ("attn_logit_softcapping", "use_bidirectional_attention"):
-        if getattr(config, name, None):
-            raise ValueError(
-                f"{type(model).__name__} ({model_type}) sets {name}={getattr(config, name)!r}, which the package's "
-                "kernels do not compute; it is not supported by sparse_attn_hf yet."
-            )
+    if getattr(config, "use_bidirectional_attention", None):
+        raise ValueError(
+            f"{type(model).__name__} ({model_type}) sets use_bidirectional_attention=True (an encoder): "
+            "sparse_attn_hf computes causal attention only."
+        )
     full_attention_layers(config)  # raises where every layer slides
     return family
 
