@@ -88,7 +88,9 @@ def tiny_model(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, laye
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    # Gemma 2's reference is eager attention: SDPA ignores its soft-capping (the default before Transformers 5.24)
+    extra = {"attn_implementation": "eager"} if family == "gemma2" else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra).eval()
     if family == "gpt_oss":  # sinks start at zero: make them matter
         with torch.no_grad():
             for module in model.modules():
