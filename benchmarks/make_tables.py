@@ -402,9 +402,30 @@ def heldout_table() -> str:
     return "\n".join(lines)
 
 
+def window_layers_table() -> str:
+    data = json.loads((RESULTS / "window_layers.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    lines = [f"{meta['device']}, {meta['dtype']}, commit `{meta['commit'][:10]}`, {meta['date'][:10]}; one prefill "
+             f"attention call of one layer, median of {meta['repeats']} (`python benchmarks/bench_window_layers.py`):",
+             "", "| layer | prompt | stock | stock, ms | sparse_attn_hf, ms | speed-up | SDPA without the term, ms | "
+             "max abs diff |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "ours_ms" not in r:
+            lines.append(f"| {r['case']} | {r['L'] // 1024}K | {r.get('status', '')} | | | | | |")
+            continue
+        stock = f"{r['stock_ms']:.2f}" if isinstance(r["stock_ms"], float) else r["stock_ms"]
+        speed = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
+        sdpa = f"{r['sdpa_ms']:.2f}" if "sdpa_ms" in r else ""
+        error = f"{r['max_abs_error']:.3g}" if "max_abs_error" in r else ""
+        lines.append(f"| {r['case']} | {r['L'] // 1024}K | {r['stock']} | {stock} | {r['ours_ms']:.2f} | {speed} | "
+                     f"{sdpa} | {error} |")
+    return "\n".join(lines)
+
+
 TABLES = {"e2e": e2e_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
-          "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table}
+          "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table,
+          "window_layers": window_layers_table}
 
 
 def main() -> None:
