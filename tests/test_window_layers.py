@@ -30,6 +30,7 @@ def _full(model):
     return [i for i, w in enumerate(layer_windows(model.config)) if w is None]
 
 
+@pytest.mark.compat
 @torch.no_grad()
 def test_window_layers_equal_stock_in_one_piece_chunked_and_padded(model):
     """All-dense patching reproduces stock sdpa (whose window binds: without it the logits differ), for a
@@ -55,6 +56,7 @@ def test_window_layers_equal_stock_in_one_piece_chunked_and_padded(model):
     torch.testing.assert_close(torch.cat(chunks, 1)[real], reference[real], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.compat
 @torch.no_grad()
 def test_generate_equals_unpatched_over_20_tokens(model):
     """fp32 greedy generate(): the patched model's own SparseCache and a DynamicCache (Transformers' sliding layers
@@ -144,6 +146,7 @@ def test_format_1_files_load_and_cover_every_layer(tmp_path):
         Profile.load(path)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
 @torch.no_grad()
 def test_soft_capping_and_learned_sinks_matter_and_are_computed(family):

@@ -188,7 +188,7 @@ def run(job: Prepared, out: str | Path | None = None, log=_log, command: str | N
     task, model, tokenizer, profile, settings = job.task, job.model, job.tokenizer, job.profile, job.settings
     labels = profile.streaming_heads(settings.streaming_fraction)
     log(f"{task}: {job.model_name}, {len(job.inputs)} {'texts' if task == 'ppl' else 'prompts'}, "
-        f"{int(labels.sum())}/{labels.numel()} KV heads stream")
+        f"{int(labels.sum())}/{profile.head_score.numel()} KV heads of the covered layers stream")
     rows = []
     setting = [(profile, job.config)]
     for i, item in enumerate(job.inputs, 1):
@@ -286,7 +286,7 @@ def run_meta(job: Prepared, seconds: float, command: str | None = None) -> dict:
         "profile": job.profile.source.name if job.profile.source is not None else f"(in memory: {job.profile.method})",
         "profile_method": job.profile.method,
         "settings": dataclasses.asdict(settings),
-        "streaming_kv_heads": f"{int(labels.sum())}/{labels.numel()}",
+        "streaming_kv_heads": f"{int(labels.sum())}/{job.profile.head_score.numel()}",
         "haystack": job.haystack.source,
         "haystack_sha256": job.haystack.sha256,
         "needle": dataclasses.asdict(DEFAULT_NEEDLE) if job.task == "needle" else None,
