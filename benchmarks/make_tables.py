@@ -378,8 +378,10 @@ def heldout_table() -> str:
     lines = [
         f"Default model, profile `{Path(meta['profile']).name}` at its default streaming fraction "
         f"{meta['streaming_fraction']}; {meta['cells_per_text']} passkey and needle prompts per text (1K, 2K and "
-        f"4K tokens, 5 depths, 2 offsets); device {meta['device']}, {meta['dtype']}, commit `{meta['commit'][:10]}`, "
-        f"{meta['date'][:10]}. Lost: prompts dense attention answers right and the patched model does not.",
+        f"4K tokens, 5 depths, 2 offsets); device {meta['device']}, {meta['dtype']}, "
+        + (", ".join(f"{name}: commit `{run['commit'][:10]}`" for name, run in meta["runs"].items())
+           if meta.get("runs") else f"commit `{meta['commit'][:10]}`, {meta['date'][:10]}")
+        + ". Lost: prompts dense attention answers right and the patched model does not.",
         "",
         "| text | dense right | lost, default budget | lost at 1K / 2K / 4K | first-token KL | next-token KL, 4096 "
         "tokens | budget 1/4: dense-right kept |",
