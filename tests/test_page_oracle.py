@@ -135,3 +135,30 @@ def test_mass_estimate_variant_equals_the_oracle_where_bounds_are_exact(radius):
     assert tail == expected_tail == 9
     assert torch.equal(pages[0].sort(-1).values, expected[0].sort(-1).values)
     assert (pages[1] == 1).any(-1).all()  # row 1's first real page (slot 20 is in page 1) is always kept
+
+
+def test_rerank_variant_is_the_oracle_when_the_short_list_holds_every_page():
+    """With a short list as long as the context, the second stage reads every candidate page's keys: its choice is
+    the oracle's; with a short list of 2x the budget it picks only pages the bound short-listed."""
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, groups, dim, page, logical, seen = 1, 2, 3, 16, 16, 4, 16 * 12 + 5
+    keys = torch.randn(batch, heads, 256, dim, generator=generator)
+    query = torch.randn(batch, heads, groups, dim, generator=generator) * 2
+    n_logical = -(-seen // logical)
+    stored = keys[:, :, : n_logical * logical].clone()
+    stored[:, :, seen:] = 0  # unwritten slots hold zeros, as in the cache
+    key_min = stored.view(batch, heads, n_logical, logical, dim).amin(3)
+    key_max = stored.view(batch, heads, n_logical, logical, dim).amax(3)
+    kv_start, scale = torch.zeros(batch, dtype=torch.long), dim ** -0.5
+    common = dict(kv_start=kv_start, seen=seen, budget=4 * page, page_size=page, logical_page_size=logical,
+                  scale=scale)
+    pages, tail = page_oracle.rerank_pages(query, keys, key_min, key_max, factor=100, **common)
+    mass = page_oracle.page_mass(query, keys, kv_start=kv_start, seen=seen, page_size=page, scale=scale)
+    expected, expected_tail = page_oracle.oracle_pages(mass, kv_start=kv_start, budget=4 * page, page_size=page)
+    assert tail == expected_tail == 12
+    assert torch.equal(pages.sort(-1).values, expected.sort(-1).values)
+    short, _ = page_oracle.rerank_pages(query, keys, key_min, key_max, factor=2, **common)
+    bound = page_oracle._page_bounds(query, key_min, key_max, seen=seen, budget=4 * page, page_size=page,
+                                     logical_page_size=logical)[0].amax(2)
+    listed = torch.topk(bound, 6, dim=-1).indices
+    assert all(int(p) in listed[0, h].tolist() + [0] for h in range(heads) for p in short[0, h])

@@ -157,14 +157,43 @@ def mass_estimate_pages(query, key_min, key_max, *, kv_start, seen: int, budget:
     return _top_pages(mass, kv_start=kv_start, budget_pages=budget // page_size, page_size=page_size), tail_first
 
 
-KINDS = ("quest", "oracle", "quest_per_head", "quest_recent", "quest_mass", "quest_mass_mid")
+RERANK_FACTOR = 2  # quest_rerank: candidates per selected page
+
+
+def rerank_pages(query, keys, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
+                 logical_page_size: int, scale: float, factor: int = RERANK_FACTOR):
+    """An estimator in two stages: Quest's bound (the group's maximum, as ``select_pages``) short-lists
+    ``factor`` x the selected pages, then the keys of the short list are read and each page is ranked by its
+    exact attention mass within the short list (a softmax per query head over the short list's real keys, summed
+    over the group's query heads). It reads ``factor`` x the selected keys on a selecting step, where an exact
+    choice would read every key. ``select_pages``' format."""
+    bounds, tail_first = _page_bounds(query, key_min, key_max, seen=seen, budget=budget, page_size=page_size,
+                                      logical_page_size=logical_page_size)
+    if bounds is None:
+        return _nothing(query)
+    budget_pages = budget // page_size
+    real = _real_pages(tail_first, kv_start, page_size)  # [B, pages]
+    bound = torch.where(real[:, None], bounds.amax(2), float("-inf"))
+    n_cand = min(tail_first, factor * (budget_pages - 1))
+    values, cand = torch.topk(bound, n_cand, dim=-1)  # [B, Hd, n]
+    slots = (cand[..., None] * page_size + torch.arange(page_size, device=query.device)).flatten(2)  # [B, Hd, n*P]
+    picked = keys.gather(2, slots[..., None].expand(-1, -1, -1, keys.shape[-1])).float()
+    scores = torch.einsum("bhgd,bhnd->bhgn", query.float(), picked) * scale
+    ok = (slots < seen) & (slots >= kv_start[:, None, None]) & (values > float("-inf")).repeat_interleave(page_size, -1)
+    probs = torch.softmax(scores.masked_fill(~ok[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    mass = probs.sum(2).view(*cand.shape, page_size).sum(-1)  # [B, Hd, n]
+    exact = torch.full_like(bound, float("-inf")).scatter_(2, cand, torch.where(values > float("-inf"), mass, -1.0))
+    return _top_pages(exact, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
+
+
+KINDS = ("quest", "oracle", "quest_per_head", "quest_recent", "quest_mass", "quest_mass_mid", "quest_rerank")
 
 
 @contextlib.contextmanager
 def recording(kind: str, *, scale: float):
     """Decode steps choose pages by ``kind`` ("quest": the package's bound; "oracle"; "quest_per_head": the
     bound ranked per query head, see ``per_head_pages``; "quest_recent": see ``recent_pages``; "quest_mass" and
-    "quest_mass_mid": see ``mass_estimate_pages``), and the mass
+    "quest_mass_mid": see ``mass_estimate_pages``; "quest_rerank": see ``rerank_pages``), and the mass
     recall of every (step, layer, batch row, KV head) is appended to the yielded list."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
@@ -182,6 +211,9 @@ def recording(kind: str, *, scale: float):
                                                     budget=budget, page_size=page_size,
                                                     logical_page_size=logical_page_size, scale=scale,
                                                     radius=0.5 if kind == "quest_mass_mid" else 1.0)
+        elif kind == "quest_rerank":
+            pages, tail_first = rerank_pages(query, keys, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
+                                             page_size=page_size, logical_page_size=logical_page_size, scale=scale)
         elif kind == "quest_per_head":
             pages, tail_first = per_head_pages(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
                                                page_size=page_size, logical_page_size=logical_page_size)
