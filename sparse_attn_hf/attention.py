@@ -56,6 +56,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     # terms of some families that SDPA lacks: learned sinks (GPT-OSS passes s_aux, float [Hq]) and soft-capped
     # logits (Gemma 2 passes softcap); the package's kernels compute both
     terms = dict(sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"))
+    window_layer = bool(state.windows) and state.windows[module.layer_idx] is not None  # a hybrid's native window
     if isinstance(key, PendingKV):
         layer: SparseLayer = key.layer
         sequence = layer.sequence
@@ -81,7 +82,6 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         whole, every_key, every_value = first == 0, key.key, key.value
     else:
         k_len = key.shape[2]
-        window_layer = state.windows and state.windows[module.layer_idx] is not None
         # a native window layer may get only its window's keys (Transformers' sliding cache layers): the rule is
         # the same in the keys' own slots, so its positions are not checked against the keys
         if not window_layer and attention_mask is None and kwargs.get("position_ids") is not state.checked_positions:
@@ -98,7 +98,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     common = dict(q_first=first, kv_start=kv_start, sink=sink, local=local, scale=scale, tile=settings.query_tile,
                   **terms)
     sample = _sample_settings(state, module.layer_idx, q_len, first + q_len)
-    if state.windows and state.windows[module.layer_idx] is not None:  # native window: exact only where it binds
+    if window_layer:  # its window must bind somewhere for the streaming kernel to be needed; else dense is exact
         stream_pays = first + q_len > local
     else:
         stream_pays = bool(len(stream_idx)) and _streaming_pays(settings, first, q_len)

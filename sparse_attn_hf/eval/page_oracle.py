@@ -186,14 +186,15 @@ def rerank_pages(query, keys, key_min, key_max, *, kv_start, seen: int, budget: 
     return _top_pages(exact, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
 
 
-KINDS = ("quest", "oracle", "quest_per_head", "quest_recent", "quest_mass", "quest_mass_mid", "quest_rerank")
+KINDS = ("quest", "oracle", "quest_per_head", "quest_recent", "quest_mass", "quest_mass_mid", "quest_rerank",
+         "quest_rerank4")
 
 
 @contextlib.contextmanager
 def recording(kind: str, *, scale: float):
     """Decode steps choose pages by ``kind`` ("quest": the package's bound; "oracle"; "quest_per_head": the
     bound ranked per query head, see ``per_head_pages``; "quest_recent": see ``recent_pages``; "quest_mass" and
-    "quest_mass_mid": see ``mass_estimate_pages``; "quest_rerank": see ``rerank_pages``), and the mass
+    "quest_mass_mid": see ``mass_estimate_pages``; "quest_rerank" and "quest_rerank4": see ``rerank_pages``, short lists of 2x and 4x), and the mass
     recall of every (step, layer, batch row, KV head) is appended to the yielded list."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
@@ -211,9 +212,10 @@ def recording(kind: str, *, scale: float):
                                                     budget=budget, page_size=page_size,
                                                     logical_page_size=logical_page_size, scale=scale,
                                                     radius=0.5 if kind == "quest_mass_mid" else 1.0)
-        elif kind == "quest_rerank":
+        elif kind in ("quest_rerank", "quest_rerank4"):
             pages, tail_first = rerank_pages(query, keys, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
-                                             page_size=page_size, logical_page_size=logical_page_size, scale=scale)
+                                             page_size=page_size, logical_page_size=logical_page_size, scale=scale,
+                                             factor=4 if kind == "quest_rerank4" else RERANK_FACTOR)
         elif kind == "quest_per_head":
             pages, tail_first = per_head_pages(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
                                                page_size=page_size, logical_page_size=logical_page_size)
