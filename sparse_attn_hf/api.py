@@ -34,7 +34,7 @@ class PatchState:
     previous_attention: str
     modules: list  # weak references to the attention modules (each module holds this state: no cycle)
     heads: KVHeadSlice  # the model's KV heads this process holds (a tensor-parallel rank: its slice)
-    windows: list = field(default_factory=list)  # per layer: None (full attention) or its native window
+    windows: list  # per layer: None (full attention) or its native window (models.layer_windows)
     hook: object = None  # the forward pre-hook that rejects empty inputs
     _splits: dict = field(default_factory=dict)  # per (layer, device) index tensors and streaming flags
     _mask_memo: tuple | None = None
@@ -42,10 +42,14 @@ class PatchState:
     masks: dict = field(default_factory=dict)  # layer -> last SampleAttention mask (SparseConfig.record_masks)
     sample_choices: dict = field(default_factory=dict)  # layer -> last SampleAttention density, cost, sparse?
 
+    def window(self, layer: int) -> int | None:
+        """``layer``'s native sliding window (a hybrid model's window layer), or None (full attention)."""
+        return self.windows[layer]
+
     def rule(self, layer: int) -> tuple[int, int, int]:
         """(sink, local window, decode window) of ``layer``'s streaming heads: the settings' on a full-attention
         layer; (0, window, window) on a native window layer, whose every head streams (``models``)."""
-        window = self.windows[layer] if self.windows else None
+        window = self.window(layer)
         if window is None:
             local = self.settings.local_size
             return self.settings.sink_size, local, min(self.settings.decode_local_size, local)

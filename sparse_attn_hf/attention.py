@@ -56,7 +56,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     # terms of some families that SDPA lacks: learned sinks (GPT-OSS passes s_aux, float [Hq]) and soft-capped
     # logits (Gemma 2 passes softcap); the package's kernels compute both
     terms = dict(sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"))
-    window_layer = bool(state.windows) and state.windows[module.layer_idx] is not None  # a hybrid's native window
+    window_layer = state.window(module.layer_idx) is not None  # a hybrid model's native window layer
     if isinstance(key, PendingKV):
         layer: SparseLayer = key.layer
         sequence = layer.sequence

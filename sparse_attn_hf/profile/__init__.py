@@ -171,9 +171,7 @@ class Profile:
         hybrid model's window layers, if given, are dropped); ``settings`` set other fields."""
         shape = model_shape(model)
         layers = covered_layers(model)
-        scores = torch.as_tensor(scores, dtype=torch.float32)
-        if scores.ndim == 2 and scores.shape[0] == shape["num_layers"] != len(layers):
-            scores = scores[list(layers)]
+        scores = covered_rows(torch.as_tensor(scores, dtype=torch.float32), shape["num_layers"], layers)
         settings.setdefault("method", "user scores")
         settings.setdefault("created", _today())
         return cls(head_score=scores, fingerprint=weight_fingerprint(model), layers=layers, **shape, **settings)
@@ -332,6 +330,14 @@ def covered_layers(model) -> tuple[int, ...]:
     from ..models import full_attention_layers
 
     return full_attention_layers(getattr(model, "config", model))
+
+
+def covered_rows(scores: torch.Tensor, num_layers: int, layers: tuple[int, ...]) -> torch.Tensor:
+    """Per-layer scores [num_layers, H] -> the rows of the covered ``layers`` (a hybrid model's window layers
+    dropped); anything else is returned as it is, for the shape check to judge."""
+    if scores.ndim == 2 and scores.shape[0] == num_layers != len(layers):
+        return scores[list(layers)]
+    return scores
 
 
 _CHUNKS = 8

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..profile import Profile, _today, covered_layers, model_shape, weight_fingerprint
+from ..profile import Profile, _today, covered_layers, covered_rows, model_shape, weight_fingerprint
 
 TSV = "full_attention_heads.tsv"
 CONFIG = "config.json"
@@ -61,8 +61,7 @@ def import_duo(folder: str | Path, model_or_config, **settings) -> Profile:
             raise ValueError(f"{folder / CONFIG} must hold a JSON object.")
     shape = model_shape(model_or_config)
     layers = covered_layers(model_or_config)
-    if gates.shape[0] == shape["num_layers"] != len(layers):
-        gates = gates[list(layers)]  # a hybrid model's window layers keep their native window
+    gates = covered_rows(gates, shape["num_layers"], layers)  # a hybrid model's window layers keep their window
     expected = (len(layers), shape["num_kv_heads"])
     if tuple(gates.shape) != expected:
         hint = ""
