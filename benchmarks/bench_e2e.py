@@ -24,7 +24,9 @@ published operating point for Llama-3-8B, not something measured here):
   buys; this row replays measured structure at this shape. The cost model still decides per layer;
 * ``patched_eager``: ``patched_default`` with every decode step eager (``SparseConfig(decode_graphs=False)``);
 * ``patched_compile``: ``patched_default`` with Transformers' own decode compile in place of the CUDA graph
-  (``SparseConfig(decode_compile=True)``; ``compile_s`` as for stock's compiled path).
+  (``SparseConfig(decode_compile=True)``; ``compile_s`` as for stock's compiled path);
+* ``patched_bound_only``: ``patched_default`` with page selection by Quest's bound alone
+  (``SparseConfig(shortlist=1)``): what the default's second stage (exact mass over a 4x short list) costs.
 
 Patched rows record SampleAttention's choices (``sample``: mean density, layers it ran sparse).
 
@@ -57,7 +59,7 @@ from sparse_attn_hf import Profile, SparseConfig, decode_graph, patch_model, unp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense",
-           "patched_sample_pinned", "patched_eager", "patched_compile")
+           "patched_sample_pinned", "patched_eager", "patched_compile", "patched_bound_only")
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 PATCHED = {
     "patched_default": dict(streaming_fraction=0.5),
@@ -66,6 +68,7 @@ PATCHED = {
     "patched_sample_pinned": dict(streaming_fraction=0.5),
     "patched_eager": dict(streaming_fraction=0.5, decode_graphs=False),
     "patched_compile": dict(streaming_fraction=0.5, decode_compile=True),
+    "patched_bound_only": dict(streaming_fraction=0.5, shortlist=1),
 }
 DENSITIES = RESULTS / "sample_density.json"
 GIB = 2**30
@@ -155,7 +158,7 @@ def inputs(batch: int, length: int, vocab: int, device: str):
 
 SETTING_FIELDS = ("streaming_fraction", "sink_size", "local_size", "decode_local_size", "token_budget",
                   "reuse_interval", "alpha", "dense_below", "rw", "r_row", "page_size", "logical_page_size",
-                  "decode_graphs", "decode_compile")
+                  "decode_graphs", "decode_compile", "shortlist")
 
 
 def pinned_densities(num_layers: int, path: Path = DENSITIES) -> list[float]:

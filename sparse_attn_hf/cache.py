@@ -174,6 +174,7 @@ class SparseLayer(CacheLayerMixin):
         token_budget: int,
         reuse_interval: int,
         decode_local_size: int,
+        shortlist: int = 1,
         compiled_decode: bool = False,
     ):
         super().__init__()
@@ -183,7 +184,7 @@ class SparseLayer(CacheLayerMixin):
         self.sink_size, self.local_size = sink_size, local_size
         self.decode_local_size = min(decode_local_size, local_size)
         self.page_size, self.logical_page_size = page_size, logical_page_size
-        self.token_budget, self.reuse_interval = token_budget, reuse_interval
+        self.token_budget, self.reuse_interval, self.shortlist = token_budget, reuse_interval, shortlist
         # Transformers' own decode compile (SparseConfig(decode_compile=True)): a compiled step reads no host
         # value that changes per step or per prompt, so buffers are sized in powers of two before decoding and
         # the tokens stored advance on the device only (``seen`` catches up when read on the host)
@@ -385,17 +386,19 @@ class SparseLayer(CacheLayerMixin):
     def selection_buffers(self) -> dict:
         """What page selection reads and keeps for the dense heads: the logical-page statistics, the stored
         keys, the page scores (float32 [B, Hd, capacity / page_size], kept between steps so that a reused
-        selection keeps its scores; sized with the buffers) and the last selection (or None)."""
+        selection keeps its scores; sized with the buffers), the first stage's scores of a two-stage selection
+        (``bound``, the same shape, or None) and the last selection (or None)."""
         t = self._tensors
         width = self.capacity // self.page_size
-        old = t.get("page_scores")
-        if old is None or old.shape[2] != width:
-            t["page_scores"] = torch.full((self.batch, len(self.dense_heads), width), float("-inf"),
-                                          dtype=torch.float32, device=self.device)
-            if old is not None:
-                t["page_scores"][:, :, : old.shape[2]] = old
+        for name, needed in (("page_scores", True), ("page_bound", self.shortlist > 1)):
+            old = t.get(name)
+            if needed and (old is None or old.shape[2] != width):
+                t[name] = torch.full((self.batch, len(self.dense_heads), width), float("-inf"), dtype=torch.float32,
+                                     device=self.device)
+                if old is not None:
+                    t[name][:, :, : old.shape[2]] = old
         return {"key_min": t["key_min"], "key_max": t["key_max"], "keys": t["dense_key"],
-                "scores": t["page_scores"], "pages": t.get("pages")}
+                "scores": t["page_scores"], "bound": t.get("page_bound"), "pages": t.get("pages")}
 
     def keep_pages(self, pages: torch.Tensor) -> None:
         """Store the pages a decode step reads (int32 [B, Hd, n]; for evaluation hooks); a prefill drops them.
@@ -561,6 +564,7 @@ class SparseCache(Cache):
                 token_budget=settings.token_budget,
                 reuse_interval=settings.reuse_interval,
                 decode_local_size=decode_local,
+                shortlist=settings.shortlist,
                 compiled_decode=settings.decode_compile,
             ))
         super().__init__(layers=layers)

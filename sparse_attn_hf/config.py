@@ -33,6 +33,11 @@ class SparseConfig:
             A context that fits the budget is attended in full (exact dense decoding).
         reuse_interval: decode steps that share one page selection (>= 1); a prefill or continuation
             always selects anew.
+        shortlist: page selection's short list, in pages per page selected (>= 1). The bound on each page's
+            best key short-lists ``shortlist`` x the pages, whose keys are then read to rank them by exact
+            attention mass (``methods.page_selection``); 1 selects by the bound alone (Quest). The default 4
+            kept every answer the oracle kept on held-out text at a 1/4 budget, where the bound alone kept
+            about a third of them (``benchmarks/results/page_selection_*.json``).
         alpha: SampleAttention's kept-attention target for the dense heads in prefill, in (0, 1]
             (1 = exact dense attention); the paper's main setting is 0.95, 0.8 is faster.
         rw: SampleAttention's local window as a fraction of the sequence, in (0, 1).
@@ -78,6 +83,7 @@ class SparseConfig:
     query_tile: int = 256
     token_budget: int | None = None
     reuse_interval: int | None = None
+    shortlist: int = 4
     decode_local_size: int | None = None
     alpha: float | None = None
     rw: float | None = None
@@ -102,6 +108,7 @@ class SparseConfig:
         _check_int("query_tile", self.query_tile, minimum=1)
         _check_int("token_budget", self.token_budget, minimum=1)
         _check_int("reuse_interval", self.reuse_interval, minimum=1)
+        _check_int("shortlist", self.shortlist, minimum=1)
         _check_int("decode_local_size", self.decode_local_size, minimum=1)
         if self.alpha is not None and not 0.0 < float(self.alpha) <= 1.0:
             raise ValueError(f"SparseConfig.alpha={self.alpha} is outside (0, 1]; use 0.95 (the paper) or 1.0 for dense.")

@@ -18,6 +18,7 @@ from .kernels.reference import (
     append_token_reference,
     paged_decode_reference,
     physical_page_scores_reference,
+    shortlist_page_scores_reference,
     sampled_column_scores_reference,
     sparse_attention_reference,
     stripe_attention_reference,
@@ -356,6 +357,33 @@ def _physical_page_scores(query, key_min, key_max, kv_start, seen, out, reselect
     out.copy_(torch.where(reselect.bool(), fresh, out))
 
 
+def shortlist_page_scores(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
+                          reselect: torch.Tensor, page_size: int, scale: float,
+                          softcap: float | None = None) -> torch.Tensor:
+    """Page selection's second stage written into ``out`` [B, Hd, width] when ``reselect`` (int32 [1]) is set,
+    else ``out`` is left as it is; ``seen`` int32 [1]. Both live on the device. Contract:
+    ``kernels.reference.shortlist_page_scores_reference`` with ``seen=int(seen)``."""
+    if torch.compiler.is_compiling():
+        torch.ops.sparse_attn_hf.shortlist_page_scores(query, keys, bound, shortlist, kv_start, seen, out, reselect,
+                                                       page_size, scale, softcap)
+        return out
+    _shortlist_page_scores(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size, scale, softcap)
+    return out
+
+
+def _shortlist_page_scores(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size: int, scale: float,
+                           softcap: float | None) -> None:
+    common = dict(kv_start=kv_start, page_size=page_size, scale=scale, softcap=softcap)
+    if _use_triton(query) and _decode_kernel_takes(page_size) and query.shape[-1] >= 16:
+        from .kernels.selection import shortlist_page_scores_triton
+
+        with _on_device(query):
+            shortlist_page_scores_triton(query, keys, bound, shortlist, seen=seen, out=out, reselect=reselect, **common)
+        return
+    fresh = shortlist_page_scores_reference(query, keys, bound, shortlist, seen=int(seen), **common)
+    out.copy_(torch.where(reselect.bool(), fresh, out))
+
+
 def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen: torch.Tensor, kv_start: torch.Tensor,
                  head_kind: torch.Tensor, head_slot: torch.Tensor, sink: int, logical_page_size: int) -> bool:
     """Store one decode token of every KV head in a SparseCache layer's buffers with one Triton launch, at
@@ -447,6 +475,18 @@ def _physical_page_scores_op(query: Tensor, key_min: Tensor, key_max: Tensor, kv
 
 
 @_physical_page_scores_op.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("sparse_attn_hf::shortlist_page_scores", mutates_args=("out",))
+def _shortlist_page_scores_op(query: Tensor, keys: Tensor, bound: Tensor, shortlist: Tensor, kv_start: Tensor,
+                              seen: Tensor, out: Tensor, reselect: Tensor, page_size: int, scale: float,
+                              softcap: Optional[float] = None) -> None:
+    _shortlist_page_scores(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size, scale, softcap)
+
+
+@_shortlist_page_scores_op.register_fake
 def _(*args):
     return None
 

@@ -162,7 +162,8 @@ def test_streaming_heads_hold_constant_memory_and_bytes_match_prediction(model):
     dynamic_bytes = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
     assert cache.dynamic_cache_nbytes() == dynamic_bytes
     tables = sum(layer._tensors[name].nbytes for layer in cache.layers  # slot tables, the selection's state
-                 for name in ("sink_pos", "ring_pos", "page_scores", "pages") if name in layer._tensors)
+                 for name in ("sink_pos", "ring_pos", "page_scores", "page_bound", "pages")
+                 if name in layer._tensors)
     measured = (cache.nbytes() - tables) / dynamic_bytes
     assert abs(measured - predicted) < 1e-9, (measured, predicted)
     assert cache.nbytes() / dynamic_bytes < predicted + 0.02

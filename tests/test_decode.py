@@ -17,8 +17,9 @@ from sparse_attn_hf.kernels.reference import (
     page_scores,
     paged_decode_reference,
     physical_page_scores_reference,
+    shortlist_page_scores_reference,
 )
-from sparse_attn_hf.kernels.selection import physical_page_scores_triton
+from sparse_attn_hf.kernels.selection import physical_page_scores_triton, shortlist_page_scores_triton
 from sparse_attn_hf.methods.page_selection import plan_step, reset_step, select_pages
 from sparse_attn_hf.compat import CACHE_ARG
 
@@ -105,6 +106,100 @@ def test_selection_kernel_matches_reference(shape, dtype):
     k = 8
     same = torch.topk(got, k).indices.sort().values == torch.topk(expected, k).indices.sort().values
     assert same.float().mean() > 0.95  # the same pages, up to near ties of rounding
+
+
+def _shortlist_case(batch, heads, groups, dim, page, pads, *, seed, dtype=torch.float32, length=1024):
+    """Random keys, queries, stage-1 scores and a short list of 2 x 3 pages per (row, KV head)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_start = torch.tensor(pads)
+    keys = torch.randn(batch, heads, length, dim, generator=gen).to(dtype)
+    q = (torch.randn(batch, heads, groups, dim, generator=gen) * 2).to(dtype)
+    seen = length - page - 7  # the newest page is partly written
+    kmin, kmax = _stats(keys.float(), 16, kv_start)
+    width = length // page
+    bound = physical_page_scores_reference(q, kmin, kmax, kv_start=kv_start, seen=seen, width=width, page_size=page,
+                                           logical_page_size=16)
+    listed = torch.topk(bound, 6, dim=-1, sorted=False).indices
+    return q, keys, bound, listed, kv_start, seen
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_shortlist_scores_are_the_exact_mass_of_the_listed_pages(softcap):
+    """Stage 2 against a brute force: per query head, a softmax over the listed pages' real keys; a page scores
+    its share summed over the group; the sink page keeps +inf and every other page -inf."""
+    batch, heads, groups, dim, page = 2, 2, 3, 16, 32
+    q, keys, bound, listed, kv_start, seen = _shortlist_case(batch, heads, groups, dim, page, [0, 70], seed=2)
+    scale = dim ** -0.5
+    got = shortlist_page_scores_reference(q, keys, bound, listed, kv_start=kv_start, seen=seen, page_size=page,
+                                          scale=scale, softcap=softcap)
+    for b in range(batch):
+        for h in range(heads):
+            pages = [p for p in listed[b, h].tolist() if bound[b, h, p] > float("-inf")]
+            slots = [s for p in pages for s in range(p * page, (p + 1) * page) if kv_start[b] <= s < seen]
+            logits = q[b, h] @ keys[b, h, slots].T * scale
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            probs = torch.softmax(logits, -1).sum(0)
+            expected = torch.full((bound.shape[2],), float("-inf"))
+            for p in pages:
+                inside = torch.tensor([p * page <= s < (p + 1) * page for s in slots])
+                expected[p] = float("inf") if bound[b, h, p] == float("inf") else probs[inside].sum()
+            assert expected[kv_start[b] // page] == float("inf")  # the sink page is listed and kept
+            torch.testing.assert_close(got[b, h], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 64, 64, [0, 300], None), (1, 2, 1, 128, 32, [0], None),
+                                   (2, 1, 3, 80, 16, [5, 0], 3.0)], ids=["gqa4", "gqa1", "d80-softcap"])
+def test_shortlist_kernel_matches_reference(shape, dtype):
+    batch, heads, groups, dim, page, pads, softcap = shape
+    q, keys, bound, listed, kv_start, seen = _shortlist_case(batch, heads, groups, dim, page, pads, seed=dim,
+                                                             dtype=dtype)
+    common = dict(kv_start=kv_start.to(DEVICE), page_size=page, scale=dim ** -0.5, softcap=softcap)
+    q, keys, bound, listed = q.to(DEVICE), keys.to(DEVICE), bound.to(DEVICE), listed.to(DEVICE)
+    one = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(bound, float("nan"))
+    got = shortlist_page_scores_triton(q, keys, bound, listed, seen=one * seen, out=out, reselect=one, **common)
+    expected = shortlist_page_scores_reference(q, keys, bound, listed, seen=seen, **common)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected)) and not got.isnan().any()
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                               atol=2e-3 if dtype != torch.float32 else 1e-5)
+    kept = got.clone()
+    shortlist_page_scores_triton(q * 3, keys, bound, listed, seen=one * seen, out=out, reselect=one * 0, **common)
+    assert torch.equal(out, kept), "a step that reuses its selection leaves the scores as they are"
+
+
+def test_two_stage_selection_reads_the_short_list_by_exact_mass():
+    """select_pages with a short list: the pages of highest exact mass among those the bound lists (here 2 x 3 of
+    them), the sink page always; a list as long as the context gives the oracle's choice; a reusing step
+    returns the stored choice."""
+    from sparse_attn_hf.eval import page_oracle
+
+    batch, heads, groups, dim, page = 2, 2, 3, 16, 32
+    q, keys, bound, listed, kv_start, seen = _shortlist_case(batch, heads, groups, dim, page, [0, 70], seed=4)
+    kmin, kmax = _stats(keys, 16, kv_start)
+    step = decode_step(seen)
+    step[STEP_RESELECT] = 1
+    scores, stage1 = torch.full_like(bound, float("nan")), torch.full_like(bound, float("nan"))
+    common = dict(kv_start=kv_start, page_size=page, logical_page_size=16, keys=keys, scale=dim ** -0.5)
+    pages = select_pages(q, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=2, bound=stage1,
+                         **common)
+    torch.testing.assert_close(stage1, bound)
+    mass = shortlist_page_scores_reference(q, keys, bound, listed, kv_start=kv_start, seen=seen, page_size=page,
+                                           scale=dim ** -0.5)
+    expected = torch.topk(mass, 3, dim=-1).indices
+    assert torch.equal(pages.sort(-1).values, expected.to(torch.int32).sort(-1).values)
+    step[STEP_RESELECT] = 0
+    again = select_pages(q * -1, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=2, bound=stage1,
+                         **common)
+    assert torch.equal(again.sort(-1).values, pages.sort(-1).values)
+    step[STEP_RESELECT] = 1
+    every = select_pages(q, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=100, bound=stage1,
+                         **common)
+    true_mass = page_oracle.page_mass(q, keys, kv_start=kv_start, seen=seen, page_size=page, scale=dim ** -0.5)
+    oracle, _ = page_oracle.oracle_pages(true_mass, kv_start=kv_start, budget=4 * page, page_size=page)
+    assert torch.equal(every.sort(-1).values, oracle.sort(-1).values)
 
 
 def test_selection_when_the_context_fits_or_is_mostly_padding():
@@ -388,6 +483,8 @@ def test_bad_decode_settings_are_rejected():
         SparseConfig(token_budget=64, page_size=64)
     with pytest.raises(ValueError, match="reuse_interval"):
         SparseConfig(reuse_interval=0)
+    with pytest.raises(ValueError, match="shortlist"):
+        SparseConfig(shortlist=0)
     model = tiny_model()
     with pytest.raises(ValueError, match="token_budget"):  # checked against the profile's page size too
         patch_model(model, Profile.all_dense(model), SparseConfig(token_budget=96))
@@ -611,6 +708,9 @@ def test_registered_decode_ops_pass_torch_library_checks():
     out = torch.zeros(batch, heads, 128 // page)
     torch.library.opcheck(torch.ops.sparse_attn_hf.physical_page_scores,
                           (q, kmin, kmax, kv_start, seen, out, one, page, logical))
+    listed = torch.topk(out, 3, dim=-1).indices
+    torch.library.opcheck(torch.ops.sparse_attn_hf.shortlist_page_scores,
+                          (q, keys, out, listed, kv_start, seen, torch.zeros_like(out), one, page, dim ** -0.5, None))
     step = decode_step(100)
     kind, slot = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32)
     dense = keys[:, :1].contiguous()

@@ -162,28 +162,13 @@ RERANK_FACTOR = 2  # quest_rerank: candidates per selected page
 
 def rerank_pages(query, keys, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
                  logical_page_size: int, scale: float, factor: int = RERANK_FACTOR):
-    """An estimator in two stages: Quest's bound (the group's maximum, as ``select_pages``) short-lists
-    ``factor`` x the selected pages, then the keys of the short list are read and each page is ranked by its
-    exact attention mass within the short list (a softmax per query head over the short list's real keys, summed
-    over the group's query heads). It reads ``factor`` x the selected keys on a selecting step, where an exact
-    choice would read every key. ``select_pages``' format."""
-    bounds, tail_first = _page_bounds(query, key_min, key_max, seen=seen, budget=budget, page_size=page_size,
-                                      logical_page_size=logical_page_size)
-    if bounds is None:
-        return _nothing(query)
-    budget_pages = budget // page_size
-    real = _real_pages(tail_first, kv_start, page_size)  # [B, pages]
-    bound = torch.where(real[:, None], bounds.amax(2), float("-inf"))
-    n_cand = min(tail_first, factor * (budget_pages - 1))
-    values, cand = torch.topk(bound, n_cand, dim=-1)  # [B, Hd, n]
-    slots = (cand[..., None] * page_size + torch.arange(page_size, device=query.device)).flatten(2)  # [B, Hd, n*P]
-    picked = keys.gather(2, slots[..., None].expand(-1, -1, -1, keys.shape[-1])).float()
-    scores = torch.einsum("bhgd,bhnd->bhgn", query.float(), picked) * scale
-    ok = (slots < seen) & (slots >= kv_start[:, None, None]) & (values > float("-inf")).repeat_interleave(page_size, -1)
-    probs = torch.softmax(scores.masked_fill(~ok[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
-    mass = probs.sum(2).view(*cand.shape, page_size).sum(-1)  # [B, Hd, n]
-    exact = torch.full_like(bound, float("-inf")).scatter_(2, cand, torch.where(values > float("-inf"), mass, -1.0))
-    return _top_pages(exact, kv_start=kv_start, budget_pages=budget_pages, page_size=page_size), tail_first
+    """The package's two-stage choice (``SparseConfig.shortlist``, ``methods.page_selection``): Quest's bound
+    short-lists ``factor`` x the selected pages, then the short list's keys rank them by exact attention mass. It
+    reads ``factor`` x the selected keys on a selecting step, where an exact choice would read every key.
+    ``select_pages``' format."""
+    return page_selection.quest_pages(query, key_min, key_max, kv_start=kv_start, seen=seen, budget=budget,
+                                      page_size=page_size, logical_page_size=logical_page_size, shortlist=factor,
+                                      keys=keys, scale=scale)
 
 
 KINDS = ("quest", "oracle", "quest_per_head", "quest_recent", "quest_mass", "quest_mass_mid", "quest_rerank",

@@ -288,6 +288,29 @@ def physical_page_scores_reference(query, key_min, key_max, *, kv_start, seen: i
     return out
 
 
+def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, seen: int, page_size: int,
+                                    scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Page selection's second stage: the short-listed pages ranked by their exact attention mass, float32
+    [B, Hd, width] (the shape of ``bound``).
+
+    query [B, Hd, G, D]; keys [B, Hd, >= seen, D] (page ``p`` holds slots ``p * page_size ...``); bound [B, Hd,
+    width], the first stage's scores (``physical_page_scores_reference``); shortlist int [B, Hd, n], the pages
+    the bound ranks first. Each query head takes a softmax over the real keys (slots ``kv_start .. seen - 1``)
+    of the short-listed pages whose bound is not -inf; a page scores the mass that the group's query heads put
+    on it. A page whose bound is +inf (the sink page) keeps +inf; a page off the list, or listed with a bound
+    of -inf, scores -inf."""
+    batch, heads, groups, dim = query.shape
+    listed = bound.gather(2, shortlist.long())  # [B, Hd, n]
+    slots = shortlist.long()[..., None] * page_size + torch.arange(page_size, device=query.device)  # [B, Hd, n, P]
+    picked = keys.gather(2, slots.flatten(2)[..., None].clamp(max=keys.shape[2] - 1).expand(-1, -1, -1, dim))
+    logits = capped(torch.einsum("bhgd,bhnd->bhgn", query.float(), picked.float()) * scale, softcap)
+    real = (slots >= kv_start.view(batch, 1, 1, 1)) & (slots < seen) & (listed > float("-inf"))[..., None]
+    probs = torch.softmax(logits.masked_fill(~real.flatten(2)[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    mass = probs.sum(2).view(*shortlist.shape, page_size).sum(-1)
+    ranked = torch.where(listed == float("inf"), listed, torch.where(listed > float("-inf"), mass, float("-inf")))
+    return torch.full_like(bound, float("-inf")).scatter_(2, shortlist.long(), ranked)
+
+
 def sampled_column_scores_reference(query, key, *, rows: torch.Tensor, q_first: int, kv_start: torch.Tensor,
                                     window: torch.Tensor, scale: float, tile: int = 64,
                                     sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:

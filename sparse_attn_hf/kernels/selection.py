@@ -1,9 +1,14 @@
-"""Triton kernel: page-selection scores of all dense heads and rows in one launch.
+"""Triton kernels of page selection: the bound of every page (stage 1) and the exact mass of a short list (stage 2).
 
-Same contract as ``reference.physical_page_scores_reference``. Program (row, dense KV head, block of
-physical pages) loads the group's query heads once and the key min/max of its logical pages, computes
-``relu(q) . kmax - relu(-q) . kmin`` as two small matrix products, and reduces over query heads and
-over the logical pages of each physical page. The top-k that follows is ``torch.topk``.
+Stage 1, contract ``reference.physical_page_scores_reference``: program (row, dense KV head, block of physical
+pages) loads the group's query heads once and the key min/max of its logical pages, computes
+``relu(q) . kmax - relu(-q) . kmin`` as two small matrix products, and reduces over query heads and over the
+logical pages of each physical page.
+
+Stage 2, contract ``reference.shortlist_page_scores_reference``: program (row, dense KV head, listed page)
+reads the page's keys and keeps, per query head, the maximum and the sum of exponentials of its logits; one
+program per (row, KV head) then normalises them over the list and writes the group's mass per page. The
+top-k of each stage is ``torch.topk``. Both stages return at once on a step that reuses its selection.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .prefill import LOG2E, _logits
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -90,5 +97,103 @@ def physical_page_scores_triton(query, key_min, key_max, *, kv_start, seen: torc
         UPCAST=query.dtype == torch.float32 or (_INTERPRETING and query.dtype == torch.bfloat16),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # [G, BLOCK_L] scores: exact in fp32
         num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _shortlist_page_kernel(
+    Q, K, BOUND, LIST, KV_START, SEEN, RESELECT, M_OUT, L_OUT,
+    stride_qb, stride_qh, stride_qg, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    num_heads, width, n_list, scale_log2, softcap_log2,
+    GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per query head: the maximum logit of one listed page and the sum of exp2(logit - maximum) (log2 units)."""
+    if tl.load(RESELECT) == 0:
+        return
+    pid_bh = tl.program_id(0)
+    j = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    page = tl.load(LIST + pid_bh * n_list + j).to(tl.int32)
+    listed = tl.load(BOUND + pid_bh * width + page) > float("-inf")
+    end = tl.where(listed, tl.load(SEEN).to(tl.int32), 0)  # a page listed with a bound of -inf: no real key
+    g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + offs_d[None, :] * stride_qd,
+                mask=(g[:, None] < GROUPS) & d_ok[None, :], other=0.0)
+    slots = page * PAGE + tl.arange(0, PAGE)
+    real = (slots >= tl.load(KV_START + b).to(tl.int32)) & (slots < end)
+    k = tl.load(K + b * stride_kb + h * stride_kh + slots[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=real[None, :] & d_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    logits = _logits(q, k, scale_log2, softcap_log2, PRECISION)
+    logits = tl.where(real[None, :], logits, float("-inf"))
+    m = tl.max(logits, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.exp2(logits - m_safe[:, None]), 1)
+    out = (pid_bh * n_list + j) * G_PAD + g
+    tl.store(M_OUT + out, m)
+    tl.store(L_OUT + out, l)
+
+
+@triton.jit
+def _shortlist_mass_kernel(
+    BOUND, LIST, RESELECT, M_IN, L_IN, OUT, width, n_list,
+    GROUPS: tl.constexpr, G_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """The group's attention mass per listed page, normalised over the list; the row's other pages -inf."""
+    if tl.load(RESELECT) == 0:
+        return
+    pid_bh = tl.program_id(0)
+    j = tl.arange(0, N_PAD)
+    g = tl.arange(0, G_PAD)
+    j_ok = j < n_list
+    at = (pid_bh * n_list + j[:, None]) * G_PAD + g[None, :]
+    m = tl.load(M_IN + at, mask=j_ok[:, None], other=float("-inf"))
+    l = tl.load(L_IN + at, mask=j_ok[:, None], other=0.0)
+    top = tl.max(m, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    share = l * tl.exp2(m - top[None, :])  # [N, G]
+    total = tl.sum(share, 0)
+    share = tl.where((g < GROUPS)[None, :] & (total > 0)[None, :], share / tl.where(total > 0, total, 1.0)[None, :], 0.0)
+    mass = tl.sum(share, 1)
+    page = tl.load(LIST + pid_bh * n_list + j, mask=j_ok, other=0).to(tl.int32)
+    bound = tl.load(BOUND + pid_bh * width + page, mask=j_ok, other=float("-inf"))
+    ranked = tl.where(bound == float("inf"), bound, tl.where(bound > float("-inf"), mass, float("-inf")))
+    for start in range(0, width, BLOCK_W):
+        w = start + tl.arange(0, BLOCK_W)
+        tl.store(OUT + pid_bh * width + w, tl.full([BLOCK_W], float("-inf"), tl.float32), mask=w < width)
+    tl.debug_barrier()  # the row is cleared before the listed pages are written
+    tl.store(OUT + pid_bh * width + page, ranked, mask=j_ok)
+
+
+def shortlist_page_scores_triton(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
+                                 reselect: torch.Tensor, page_size: int, scale: float,
+                                 softcap: float | None = None) -> torch.Tensor:
+    """Stage 2 into ``out`` [B, Hd, width] (contiguous, as ``bound``; ``shortlist`` [B, Hd, n] contiguous) when
+    ``reselect`` (int32 [1], on the device) is set; ``seen`` int32 [1] on the device. Fixed launch arguments for
+    a given cache: a CUDA graph can replay it."""
+    batch, heads, groups, head_dim = query.shape
+    width, n_list = bound.shape[2], shortlist.shape[2]
+    g_pad = max(16, triton.next_power_of_2(groups))
+    m_part = torch.empty(batch * heads * n_list * g_pad, dtype=torch.float32, device=query.device)
+    l_part = torch.empty_like(m_part)
+    _shortlist_page_kernel[(batch * heads, n_list)](
+        query, keys, bound, shortlist, kv_start, seen, reselect, m_part, l_part,
+        *query.stride(), *keys.stride(), heads, width, n_list, scale * LOG2E, (softcap or 0.0) * LOG2E,
+        GROUPS=groups, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=page_size, UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
+    )
+    n_pad = max(16, triton.next_power_of_2(n_list))
+    _shortlist_mass_kernel[(batch * heads,)](
+        bound, shortlist, reselect, m_part, l_part, out, width, n_list,
+        GROUPS=groups, G_PAD=g_pad, N_PAD=n_pad, BLOCK_W=1024, num_warps=4 if n_pad * g_pad <= 4096 else 8,
     )
     return out

@@ -11,6 +11,13 @@ so that one selection (one gather) serves the whole group. The first real page (
 sink) is always kept; the newest page and everything after it (the *tail*) is always attended; the
 remaining budget goes to the highest-scoring pages.
 
+**Two stages** (``shortlist`` > 1, the default 4): the bound ranks pages only roughly (a page of keys that each
+match the query on a few dimensions scores as high as one key that matches on all of them), so it short-lists
+``shortlist`` x the pages to select, and the keys of the short list are read to rank those pages by their exact
+attention mass (a softmax per query head over the short list's keys, summed over the group). On the held-out
+evaluation text this reaches the oracle's choice at a budget of 1/4 (``benchmarks/results/page_selection_*``).
+It reads ``shortlist`` x the budget's keys once per selection (every ``reuse_interval`` steps).
+
 **Plan and run.** A decode step is planned once for all layers (:func:`plan_step`: the device counters
 advance and decide whether this step selects anew, every ``reuse_interval`` steps and after any prefill)
 and each layer runs :func:`select_pages`: scores (only on a reselecting step; otherwise the layer's stored
@@ -77,8 +84,12 @@ def select_pages(
     budget: int,
     page_size: int,
     logical_page_size: int,
-    pages: torch.Tensor | None = None,
+    shortlist: int = 1,
+    bound: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Choose the pages a decode step of the dense heads reads besides its tail.
 
@@ -91,8 +102,10 @@ def select_pages(
         scores: float32 [B, Hd, width], the layer's page scores, kept between steps (rewritten only on a
             reselecting step); width: the pages the buffers hold.
         budget: tokens to attend per head (a multiple of ``page_size``, at least two pages).
-        pages, keys: the layer's last selection and its stored keys [B, Hd, >= seen, D]; read only by an
-            evaluation ``selector`` hook.
+        shortlist: pages short-listed by the bound per page selected; above 1, the short list is ranked by exact
+            attention mass, which needs ``bound`` (float32, the shape of ``scores``: the first stage's scores),
+            ``keys`` (the layer's stored keys [B, Hd, >= seen, D]), ``scale`` and ``softcap`` (the layer's).
+        pages: the layer's last selection; read only by an evaluation ``selector`` hook.
 
     Returns:
         int32 [B, Hd, budget / page_size - 1] physical page ids, -1 where a row has fewer candidates. While
@@ -106,9 +119,23 @@ def select_pages(
                               seen=int(step[STEP_SEEN]), budget=budget, page_size=page_size,
                               logical_page_size=logical_page_size)
         return _to_width(chosen, width)
-    ops.physical_page_scores(query, key_min, key_max, kv_start=kv_start, seen=step[STEP_SEEN : STEP_SEEN + 1],
-                             out=scores, reselect=step[STEP_RESELECT : STEP_RESELECT + 1], page_size=page_size,
-                             logical_page_size=logical_page_size)
+    return _choose(query, key_min, key_max, kv_start=kv_start, step=step, scores=scores, budget=budget,
+                   page_size=page_size, logical_page_size=logical_page_size, shortlist=shortlist, bound=bound,
+                   keys=keys, scale=scale, softcap=softcap)
+
+
+def _choose(query, key_min, key_max, *, kv_start, step, scores, budget: int, page_size: int, logical_page_size: int,
+            shortlist: int, bound, keys, scale, softcap) -> torch.Tensor:
+    """``select_pages`` without the evaluation hook."""
+    width = budget // page_size - 1
+    seen, reselect = step[STEP_SEEN : STEP_SEEN + 1], step[STEP_RESELECT : STEP_RESELECT + 1]
+    common = dict(kv_start=kv_start, seen=seen, reselect=reselect, page_size=page_size)
+    if shortlist > 1:
+        ops.physical_page_scores(query, key_min, key_max, out=bound, logical_page_size=logical_page_size, **common)
+        _, listed = torch.topk(bound, min(shortlist * width, bound.shape[2]), dim=-1, sorted=False)
+        ops.shortlist_page_scores(query, keys, bound, listed, out=scores, scale=scale, softcap=softcap, **common)
+    else:
+        ops.physical_page_scores(query, key_min, key_max, out=scores, logical_page_size=logical_page_size, **common)
     values, chosen = torch.topk(scores, min(width, scores.shape[2]), dim=-1, sorted=False)
     return _to_width(torch.where(values == float("-inf"), -1, chosen).to(torch.int32), width)
 
@@ -122,18 +149,20 @@ def _to_width(pages: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def quest_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, page_size: int,
-           logical_page_size: int) -> tuple[torch.Tensor, int]:
-    """Quest's bound-based choice with host-side arguments (for evaluation hooks): (pages [B, Hd,
-    budget / page_size - 1], tail_first), or an empty list and 0 when the context fits the budget."""
+                logical_page_size: int, shortlist: int = 1, keys: torch.Tensor | None = None,
+                scale: float | None = None, softcap: float | None = None) -> tuple[torch.Tensor, int]:
+    """The package's choice with host-side arguments (for evaluation hooks): Quest's bound alone by default, or
+    two stages with ``shortlist`` > 1 (see :func:`select_pages`). Returns (pages [B, Hd, budget / page_size -
+    1], tail_first), or an empty list and 0 when the context fits the budget."""
     n_pages = -(-seen // page_size)
     budget_pages = budget // page_size
     batch, heads = query.shape[:2]
     if n_pages <= budget_pages:
         return torch.empty(batch, heads, 0, dtype=torch.int32, device=query.device), 0
     scores = torch.empty(batch, heads, n_pages - 1, dtype=torch.float32, device=query.device)
-    one = torch.ones(1, dtype=torch.int32, device=query.device)
-    ops.physical_page_scores(query, key_min, key_max, kv_start=kv_start, seen=one * seen, out=scores, reselect=one,
-                             page_size=page_size, logical_page_size=logical_page_size)
-    values, pages = torch.topk(scores, budget_pages - 1, dim=-1, sorted=False)
-    pages = torch.where(values == float("-inf"), -1, pages)
-    return pages.to(torch.int32), n_pages - 1
+    step = torch.zeros(4, dtype=torch.int32, device=query.device)
+    step[STEP_SEEN], step[STEP_RESELECT] = seen, 1  # a reselecting step
+    pages = _choose(query, key_min, key_max, kv_start=kv_start, step=step, scores=scores, budget=budget,
+                    page_size=page_size, logical_page_size=logical_page_size, shortlist=shortlist,
+                    bound=torch.empty_like(scores) if shortlist > 1 else None, keys=keys, scale=scale, softcap=softcap)
+    return pages, n_pages - 1
