@@ -8,7 +8,9 @@ Llama-3-8B shape (32 query / 8 KV heads, head_dim 128, bf16, batch 1), random we
   streaming (sink 128, decode window 256) and budget 4096, reuse 4, against SDPA decode over the full
   dense K/V. ``step_ms`` is the median of 4-step cycles / 4; ``selection_ms`` times one selection alone.
   ``kernel_ms``/``sdpa_kernel_ms``/``selection_kernel_ms``: the same GPU work replayed from a CUDA graph
-  (no Python launch overhead): what the kernels cost by themselves.
+  (no Python launch overhead): what the kernels cost by themselves. ``shortlist{1,4}_{select,reuse}_kernel_ms``:
+  page selection alone from a CUDA graph, by the bound (1) and in two stages (4, the default), on a selecting
+  step and on a step that reuses the selection (``--lengths 0``: the layer step only).
 * generate(): decode tokens/s (timestamps of the steps, the prefill excluded) for the patched model,
   for stock Transformers (sdpa + DynamicCache) and for our cache and kernels with every head dense and
   a budget covering the context (no selection); ROUNDS alternating rounds, the median (the upper
@@ -90,11 +92,15 @@ def layer_step(model, length: int) -> dict:
 
     reselecting = layer.step.clone()
     reselecting[STEP_RESELECT] = 1  # time a selection, not a reuse
+    reusing = layer.step.clone()
+    reusing[STEP_RESELECT] = 0
     scores = torch.empty(1, len(layer.dense_heads), layer.capacity // 64, device="cuda")
+    bound = torch.empty_like(scores)
 
-    def select():
-        return select_pages(grouped, t["key_min"], t["key_max"], kv_start=zero, step=reselecting, scores=scores,
-                            budget=4096, page_size=64, logical_page_size=16)
+    def select(shortlist=1, step=reselecting):
+        return select_pages(grouped, t["key_min"], t["key_max"], kv_start=zero, step=step, scores=scores,
+                            budget=4096, page_size=64, logical_page_size=16, shortlist=shortlist, bound=bound,
+                            keys=t["dense_key"], scale=HEAD_DIM**-0.5)
 
     selection_ms = triton.testing.do_bench(select, warmup=50, rep=300, return_mode="median")
     # GPU time alone (CUDA-graph replay, no Python launch overhead): our append + decode kernels of one
@@ -113,13 +119,20 @@ def layer_step(model, length: int) -> dict:
         lambda: torch.nn.functional.scaled_dot_product_attention(q, dense_k, dense_v, enable_gqa=True),
         rep=100, return_mode="median")
     selection_kernel_ms = triton.testing.do_bench_cudagraph(select, rep=100, return_mode="median")
+    # page selection by the bound alone (shortlist 1) and in two stages (4, the default), on a selecting step and
+    # on a step that reuses the selection (the graph replays the same launches; the kernels return at once)
+    selection_variants = {
+        f"shortlist{n}_{kind}_kernel_ms": triton.testing.do_bench_cudagraph(
+            lambda n=n, step=step: select(n, step), rep=100, return_mode="median")
+        for n in (1, 4) for kind, step in (("select", reselecting), ("reuse", reusing))}
     decoding.__exit__(None, None, None)
     del cache, dense_k, dense_v
     torch.cuda.empty_cache()
     return {"L": length, "kind": "layer_step", "step_ms": step_ms, "sdpa_step_ms": sdpa_ms,
             "selection_ms": selection_ms, "speedup": sdpa_ms / step_ms, "kernel_ms": kernel_ms,
             "sdpa_kernel_ms": sdpa_kernel_ms, "selection_kernel_ms": selection_kernel_ms,
-            "kernel_speedup": sdpa_kernel_ms / kernel_ms, "device": torch.cuda.get_device_name()}
+            "kernel_speedup": sdpa_kernel_ms / kernel_ms, **selection_variants,
+            "device": torch.cuda.get_device_name()}
 
 
 class StepClock(LogitsProcessor):
@@ -183,6 +196,7 @@ def main() -> None:
     parser.add_argument("--layer-lengths", type=int, nargs="+", default=[32768, 131072, 262144])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode")
     args = parser.parse_args()
+    args.lengths = [n for n in args.lengths if n > 0]  # --lengths 0: the layer step only
     rows = []
     small = build(1, max(args.layer_lengths) + 8192)
     patch(small, **SPARSE)
@@ -191,6 +205,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     del small
     torch.cuda.empty_cache()
+    if not args.lengths:
+        save(args, rows)
+        return
     model = build(32, max(args.lengths) + 8192)
     for length in args.lengths:
         rows.append(end_to_end(model, length))
