@@ -126,7 +126,8 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
         grouped = query.view(query.shape[0], len(layer.head_kind), -1, query.shape[-1]).index_select(1, layer.dense_idx)
         kv.pages = select_pages(grouped, buffers["key_min"], buffers["key_max"], kv_start=kv_start, step=layer.step,
                                 scores=buffers["scores"], logical_page_size=layer.logical_page_size,
-                                shortlist=layer.shortlist, bound=buffers["bound"], keys=buffers["keys"], scale=scale,
+                                selected=buffers["selected"], shortlist=layer.shortlist, listed=buffers["listed"],
+                                keys=buffers["keys"], scale=scale,
                                 softcap=terms.get("softcap"), pages=buffers["pages"], **settings)
         layer.keep_pages(kv.pages)
     return ops.paged_decode(query[:, :, 0], kv, kv_start=kv_start, sink=layer.sink_size, local=layer.decode_local_size,

@@ -385,20 +385,24 @@ class SparseLayer(CacheLayerMixin):
 
     def selection_buffers(self) -> dict:
         """What page selection reads and keeps for the dense heads: the logical-page statistics, the stored
-        keys, the page scores (float32 [B, Hd, capacity / page_size], kept between steps so that a reused
-        selection keeps its scores; sized with the buffers), the first stage's scores of a two-stage selection
-        (``bound``, the same shape, or None) and the last selection (or None)."""
+        keys, the bound's page scores (float32 [B, Hd, capacity / page_size], sized with the buffers), the
+        selection kept between steps (int32 [B, Hd, budget / page_size - 1]) and the short list of a two-stage
+        selection (int32, ``shortlist`` x as many, or None), and the last selection an evaluation hook made (or
+        None)."""
         t = self._tensors
         width = self.capacity // self.page_size
-        for name, needed in (("page_scores", True), ("page_bound", self.shortlist > 1)):
-            old = t.get(name)
-            if needed and (old is None or old.shape[2] != width):
-                t[name] = torch.full((self.batch, len(self.dense_heads), width), float("-inf"), dtype=torch.float32,
-                                     device=self.device)
-                if old is not None:
-                    t[name][:, :, : old.shape[2]] = old
+        if t.get("page_scores") is None or t["page_scores"].shape[2] != width:
+            t["page_scores"] = torch.full((self.batch, len(self.dense_heads), width), float("-inf"),
+                                          dtype=torch.float32, device=self.device)
+        chosen = self.token_budget // self.page_size - 1
+        if "selected" not in t:
+            for name, n in (("selected", chosen), ("listed", self.shortlist * chosen if self.shortlist > 1 else 0)):
+                if n:
+                    t[name] = torch.full((self.batch, len(self.dense_heads), n), -1, dtype=torch.int32,
+                                         device=self.device)
         return {"key_min": t["key_min"], "key_max": t["key_max"], "keys": t["dense_key"],
-                "scores": t["page_scores"], "bound": t.get("page_bound"), "pages": t.get("pages")}
+                "scores": t["page_scores"], "selected": t["selected"], "listed": t.get("listed"),
+                "pages": t.get("pages")}
 
     def keep_pages(self, pages: torch.Tensor) -> None:
         """Store the pages a decode step reads (int32 [B, Hd, n]; for evaluation hooks); a prefill drops them.

@@ -18,7 +18,8 @@ from .kernels.reference import (
     append_token_reference,
     paged_decode_reference,
     physical_page_scores_reference,
-    shortlist_page_scores_reference,
+    shortlist_pages_reference,
+    top_pages_reference,
     sampled_column_scores_reference,
     sparse_attention_reference,
     stripe_attention_reference,
@@ -357,30 +358,51 @@ def _physical_page_scores(query, key_min, key_max, kv_start, seen, out, reselect
     out.copy_(torch.where(reselect.bool(), fresh, out))
 
 
-def shortlist_page_scores(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
-                          reselect: torch.Tensor, page_size: int, scale: float,
-                          softcap: float | None = None) -> torch.Tensor:
-    """Page selection's second stage written into ``out`` [B, Hd, width] when ``reselect`` (int32 [1]) is set,
-    else ``out`` is left as it is; ``seen`` int32 [1]. Both live on the device. Contract:
-    ``kernels.reference.shortlist_page_scores_reference`` with ``seen=int(seen)``."""
+def top_pages(scores: torch.Tensor, *, out: torch.Tensor, reselect: torch.Tensor) -> torch.Tensor:
+    """The ``out.shape[2]`` best pages of each row of ``scores`` [B, Hd, width] written into ``out`` (int32) when
+    ``reselect`` (int32 [1], on the device) is set, else ``out`` is left as it is. Contract:
+    ``kernels.reference.top_pages_reference``."""
     if torch.compiler.is_compiling():
-        torch.ops.sparse_attn_hf.shortlist_page_scores(query, keys, bound, shortlist, kv_start, seen, out, reselect,
-                                                       page_size, scale, softcap)
+        torch.ops.sparse_attn_hf.top_pages(scores, out, reselect)
         return out
-    _shortlist_page_scores(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size, scale, softcap)
+    _top_pages(scores, out, reselect)
     return out
 
 
-def _shortlist_page_scores(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size: int, scale: float,
-                           softcap: float | None) -> None:
+def _top_pages(scores, out, reselect) -> None:
+    if _use_triton(scores):
+        from .kernels.selection import top_pages_triton
+
+        with _on_device(scores):
+            top_pages_triton(scores, out=out, reselect=reselect)
+        return
+    out.copy_(torch.where(reselect.bool(), top_pages_reference(scores, out.shape[2]), out))
+
+
+def shortlist_pages(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
+                    reselect: torch.Tensor, page_size: int, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Page selection's second stage: the ``out.shape[2]`` pages of ``shortlist`` of highest exact attention mass
+    written into ``out`` (int32) when ``reselect`` (int32 [1]) is set, else ``out`` is left as it is; ``seen``
+    int32 [1]. Both live on the device. Contract: ``kernels.reference.shortlist_pages_reference`` with
+    ``seen=int(seen)``, ``k=out.shape[2]``."""
+    if torch.compiler.is_compiling():
+        torch.ops.sparse_attn_hf.shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect,
+                                                 page_size, scale, softcap)
+        return out
+    _shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size, scale, softcap)
+    return out
+
+
+def _shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size: int, scale: float,
+                     softcap: float | None) -> None:
     common = dict(kv_start=kv_start, page_size=page_size, scale=scale, softcap=softcap)
     if _use_triton(query) and _decode_kernel_takes(page_size) and query.shape[-1] >= 16:
-        from .kernels.selection import shortlist_page_scores_triton
+        from .kernels.selection import shortlist_pages_triton
 
         with _on_device(query):
-            shortlist_page_scores_triton(query, keys, bound, shortlist, seen=seen, out=out, reselect=reselect, **common)
+            shortlist_pages_triton(query, keys, bound, shortlist, seen=seen, out=out, reselect=reselect, **common)
         return
-    fresh = shortlist_page_scores_reference(query, keys, bound, shortlist, seen=int(seen), **common)
+    fresh = shortlist_pages_reference(query, keys, bound, shortlist, seen=int(seen), k=out.shape[2], **common)
     out.copy_(torch.where(reselect.bool(), fresh, out))
 
 
@@ -479,14 +501,24 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op("sparse_attn_hf::shortlist_page_scores", mutates_args=("out",))
-def _shortlist_page_scores_op(query: Tensor, keys: Tensor, bound: Tensor, shortlist: Tensor, kv_start: Tensor,
-                              seen: Tensor, out: Tensor, reselect: Tensor, page_size: int, scale: float,
-                              softcap: Optional[float] = None) -> None:
-    _shortlist_page_scores(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size, scale, softcap)
+@torch.library.custom_op("sparse_attn_hf::top_pages", mutates_args=("out",))
+def _top_pages_op(scores: Tensor, out: Tensor, reselect: Tensor) -> None:
+    _top_pages(scores, out, reselect)
 
 
-@_shortlist_page_scores_op.register_fake
+@_top_pages_op.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("sparse_attn_hf::shortlist_pages", mutates_args=("out",))
+def _shortlist_pages_op(query: Tensor, keys: Tensor, bound: Tensor, shortlist: Tensor, kv_start: Tensor, seen: Tensor,
+                        out: Tensor, reselect: Tensor, page_size: int, scale: float,
+                        softcap: Optional[float] = None) -> None:
+    _shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size, scale, softcap)
+
+
+@_shortlist_pages_op.register_fake
 def _(*args):
     return None
 

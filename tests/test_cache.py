@@ -162,11 +162,17 @@ def test_streaming_heads_hold_constant_memory_and_bytes_match_prediction(model):
     dynamic_bytes = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
     assert cache.dynamic_cache_nbytes() == dynamic_bytes
     tables = sum(layer._tensors[name].nbytes for layer in cache.layers  # slot tables, the selection's state
-                 for name in ("sink_pos", "ring_pos", "page_scores", "page_bound", "pages")
+                 for name in ("sink_pos", "ring_pos", "page_scores", "selected", "listed", "pages")
                  if name in layer._tensors)
     measured = (cache.nbytes() - tables) / dynamic_bytes
     assert abs(measured - predicted) < 1e-9, (measured, predicted)
-    assert cache.nbytes() / dynamic_bytes < predicted + 0.02
+    # the selection kept between steps and its short list: a fixed size, (1 + shortlist) x the pages selected
+    fixed = sum(layer._tensors[name].nbytes for layer in cache.layers for name in ("selected", "listed")
+                if name in layer._tensors)
+    dense = sum(len(layer.dense_heads) for layer in cache.layers)
+    settings = model._sparse_attn_state.settings
+    assert fixed == dense * (1 + settings.shortlist) * (settings.token_budget // settings.page_size - 1) * 4
+    assert (cache.nbytes() - fixed) / dynamic_bytes < predicted + 0.02
 
 
 @torch.no_grad()

@@ -18,8 +18,10 @@ from sparse_attn_hf.kernels.reference import (
     paged_decode_reference,
     physical_page_scores_reference,
     shortlist_page_scores_reference,
+    shortlist_pages_reference,
+    top_pages_reference,
 )
-from sparse_attn_hf.kernels.selection import physical_page_scores_triton, shortlist_page_scores_triton
+from sparse_attn_hf.kernels.selection import physical_page_scores_triton, shortlist_pages_triton, top_pages_triton
 from sparse_attn_hf.methods.page_selection import plan_step, reset_step, select_pages
 from sparse_attn_hf.compat import CACHE_ARG
 
@@ -148,26 +150,64 @@ def test_shortlist_scores_are_the_exact_mass_of_the_listed_pages(softcap):
             torch.testing.assert_close(got[b, h], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("width,k,block", [(50, 7, None), (50, 60, None), (3000, 63, None), (3000, 63, 1024),
+                                           (20, 0, None)], ids=["short", "k-over-width", "long", "blocks", "k0"])
+def test_top_pages_kernel_matches_torch_topk(width, k, block, monkeypatch):
+    """The bisection top-k against torch.topk: random scores with -inf holes, +inf entries and ties (which may
+    be broken either way: compared as the multiset of values chosen), rows with fewer real entries than k; a
+    reusing step leaves the selection; rows longer than a register block (``block``) take the looping path."""
+    import sparse_attn_hf.kernels.selection as selection
+
+    if block is not None:
+        monkeypatch.setattr(selection, "ROW_IN_REGISTERS", block // 2)
+    gen = torch.Generator().manual_seed(width + k)
+    scores = torch.randn(3, 2, width, generator=gen).round(decimals=1)  # ties
+    scores[scores < -1.2] = float("-inf")
+    scores[0, 0, :3] = float("inf")
+    scores[1, 1, : width - 3] = float("-inf")  # 3 real entries only
+    scores[2, 0] = -scores[2, 0].abs() - 0.5  # all negative: the bit order of negative floats
+    scores = scores.to(DEVICE)
+    one = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    out = torch.full((3, 2, k), 99, dtype=torch.int32, device=DEVICE)
+    got = top_pages_triton(scores, out=out, reselect=one)
+    expected = top_pages_reference(scores, k)
+    assert got.shape == expected.shape
+    values = lambda pages: torch.where(pages >= 0, scores.gather(2, pages.long().clamp(min=0)),  # noqa: E731
+                                       torch.tensor(float("nan"), device=DEVICE)).sort(-1).values
+    torch.testing.assert_close(values(got), values(expected), equal_nan=True)
+    for row in got.flatten(0, 1).tolist():  # no page twice
+        real = [p for p in row if p >= 0]
+        assert len(real) == len(set(real))
+    kept = got.clone()
+    top_pages_triton(-scores, out=out, reselect=one * 0)
+    assert torch.equal(out, kept)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 64, 64, [0, 300], None), (1, 2, 1, 128, 32, [0], None),
                                    (2, 1, 3, 80, 16, [5, 0], 3.0)], ids=["gqa4", "gqa1", "d80-softcap"])
 def test_shortlist_kernel_matches_reference(shape, dtype):
+    """Stage 2's kernel against its reference: the same masses (checked through the chosen pages' masses, as
+    near-ties may be broken either way), -1 entries in the short list, and a reusing step leaves the choice."""
     batch, heads, groups, dim, page, pads, softcap = shape
     q, keys, bound, listed, kv_start, seen = _shortlist_case(batch, heads, groups, dim, page, pads, seed=dim,
                                                              dtype=dtype)
+    listed[..., -1] = -1  # a short list with fewer pages than places
     common = dict(kv_start=kv_start.to(DEVICE), page_size=page, scale=dim ** -0.5, softcap=softcap)
-    q, keys, bound, listed = q.to(DEVICE), keys.to(DEVICE), bound.to(DEVICE), listed.to(DEVICE)
+    q, keys, bound, listed = q.to(DEVICE), keys.to(DEVICE), bound.to(DEVICE), listed.to(DEVICE).int()
     one = torch.ones(1, dtype=torch.int32, device=DEVICE)
-    out = torch.full_like(bound, float("nan"))
-    got = shortlist_page_scores_triton(q, keys, bound, listed, seen=one * seen, out=out, reselect=one, **common)
-    expected = shortlist_page_scores_reference(q, keys, bound, listed, seen=seen, **common)
-    assert torch.equal(torch.isinf(got), torch.isinf(expected)) and not got.isnan().any()
-    finite = torch.isfinite(expected)
-    torch.testing.assert_close(got[finite], expected[finite], rtol=2e-2 if dtype != torch.float32 else 1e-4,
-                               atol=2e-3 if dtype != torch.float32 else 1e-5)
+    out = torch.full((batch, heads, 3), 99, dtype=torch.int32, device=DEVICE)
+    got = shortlist_pages_triton(q, keys, bound, listed, seen=one * seen, out=out, reselect=one, **common)
+    expected = shortlist_pages_reference(q, keys, bound, listed, seen=seen, k=3, **common)
+    mass = shortlist_page_scores_reference(q, keys, bound, listed, seen=seen, **common)
+    chosen = lambda pages: mass.gather(2, pages.long().clamp(min=0)).sort(-1).values  # noqa: E731
+    assert torch.equal(torch.isinf(chosen(got)), torch.isinf(chosen(expected)))
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chosen(got).nan_to_num(posinf=9), chosen(expected).nan_to_num(posinf=9), **tol)
+    assert ((got >= 0) == (expected >= 0)).all()
     kept = got.clone()
-    shortlist_page_scores_triton(q * 3, keys, bound, listed, seen=one * seen, out=out, reselect=one * 0, **common)
-    assert torch.equal(out, kept), "a step that reuses its selection leaves the scores as they are"
+    shortlist_pages_triton(q * 3, keys, bound, listed, seen=one * seen, out=out, reselect=one * 0, **common)
+    assert torch.equal(out, kept), "a step that reuses its selection leaves the pages as they are"
 
 
 def test_two_stage_selection_reads_the_short_list_by_exact_mass():
@@ -181,22 +221,24 @@ def test_two_stage_selection_reads_the_short_list_by_exact_mass():
     kmin, kmax = _stats(keys, 16, kv_start)
     step = decode_step(seen)
     step[STEP_RESELECT] = 1
-    scores, stage1 = torch.full_like(bound, float("nan")), torch.full_like(bound, float("nan"))
+    scores = torch.full_like(bound, float("nan"))
+    selected = torch.full((batch, heads, 3), 99, dtype=torch.int32)
     common = dict(kv_start=kv_start, page_size=page, logical_page_size=16, keys=keys, scale=dim ** -0.5)
-    pages = select_pages(q, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=2, bound=stage1,
+    pages = select_pages(q, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=2, selected=selected,
                          **common)
-    torch.testing.assert_close(stage1, bound)
+    assert pages is selected
+    torch.testing.assert_close(scores, bound)
     mass = shortlist_page_scores_reference(q, keys, bound, listed, kv_start=kv_start, seen=seen, page_size=page,
                                            scale=dim ** -0.5)
     expected = torch.topk(mass, 3, dim=-1).indices
     assert torch.equal(pages.sort(-1).values, expected.to(torch.int32).sort(-1).values)
+    chosen = pages.clone()
     step[STEP_RESELECT] = 0
-    again = select_pages(q * -1, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=2, bound=stage1,
-                         **common)
-    assert torch.equal(again.sort(-1).values, pages.sort(-1).values)
+    again = select_pages(q * -1, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=2,
+                         selected=selected, **common)
+    assert torch.equal(again, chosen)
     step[STEP_RESELECT] = 1
-    every = select_pages(q, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=100, bound=stage1,
-                         **common)
+    every = select_pages(q, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=100, **common)
     true_mass = page_oracle.page_mass(q, keys, kv_start=kv_start, seen=seen, page_size=page, scale=dim ** -0.5)
     oracle, _ = page_oracle.oracle_pages(true_mass, kv_start=kv_start, budget=4 * page, page_size=page)
     assert torch.equal(every.sort(-1).values, oracle.sort(-1).values)
@@ -708,9 +750,10 @@ def test_registered_decode_ops_pass_torch_library_checks():
     out = torch.zeros(batch, heads, 128 // page)
     torch.library.opcheck(torch.ops.sparse_attn_hf.physical_page_scores,
                           (q, kmin, kmax, kv_start, seen, out, one, page, logical))
-    listed = torch.topk(out, 3, dim=-1).indices
-    torch.library.opcheck(torch.ops.sparse_attn_hf.shortlist_page_scores,
-                          (q, keys, out, listed, kv_start, seen, torch.zeros_like(out), one, page, dim ** -0.5, None))
+    listed = torch.zeros(batch, heads, 3, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.sparse_attn_hf.top_pages, (out, listed, one))
+    torch.library.opcheck(torch.ops.sparse_attn_hf.shortlist_pages,
+                          (q, keys, out, listed, kv_start, seen, listed[..., :2].clone(), one, page, dim ** -0.5, None))
     step = decode_step(100)
     kind, slot = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32)
     dense = keys[:, :1].contiguous()

@@ -288,27 +288,48 @@ def physical_page_scores_reference(query, key_min, key_max, *, kv_start, seen: i
     return out
 
 
+def top_pages_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` pages of highest score per row of ``scores`` [B, Hd, width]: int32 [B, Hd, k], in no particular
+    order; pages scoring -inf are never chosen, and -1 fills the places of missing ones."""
+    values, pages = torch.topk(scores, min(k, scores.shape[2]), dim=-1, sorted=False)
+    pages = torch.where(values == float("-inf"), -1, pages).to(torch.int32)
+    pad = torch.full((*scores.shape[:2], k - pages.shape[2]), -1, dtype=torch.int32, device=scores.device)
+    return torch.cat([pages, pad], dim=2)
+
+
 def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, seen: int, page_size: int,
                                     scale: float, softcap: float | None = None) -> torch.Tensor:
-    """Page selection's second stage: the short-listed pages ranked by their exact attention mass, float32
+    """Page selection's second stage: the short-listed pages scored by their exact attention mass, float32
     [B, Hd, width] (the shape of ``bound``).
 
     query [B, Hd, G, D]; keys [B, Hd, >= seen, D] (page ``p`` holds slots ``p * page_size ...``); bound [B, Hd,
     width], the first stage's scores (``physical_page_scores_reference``); shortlist int [B, Hd, n], the pages
-    the bound ranks first. Each query head takes a softmax over the real keys (slots ``kv_start .. seen - 1``)
-    of the short-listed pages whose bound is not -inf; a page scores the mass that the group's query heads put
-    on it. A page whose bound is +inf (the sink page) keeps +inf; a page off the list, or listed with a bound
+    the bound ranks first (-1: none). Each query head takes a softmax over the real keys (slots ``kv_start ..
+    seen - 1``) of the listed pages whose bound is not -inf; a page scores the mass that the group's query heads
+    put on it. A page whose bound is +inf (the sink page) keeps +inf; a page off the list, or listed with a bound
     of -inf, scores -inf."""
     batch, heads, groups, dim = query.shape
-    listed = bound.gather(2, shortlist.long())  # [B, Hd, n]
-    slots = shortlist.long()[..., None] * page_size + torch.arange(page_size, device=query.device)  # [B, Hd, n, P]
+    width = bound.shape[2]
+    pages = shortlist.long().clamp(min=0)
+    listed = torch.where(shortlist >= 0, bound.gather(2, pages), float("-inf"))  # [B, Hd, n]
+    slots = pages[..., None] * page_size + torch.arange(page_size, device=query.device)  # [B, Hd, n, P]
     picked = keys.gather(2, slots.flatten(2)[..., None].clamp(max=keys.shape[2] - 1).expand(-1, -1, -1, dim))
     logits = capped(torch.einsum("bhgd,bhnd->bhgn", query.float(), picked.float()) * scale, softcap)
     real = (slots >= kv_start.view(batch, 1, 1, 1)) & (slots < seen) & (listed > float("-inf"))[..., None]
     probs = torch.softmax(logits.masked_fill(~real.flatten(2)[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
     mass = probs.sum(2).view(*shortlist.shape, page_size).sum(-1)
     ranked = torch.where(listed == float("inf"), listed, torch.where(listed > float("-inf"), mass, float("-inf")))
-    return torch.full_like(bound, float("-inf")).scatter_(2, shortlist.long(), ranked)
+    out = torch.full((batch, heads, width + 1), float("-inf"), dtype=torch.float32, device=query.device)
+    return out.scatter_(2, torch.where(shortlist >= 0, pages, width), ranked)[:, :, :width]
+
+
+def shortlist_pages_reference(query, keys, bound, shortlist, *, kv_start, seen: int, k: int, page_size: int,
+                              scale: float, softcap: float | None = None) -> torch.Tensor:
+    """The ``k`` listed pages of highest exact mass (``shortlist_page_scores_reference``), as
+    ``top_pages_reference`` chooses them: int32 [B, Hd, k]."""
+    scores = shortlist_page_scores_reference(query, keys, bound, shortlist, kv_start=kv_start, seen=seen,
+                                             page_size=page_size, scale=scale, softcap=softcap)
+    return top_pages_reference(scores, k)
 
 
 def sampled_column_scores_reference(query, key, *, rows: torch.Tensor, q_first: int, kv_start: torch.Tensor,

@@ -5,10 +5,17 @@ pages) loads the group's query heads once and the key min/max of its logical pag
 ``relu(q) . kmax - relu(-q) . kmin`` as two small matrix products, and reduces over query heads and over the
 logical pages of each physical page.
 
-Stage 2, contract ``reference.shortlist_page_scores_reference``: program (row, dense KV head, listed page)
-reads the page's keys and keeps, per query head, the maximum and the sum of exponentials of its logits; one
-program per (row, KV head) then normalises them over the list and writes the group's mass per page. The
-top-k of each stage is ``torch.topk``. Both stages return at once on a step that reuses its selection.
+Top-k, contract ``reference.top_pages_reference``: one program per (row, KV head) finds the k-th largest score by
+a bisection on the scores' bit patterns (32 counting passes over the row), then writes the indices at or above it
+in one pass (a running prefix sum places them).
+
+Stage 2, contract ``reference.shortlist_pages_reference``: program (row, dense KV head, listed page) reads the
+page's keys and keeps, per query head, the maximum and the sum of exponentials of its logits; one program per
+(row, KV head) then normalises them over the list, writes the group's mass per listed page to a scratch row and
+selects the pages of highest mass (the top-k above).
+
+Every kernel returns at once on a step that reuses its selection, so that a CUDA graph replaying a decode step
+costs a few empty launches there; the selection stays in its buffer.
 """
 
 from __future__ import annotations
@@ -101,6 +108,111 @@ def physical_page_scores_triton(query, key_min, key_max, *, kv_start, seen: torc
     return out
 
 
+
+
+@triton.jit
+def _ordered(x):
+    """float32 -> int64 keys in the same order (the sign-magnitude bit pattern made two's complement)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _count_at_least(SRC, width, threshold, BLOCK: tl.constexpr):
+    """How many of SRC[0:width] are above -inf with a key >= threshold (int64)."""
+    count = tl.zeros([], dtype=tl.int32)
+    for start in range(0, width, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(SRC + offs, mask=offs < width, other=float("-inf"))
+        count += tl.sum(((_ordered(x) >= threshold) & (x > float("-inf"))).to(tl.int32), 0)
+    return count
+
+
+@triton.jit
+def _place(x, offs, k_th, ties, tied, placed, DST, MAP, HAS_MAP: tl.constexpr):
+    """Write the entries of one block above the k-th largest key (and the first ``ties`` equal to it, counting
+    ``tied`` from earlier blocks) to DST, after ``placed`` earlier ones; returns the new (tied, placed)."""
+    key = _ordered(x)
+    real = x > float("-inf")
+    equal = (real & (key == k_th)).to(tl.int32)
+    take = (real & (key > k_th)) | ((equal == 1) & (tied + tl.cumsum(equal, 0) - equal < ties))
+    take_i = take.to(tl.int32)
+    slot = placed + tl.cumsum(take_i, 0) - take_i
+    if HAS_MAP:
+        value = tl.load(MAP + offs, mask=take, other=-1)
+    else:
+        value = offs
+    tl.store(DST + slot, value.to(tl.int32), mask=take)
+    return tied + tl.sum(equal, 0), placed + tl.sum(take_i, 0)
+
+
+@triton.jit
+def _top_k_row(SRC, width, k, DST, MAP, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """DST[0:k] = the indices (or MAP[index]) of the k largest values of SRC[0:width] above -inf, unordered (ties
+    by index), then -1. ONE_BLOCK (width <= BLOCK): the row stays in registers for the 32 counting passes."""
+    lo = tl.full([], -(2**31), tl.int64)  # the k-th largest key is in [lo, hi]
+    hi = tl.full([], 2**31 - 1, tl.int64)
+    tied = tl.zeros([], dtype=tl.int32)
+    placed = tl.zeros([], dtype=tl.int32)
+    if ONE_BLOCK:
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(SRC + offs, mask=offs < width, other=float("-inf"))
+        key = _ordered(x)
+        real = x > float("-inf")
+        wanted = tl.minimum(k, tl.sum(real.to(tl.int32), 0))
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            enough = tl.sum((real & (key >= mid)).to(tl.int32), 0) >= wanted
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        ties = wanted - tl.sum((real & (key > lo)).to(tl.int32), 0)
+        tied, placed = _place(x, offs, lo, ties, tied, placed, DST, MAP, HAS_MAP)
+    else:
+        wanted = tl.minimum(k, _count_at_least(SRC, width, -(2**40), BLOCK))
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            enough = _count_at_least(SRC, width, mid, BLOCK) >= wanted
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        ties = wanted - _count_at_least(SRC, width, lo + 1, BLOCK)
+        for start in range(0, width, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(SRC + offs, mask=offs < width, other=float("-inf"))
+            tied, placed = _place(x, offs, lo, ties, tied, placed, DST, MAP, HAS_MAP)
+    for start in range(0, k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(DST + offs, tl.full([BLOCK], -1, tl.int32), mask=(offs >= wanted) & (offs < k))
+
+
+@triton.jit
+def _top_pages_kernel(SCORES, RESELECT, OUT, width, k, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    if tl.load(RESELECT) == 0:  # the step reuses the selection already in OUT
+        return
+    row = tl.program_id(0)
+    _top_k_row(SCORES + row * width, width, k, OUT + row * k, OUT, False, BLOCK, ONE_BLOCK)
+
+
+def _block(width: int) -> tuple[int, bool, int]:
+    """(block, the row in one block, warps) of a top-k over rows of ``width``."""
+    block = max(16, triton.next_power_of_2(width))
+    if block <= ROW_IN_REGISTERS:
+        return block, True, 4 if block <= 2048 else 8
+    return 1024, False, 4
+
+
+ROW_IN_REGISTERS = 8192  # longer rows (contexts over 512K tokens in pages of 64) are read again in each pass
+
+
+def top_pages_triton(scores: torch.Tensor, *, out: torch.Tensor, reselect: torch.Tensor) -> torch.Tensor:
+    """The ``out.shape[2]`` best pages of each row of ``scores`` [B, Hd, width] (float32, contiguous) into ``out``
+    (int32, contiguous) when ``reselect`` (int32 [1], on the device) is set."""
+    batch, heads, width = scores.shape
+    block, one_block, warps = _block(width)
+    _top_pages_kernel[(batch * heads,)](scores, reselect, out, width, out.shape[2], BLOCK=block, ONE_BLOCK=one_block,
+                                        num_warps=warps)
+    return out
+
+
 @triton.jit
 def _shortlist_page_kernel(
     Q, K, BOUND, LIST, KV_START, SEEN, RESELECT, M_OUT, L_OUT,
@@ -117,8 +229,8 @@ def _shortlist_page_kernel(
     j = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    page = tl.load(LIST + pid_bh * n_list + j).to(tl.int32)
-    listed = tl.load(BOUND + pid_bh * width + page) > float("-inf")
+    page = tl.load(LIST + pid_bh * n_list + j).to(tl.int32)  # -1: no page
+    listed = tl.load(BOUND + pid_bh * width + page, mask=page >= 0, other=float("-inf")) > float("-inf")
     end = tl.where(listed, tl.load(SEEN).to(tl.int32), 0)  # a page listed with a bound of -inf: no real key
     g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
@@ -143,11 +255,12 @@ def _shortlist_page_kernel(
 
 
 @triton.jit
-def _shortlist_mass_kernel(
-    BOUND, LIST, RESELECT, M_IN, L_IN, OUT, width, n_list,
-    GROUPS: tl.constexpr, G_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_W: tl.constexpr,
+def _shortlist_select_kernel(
+    BOUND, LIST, RESELECT, M_IN, L_IN, MASS, OUT, width, n_list, k,
+    GROUPS: tl.constexpr, G_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
-    """The group's attention mass per listed page, normalised over the list; the row's other pages -inf."""
+    """The group's attention mass per listed page, normalised over the list (the sink page +inf), then the k
+    pages of highest mass."""
     if tl.load(RESELECT) == 0:
         return
     pid_bh = tl.program_id(0)
@@ -163,27 +276,26 @@ def _shortlist_mass_kernel(
     total = tl.sum(share, 0)
     share = tl.where((g < GROUPS)[None, :] & (total > 0)[None, :], share / tl.where(total > 0, total, 1.0)[None, :], 0.0)
     mass = tl.sum(share, 1)
-    page = tl.load(LIST + pid_bh * n_list + j, mask=j_ok, other=0).to(tl.int32)
-    bound = tl.load(BOUND + pid_bh * width + page, mask=j_ok, other=float("-inf"))
+    page = tl.load(LIST + pid_bh * n_list + j, mask=j_ok, other=-1).to(tl.int32)
+    bound = tl.load(BOUND + pid_bh * width + page, mask=j_ok & (page >= 0), other=float("-inf"))
     ranked = tl.where(bound == float("inf"), bound, tl.where(bound > float("-inf"), mass, float("-inf")))
-    for start in range(0, width, BLOCK_W):
-        w = start + tl.arange(0, BLOCK_W)
-        tl.store(OUT + pid_bh * width + w, tl.full([BLOCK_W], float("-inf"), tl.float32), mask=w < width)
-    tl.debug_barrier()  # the row is cleared before the listed pages are written
-    tl.store(OUT + pid_bh * width + page, ranked, mask=j_ok)
+    tl.store(MASS + pid_bh * n_list + j, ranked, mask=j_ok)
+    tl.debug_barrier()  # the row of masses is written before it is ranked
+    _top_k_row(MASS + pid_bh * n_list, n_list, k, OUT + pid_bh * k, LIST + pid_bh * n_list, True, BLOCK, ONE_BLOCK)
 
 
-def shortlist_page_scores_triton(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
-                                 reselect: torch.Tensor, page_size: int, scale: float,
-                                 softcap: float | None = None) -> torch.Tensor:
-    """Stage 2 into ``out`` [B, Hd, width] (contiguous, as ``bound``; ``shortlist`` [B, Hd, n] contiguous) when
-    ``reselect`` (int32 [1], on the device) is set; ``seen`` int32 [1] on the device. Fixed launch arguments for
-    a given cache: a CUDA graph can replay it."""
+def shortlist_pages_triton(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
+                           reselect: torch.Tensor, page_size: int, scale: float,
+                           softcap: float | None = None) -> torch.Tensor:
+    """Stage 2 into ``out`` (int32 [B, Hd, k], contiguous) when ``reselect`` (int32 [1], on the device) is set;
+    ``bound`` [B, Hd, width] float32 and ``shortlist`` int32 [B, Hd, n] contiguous (-1: no page); ``seen`` int32 [1]
+    on the device. Fixed launch arguments for a given cache: a CUDA graph can replay it."""
     batch, heads, groups, head_dim = query.shape
     width, n_list = bound.shape[2], shortlist.shape[2]
     g_pad = max(16, triton.next_power_of_2(groups))
     m_part = torch.empty(batch * heads * n_list * g_pad, dtype=torch.float32, device=query.device)
     l_part = torch.empty_like(m_part)
+    mass = torch.empty(batch * heads * n_list, dtype=torch.float32, device=query.device)
     _shortlist_page_kernel[(batch * heads, n_list)](
         query, keys, bound, shortlist, kv_start, seen, reselect, m_part, l_part,
         *query.stride(), *keys.stride(), heads, width, n_list, scale * LOG2E, (softcap or 0.0) * LOG2E,
@@ -192,8 +304,10 @@ def shortlist_page_scores_triton(query, keys, bound, shortlist, *, kv_start, see
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
     )
     n_pad = max(16, triton.next_power_of_2(n_list))
-    _shortlist_mass_kernel[(batch * heads,)](
-        bound, shortlist, reselect, m_part, l_part, out, width, n_list,
-        GROUPS=groups, G_PAD=g_pad, N_PAD=n_pad, BLOCK_W=1024, num_warps=4 if n_pad * g_pad <= 4096 else 8,
+    block, one_block, _ = _block(n_list)
+    _shortlist_select_kernel[(batch * heads,)](
+        bound, shortlist, reselect, m_part, l_part, mass, out, width, n_list, out.shape[2],
+        GROUPS=groups, G_PAD=g_pad, N_PAD=n_pad, BLOCK=block, ONE_BLOCK=one_block,
+        num_warps=4 if n_pad * g_pad <= 4096 else 8,
     )
     return out

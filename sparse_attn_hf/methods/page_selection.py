@@ -84,8 +84,9 @@ def select_pages(
     budget: int,
     page_size: int,
     logical_page_size: int,
+    selected: torch.Tensor | None = None,
     shortlist: int = 1,
-    bound: torch.Tensor | None = None,
+    listed: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
@@ -99,17 +100,20 @@ def select_pages(
             (+inf / -inf where a page holds no real key).
         kv_start: [B] first real slot of each row.
         step: the step's counters (int32 [4] on the device; :func:`plan_step` ran for this step).
-        scores: float32 [B, Hd, width], the layer's page scores, kept between steps (rewritten only on a
-            reselecting step); width: the pages the buffers hold.
+        scores: float32 [B, Hd, width], the bound's page scores (written on a reselecting step); width: the pages
+            the buffers hold.
         budget: tokens to attend per head (a multiple of ``page_size``, at least two pages).
-        shortlist: pages short-listed by the bound per page selected; above 1, the short list is ranked by exact
-            attention mass, which needs ``bound`` (float32, the shape of ``scores``: the first stage's scores),
-            ``keys`` (the layer's stored keys [B, Hd, >= seen, D]), ``scale`` and ``softcap`` (the layer's).
+        selected: int32 [B, Hd, budget / page_size - 1], the layer's selection, kept between steps (rewritten only
+            on a reselecting step); None: a new one (for tests).
+        shortlist: pages short-listed by the bound per page selected; above 1, the short list (``listed``, int32
+            [B, Hd, shortlist x (budget / page_size - 1)], or None for a new one) is ranked by exact attention
+            mass, which reads ``keys`` (the layer's stored keys [B, Hd, >= seen, D]) with the layer's ``scale`` and
+            ``softcap``.
         pages: the layer's last selection; read only by an evaluation ``selector`` hook.
 
     Returns:
-        int32 [B, Hd, budget / page_size - 1] physical page ids, -1 where a row has fewer candidates. While
-        the context fits the budget the step attends to everything and does not read them.
+        ``selected``: physical page ids, -1 where a row has fewer candidates. While the context fits the budget
+        the step attends to everything and does not read them.
     """
     width = budget // page_size - 1
     if _selector is not None:  # evaluation, on the host: the hook chooses on reselecting steps
@@ -119,25 +123,25 @@ def select_pages(
                               seen=int(step[STEP_SEEN]), budget=budget, page_size=page_size,
                               logical_page_size=logical_page_size)
         return _to_width(chosen, width)
-    return _choose(query, key_min, key_max, kv_start=kv_start, step=step, scores=scores, budget=budget,
-                   page_size=page_size, logical_page_size=logical_page_size, shortlist=shortlist, bound=bound,
-                   keys=keys, scale=scale, softcap=softcap)
+    return _choose(query, key_min, key_max, kv_start=kv_start, step=step, scores=scores, page_size=page_size,
+                   logical_page_size=logical_page_size, selected=selected, width=width, shortlist=shortlist,
+                   listed=listed, keys=keys, scale=scale, softcap=softcap)
 
 
-def _choose(query, key_min, key_max, *, kv_start, step, scores, budget: int, page_size: int, logical_page_size: int,
-            shortlist: int, bound, keys, scale, softcap) -> torch.Tensor:
-    """``select_pages`` without the evaluation hook."""
-    width = budget // page_size - 1
+def _choose(query, key_min, key_max, *, kv_start, step, scores, page_size: int, logical_page_size: int, selected,
+            width: int, shortlist: int, listed, keys, scale, softcap) -> torch.Tensor:
+    """``select_pages`` without the evaluation hook: ``width`` pages per row into ``selected``."""
+    if selected is None:
+        selected = torch.full((*query.shape[:2], width), -1, dtype=torch.int32, device=query.device)
     seen, reselect = step[STEP_SEEN : STEP_SEEN + 1], step[STEP_RESELECT : STEP_RESELECT + 1]
     common = dict(kv_start=kv_start, seen=seen, reselect=reselect, page_size=page_size)
-    if shortlist > 1:
-        ops.physical_page_scores(query, key_min, key_max, out=bound, logical_page_size=logical_page_size, **common)
-        _, listed = torch.topk(bound, min(shortlist * width, bound.shape[2]), dim=-1, sorted=False)
-        ops.shortlist_page_scores(query, keys, bound, listed, out=scores, scale=scale, softcap=softcap, **common)
-    else:
-        ops.physical_page_scores(query, key_min, key_max, out=scores, logical_page_size=logical_page_size, **common)
-    values, chosen = torch.topk(scores, min(width, scores.shape[2]), dim=-1, sorted=False)
-    return _to_width(torch.where(values == float("-inf"), -1, chosen).to(torch.int32), width)
+    ops.physical_page_scores(query, key_min, key_max, out=scores, logical_page_size=logical_page_size, **common)
+    if shortlist == 1:
+        return ops.top_pages(scores, out=selected, reselect=reselect)
+    if listed is None:
+        listed = torch.full((*query.shape[:2], shortlist * width), -1, dtype=torch.int32, device=query.device)
+    ops.top_pages(scores, out=listed, reselect=reselect)
+    return ops.shortlist_pages(query, keys, scores, listed, out=selected, scale=scale, softcap=softcap, **common)
 
 
 def _to_width(pages: torch.Tensor, width: int) -> torch.Tensor:
@@ -162,7 +166,7 @@ def quest_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, pa
     scores = torch.empty(batch, heads, n_pages - 1, dtype=torch.float32, device=query.device)
     step = torch.zeros(4, dtype=torch.int32, device=query.device)
     step[STEP_SEEN], step[STEP_RESELECT] = seen, 1  # a reselecting step
-    pages = _choose(query, key_min, key_max, kv_start=kv_start, step=step, scores=scores, budget=budget,
-                    page_size=page_size, logical_page_size=logical_page_size, shortlist=shortlist,
-                    bound=torch.empty_like(scores) if shortlist > 1 else None, keys=keys, scale=scale, softcap=softcap)
+    pages = _choose(query, key_min, key_max, kv_start=kv_start, step=step, scores=scores, page_size=page_size,
+                    logical_page_size=logical_page_size, selected=None, width=budget_pages - 1, shortlist=shortlist,
+                    listed=None, keys=keys, scale=scale, softcap=softcap)
     return pages, n_pages - 1
