@@ -95,12 +95,13 @@ def layer_step(model, length: int) -> dict:
     reusing = layer.step.clone()
     reusing[STEP_RESELECT] = 0
     scores = torch.empty(1, len(layer.dense_heads), layer.capacity // 64, device="cuda")
-    bound = torch.empty_like(scores)
+    selected = torch.full((1, len(layer.dense_heads), 4096 // 64 - 1), -1, dtype=torch.int32, device="cuda")
+    listed = torch.full((1, len(layer.dense_heads), 4 * selected.shape[2]), -1, dtype=torch.int32, device="cuda")
 
     def select(shortlist=1, step=reselecting):
         return select_pages(grouped, t["key_min"], t["key_max"], kv_start=zero, step=step, scores=scores,
-                            budget=4096, page_size=64, logical_page_size=16, shortlist=shortlist, bound=bound,
-                            keys=t["dense_key"], scale=HEAD_DIM**-0.5)
+                            budget=4096, page_size=64, logical_page_size=16, selected=selected, shortlist=shortlist,
+                            listed=listed, keys=t["dense_key"], scale=HEAD_DIM**-0.5)
 
     selection_ms = triton.testing.do_bench(select, warmup=50, rep=300, return_mode="median")
     # GPU time alone (CUDA-graph replay, no Python launch overhead): our append + decode kernels of one
