@@ -370,7 +370,7 @@ def top_pages(scores: torch.Tensor, *, out: torch.Tensor, reselect: torch.Tensor
 
 
 def _top_pages(scores, out, reselect) -> None:
-    if _use_triton(scores):
+    if scores.is_cuda and _backend != "reference" or _backend == "triton":  # float32 scores: any CUDA device
         from .kernels.selection import top_pages_triton
 
         with _on_device(scores):

@@ -462,9 +462,10 @@ def test_decode_steps_replayed_from_a_cuda_graph_give_the_eager_tokens():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @torch.no_grad()
 def test_cuda_graph_decode_over_64_steps_with_poisoned_scratch_and_a_continuation(monkeypatch):
-    """bf16, a left-padded batch, 64 replayed steps: before every replay the graph's output logits are filled
-    with NaN and each layer's page list of the last step with -7 (a replay that read them instead of writing
-    them first would show); then a continuation on the returned cache. The same tokens as eager steps."""
+    """bf16, a left-padded batch, 64 replayed steps: before every replay the graph's output logits and each
+    layer's page scores are filled with NaN and its short list with -7 (a replay that read them instead of
+    writing them first would show; the selection itself is state kept between steps); then a continuation on the
+    returned cache. The same tokens as eager steps."""
     from sparse_attn_hf.decode_graph import DecodeGraph
 
     graphs_seen = []
@@ -476,8 +477,9 @@ def test_cuda_graph_decode_over_64_steps_with_poisoned_scratch_and_a_continuatio
             if wrapper.graph is graph:
                 wrapper.output["logits"].fill_(float("nan"))
                 for layer in wrapper.cache.layers:
-                    if "pages" in layer._tensors:
-                        layer._tensors["pages"].fill_(-7)
+                    if "page_scores" in layer._tensors:
+                        layer._tensors["page_scores"].fill_(float("nan"))
+                        layer._tensors["listed"].fill_(-7)
         return original_replay(graph)
 
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", poisoned_replay)
