@@ -1,6 +1,8 @@
 """The shipped profile on text it never saw: answers and KL against dense attention (CPU).
 
     python benchmarks/heldout_fidelity.py [--texts reporting story] [--lengths 1024 2048 4096] [--rows default quarter]
+    python benchmarks/heldout_fidelity.py --rows quarter --selector oracle --quarter-lengths 1024 2048 \
+        --out benchmarks/results/heldout_fidelity_oracle     # what the budget allows: the oracle's pages
 
 The default model with its shipped profile at the profile's default streaming fraction. Cells: passkey and
 needle prompts hidden in the text at ``--lengths`` x 5 depths x 2 offsets (60 by default,
@@ -12,13 +14,16 @@ evaluation half of the package's own story, the genre the profile was fitted on 
 * ``default budget``: the cells at the profile's token budget (4096: decoding is exact at these lengths), the
   first-answer-token KL, and the mean next-token KL over the first 4096 tokens of the text;
 * ``budget 1/4``: the same cells with ``token_budget`` a quarter of each prompt in whole pages (256, 512 and
-  1024 tokens at 1K, 2K and 4K), the share of dense-correct cells kept.
+  1024 tokens at 1K, 2K and 4K), the share of dense-correct cells kept. With ``--selector oracle`` decode steps
+  read the pages of highest true attention mass instead (``sparse_attn_hf.eval.page_oracle``): what a perfect
+  page choice keeps at that budget.
 Writes benchmarks/results/heldout_fidelity.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -47,6 +52,10 @@ def main(argv=None) -> None:
     parser.add_argument("--text-tokens", type=int, default=4096)
     parser.add_argument("--rows", nargs="+", choices=["default", "quarter"], default=["default", "quarter"],
                         help="the default-budget row, the budget-1/4 rows, or both")
+    parser.add_argument("--selector", choices=["package", "oracle"], default="package",
+                        help="the budget-1/4 rows' page choice: the package's, or the oracle's (slow)")
+    parser.add_argument("--quarter-lengths", type=int, nargs="+", default=None,
+                        help="the budget-1/4 rows of these lengths only (the cells stay those of --lengths)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     model, tokenizer = load_default_model()
@@ -76,16 +85,33 @@ def main(argv=None) -> None:
             continue
         per_length = len(cells) // len(args.lengths)
         kept = dense_correct = 0
+        chooser = "" if args.selector == "package" else f", {args.selector} pages"
         for i, length in enumerate(args.lengths):
+            if args.quarter_lengths and length not in args.quarter_lengths:
+                continue
             budget = max(2, length // 4 // profile.page_size) * profile.page_size
             subset = cells[i * per_length : (i + 1) * per_length]
-            [part] = measure(model, tokenizer, profile, subset, [fraction], text_ids[:, :16], stop_at_lost=None,
-                             settings={"token_budget": budget})
+            with selector(args.selector, model) as recalls:
+                [part] = measure(model, tokenizer, profile, subset, [fraction], text_ids[:, :16], stop_at_lost=None,
+                                 settings={"token_budget": budget})
             dense_correct += part["dense_correct"]
             kept += part["dense_correct"] - part["lost"]
-            done({"text": name, "setting": f"budget {budget}", "L": length, **part})
-        done({"text": name, "setting": "budget 1/4", "dense_correct": dense_correct, "kept": kept,
-              "kept_share": kept / dense_correct if dense_correct else None})
+            if recalls:
+                part["mass_recall"] = sum(recalls) / len(recalls)
+            done({"text": name, "setting": f"budget {budget}{chooser}", "L": length, **part})
+        done({"text": name, "setting": f"budget 1/4{chooser}", "dense_correct": dense_correct, "kept": kept,
+              "kept_share": kept / dense_correct if dense_correct else None,
+              "lengths": args.quarter_lengths or args.lengths})
+
+
+def selector(kind: str, model):
+    """The page choice of decode steps: the package's own (no hook), or the oracle's (recording mass recall)."""
+    if kind == "package":
+        return contextlib.nullcontext([])
+    from sparse_attn_hf.eval import page_oracle
+
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    return page_oracle.recording(kind, scale=head_dim**-0.5)
 
 
 if __name__ == "__main__":
