@@ -17,7 +17,9 @@ evaluation half of the package's own story, the genre the profile was fitted on 
   1024 tokens at 1K, 2K and 4K), the share of dense-correct cells kept. With ``--selector oracle`` decode steps
   read the pages of highest true attention mass instead (``sparse_attn_hf.eval.page_oracle``): what a perfect
   page choice keeps at that budget.
-Writes benchmarks/results/heldout_fidelity.json.
+Rows carry their page ``selection`` (``two-stage``, the default since ``SparseConfig.shortlist``; ``bound``, Quest's
+alone, rows from before; ``oracle``). Merges into benchmarks/results/heldout_fidelity.json (``meta.runs``: each
+run's commit).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_attn_hf import SparseConfig
 from sparse_attn_hf.default_model import load_default_model
 from sparse_attn_hf.eval.haystack import haystack_text
 from sparse_attn_hf.eval.heldout import heldout_text
@@ -63,14 +66,25 @@ def main(argv=None) -> None:
     fraction = profile.streaming_fraction
     rows = []
 
+    selection = args.selector if args.selector != "package" else ("two-stage" if SparseConfig().shortlist > 1
+                                                                    else "bound")
+
     def done(row: dict) -> None:
-        """Print the row and rewrite the results with it (a stopped run keeps what it measured)."""
+        """Print the row and merge it into the results (rows of other texts, settings and selections stay; a
+        stopped run keeps what it measured)."""
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "cell_lost"}), flush=True)
         info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "profile": str(profile.source),
                                        "streaming_fraction": fraction, "cells_per_text": len(cells),
                                        "lengths": args.lengths})
-        write_results(args.out, info, rows)
+        path = args.out.with_suffix(".json")
+        earlier = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+        mine = {_key(r) for r in rows}
+        runs = dict(earlier["meta"].get("runs", {}))
+        label = f"{', '.join(args.texts)}: {', '.join(args.rows)} rows, {selection} selection"
+        runs[label] = {k: info[k] for k in ("commit", "dirty", "date", "command") if k in info}
+        info["runs"] = runs
+        write_results(args.out, info, [r for r in earlier["rows"] if _key(r) not in mine] + rows)
 
     for name in args.texts:
         text = TEXTS[name]()
@@ -85,7 +99,6 @@ def main(argv=None) -> None:
             continue
         per_length = len(cells) // len(args.lengths)
         kept = dense_correct = 0
-        chooser = "" if args.selector == "package" else f", {args.selector} pages"
         for i, length in enumerate(args.lengths):
             if args.quarter_lengths and length not in args.quarter_lengths:
                 continue
@@ -98,10 +111,16 @@ def main(argv=None) -> None:
             kept += part["dense_correct"] - part["lost"]
             if recalls:
                 part["mass_recall"] = sum(recalls) / len(recalls)
-            done({"text": name, "setting": f"budget {budget}{chooser}", "L": length, **part})
-        done({"text": name, "setting": f"budget 1/4{chooser}", "dense_correct": dense_correct, "kept": kept,
+            done({"text": name, "setting": f"budget {budget}", "selection": selection, "L": length, **part})
+        done({"text": name, "setting": "budget 1/4", "selection": selection, "dense_correct": dense_correct, "kept": kept,
               "kept_share": kept / dense_correct if dense_correct else None,
               "lengths": args.quarter_lengths or args.lengths})
+
+
+def _key(row: dict) -> tuple:
+    """Rows of one text, setting, length and page selection replace each other (rows from before the two-stage
+    selection carry no ``selection``: the bound alone)."""
+    return row["text"], row["setting"], row.get("L"), row.get("selection", "bound")
 
 
 def selector(kind: str, model):

@@ -375,6 +375,7 @@ def heldout_table() -> str:
     rows, meta = data["rows"], data["meta"]
     roles = {"story": "fit: the genre the profile was fitted on (the story's evaluation half)",
              "reporting": "held out: the reporting half of CPython's reference manual"}
+    selections = [s for s in SELECTIONS if any(r.get("selection") == s for r in rows)]
     lines = [
         f"Default model, profile `{Path(meta['profile']).name}` at its default streaming fraction "
         f"{meta['streaming_fraction']}; {meta['cells_per_text']} passkey and needle prompts per text (1K, 2K and "
@@ -384,24 +385,33 @@ def heldout_table() -> str:
         + ". Lost: prompts dense attention answers right and the patched model does not.",
         "",
         "| text | dense right | lost, default budget | lost at 1K / 2K / 4K | first-token KL | next-token KL, 4096 "
-        "tokens | budget 1/4: dense-right kept |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "tokens | " + " | ".join(f"budget 1/4, {SELECTIONS[s]}: dense-right kept" for s in selections) + " |",
+        "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in selections) + " |",
     ]
     for text in dict.fromkeys(r["text"] for r in rows):
         main = next(r for r in rows if r["text"] == text and r["setting"] == "default budget")
-        quarter = next((r for r in rows if r["text"] == text and r["setting"] == "budget 1/4"), None)
         per = len(main["cell_lost"]) // len(main["lengths"])
         by_length = " / ".join(str(sum(main["cell_lost"][i * per:(i + 1) * per])) for i in range(len(main["lengths"])))
-        if quarter:
-            kept = f"{quarter['kept']}/{quarter['dense_correct']} ({quarter['kept_share']:.0%})"
-        else:  # a stopped run: the lengths it measured
-            parts = [r for r in rows if r["text"] == text and "L" in r]
-            right = sum(r["dense_correct"] for r in parts)
-            kept = ", ".join(f"{r['L'] // 1024}K: {r['dense_correct'] - r['lost']}/{r['dense_correct']}" for r in parts)
-            kept += f" ({(right - sum(r['lost'] for r in parts)) / right:.0%}; other lengths not run)" if right else ""
+        kept = [_quarter_kept([r for r in rows if r["text"] == text and r.get("selection", "bound") == s])
+                for s in selections]
         lines.append(f"| {roles.get(text, text)} | {main['dense_correct']}/{main['cells']} | {main['lost']} | "
-                     f"{by_length} | {main['first_token_kl']:.4f} | {main['text_kl']:.4f} | {kept} |")
+                     f"{by_length} | {main['first_token_kl']:.4f} | {main['text_kl']:.4f} | " + " | ".join(kept) + " |")
     return "\n".join(lines)
+
+
+SELECTIONS = {"bound": "Quest's bound alone", "two-stage": "two stages (default)", "oracle": "oracle pages"}
+
+
+def _quarter_kept(rows: list[dict]) -> str:
+    """Dense-right cells kept at a budget of 1/4 (per length, and in all), from one text's rows of one selection."""
+    parts = [r for r in rows if "L" in r and r["setting"].startswith("budget ") and r["setting"] != "budget 1/4"]
+    if not parts:
+        return "not run"
+    right = sum(r["dense_correct"] for r in parts)
+    kept = right - sum(r["lost"] for r in parts)
+    per_length = ", ".join(f"{r['L'] // 1024}K {r['dense_correct'] - r['lost']}/{r['dense_correct']}"
+                           for r in sorted(parts, key=lambda r: r["L"]))
+    return f"{kept}/{right} ({kept / right:.0%}: {per_length})" if right else per_length
 
 
 def window_layers_table() -> str:
