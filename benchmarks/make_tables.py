@@ -434,10 +434,32 @@ def window_layers_table() -> str:
     return "\n".join(lines)
 
 
+def decode_selection_table() -> str:
+    """Page selection's cost per layer from a CUDA graph (decode_selection.json), by the bound alone and in two
+    stages, on a selecting and on a reusing step, and what it adds to a token of 32 layers at reuse 4."""
+    data = json.loads((RESULTS / "decode_selection.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    reuse = meta["settings"]["reuse_interval"]
+    lines = [f"{meta['device']}, {meta['dtype']}, Llama-3-8B shape, batch 1, 4 dense KV heads, budget "
+             f"{meta['settings']['token_budget']}; commit `{meta['commit'][:10]}`, {meta['date'][:10]} "
+             "(`python benchmarks/bench_decode.py --lengths 0 --layer-lengths 32768 131072`). Microseconds per layer, "
+             f"GPU only (replayed from a CUDA graph); per token: 32 layers, one selecting step in {reuse}.", "",
+             "| L | bound: selecting step, us | bound: reusing step, us | two stages: selecting step, us | two stages: "
+             "reusing step, us | per token, bound, ms | per token, two stages, ms |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        per_token = {n: 32 * (r[f"shortlist{n}_select_kernel_ms"] + (reuse - 1) * r[f"shortlist{n}_reuse_kernel_ms"])
+                     / reuse for n in (1, 4)}
+        lines.append(f"| {r['L'] // 1024}K | " + " | ".join(
+            f"{1000 * r[f'shortlist{n}_{kind}_kernel_ms']:.1f}" for n in (1, 4) for kind in ("select", "reuse"))
+            + f" | {per_token[1]:.2f} | {per_token[4]:.2f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"e2e": e2e_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
           "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table,
-          "window_layers": window_layers_table}
+          "window_layers": window_layers_table, "decode_selection": decode_selection_table}
 
 
 def main() -> None:
