@@ -456,10 +456,28 @@ def decode_selection_table() -> str:
     return "\n".join(lines)
 
 
+def sample_attention_heldout_table() -> str:
+    """SampleAttention on held-out text against the same model with it off (sample_attention_heldout.json)."""
+    data = json.loads((RESULTS / "sample_attention_heldout.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    lengths = sorted({r["L"] for r in meta["records"]})
+    lines = [f"Default model, the shipped profile's streaming heads, SampleAttention from {meta['dense_below']} tokens, "
+             f"against the same model with it off; {meta['text']}; prompts of {', '.join(map(str, lengths))} tokens; "
+             f"device {meta['device']}, commit `{meta['commit'][:10]}` (`python {meta['command']}`).", "",
+             "| alpha | prompts | right with it off | of those kept | same answers | first-token KL, mean | "
+             "next-token KL, mean over the text |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['alpha']} | {r['cells']} | {r['reference_correct']} | {r['kept']} ({r['kept_share']:.0%}) | "
+                     f"{r['same_answers']} | {r['first_token_kl_mean']:.4f} | {r['text_kl_mean']:.3f} "
+                     f"({r['text_tokens']} tokens) |")
+    return "\n".join(lines)
+
+
 TABLES = {"e2e": e2e_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
           "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table,
-          "window_layers": window_layers_table, "decode_selection": decode_selection_table}
+          "window_layers": window_layers_table, "decode_selection": decode_selection_table,
+          "sample_attention_heldout": sample_attention_heldout_table}
 
 
 def main() -> None:
