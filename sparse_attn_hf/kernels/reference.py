@@ -305,9 +305,8 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
     query [B, Hd, G, D]; keys [B, Hd, >= seen, D] (page ``p`` holds slots ``p * page_size ...``); bound [B, Hd,
     width], the first stage's scores (``physical_page_scores_reference``); shortlist int [B, Hd, n], the pages
     the bound ranks first (-1: none). Each query head takes a softmax over the real keys (slots ``kv_start ..
-    seen - 1``) of the listed pages whose bound is not -inf and of the tail page (the newest, which every step
-    attends: it weighs a head's share as true attention does, and is not ranked); a page scores the mass that the
-    group's query heads put on it. A page whose bound is +inf (the sink page) keeps +inf; a page off the list, or listed with a bound
+    seen - 1``) of the listed pages whose bound is not -inf; a page scores the mass that the group's query heads
+    put on it. A page whose bound is +inf (the sink page) keeps +inf; a page off the list, or listed with a bound
     of -inf, scores -inf."""
     batch, heads, groups, dim = query.shape
     width = bound.shape[2]
@@ -317,13 +316,7 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
     picked = keys.gather(2, slots.flatten(2)[..., None].clamp(max=keys.shape[2] - 1).expand(-1, -1, -1, dim))
     logits = capped(torch.einsum("bhgd,bhnd->bhgn", query.float(), picked.float()) * scale, softcap)
     real = (slots >= kv_start.view(batch, 1, 1, 1)) & (slots < seen) & (listed > float("-inf"))[..., None]
-    tail = (-(-seen // page_size) - 1) * page_size + torch.arange(page_size, device=query.device)  # [P]
-    tail_keys = keys[:, :, tail.clamp(max=keys.shape[2] - 1)].float()
-    tail_logits = capped(torch.einsum("bhgd,bhnd->bhgn", query.float(), tail_keys) * scale, softcap)
-    tail_real = (tail[None, :] >= kv_start[:, None]) & (tail[None, :] < seen)  # [B, P]
-    every = torch.cat([logits.masked_fill(~real.flatten(2)[:, :, None], float("-inf")),
-                       tail_logits.masked_fill(~tail_real[:, None, None], float("-inf"))], dim=-1)
-    probs = torch.softmax(every, dim=-1).nan_to_num(0.0)[..., : logits.shape[-1]]
+    probs = torch.softmax(logits.masked_fill(~real.flatten(2)[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
     mass = probs.sum(2).view(*shortlist.shape, page_size).sum(-1)
     ranked = torch.where(listed == float("inf"), listed, torch.where(listed > float("-inf"), mass, float("-inf")))
     out = torch.full((batch, heads, width + 1), float("-inf"), dtype=torch.float32, device=query.device)

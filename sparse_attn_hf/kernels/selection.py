@@ -9,9 +9,9 @@ Top-k, contract ``reference.top_pages_reference``: one program per (row, KV head
 a bisection on the scores' bit patterns (32 counting passes over the row), then writes the indices at or above it
 in one pass (a running prefix sum places them).
 
-Stage 2, contract ``reference.shortlist_pages_reference``: program (row, dense KV head, listed page or the tail
-page) reads the page's keys and keeps, per query head, the maximum and the sum of exponentials of its logits; one
-program per (row, KV head) then normalises them over the list and the tail, writes the group's mass per listed page to a scratch row and
+Stage 2, contract ``reference.shortlist_pages_reference``: program (row, dense KV head, listed page) reads the
+page's keys and keeps, per query head, the maximum and the sum of exponentials of its logits; one program per
+(row, KV head) then normalises them over the list, writes the group's mass per listed page to a scratch row and
 selects the pages of highest mass (the top-k above).
 
 Every kernel returns at once on a step that reuses its selection, so that a CUDA graph replaying a decode step
@@ -222,22 +222,16 @@ def _shortlist_page_kernel(
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per query head: the maximum logit of one listed page (program j < n_list) or of the tail page (j = n_list:
-    it takes part in the normalisation only) and the sum of exp2(logit - maximum) (log2 units)."""
+    """Per query head: the maximum logit of one listed page and the sum of exp2(logit - maximum) (log2 units)."""
     if tl.load(RESELECT) == 0:
         return
     pid_bh = tl.program_id(0)
     j = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    seen = tl.load(SEEN).to(tl.int32)
-    if j < n_list:
-        page = tl.load(LIST + pid_bh * n_list + j).to(tl.int32)  # -1: no page
-        listed = tl.load(BOUND + pid_bh * width + page, mask=page >= 0, other=float("-inf")) > float("-inf")
-    else:
-        page = tl.cdiv(seen, PAGE) - 1
-        listed = page >= 0
-    end = tl.where(listed, seen, 0)  # a page listed with a bound of -inf: no real key
+    page = tl.load(LIST + pid_bh * n_list + j).to(tl.int32)  # -1: no page
+    listed = tl.load(BOUND + pid_bh * width + page, mask=page >= 0, other=float("-inf")) > float("-inf")
+    end = tl.where(listed, tl.load(SEEN).to(tl.int32), 0)  # a page listed with a bound of -inf: no real key
     g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
@@ -255,7 +249,7 @@ def _shortlist_page_kernel(
     m = tl.max(logits, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l = tl.sum(tl.exp2(logits - m_safe[:, None]), 1)
-    out = (pid_bh * (n_list + 1) + j) * G_PAD + g
+    out = (pid_bh * n_list + j) * G_PAD + g
     tl.store(M_OUT + out, m)
     tl.store(L_OUT + out, l)
 
@@ -265,17 +259,17 @@ def _shortlist_select_kernel(
     BOUND, LIST, RESELECT, M_IN, L_IN, MASS, OUT, width, n_list, k,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
-    """The group's attention mass per listed page, normalised over the list and the tail page (the sink page
-    +inf), then the k pages of highest mass."""
+    """The group's attention mass per listed page, normalised over the list (the sink page +inf), then the k
+    pages of highest mass."""
     if tl.load(RESELECT) == 0:
         return
     pid_bh = tl.program_id(0)
     j = tl.arange(0, N_PAD)
     g = tl.arange(0, G_PAD)
     j_ok = j < n_list
-    at = (pid_bh * (n_list + 1) + j[:, None]) * G_PAD + g[None, :]
-    m = tl.load(M_IN + at, mask=(j <= n_list)[:, None], other=float("-inf"))  # entry n_list: the tail
-    l = tl.load(L_IN + at, mask=(j <= n_list)[:, None], other=0.0)
+    at = (pid_bh * n_list + j[:, None]) * G_PAD + g[None, :]
+    m = tl.load(M_IN + at, mask=j_ok[:, None], other=float("-inf"))
+    l = tl.load(L_IN + at, mask=j_ok[:, None], other=0.0)
     top = tl.max(m, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
     share = l * tl.exp2(m - top[None, :])  # [N, G]
@@ -299,17 +293,17 @@ def shortlist_pages_triton(query, keys, bound, shortlist, *, kv_start, seen: tor
     batch, heads, groups, head_dim = query.shape
     width, n_list = bound.shape[2], shortlist.shape[2]
     g_pad = max(16, triton.next_power_of_2(groups))
-    m_part = torch.empty(batch * heads * (n_list + 1) * g_pad, dtype=torch.float32, device=query.device)
+    m_part = torch.empty(batch * heads * n_list * g_pad, dtype=torch.float32, device=query.device)
     l_part = torch.empty_like(m_part)
     mass = torch.empty(batch * heads * n_list, dtype=torch.float32, device=query.device)
-    _shortlist_page_kernel[(batch * heads, n_list + 1)](
+    _shortlist_page_kernel[(batch * heads, n_list)](
         query, keys, bound, shortlist, kv_start, seen, reselect, m_part, l_part,
         *query.stride(), *keys.stride(), heads, width, n_list, scale * LOG2E, (softcap or 0.0) * LOG2E,
         GROUPS=groups, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         PAGE=page_size, UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
     )
-    n_pad = max(16, triton.next_power_of_2(n_list + 1))
+    n_pad = max(16, triton.next_power_of_2(n_list))
     block, one_block, _ = _block(n_list)
     _shortlist_select_kernel[(batch * heads,)](
         bound, shortlist, reselect, m_part, l_part, mass, out, width, n_list, out.shape[2],
