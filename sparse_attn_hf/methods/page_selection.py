@@ -14,7 +14,7 @@ remaining budget goes to the highest-scoring pages.
 **Two stages** (``shortlist`` > 1, the default 4): the bound ranks pages only roughly (a page of keys that each
 match the query on a few dimensions scores as high as one key that matches on all of them), so it short-lists
 ``shortlist`` x the pages to select, and the keys of the short list are read to rank those pages by their exact
-attention mass (a softmax per query head over the short list's keys and the tail page's, summed over the group).
+attention mass (a softmax per query head over the short list's keys, summed over the group).
 On held-out text at a budget of 1/4 of the context it keeps most of the answers the bound alone loses
 (``benchmarks/results/heldout_fidelity.json``, ``page_selection_quest_rerank4.json``). It reads ``shortlist`` x
 the budget's keys once per selection (every ``reuse_interval`` steps). Every launch of a selection returns at once
