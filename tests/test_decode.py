@@ -348,13 +348,13 @@ def test_reference_sees_exactly_the_chosen_tokens():
 
 
 # ---------------------------------------------------------------- generate
-def _patched(family="llama", budget=4096, reuse=4, fraction=0.5, decode_local=None, **shape):
+def _patched(family="llama", budget=4096, reuse=4, fraction=0.5, decode_local=None, shortlist=4, **shape):
     model = tiny_model(family, **shape).to(DEVICE)
     scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
                         generator=torch.Generator().manual_seed(5))
     patch_model(model, Profile.from_scores(model, scores), SparseConfig(
         streaming_fraction=fraction, sink_size=4, local_size=24, page_size=16, logical_page_size=4,
-        token_budget=budget, reuse_interval=reuse, decode_local_size=decode_local))
+        token_budget=budget, reuse_interval=reuse, decode_local_size=decode_local, shortlist=shortlist))
     return model
 
 
@@ -395,10 +395,12 @@ def test_selection_runs_every_reuse_interval(monkeypatch):
 
 
 @torch.no_grad()
-def test_small_budget_kernel_equals_reference_through_generate():
-    """Selection active (budget 2 pages < context): greedy, sampling-free beam search and a padded batch
-    give the same tokens through the Triton kernel and the reference; beam reordering moves selections."""
-    model = _patched(budget=32, reuse=2)
+@pytest.mark.parametrize("shortlist", [1, 4])
+def test_small_budget_kernel_equals_reference_through_generate(shortlist):
+    """Selection active (budget 2 pages < context), by the bound alone and in two stages: greedy, sampling-free
+    beam search and a padded batch give the same tokens through the Triton kernels and the references; beam
+    reordering moves selections."""
+    model = _patched(budget=32, reuse=2, shortlist=shortlist)
     ids, mask = left_padded(random_ids(2, 70, seed=4), [0, 9])
     runs = {}
     try:

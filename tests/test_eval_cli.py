@@ -176,6 +176,7 @@ def test_retrieval_score():
     (["--lengths", "100"], "too short for this prompt"),
     (["--streaming-fraction", "2"], "outside [0, 1]"),
     (["--token-budget", "100"], "must be a multiple of page_size=64"),
+    (["--shortlist", "0"], "shortlist=0 must be >= 1"),
     (["--profile", "/no/such/profile.safetensors"], "no such file"),
     (["--profile", None], "no shipped profile matches"),
 ])

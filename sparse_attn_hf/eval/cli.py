@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
                         "evaluation half")
     p.add_argument("--streaming-fraction", type=float, default=None, help="share of KV heads that stream")
     p.add_argument("--token-budget", type=int, default=None, help="tokens a dense head reads per decode step")
+    p.add_argument("--shortlist", type=int, default=None,
+                   help="page selection's short list per page selected (default 4; 1: Quest's bound alone)")
     p.add_argument("--sink-size", type=int, default=None)
     p.add_argument("--local-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
@@ -57,7 +59,8 @@ def main(argv=None, *, model=None, tokenizer=None, model_name: str | None = None
     args = cli.parse_args(argv)
     try:
         config = SparseConfig(streaming_fraction=args.streaming_fraction, token_budget=args.token_budget,
-                              sink_size=args.sink_size, local_size=args.local_size)
+                              sink_size=args.sink_size, local_size=args.local_size,
+                              **({} if args.shortlist is None else {"shortlist": args.shortlist}))
         hay = load_haystack(args.haystack)
         if args.profile is not None and not Path(args.profile).is_file():
             raise FileNotFoundError(f"--profile {args.profile!r}: no such file.")

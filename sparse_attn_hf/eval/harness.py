@@ -211,7 +211,8 @@ def run(job: Prepared, out: str | Path | None = None, log=_log, command: str | N
 
     info = run_meta(job, time.time() - started, command)
     title = (f"{job.model_name}, {task}: dense vs sparse ({info['streaming_kv_heads']} KV heads streaming, "
-             f"sink {settings.sink_size}, local {settings.local_size}, budget {settings.token_budget})")
+             f"sink {settings.sink_size}, local {settings.local_size}, budget {settings.token_budget}, "
+             f"shortlist {settings.shortlist})")
     figure = perplexity_chart(rows, title=title) if task == "ppl" else retrieval_heatmap(rows, title=title)
     json_path = png_path = None
     if out is not None:
