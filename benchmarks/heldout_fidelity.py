@@ -59,6 +59,8 @@ def main(argv=None) -> None:
                         help="the budget-1/4 rows' page choice: the package's, or the oracle's (slow)")
     parser.add_argument("--quarter-lengths", type=int, nargs="+", default=None,
                         help="the budget-1/4 rows of these lengths only (the cells stay those of --lengths)")
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="the budget-1/4 rows with pages (and logical pages) of this many tokens, not the profile's")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     model, tokenizer = load_default_model()
@@ -68,6 +70,9 @@ def main(argv=None) -> None:
 
     selection = args.selector if args.selector != "package" else ("two-stage" if SparseConfig().shortlist > 1
                                                                     else "bound")
+    pages = {} if args.page_size is None else {"page_size": args.page_size, "logical_page_size": args.page_size}
+    if pages:
+        selection += f", pages of {args.page_size}"
 
     def done(row: dict) -> None:
         """Print the row and merge it into the results (rows of other texts, settings and selections stay; a
@@ -102,11 +107,12 @@ def main(argv=None) -> None:
         for i, length in enumerate(args.lengths):
             if args.quarter_lengths and length not in args.quarter_lengths:
                 continue
-            budget = max(2, length // 4 // profile.page_size) * profile.page_size
+            page = args.page_size or profile.page_size
+            budget = max(2, length // 4 // page) * page
             subset = cells[i * per_length : (i + 1) * per_length]
             with selector(args.selector, model) as recalls:
                 [part] = measure(model, tokenizer, profile, subset, [fraction], text_ids[:, :16], stop_at_lost=None,
-                                 settings={"token_budget": budget})
+                                 settings={"token_budget": budget, **pages})
             dense_correct += part["dense_correct"]
             kept += part["dense_correct"] - part["lost"]
             if recalls:
