@@ -399,7 +399,8 @@ def heldout_table() -> str:
     return "\n".join(lines)
 
 
-SELECTIONS = {"bound": "Quest's bound alone", "two-stage": "two stages (default)", "oracle": "oracle pages"}
+SELECTIONS = {"bound": "Quest's bound alone", "two-stage": "two stages (default)", "oracle": "oracle pages",
+              "two-stage, pages of 16": "two stages, pages of 16"}
 
 
 def _quarter_kept(rows: list[dict]) -> str:
