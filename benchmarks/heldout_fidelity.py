@@ -11,7 +11,8 @@ the patched model does not. Texts: ``reporting`` is the half of CPython's refere
 profile's fit (the story) nor the choice of its default fraction (the other half) saw; ``story`` is the
 evaluation half of the package's own story, the genre the profile was fitted on (for the fit column). Per text:
 
-* ``default budget``: the cells at the profile's token budget (4096: decoding is exact at these lengths), the
+* ``default budget``: the cells at the profile's token budget (4096: exact decoding at 1K and 2K; the 4K prompts,
+  4096-4100 tokens, pass the budget by a page, so their decode steps select 63 of 64-65 pages), the
   first-answer-token KL, and the mean next-token KL over the first 4096 tokens of the text;
 * ``budget 1/4``: the same cells with ``token_budget`` a quarter of each prompt in whole pages (256, 512 and
   1024 tokens at 1K, 2K and 4K), the share of dense-correct cells kept. With ``--selector oracle`` decode steps
