@@ -1,7 +1,8 @@
 """Page selection against an oracle (evaluation only, slow).
 
-Decoding reads, per dense KV head, the pages that Quest's bound ranks first (``methods/page_selection``).
-The oracle reads the pages of highest *true* attention mass at the same budget, with the same always-kept
+Decoding reads, per dense KV head, the pages that ``methods/page_selection`` chooses: by default the bound's
+short list of 4x re-ranked by exact mass ("quest_rerank4" here), with ``SparseConfig(shortlist=1)`` the pages
+Quest's bound ranks first ("quest"). The oracle reads the pages of highest *true* attention mass at the same budget, with the same always-kept
 pages (each row's first real page, and the newest page onwards). Both are judged by the attention-mass
 recall of a decode step and KV head: the true attention mass of the group's query heads that falls on the
 pages read, divided by its total (the group's query heads each hold mass 1).
@@ -177,10 +178,11 @@ KINDS = ("quest", "oracle", "quest_per_head", "quest_recent", "quest_mass", "que
 
 @contextlib.contextmanager
 def recording(kind: str, *, scale: float):
-    """Decode steps choose pages by ``kind`` ("quest": the package's bound; "oracle"; "quest_per_head": the
+    """Decode steps choose pages by ``kind`` ("quest": Quest's bound alone; "oracle"; "quest_per_head": the
     bound ranked per query head, see ``per_head_pages``; "quest_recent": see ``recent_pages``; "quest_mass" and
-    "quest_mass_mid": see ``mass_estimate_pages``; "quest_rerank" and "quest_rerank4": see ``rerank_pages``, short lists of 2x and 4x), and the mass
-    recall of every (step, layer, batch row, KV head) is appended to the yielded list."""
+    "quest_mass_mid": see ``mass_estimate_pages``; "quest_rerank" and "quest_rerank4": see ``rerank_pages``,
+    short lists of 2x and 4x, the latter the package's default), and the mass recall of every (step, layer,
+    batch row, KV head) is appended to the yielded list."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
     recalls: list[float] = []
