@@ -354,8 +354,9 @@ def _physical_page_scores(query, key_min, key_max, kv_start, seen, out, reselect
         with _on_device(query):
             physical_page_scores_triton(query, key_min, key_max, seen=seen, out=out, reselect=reselect, **common)
         return
-    fresh = physical_page_scores_reference(query, key_min, key_max, seen=int(seen), width=out.shape[2], **common)
-    out.copy_(torch.where(reselect.bool(), fresh, out))
+    if int(reselect):  # the reference reads the host anyway (seen): a reusing step computes nothing
+        out.copy_(physical_page_scores_reference(query, key_min, key_max, seen=int(seen), width=out.shape[2],
+                                                 **common))
 
 
 def top_pages(scores: torch.Tensor, *, out: torch.Tensor, reselect: torch.Tensor) -> torch.Tensor:
@@ -376,7 +377,8 @@ def _top_pages(scores, out, reselect) -> None:
         with _on_device(scores):
             top_pages_triton(scores, out=out, reselect=reselect)
         return
-    out.copy_(torch.where(reselect.bool(), top_pages_reference(scores, out.shape[2]), out))
+    if int(reselect):  # the reference path reads the host: a reusing step computes nothing
+        out.copy_(top_pages_reference(scores, out.shape[2]))
 
 
 def shortlist_pages(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
@@ -402,8 +404,8 @@ def _shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselec
         with _on_device(query):
             shortlist_pages_triton(query, keys, bound, shortlist, seen=seen, out=out, reselect=reselect, **common)
         return
-    fresh = shortlist_pages_reference(query, keys, bound, shortlist, seen=int(seen), k=out.shape[2], **common)
-    out.copy_(torch.where(reselect.bool(), fresh, out))
+    if int(reselect):  # the reference reads the host anyway (seen): a reusing step computes nothing
+        out.copy_(shortlist_pages_reference(query, keys, bound, shortlist, seen=int(seen), k=out.shape[2], **common))
 
 
 def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen: torch.Tensor, kv_start: torch.Tensor,
