@@ -16,6 +16,7 @@ from ._log import log_once
 from .kernels.reference import (
     DecodeKV,
     append_token_reference,
+    decode_visible_tokens,
     paged_decode_reference,
     physical_page_scores_reference,
     shortlist_pages_reference,
@@ -328,7 +329,29 @@ def _paged_decode(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale
             return paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, **terms)
     if query.is_cuda and _backend == "auto" and query.dtype in KERNEL_DTYPES:
         log_once(f"sparse_attn_hf: page_size {page} is not a power of two >= 16: decoding runs the PyTorch reference.")
+    if _backend == "auto" and sinks is None and softcap is None:
+        return _paged_decode_sdpa(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
     return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, **terms)
+
+
+def _paged_decode_sdpa(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale: float) -> torch.Tensor:
+    """The reference's decode step through SDPA, for a device without the Triton kernel (the CPU): the same
+    visible tokens (``decode_visible_tokens``), the dense heads' keys read in place (no gathered copy, and no mask
+    while a row sees every stored token), each head kind in one call with its query heads as rows."""
+    batch, num_heads, head_dim = query.shape
+    num_kv = kv.head_kind.shape[0]
+    q = query.view(batch, num_kv, num_heads // num_kv, head_dim)
+    out = torch.empty_like(q)
+    for kind, (keys, values, visible) in decode_visible_tokens(kv, kv_start, sink, local).items():
+        heads = torch.nonzero(kv.head_kind == (0 if kind == "dense" else 1)).flatten()
+        slots = kv.head_slot[heads].long()
+        if not torch.equal(slots, torch.arange(keys.shape[1], device=slots.device)):
+            keys, values, visible = keys[:, slots], values[:, slots], visible[:, slots]
+        mask = None if bool(visible.all()) else visible[:, :, None, :]
+        attended = torch.nn.functional.scaled_dot_product_attention(q[:, heads], keys, values, attn_mask=mask,
+                                                                    scale=scale)
+        out[:, heads] = attended.nan_to_num(0.0)  # a row that sees nothing: zeros, as the reference
+    return out.view(batch, num_heads, head_dim)
 
 
 def physical_page_scores(query, key_min, key_max, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
