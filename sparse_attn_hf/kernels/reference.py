@@ -310,6 +310,8 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
     of -inf, scores -inf."""
     batch, heads, groups, dim = query.shape
     width = bound.shape[2]
+    listed_max = max(int((shortlist >= 0).sum(-1).max()), 1)  # the places a row fills: the rest are -1
+    shortlist = shortlist.sort(-1, descending=True).values[..., :listed_max]
     pages = shortlist.long().clamp(min=0)
     listed = torch.where(shortlist >= 0, bound.gather(2, pages), float("-inf"))  # [B, Hd, n]
     slots = pages[..., None] * page_size + torch.arange(page_size, device=query.device)  # [B, Hd, n, P]
