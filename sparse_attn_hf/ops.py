@@ -19,11 +19,11 @@ from .kernels.reference import (
     decode_visible_tokens,
     paged_decode_reference,
     physical_page_scores_reference,
-    shortlist_pages_reference,
-    top_pages_reference,
     sampled_column_scores_reference,
+    shortlist_pages_reference,
     sparse_attention_reference,
     stripe_attention_reference,
+    top_pages_reference,
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -337,16 +337,15 @@ def _paged_decode(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale
 def _paged_decode_sdpa(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale: float) -> torch.Tensor:
     """The reference's decode step through SDPA, for a device without the Triton kernel (the CPU): the same
     visible tokens (``decode_visible_tokens``), the dense heads' keys read in place (no gathered copy, and no mask
-    while a row sees every stored token), each head kind in one call with its query heads as rows."""
+    while a row sees every stored token), each head kind in one call with its query heads as rows. A kind's
+    buffers hold its heads in head order (``head_slot`` is the rank among the kind, ``PatchState.head_tables``),
+    so the heads of a kind in ascending order are its buffer's rows."""
     batch, num_heads, head_dim = query.shape
     num_kv = kv.head_kind.shape[0]
     q = query.view(batch, num_kv, num_heads // num_kv, head_dim)
     out = torch.empty_like(q)
     for kind, (keys, values, visible) in decode_visible_tokens(kv, kv_start, sink, local).items():
         heads = torch.nonzero(kv.head_kind == (0 if kind == "dense" else 1)).flatten()
-        slots = kv.head_slot[heads].long()
-        if not torch.equal(slots, torch.arange(keys.shape[1], device=slots.device)):
-            keys, values, visible = keys[:, slots], values[:, slots], visible[:, slots]
         mask = None if bool(visible.all()) else visible[:, :, None, :]
         attended = torch.nn.functional.scaled_dot_product_attention(q[:, heads], keys, values, attn_mask=mask,
                                                                     scale=scale)

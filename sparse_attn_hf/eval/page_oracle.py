@@ -2,8 +2,8 @@
 
 Decoding reads, per dense KV head, the pages that ``methods/page_selection`` chooses: by default the bound's
 short list of 4x re-ranked by exact mass ("quest_rerank4" here), with ``SparseConfig(shortlist=1)`` the pages
-Quest's bound ranks first ("quest"). The oracle reads the pages of highest *true* attention mass at the same budget, with the same always-kept
-pages (each row's first real page, and the newest page onwards). Both are judged by the attention-mass
+Quest's bound ranks first ("quest"). The oracle reads the pages of highest *true* attention mass at the same
+budget, with the same always-kept pages (each row's first real page, and the newest page onwards). Both are judged by the attention-mass
 recall of a decode step and KV head: the true attention mass of the group's query heads that falls on the
 pages read, divided by its total (the group's query heads each hold mass 1).
 
