@@ -9,6 +9,7 @@ from .api import patch_model, patched, unpatch_model
 from .cache import SparseCache
 from .config import SparseConfig
 from .profile import Profile
+from .record import last_call
 
-__all__ = ["patch_model", "unpatch_model", "patched", "SparseConfig", "Profile", "SparseCache"]
+__all__ = ["patch_model", "unpatch_model", "patched", "last_call", "SparseConfig", "Profile", "SparseCache"]
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ from .ops import check_dtype
 from .padding import left_padding_starts
 from .parallel import KVHeadSlice, kv_head_slice
 from .profile import Profile, model_shape, resolve_profile
+from .record import CallRecord
 
 
 @dataclass
@@ -41,6 +42,7 @@ class PatchState:
     checked_positions: object = None  # the position_ids of the current forward, once checked
     masks: dict = field(default_factory=dict)  # layer -> last SampleAttention mask (SparseConfig.record_masks)
     sample_choices: dict = field(default_factory=dict)  # layer -> last SampleAttention density, cost, sparse?
+    record: CallRecord = field(default_factory=CallRecord)  # what the last call ran (``record.last_call``)
 
     def window(self, layer: int) -> int | None:
         """``layer``'s native sliding window (a hybrid model's window layer), or None (full attention)."""
@@ -239,13 +241,20 @@ def _generate_with_sparse_cache(model):
             kwargs.pop(name, None)  # one cache argument, under the installed release's name
         if given is not None:
             kwargs[CACHE_ARG] = given
+        record = model._sparse_attn_state.record = CallRecord()
         if not isinstance(given, SparseCache):
             return generate(model, *args, **kwargs)
         hint = _length_hint(args, kwargs, generation_config)  # a cache passed in: room for this call too
         if hint is not None and hint > (given.sequence.capacity_hint or 0):
             given.sequence.capacity_hint = hint
-        with given.decoding(prompt_end=_prompt_end(args, kwargs, given)), _decode_graphs(model, given):
-            return generate(model, *args, **kwargs)
+        try:
+            with given.decoding(prompt_end=_prompt_end(args, kwargs, given)), _decode_graphs(model, given) as why:
+                return generate(model, *args, **kwargs)
+        finally:
+            unexplained = record.decode_steps - record.graph_steps - sum(record.eager_reasons.values())
+            if unexplained > 0 and why:
+                record.eager_reasons[why] += unexplained
+            record.cache_bytes, record.dynamic_cache_bytes = given.nbytes(), given.dynamic_cache_nbytes()
 
     wrapped._sparse_attn_hf = True
     return wrapped
@@ -254,18 +263,30 @@ def _generate_with_sparse_cache(model):
 @contextlib.contextmanager
 def _decode_graphs(model, cache: SparseCache):
     """Within the block, ``model.forward`` replays decode steps from a CUDA graph (``decode_graph``) when the
-    settings allow it and the model sits on one CUDA device in one process; otherwise nothing changes."""
+    settings allow it and the model sits on one CUDA device in one process; otherwise nothing changes, and the
+    block gets why (the reason its decode steps run eagerly), else None."""
     state = model._sparse_attn_state
     devices = {p.device for p in model.parameters()}
     settings = state.settings
-    one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
-    if not settings.decode_graphs or settings.decode_compile or state.heads.sharded or not one_gpu:
-        yield
+    why = None
+    if settings.decode_compile:  # Transformers compiles the decode step instead (its steps are not counted)
+        yield None
+        return
+    if not settings.decode_graphs:
+        why = "SparseConfig(decode_graphs=False)"
+    elif state.heads.sharded:
+        why = "tensor parallelism: graphs are per process"
+    elif len(devices) != 1:
+        why = "the model spans several devices"
+    elif next(iter(devices)).type != "cuda":
+        why = "not CUDA"
+    if why is not None:
+        yield why
         return
     previous = model.__dict__.get("forward")  # an instance attribute (accelerate's hooks) or the class's method
     model.forward = DecodeGraph(model, cache)
     try:
-        yield
+        yield None
     finally:
         if previous is None:
             del model.forward

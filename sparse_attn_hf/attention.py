@@ -22,6 +22,7 @@ from .cache import LayerKV, PendingKV, SparseLayer
 from .methods.page_selection import plan_step, select_pages
 from .methods.sample_attention import sample_attention_mask, window_size
 from .parallel import check_heads
+from .record import LayerPrefill
 
 ATTENTION_NAME = "sparse_attn_hf"
 
@@ -102,15 +103,35 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         stream_pays = first + q_len > local
     else:
         stream_pays = bool(len(stream_idx)) and _streaming_pays(settings, first, q_len)
+    record = state.record.prefill
     if sample is None and whole and not stream_pays:
         # every head dense: one SDPA call on K/V as they came (no gathered queries, no layout copy)
+        record[module.layer_idx] = LayerPrefill(
+            0, kv_heads, note=None if not len(stream_idx) else
+            "a short prompt ran every head dense (exact): the window would cover most of it (sparse_attn_hf.cost)")
         return ops.dense_attention(query, every_key, every_value, kv_start=kv_start, padded=padded, scale=scale,
                                    **terms), None
     if kv is None:
         kv = LayerKV.split(key, value, dense_idx, stream_idx)
     stream_flags = state.all_streaming(len(stream_idx), query.device)
     runs = state.dense_runs(module.layer_idx)
-    return _prefill(query, kv, runs, stream_idx, stream_flags, common, padded, sample), None
+    out = _prefill(query, kv, runs, stream_idx, stream_flags, common, padded, sample)
+    record[module.layer_idx] = _layer_record(state, module.layer_idx, len(stream_idx), kv_heads - len(stream_idx),
+                                             sample)
+    return out, None
+
+
+def _layer_record(state, layer: int, streaming: int, dense: int, sample) -> LayerPrefill:
+    """What a prefill forward of ``layer`` ran (``record.CallRecord``)."""
+    entry = LayerPrefill(streaming, dense)
+    choice = state.sample_choices.get(layer) if sample is not None and dense else None
+    if choice is not None:
+        entry.density = choice["density"]
+        if choice["sparse"]:
+            entry.dense_method = "sample_attention"
+        else:
+            entry.note = "SampleAttention chose masks too dense to pay; those layers ran dense (sparse_attn_hf.cost)"
+    return entry
 
 
 def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale: float, terms: dict) -> torch.Tensor:
@@ -120,6 +141,9 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
     settings = dict(budget=layer.token_budget, page_size=layer.page_size)
     if layer.plans_step:
         plan_step(layer.step, reuse_interval=layer.reuse_interval, **settings)
+        capturing = layer.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing:
+            layer.sequence.owner.record.decode_steps += 1  # a replayed step is counted by decode_graph
     kv = layer.append_decode(pending.key, pending.value, kv_start)
     if layer.dense_heads:
         buffers = layer.selection_buffers()

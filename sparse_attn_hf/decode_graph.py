@@ -28,7 +28,7 @@ import time
 import torch
 
 from . import ops
-from ._log import log_once
+from ._log import warn_once
 
 WARMUP = 2  # eager decode steps before the capture
 last_capture: dict = {}  # the last capture's cost: {"seconds": wall time, "graph_bytes": memory the graph keeps}
@@ -40,6 +40,7 @@ class DecodeGraph:
 
     def __init__(self, model, cache):
         self.cache = cache
+        self.record = model._sparse_attn_state.record  # this call's record (``record.CallRecord``)
         self.forward = model.forward  # the bound method (or accelerate's wrapper) generate would call
         # generate() reads the forward's parameters (position_ids from the mask for a padded batch,
         # logits_to_keep so that a prefill makes one row of logits, not one per token): show it the model's
@@ -58,13 +59,16 @@ class DecodeGraph:
         why = self._why_eager(args, kwargs)
         if why is not None:
             if why:
-                log_once(f"sparse_attn_hf: decode steps run eagerly, not from a CUDA graph: {why}.")
+                self.record.eager(why)
+                warn_once(f"sparse_attn_hf: decode steps run eagerly, not from a CUDA graph: {why}.")
             return self.forward(*args, **kwargs)
         if self.graph is None:
             if self.eager_steps < WARMUP:
                 self.eager_steps += 1
+                self.record.eager("warm-up before the capture")
                 return self.forward(**kwargs)
             if not self._capture(kwargs):
+                self.record.eager("the capture failed")
                 return self.forward(**kwargs)
             self.graph.replay()  # the captured step itself (capture records, it does not run)
         else:
@@ -75,6 +79,8 @@ class DecodeGraph:
             self.graph.replay()
             for layer in self.cache.layers:  # the host-side counts the eager step advances
                 layer.seen += 1
+        self.record.decode_steps += 1
+        self.record.graph_steps += 1
         out = self.output.__class__(**{k: v for k, v in self.output.items()})
         out["logits"] = self.output["logits"].clone()  # the next replay overwrites the static one
         return out
@@ -142,7 +148,7 @@ class DecodeGraph:
             for layer, count in zip(self.cache.layers, seen):  # capture ran Python, not the kernels
                 layer.seen = count
             self.failed = True
-            log_once(f"sparse_attn_hf: capturing the decode step in a CUDA graph failed ({type(error).__name__}: "
+            warn_once(f"sparse_attn_hf: capturing the decode step in a CUDA graph failed ({type(error).__name__}: "
                      f"{error}); decode steps run eagerly.")
             return False
         finally:
