@@ -16,7 +16,10 @@ published operating point for Llama-3-8B, not something measured here):
   decode steps replayed from a CUDA graph: ``compile_s`` is the capture's wall time, ``graph_gib`` the memory
   the graph keeps, from ``sparse_attn_hf.decode_graph.last_capture``);
 * ``patched_streaming50``: the same with SampleAttention off;
-* ``patched_dense``: every head dense;
+* ``patched_dense``: every head dense (page selection at the budget of 4096 in decode);
+* ``patched_dense_exact``: every head dense and a token budget past every prompt: exact attention in prefill and
+  decode, decode steps replayed from the graph. Against ``stock`` it isolates what the graph and the cache give
+  without any sparsity;
 * ``patched_sample_pinned``: ``patched_default`` with SampleAttention's stripe counts pinned so that each
   layer's mask has the density SampleAttention chose on real weights and real text
   (``benchmarks/results/sample_density.json``, the default model's layers mapped by depth onto these 32;
@@ -55,16 +58,17 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta  # noqa: E402
 
-from sparse_attn_hf import Profile, SparseConfig, decode_graph, patch_model, unpatch_model  # noqa: E402
+from sparse_attn_hf import Profile, SparseConfig, decode_graph, last_call, patch_model, unpatch_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense",
-           "patched_sample_pinned", "patched_eager", "patched_compile", "patched_bound_only")
+           "patched_dense_exact", "patched_sample_pinned", "patched_eager", "patched_compile", "patched_bound_only")
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 PATCHED = {
     "patched_default": dict(streaming_fraction=0.5),
     "patched_streaming50": dict(streaming_fraction=0.5, alpha=1.0),
     "patched_dense": dict(streaming_fraction=0.0, alpha=1.0),
+    "patched_dense_exact": dict(streaming_fraction=0.0, alpha=1.0),  # token_budget: past every prompt (configure)
     "patched_sample_pinned": dict(streaming_fraction=0.5),
     "patched_eager": dict(streaming_fraction=0.5, decode_graphs=False),
     "patched_compile": dict(streaming_fraction=0.5, decode_compile=True),
@@ -207,6 +211,10 @@ def configure(model, config: str, settings: dict, scores: torch.Tensor) -> tuple
     pin_stripes(pinned_densities(model.config.num_hidden_layers) if config == "patched_sample_pinned" else None)
     resolved = None
     if config in PATCHED:
+        settings = dict(settings)
+        if config == "patched_dense_exact":  # every prompt of the run fits the budget: exact decoding
+            page = settings.get("page_size", 64)
+            settings["token_budget"] = page * -(-model.config.max_position_embeddings // page)
         patch_model(model, Profile.from_scores(model, scores), SparseConfig(**settings, **PATCHED[config]))
         resolved = {k: getattr(model._sparse_attn_state.settings, k) for k in SETTING_FIELDS}
     return ({"cache_implementation": "static"} if config == "stock_static_compile" else {}), resolved
@@ -223,6 +231,8 @@ def run_row(model, device: Device, config: str, length: int, batch: int, args, e
     try:
         cold = one_call(model, device, ids, mask, args.new_tokens, call_args)
         capture = dict(decode_graph.last_capture)  # the cold call's capture (each generate() captures anew)
+        if getattr(model, "_sparse_attn_state", None) is not None:  # how its decode steps ran, and why
+            row["last_call"] = last_call(model).as_dict()
         calls = [cold]
         warm = [one_call(model, device, ids, mask, 1, call_args) for _ in range(args.repeats)]
         calls += warm
