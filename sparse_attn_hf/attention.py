@@ -145,7 +145,7 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
         if not torch.compiler.is_compiling() and not capturing:
             layer.sequence.owner.record.decode_steps += 1  # a replayed step is counted by decode_graph
     kv = layer.append_decode(pending.key, pending.value, kv_start)
-    if layer.dense_heads:
+    if layer.dense_heads and layer.token_budget < layer.capacity:  # else every context it holds fits: no selection
         buffers = layer.selection_buffers()
         grouped = query.view(query.shape[0], len(layer.head_kind), -1, query.shape[-1]).index_select(1, layer.dense_idx)
         kv.pages = select_pages(grouped, buffers["key_min"], buffers["key_max"], kv_start=kv_start, step=layer.step,

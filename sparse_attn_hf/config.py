@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from .profile import Profile
 
+UNLIMITED_BUDGET = 1 << 40  # token_budget under which every context fits: exact dense decoding, no page selection
+
 
 @dataclass(frozen=True)
 class SparseConfig:
@@ -30,7 +32,8 @@ class SparseConfig:
         query_tile: query rows per tile in the PyTorch reference path (memory ~ tile x length).
         token_budget: tokens each dense head reads per decode step (a multiple of ``page_size``, at
             least two pages): the first real page, the newest page and the best-scoring pages.
-            A context that fits the budget is attended in full (exact dense decoding).
+            A context that fits the budget is attended in full (exact dense decoding);
+            ``config.UNLIMITED_BUDGET`` (what ``Profile.all_dense`` sets) makes every context fit.
         reuse_interval: decode steps that share one page selection (>= 1); a prefill or continuation
             always selects anew.
         shortlist: page selection's short list, in pages per page selected (>= 1). The bound on each page's
@@ -121,7 +124,7 @@ class SparseConfig:
         _check_int("streaming_from", self.streaming_from, minimum=0)
         if self.cra_criterion not in ("mean", "min"):
             raise ValueError(f"SparseConfig.cra_criterion={self.cra_criterion!r} must be 'mean' or 'min'.")
-        if self.token_budget is not None and self.page_size is not None:
+        if self.token_budget is not None and self.page_size is not None and self.token_budget != UNLIMITED_BUDGET:
             if self.token_budget % self.page_size or self.token_budget < 2 * self.page_size:
                 raise ValueError(
                     f"SparseConfig.token_budget={self.token_budget} must be a multiple of page_size={self.page_size} "

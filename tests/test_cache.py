@@ -166,13 +166,24 @@ def test_streaming_heads_hold_constant_memory_and_bytes_match_prediction(model):
                  if name in layer._tensors)
     measured = (cache.nbytes() - tables) / dynamic_bytes
     assert abs(measured - predicted) < 1e-9, (measured, predicted)
+    # while every context the cache can hold fits the budget (4096 > 128 slots), no selection state is allocated
+    assert not any(name in layer._tensors for layer in cache.layers for name in ("selected", "listed"))
+    assert cache.nbytes() / dynamic_bytes < predicted + 0.02
+
+
+@torch.no_grad()
+def test_selection_state_has_a_fixed_size_when_the_budget_binds():
+    model = tiny_model("llama", heads=6, kv_heads=2, layers=3)
+    settings = SparseConfig(sink_size=SINK, local_size=LOCAL, streaming_fraction=0.5, token_budget=128)
+    patch_model(model, _mixed(model), settings)
+    cache = cache_of(model.generate(random_ids(1, 300), max_new_tokens=20, do_sample=False,
+                                    return_dict_in_generate=True))
     # the selection kept between steps and its short list: a fixed size, (1 + shortlist) x the pages selected
     fixed = sum(layer._tensors[name].nbytes for layer in cache.layers for name in ("selected", "listed")
                 if name in layer._tensors)
     dense = sum(len(layer.dense_heads) for layer in cache.layers)
-    settings = model._sparse_attn_state.settings
-    assert fixed == dense * (1 + settings.shortlist) * (settings.token_budget // settings.page_size - 1) * 4
-    assert (cache.nbytes() - fixed) / dynamic_bytes < predicted + 0.02
+    assert dense > 0
+    assert fixed == dense * (1 + settings.shortlist) * (settings.token_budget // 64 - 1) * 4
 
 
 @torch.no_grad()

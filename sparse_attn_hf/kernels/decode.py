@@ -176,14 +176,15 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Te
     dk, dv, pages = kv.dense_key, kv.dense_value, kv.pages
     sk, sv, spos, rk, rv, rpos = kv.sink_key, kv.sink_value, kv.sink_pos, kv.ring_key, kv.ring_value, kv.ring_pos
     if dk is not None:
-        if pages is None or pages.numel() == 0:
+        if pages is None or pages.numel() == 0:  # no selection: every page the buffer holds may be read
             pages = torch.full((batch, dk.shape[1], 1), -1, dtype=torch.int32, device=query.device)
             n_sel = 0
+            entries = max(entries, triton.cdiv(dk.shape[2], page))
         else:
             n_sel = pages.shape[2]
-        # pages a step visits: the selection + a tail of one or two pages (a page may start while a selection
-        # is reused), or the whole context while it fits the budget (at most n_sel + 1 pages); sets the split
-        entries = max(entries, n_sel + 2)
+            # pages a step visits: the selection + a tail of one or two pages (a page may start while a selection
+            # is reused), or the whole context while it fits the budget (at most n_sel + 1 pages); sets the split
+            entries = max(entries, n_sel + 2)
     else:
         dk = dv = query[:, :1, None]
         pages = torch.zeros(1, 1, 1, dtype=torch.int32, device=query.device)

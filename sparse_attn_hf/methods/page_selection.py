@@ -61,7 +61,7 @@ def plan_step(step: torch.Tensor, *, budget: int, page_size: int, reuse_interval
     step[STEP_SEEN : STEP_SEEN + 1].add_(1)
     seen, due, tail = step[STEP_SEEN], step[STEP_DUE], step[STEP_TAIL]
     n_pages = (seen + (page_size - 1)) // page_size
-    fits = n_pages <= budget // page_size
+    fits = n_pages <= min(budget // page_size, 2**31 - 1)  # int32 counters (config.UNLIMITED_BUDGET is larger)
     reselect = (due <= 0) & ~fits
     zero = torch.zeros((), dtype=step.dtype, device=step.device)
     new_due = torch.where(reselect, zero + (reuse_interval - 1), torch.where(fits, zero, due - 1))

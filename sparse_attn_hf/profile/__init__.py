@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import UNLIMITED_BUDGET
+
 FORMAT_VERSION = 2  # 2: the covered layers (``layers``); 1 still loads (every layer covered)
 _READS = ("1", "2")
 
@@ -128,7 +130,8 @@ class Profile:
             raise ValueError(
                 f"profile page_size={self.page_size} is not a multiple of logical_page_size={self.logical_page_size}."
             )
-        if self.token_budget % self.page_size or self.token_budget < 2 * self.page_size:
+        if self.token_budget != UNLIMITED_BUDGET and (self.token_budget % self.page_size
+                                                      or self.token_budget < 2 * self.page_size):
             raise ValueError(
                 f"profile token_budget={self.token_budget} must be a multiple of page_size={self.page_size} and at "
                 "least two pages."
@@ -178,10 +181,14 @@ class Profile:
 
     @classmethod
     def all_dense(cls, model, **settings) -> "Profile":
-        """The explicit opt-in for no static sparsity: every head dense (streaming_fraction 0)."""
+        """The explicit opt-in for no sparsity at all: every head dense (streaming_fraction 0), no SampleAttention
+        (alpha 1) and no page selection (``config.UNLIMITED_BUDGET``): exact dense attention at every length, in
+        prefill and decode. ``settings`` override any of these."""
         shape = model_shape(model)
         settings.setdefault("method", "all dense")
         settings.setdefault("streaming_fraction", 0.0)
+        settings.setdefault("alpha", 1.0)
+        settings.setdefault("token_budget", UNLIMITED_BUDGET)
         scores = torch.ones(len(covered_layers(model)), shape["num_kv_heads"])
         return cls.from_scores(model, scores, **settings)
 
