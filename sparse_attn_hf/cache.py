@@ -39,6 +39,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
+from ._log import warn_once
 from .kernels.reference import STEP_SEEN, STEP_TAIL, DecodeKV
 from .methods.page_selection import reset_step
 from .padding import left_padding_starts
@@ -295,8 +296,14 @@ class SparseLayer(CacheLayerMixin):
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        hint = self.sequence.capacity_hint or 0
-        capacity = _round_up(max(needed, hint if self.capacity == 0 else 2 * self.capacity), self.page_size)
+        hint = self.sequence.capacity_hint or 0  # generate(): prompt + new tokens, continuations included
+        if hint < needed:  # no hint covers it: double (amortized O(1) per token), or what is needed
+            if self.capacity:
+                warn_once("sparse_attn_hf: a SparseCache grows past the length it was sized for (one copy of its "
+                          "dense heads' buffers; decode steps after it run eagerly, not from a CUDA graph): pass "
+                          "max_cache_len to SparseCache, or max_new_tokens to generate().")
+            hint = max(needed, 2 * self.capacity)
+        capacity = _round_up(hint, self.page_size)
         if self.is_compileable:  # one size for every prompt of a bucket: compiled steps see the same shapes
             capacity = max(self.page_size, 1 << (capacity - 1).bit_length())
         n_dense = len(self.dense_heads)

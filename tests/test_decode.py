@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE
 from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 
-from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model
+from sparse_attn_hf import Profile, SparseCache, SparseConfig, last_call, ops, patch_model
 from sparse_attn_hf.kernels.decode import paged_decode_triton
 from sparse_attn_hf.kernels.reference import (
     STEP_DUE,
@@ -23,7 +23,8 @@ from sparse_attn_hf.kernels.reference import (
 )
 from sparse_attn_hf.kernels.selection import physical_page_scores_triton, shortlist_pages_triton, top_pages_triton
 from sparse_attn_hf.methods.page_selection import plan_step, reset_step, select_pages
-from sparse_attn_hf.compat import CACHE_ARG
+from sparse_attn_hf.cache import SparseLayer
+from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
 
@@ -791,3 +792,38 @@ def test_registered_decode_ops_pass_torch_library_checks():
     torch.library.opcheck(torch.ops.sparse_attn_hf.paged_decode,
                           (query, step, kind, slot, dense, dense, pages, sink, sink, sink_pos, ring, ring, ring_pos,
                            kv_start, page, 4, 16, dim ** -0.5))
+
+
+@torch.no_grad()
+def test_a_continuation_is_sized_before_its_decode_steps(monkeypatch):
+    """A continuation that needs more room than the returned cache has grows the buffers once, in its prefill, to
+    prompt + new tokens: never inside a decode step (which would end the decode graph for the rest of the call).
+    On a GPU (half precision, the Triton path) its decode steps are then replayed from the graph."""
+    half = DEVICE == "cuda"
+    model = (_half_model(torch.bfloat16, seed=4, graphs=True, local_size=32, token_budget=64) if half else
+             _patched(budget=64, fraction=0.5))
+    ids = random_ids(1, 109, seed=9).to(DEVICE)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = cache_of(out)
+    grown = []
+    original = SparseLayer._ensure_capacity
+
+    def recording(layer, needed):
+        before = layer.capacity
+        original(layer, needed)
+        if layer.capacity != before:
+            grown.append((layer.layer_idx, layer.sequence.is_decode_step(layer.seen, 1)))
+
+    monkeypatch.setattr(SparseLayer, "_ensure_capacity", recording)
+    mask = torch.ones_like(out.sequences)
+    more = model.generate(out.sequences, attention_mask=mask, **{CACHE_ARG: cache}, max_new_tokens=300,
+                          min_new_tokens=300, do_sample=False)
+    assert more.shape[1] == out.sequences.shape[1] + 300
+    dense_layers = {layer.layer_idx for layer in cache.layers if layer.dense_heads}
+    assert sorted(i for i, _ in grown) == sorted(dense_layers), grown  # once per layer with dense heads
+    assert not any(in_decode for _, in_decode in grown), grown
+    assert all(layer.capacity >= more.shape[1] - 1 for layer in cache.layers if layer.dense_heads)
+    record = last_call(model)
+    assert record.decode_steps == 299
+    if half:
+        assert record.graph_steps == 299 - 2, record  # every step after the two warm-up steps replayed
