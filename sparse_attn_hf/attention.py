@@ -23,8 +23,7 @@ from .methods.page_selection import plan_step, select_pages
 from .methods.sample_attention import sample_attention_mask, window_size
 from .parallel import check_heads
 from .record import LayerPrefill
-
-ATTENTION_NAME = "sparse_attn_hf"
+from .state import ATTENTION_NAME
 
 def sparse_attention_mask(*args, **kwargs):
     """The mask function: ``None`` when nothing is padded, else the 2D bool padding mask [B, Lkv]. A compiled

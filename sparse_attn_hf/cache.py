@@ -218,6 +218,12 @@ class SparseLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Return a :class:`PendingKV` (twice, in the places of keys and values)."""
+        if not self.sequence.owner.active:
+            raise ValueError(
+                "this SparseCache can only be read by sparse_attn_hf's attention, and the model it was made for no "
+                "longer runs it (unpatch_model, or set_attn_implementation after patching): use a new DynamicCache, "
+                "or patch the model again and create a new SparseCache(model)."
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.batch:

@@ -38,6 +38,7 @@ class CallRecord:
     eager_reasons: Counter = field(default_factory=Counter)  # why the other decode steps ran eagerly
     cache_bytes: int | None = None  # SparseCache bytes at the end of the call
     dynamic_cache_bytes: int | None = None  # what a DynamicCache would hold for the same tokens
+    stock: str | None = None  # why (part of) the call ran as stock Transformers, if it did (``routing``)
 
     def eager(self, reason: str) -> None:
         self.eager_reasons[reason] += 1
@@ -54,10 +55,11 @@ class CallRecord:
             "eager_reasons": dict(self.eager_reasons),
             "cache_bytes": self.cache_bytes,
             "dynamic_cache_bytes": self.dynamic_cache_bytes,
+            "stock": self.stock,
         }
 
     def __str__(self) -> str:
-        lines = []
+        lines = [f"served as stock Transformers: {self.stock}"] if self.stock else []
         if self.prefill:
             layers = list(self.prefill.values())
             streaming = sum(1 for p in layers if p.streaming_heads)

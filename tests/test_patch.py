@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from sparse_attn_hf import Profile, SparseCache, patch_model, patched, unpatch_model
+from sparse_attn_hf import Profile, SparseCache, last_call, patch_model, patched, unpatch_model
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
@@ -41,6 +41,25 @@ def test_all_dense_reproduces_unpatched_model(model):
     assert torch.equal(model(ids).logits, logits)  # unpatched: exactly as before
     assert model.config._attn_implementation == "sdpa"
     assert "generate" not in vars(model) and not hasattr(model, "_sparse_attn_state")
+
+
+@torch.no_grad()
+def test_all_dense_is_exact_past_every_sparsity_threshold():
+    """Profile.all_dense is the opt-in for no sparsity at all: a 16.5K-token prompt (past SampleAttention's
+    dense_below of 16384) samples nothing and matches stock; decoding past a 4096-token budget selects no page."""
+    model = tiny_model("llama", heads=4, kv_heads=2, layers=2)
+    ids = random_ids(1, 16500)
+    logits = model(ids).logits[:, -8:]
+    with patched(model, Profile.all_dense(model)):
+        state = model._sparse_attn_state
+        assert state.settings.alpha == 1.0 and state.settings.token_budget >= 2**30
+        torch.testing.assert_close(model(ids).logits[:, -8:], logits, rtol=1e-4, atol=1e-5)
+        assert not state.sample_choices  # SampleAttention never sampled
+        out = model.generate(ids[:, :4200], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = cache_of(out)
+        assert all("selected" not in layer._tensors for layer in cache.layers)  # no page was ever selected
+        record = last_call(model)
+        assert record.decode_steps == 2 and not any(p.dense_method != "dense" for p in record.prefill.values())
 
 
 @torch.no_grad()
