@@ -106,10 +106,17 @@ def main(argv=None) -> None:
             row = {"config": name, "L": length}
             first = [call(model, ids, 1)[0] for _ in range(2)]
             row["ttft_first_s"], row["ttft_s"] = first
+            decode_graph.last_capture.clear()
             times = call(model, ids, 65)
             row["decode_ms_per_token"] = 1000 * (times[64] - times[0]) / 64
+            steps = [1000 * (b - a) for a, b in zip(times, times[1:])]
+            row["first_steps_ms"] = [round(t, 2) for t in steps[:6]]  # warm-up, capture, first replays
+            row["steady_ms_per_token"] = sorted(steps[8:])[len(steps[8:]) // 2]  # median from step 10 on
             if name != "stock":
                 row["last_call"] = last_call(model).as_dict()
+                row["capture_s"] = decode_graph.last_capture.get("seconds")
+            again = call(model, ids, 65)  # a second call: nothing left to compile
+            row["decode_ms_per_token_again"] = 1000 * (again[64] - again[0]) / 64
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 

@@ -134,22 +134,28 @@ class DecodeGraph:
         seen = [layer.seen for layer in self.cache.layers]
         start = time.perf_counter()  # once per generate(): the capture's cost is measured
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: the pool the graph adds is what grows
         reserved = torch.cuda.memory_reserved(device)
         if device not in _streams:
             _streams[device] = torch.cuda.Stream(device=device)
         stream = _streams[device]
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
+        # capture_begin/end, not torch.cuda.graph: that context empties the allocator's cache on entry, which hands
+        # the prefill's freed blocks back to the driver (hundreds of ms after a long prompt, and the next prompt
+        # must allocate them again); the graph's private pool is what grows either way
         try:
-            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                self.output = self.forward(**self.static, **made, **self.other)
+            with torch.cuda.stream(stream):
+                graph.capture_begin()
+                try:
+                    self.output = self.forward(**self.static, **made, **self.other)
+                finally:
+                    graph.capture_end()
         except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly, say why once
             for layer, count in zip(self.cache.layers, seen):  # capture ran Python, not the kernels
                 layer.seen = count
             self.failed = True
             warn_once(f"sparse_attn_hf: capturing the decode step in a CUDA graph failed ({type(error).__name__}: "
-                     f"{error}); decode steps run eagerly.")
+                      f"{error}); decode steps run eagerly.")
             return False
         finally:
             torch.cuda.current_stream().wait_stream(stream)

@@ -111,6 +111,8 @@ class ForwardRouter:
         if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and inputs.shape[1] == 0:
             raise ValueError("empty input (0 tokens): pass at least one token.")
         state = model._sparse_attn_state
+        if not state.generating:  # a forward of the caller's own: its own record
+            state.record = CallRecord()
         cache = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
         if not state.active:
             if isinstance(cache, SparseCache):
@@ -182,6 +184,14 @@ def sparse_generate(model, *args, **kwargs):
     state = model._sparse_attn_state
     generation_config = kwargs.get("generation_config") or model.generation_config
     record = state.record = CallRecord()
+    state.generating = True
+    try:
+        return _generate(model, generate, state, record, generation_config, args, kwargs)
+    finally:
+        state.generating = False
+
+
+def _generate(model, generate, state, record, generation_config, args, kwargs):
     given = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
     for name in CACHE_KEYWORDS:
         kwargs.pop(name, None)  # one cache argument, under the installed release's name

@@ -29,6 +29,7 @@ class PatchState:
     heads: KVHeadSlice  # the model's KV heads this process holds (a tensor-parallel rank: its slice)
     windows: list  # per layer: None (full attention) or its native window (models.layer_windows)
     installed: bool = True  # False once unpatch_model ran
+    generating: bool = False  # inside the patched generate() (its forwards add to one record)
     _splits: dict = field(default_factory=dict)  # per (layer, device) index tensors and streaming flags
     _mask_memo: tuple | None = None
     checked_positions: object = None  # the position_ids of the current forward, once checked
