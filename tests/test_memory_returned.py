@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICE
 from helpers import left_padded, random_ids, tiny_model
 
-import sparse_attn_hf.api as api
+import sparse_attn_hf.routing as routing
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model, unpatch_model
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
@@ -45,7 +45,7 @@ def test_the_cache_of_a_finished_generate_is_freed(no_collector, monkeypatch):
             super().__init__(*args, **kwargs)
             made.append(weakref.ref(self))
 
-    monkeypatch.setattr(api, "SparseCache", Recorded)
+    monkeypatch.setattr(routing, "SparseCache", Recorded)
     model = _patched()
     ids, mask = left_padded(random_ids(2, 40), [0, 5])
     model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=40, do_sample=False)
