@@ -75,8 +75,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         kv_start = sequence.resolve_kv_start(attention_mask, layer.batch, first, q_len, layer.device)
         if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming
             return _decode_step(layer, query, key, kv_start, scale, terms).unsqueeze(1), None
-        kv = layer.append(key.key, key.value, kv_start)
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
+        dense_prompt = _dense_prompt(state, window_layer, len(stream_idx), first, q_len)
+        # a prompt run dense keeps all of it for its streaming heads until it ends (a later chunk attends to it)
+        kv = layer.append(key.key, key.value, kv_start, ring=dense_prompt or None)
         padded = sequence.max_kv_start > 0
         # a first prefill: the new tokens are the whole sequence, every head, laid out as stock has them
         whole, every_key, every_value = first == 0, key.key, key.value
@@ -90,6 +92,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         first = k_len - q_len
         kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
         dense_idx, stream_idx = state.head_split(module.layer_idx, query.device)
+        dense_prompt = _dense_prompt(state, window_layer, len(stream_idx), first, q_len)
         kv = None  # split below, unless every head runs dense
         padded = attention_mask is not None
         whole, every_key, every_value = True, key, value
@@ -101,13 +104,16 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if window_layer:  # its window must bind somewhere for the streaming kernel to be needed; else dense is exact
         stream_pays = first + q_len > local
     else:
-        stream_pays = bool(len(stream_idx)) and _streaming_pays(settings, first, q_len)
+        stream_pays = bool(len(stream_idx)) and not dense_prompt
+        if dense_prompt:  # a later chunk of a prompt run dense: its streaming heads see every earlier token too
+            common["local"] = max(local, dense_prompt)
     record = state.record.prefill
     if sample is None and whole and not stream_pays:
         # every head dense: one SDPA call on K/V as they came (no gathered queries, no layout copy)
         record[module.layer_idx] = LayerPrefill(
             0, kv_heads, note=None if not len(stream_idx) else
-            "a short prompt ran every head dense (exact): the window would cover most of it (sparse_attn_hf.cost)")
+            "a short prompt ran every head dense (exact): the window would cover most of it (sparse_attn_hf.cost; "
+            "SparseConfig(streaming_from=0) forces the window)")
         return ops.dense_attention(query, every_key, every_value, kv_start=kv_start, padded=padded, scale=scale,
                                    **terms), None
     if kv is None:
@@ -115,8 +121,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     stream_flags = state.all_streaming(len(stream_idx), query.device)
     runs = state.dense_runs(module.layer_idx)
     out = _prefill(query, kv, runs, stream_idx, stream_flags, common, padded, sample)
-    record[module.layer_idx] = _layer_record(state, module.layer_idx, len(stream_idx), kv_heads - len(stream_idx),
-                                             sample)
+    record[module.layer_idx] = _layer_record(state, module.layer_idx, 0 if dense_prompt else len(stream_idx),
+                                             kv_heads - len(stream_idx), sample)
     return out, None
 
 
@@ -157,18 +163,21 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
                             scale=scale, **terms)
 
 
-def _streaming_pays(settings, first: int, q_len: int) -> bool:
-    """Whether streaming heads attend to their sink + window in this prefill, or (when the window covers
-    so much that the sparse kernel would cost more than dense attention) every head runs dense."""
+def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: int) -> int:
+    """The length of the prompt this forward belongs to when the whole prompt runs every head dense (its
+    streaming heads' window would cover so much of it that the sparse kernel costs more than dense attention),
+    else 0. Decided from the whole prompt, never from one chunk, so that chunking never changes the answer: its
+    length is known in ``generate()`` (the prompt's end) and in a forward with no cache passed in (the forward is
+    the sequence); a forward on a cache the caller passes keeps the window (more chunks may follow)."""
+    total = state.prompt_total
+    if total is None:  # no cache passed in: this forward is the whole sequence
+        total = first + q_len
+    if window_layer or not n_stream or not first + q_len <= total:
+        return 0
+    settings = state.settings
     if settings.streaming_from is not None:
-        return first + q_len >= settings.streaming_from
-    if cost.streaming_pays(first, q_len, settings.sink_size, settings.local_size):
-        return True
-    log_once(f"sparse_attn_hf: a {first + q_len}-token prefill runs every head dense (exact): the streaming heads' "
-             f"sink + window ({settings.sink_size} + {settings.local_size}) would cover so much of causal attention "
-             "that the sparse kernel costs more than dense attention (sparse_attn_hf.cost). The cache keeps their "
-             "sink + window as usual. SparseConfig(streaming_from=0) forces the window.")
-    return False
+        return 0 if total >= settings.streaming_from else total
+    return 0 if cost.streaming_pays(0, total, settings.sink_size, settings.local_size) else total
 
 
 def _sample_settings(state, layer: int, q_len: int, k_len: int):

@@ -329,9 +329,10 @@ class SparseLayer(CacheLayerMixin):
             self._tensors[name] = tensor
         self.capacity = capacity
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor) -> LayerKV:
+    def append(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor, ring: int | None = None) -> LayerKV:
         """Store the new tokens (slots ``seen .. seen+n-1``, all KV heads [B, Hkv, n, D]) and return what the
-        layer attends to in prefill."""
+        layer attends to in prefill. ``ring``: keep at least this many newest tokens of the streaming heads (a
+        prompt run dense: its later chunks attend to all of it); the decode window shrinks it again."""
         n = key.shape[2]
         first = self.seen
         dense = stream = None
@@ -341,7 +342,7 @@ class SparseLayer(CacheLayerMixin):
         if self.dense_heads:
             dense = self._append_dense(key, value, first, kv_start)
         if self.stream_heads:
-            self._resize_ring(self.local_size)
+            self._resize_ring(max(self.local_size, ring or 0))
             stream = self._append_streaming(key, value, first, kv_start)
         self.seen = first + n
         if self.is_compileable and self.sequence.decoding and self.seen >= self.sequence.decode_from:

@@ -114,6 +114,9 @@ class ForwardRouter:
         if not state.generating:  # a forward of the caller's own: its own record
             state.record = CallRecord()
         cache = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
+        # the prompt this forward belongs to (attention decides dense-or-window for a short prompt from all of it)
+        state.prompt_total = None if cache is None else (state.prompt_end if state.generating and state.prompt_end
+                                                         else 0)
         if not state.active:
             if isinstance(cache, SparseCache):
                 raise ValueError(_sparse_cache_without_sparse_attention(state))
@@ -219,14 +222,20 @@ def _generate(model, generate, state, record, generation_config, args, kwargs):
     if given is not None:
         kwargs[CACHE_ARG] = given
     if not isinstance(given, SparseCache):  # a DynamicCache of the caller's, or no cache at all
-        return generate(model, *args, **kwargs)
+        state.prompt_end = None if given is None else _prompt_end(args, kwargs, given)
+        try:
+            return generate(model, *args, **kwargs)
+        finally:
+            state.prompt_end = None
     hint = _length_hint(args, kwargs, generation_config, given)  # a cache passed in: room for this call too
     if hint is not None and hint > (given.sequence.capacity_hint or 0):
         given.sequence.capacity_hint = hint
+    state.prompt_end = _prompt_end(args, kwargs, given)
     try:
-        with given.decoding(prompt_end=_prompt_end(args, kwargs, given)), decode_graphs(model, given) as eager:
+        with given.decoding(prompt_end=state.prompt_end), decode_graphs(model, given) as eager:
             return generate(model, *args, **kwargs)
     finally:
+        state.prompt_end = None
         unexplained = record.decode_steps - record.graph_steps - sum(record.eager_reasons.values())
         if unexplained > 0 and eager:
             record.eager_reasons[eager] += unexplained

@@ -30,6 +30,8 @@ class PatchState:
     windows: list  # per layer: None (full attention) or its native window (models.layer_windows)
     installed: bool = True  # False once unpatch_model ran
     generating: bool = False  # inside the patched generate() (its forwards add to one record)
+    prompt_end: int | None = None  # generate(): the slots its prompt fills (known before its first forward)
+    prompt_total: int | None = 0  # this forward's prompt length: None, the forward is the whole sequence; 0, unknown
     _splits: dict = field(default_factory=dict)  # per (layer, device) index tensors and streaming flags
     _mask_memo: tuple | None = None
     checked_positions: object = None  # the position_ids of the current forward, once checked

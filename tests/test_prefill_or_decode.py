@@ -101,3 +101,24 @@ def test_decoding_block_restores_the_mode(model):
         assert cache.sequence.decode_from == 10
     assert cache.sequence.decode_from is None
     assert not cache.sequence.is_decode_step(10, 1)
+
+
+@pytest.mark.parametrize("length", [161, 40], ids=["window-binds", "short-prompt-dense"])
+@torch.no_grad()
+def test_chunking_never_changes_the_answer_at_the_default_shortcut(length):
+    """With the cost model deciding (streaming_from None), whether a short prompt runs every head dense is decided
+    from the whole prompt, never from one chunk: generate() with prefill_chunk_size gives the one-shot logits, for
+    a prompt past the break-even (161 tokens, sink 2 + local 16: the window) and one below it (40 tokens: dense,
+    the ring holding the whole prompt for its later chunks)."""
+    model = tiny_model("llama", heads=6, kv_heads=2, layers=3).to(DEVICE)
+    scores = torch.rand(3, 2, generator=torch.Generator().manual_seed(1))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        sink_size=2, local_size=16, decode_local_size=4, streaming_fraction=0.5))
+    ids = random_ids(1, length, seed=4).to(DEVICE)
+    one_shot = _generate(model, ids)
+    chunked = _generate(model, ids, prefill_chunk_size=16 if length == 40 else 40)
+    torch.testing.assert_close(chunked.logits[0], one_shot.logits[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(chunked.sequences, one_shot.sequences)
+    if length == 40:  # below the break-even the prompt ran dense: stock's logits
+        unpatched = tiny_model("llama", heads=6, kv_heads=2, layers=3).to(DEVICE)
+        torch.testing.assert_close(one_shot.logits[0], unpatched(ids).logits[:, -1], rtol=1e-4, atol=1e-5)
