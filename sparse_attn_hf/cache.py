@@ -267,9 +267,8 @@ class SparseLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError(
             "SparseCache cannot crop: streaming heads keep a ring buffer whose overwritten tokens are gone. "
-            "Features that roll the cache back (assisted or prompt-lookup decoding) need "
-            "generate(cache=DynamicCache(config=model.config)) (past_key_values= before Transformers 5.24) on the "
-            "patched model."
+            "The patched generate() runs the features that roll the cache back (assisted or prompt-lookup "
+            "decoding) as stock Transformers, with a cache of its own: call it without this SparseCache."
         )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
