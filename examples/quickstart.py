@@ -19,21 +19,26 @@ import time
 import torch
 from transformers import DynamicCache
 
-from sparse_attn_hf import SparseCache, patch_model, unpatch_model
+from sparse_attn_hf import SparseCache, last_call, patch_model, unpatch_model
 from sparse_attn_hf.compat import CACHE_ARG  # "cache" from Transformers 5.24 on, "past_key_values" before
 from sparse_attn_hf.default_model import load_default_model
 from sparse_attn_hf.eval.passkey import make_keys, passkey_prompt
 
 
-def run(model, tokenizer, prompt, cache, max_new_tokens: int) -> tuple[str, float]:
-    """Prefill all prompt tokens but the last into ``cache`` (timed), then generate from there."""
+def run(model, tokenizer, prompt, cache, max_new_tokens: int) -> tuple[str, float, list[str]]:
+    """Prefill all prompt tokens but the last into ``cache`` (timed), then generate from there. Returns the answer,
+    the prefill time and, for a patched model, what each call ran (``sparse_attn_hf.last_call``)."""
     ids = prompt.input_ids
+    patched = getattr(model, "_sparse_attn_state", None) is not None
     start = time.perf_counter()
     with torch.no_grad():
         model(ids[:, :-1], **{CACHE_ARG: cache})
     prefill = time.perf_counter() - start
+    records = [f"prefill: {last_call(model)}"] if patched else []
     out = model.generate(ids, **{CACHE_ARG: cache}, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), prefill
+    if patched:
+        records.append(f"generate: {last_call(model)}")
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), prefill, records
 
 
 def main(argv=None) -> dict:
@@ -57,16 +62,18 @@ def quickstart(model, tokenizer, length: int, depth: float, max_new_tokens: int)
 
     print("[2/4] dense attention (sdpa + DynamicCache) ...", flush=True)
     dense_cache = DynamicCache(config=model.config)
-    dense_answer, dense_prefill = run(model, tokenizer, prompt, dense_cache, max_new_tokens)
+    dense_answer, dense_prefill, _ = run(model, tokenizer, prompt, dense_cache, max_new_tokens)
     print(f"      answer {dense_answer!r}, prefill {dense_prefill:.1f} s", flush=True)
 
     print("[3/4] sparse attention (patch_model: shipped profile + SparseCache) ...", flush=True)
     patch_model(model)
     state = model._sparse_attn_state
     cache = SparseCache(model, max_cache_len=prompt.tokens + max_new_tokens - 1)
-    sparse_answer, sparse_prefill = run(model, tokenizer, prompt, cache, max_new_tokens)
+    sparse_answer, sparse_prefill, records = run(model, tokenizer, prompt, cache, max_new_tokens)
     print(f"      answer {sparse_answer!r}, prefill {sparse_prefill:.1f} s ({sparse_prefill / dense_prefill:.2f}x dense)",
           flush=True)
+    for record in records:  # what ran: per layer in prefill, decode steps, the cache's bytes
+        print("      " + record.replace("\n", "\n        "), flush=True)
     unpatch_model(model)
 
     print("[4/4] KV cache after generation", flush=True)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import cost
-from ._log import log_once
+from ._log import log_once, warn_once
 from .kernels.reference import (
     DecodeKV,
     append_token_reference,
@@ -83,8 +83,8 @@ def _selection_kernel_takes(page_size: int, logical_page_size: int, head_dim: in
 
 def _use_triton(query: torch.Tensor) -> bool:
     reason = _reference_reason(query.dtype, query.shape[-1], query.device)
-    if reason is not None and query.is_cuda and _backend == "auto":
-        log_once(f"sparse_attn_hf: {reason}.")
+    if reason is not None and query.is_cuda and _backend == "auto":  # a GPU user loses the kernels' speed
+        warn_once(f"sparse_attn_hf: {reason}.")
     return reason is None
 
 
@@ -328,7 +328,7 @@ def _paged_decode(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale
         with _on_device(query):
             return paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, **terms)
     if query.is_cuda and _backend == "auto" and query.dtype in KERNEL_DTYPES:
-        log_once(f"sparse_attn_hf: page_size {page} is not a power of two >= 16: decoding runs the PyTorch reference.")
+        warn_once(f"sparse_attn_hf: page_size {page} is not a power of two >= 16: decoding runs the PyTorch reference.")
     if _backend == "auto" and sinks is None and softcap is None:
         return _paged_decode_sdpa(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
     return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, **terms)

@@ -58,6 +58,20 @@ class CallRecord:
             "stock": self.stock,
         }
 
+    def summary(self) -> str:
+        """One line: layers that streamed or sampled in prefill, graph steps of decode, cache ratio."""
+        layers = list(self.prefill.values())
+        parts = [f"stock ({self.stock})"] if self.stock else []
+        if layers:
+            sampled = sum(1 for p in layers if p.dense_method == "sample_attention")
+            parts.append(f"prefill: window in {sum(1 for p in layers if p.streaming_heads)}/{len(layers)} layers, "
+                         f"SampleAttention in {sampled}")
+        if self.decode_steps:
+            parts.append(f"decode: {self.graph_steps}/{self.decode_steps} steps from a CUDA graph")
+        if self.cache_bytes is not None and self.dynamic_cache_bytes:
+            parts.append(f"cache {self.cache_bytes / self.dynamic_cache_bytes:.2f}x a DynamicCache")
+        return "; ".join(parts) or "nothing recorded"
+
     def __str__(self) -> str:
         lines = [f"served as stock Transformers: {self.stock}"] if self.stock else []
         if self.prefill:

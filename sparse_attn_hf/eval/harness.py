@@ -206,7 +206,7 @@ def run(job: Prepared, out: str | Path | None = None, log=_log, command: str | N
                 row["dense_score"], row["sparse_score"] = float(row["dense_correct"]), float(row["sparse_correct"])
             log(f"[{task} {i}/{len(job.inputs)}] length {row['length']} depth {row['depth']:g}: dense "
                 f"{row['dense_answer']!r} ({row['dense_score']:.2g}), sparse {row['sparse_answer']!r} "
-                f"({row['sparse_score']:.2g}) ({time.time() - t0:.0f} s)")
+                f"({row['sparse_score']:.2g}) ({time.time() - t0:.0f} s); sparse ran: {row['ran']}")
         rows.append(row)
 
     info = run_meta(job, time.time() - started, command)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..api import patched
+from ..record import last_call
 from .passkey import INSTRUCTION, PasskeyPrompt, answer, kl_divergence
 
 
@@ -101,6 +102,7 @@ def needle_cells(model, tokenizer, prompt: PasskeyPrompt, settings, needle: Need
     for profile, config in settings:
         with patched(model, profile, config):
             sparse, sparse_logp = answer(model, tokenizer, prompt, max_new_tokens)
+            ran = last_call(model)  # what the patched call ran (record.py)
         dense_score, sparse_score = (retrieval_score(a, needle.answer_words) for a in (dense, sparse))
         records.append({
             "length": prompt.length,
@@ -114,5 +116,6 @@ def needle_cells(model, tokenizer, prompt: PasskeyPrompt, settings, needle: Need
             "dense_correct": dense_score == 1.0,
             "sparse_correct": sparse_score == 1.0,
             "kl": kl_divergence(dense_logp, sparse_logp),
+            "ran": ran.summary(),
         })
     return records

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import patched
+from ..record import last_call
 from .haystack import haystack_text
 
 INSTRUCTION = (
@@ -79,6 +80,7 @@ def passkey_cells(model, tokenizer, prompt: PasskeyPrompt, settings) -> list[dic
     for profile, config in settings:
         with patched(model, profile, config):
             sparse, sparse_logp = answer(model, tokenizer, prompt)
+            ran = last_call(model)  # what the patched call ran (record.py)
         records.append({
             "length": prompt.length,
             "depth": prompt.depth,
@@ -89,5 +91,6 @@ def passkey_cells(model, tokenizer, prompt: PasskeyPrompt, settings) -> list[dic
             "dense_correct": prompt.key in dense,
             "sparse_correct": prompt.key in sparse,
             "kl": kl_divergence(dense_logp, sparse_logp),
+            "ran": ran.summary(),
         })
     return records
