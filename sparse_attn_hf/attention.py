@@ -146,9 +146,11 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
     settings = dict(budget=layer.token_budget, page_size=layer.page_size)
     if layer.plans_step:
         plan_step(layer.step, reuse_interval=layer.reuse_interval, **settings)
-        capturing = layer.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not torch.compiler.is_compiling() and not capturing:
-            layer.sequence.owner.record.decode_steps += 1  # a replayed step is counted by decode_graph
+        # counted where Python runs the step: not inside Transformers' compiled step (torch.compile must not trace
+        # the count) nor inside our graph's capture (decode_graph counts its replays)
+        if not torch.compiler.is_compiling() and not (layer.device.type == "cuda"
+                                                      and torch.cuda.is_current_stream_capturing()):
+            layer.sequence.owner.record.decode_steps += 1
     kv = layer.append_decode(pending.key, pending.value, kv_start)
     if layer.dense_heads and layer.token_budget < layer.capacity:  # else every context it holds fits: no selection
         buffers = layer.selection_buffers()

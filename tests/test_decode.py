@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE
 from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 
-from sparse_attn_hf import Profile, SparseCache, SparseConfig, last_call, ops, patch_model
+from sparse_attn_hf import Profile, SparseCache, SparseConfig, last_call, ops, patch_model, unpatch_model
 from sparse_attn_hf.kernels.decode import paged_decode_triton
 from sparse_attn_hf.kernels.reference import (
     STEP_DUE,
@@ -827,3 +827,27 @@ def test_a_continuation_is_sized_before_its_decode_steps(monkeypatch):
     assert record.decode_steps == 299
     if half:
         assert record.graph_steps == 299 - 2, record  # every step after the two warm-up steps replayed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.no_grad()
+def test_every_configuration_replays_its_decode_graph_after_others_ran():
+    """One process, patch and unpatch between configurations (issue 35's sequence): stock, exact all-dense, 50%
+    streaming with page selection. Each patched generate() replays every decode step after the two warm-up steps
+    from its graph; exact all-dense gives stock's tokens."""
+    model = tiny_model("llama", heads=8, kv_heads=4, layers=3).to(DEVICE, torch.bfloat16)
+    ids = random_ids(1, 700, seed=21).to(DEVICE)
+    common = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    stock = model.generate(ids, **common)
+    configs = [(Profile.all_dense(model), SparseConfig(page_size=16, logical_page_size=16)),
+               (Profile.from_scores(model, torch.rand(3, 4, generator=torch.Generator().manual_seed(2))),
+                SparseConfig(streaming_fraction=0.5, sink_size=4, local_size=64, decode_local_size=16, page_size=16,
+                             logical_page_size=16, token_budget=128))]
+    for profile, settings in configs * 2:
+        patch_model(model, profile, settings)
+        out = model.generate(ids, **common)
+        record = last_call(model)
+        assert record.decode_steps == 39 and record.graph_steps == 37, record
+        if profile.method == "all dense":
+            assert torch.equal(out, stock)
+        unpatch_model(model)

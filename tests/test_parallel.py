@@ -284,9 +284,9 @@ def test_cache_layers_allocate_on_their_own_device(monkeypatch):
         assert layer.dense_idx.device == layer.stream_idx.device == torch.device(device)
     # the padding starts of a cache-less forward are kept per device, not handed to a layer elsewhere
     # (left_padding_starts itself cannot run on meta tensors: a stand-in that only places its result)
-    import sparse_attn_hf.api
+    import sparse_attn_hf.state
 
-    monkeypatch.setattr(sparse_attn_hf.api, "left_padding_starts",
+    monkeypatch.setattr(sparse_attn_hf.state, "left_padding_starts",
                         lambda mask, batch, length, device: torch.zeros(batch, dtype=torch.long, device=device))
     state = model._sparse_attn_state
     mask = torch.ones(1, 5, dtype=torch.long)
