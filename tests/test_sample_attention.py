@@ -1,12 +1,16 @@
 """SampleAttention: both stages and the stripe kernel against their references, the kept-mass guarantee,
 and the plugin path on tiny models."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_close_by_rule, masked_sdpa, random_ids, tiny_model
+from helpers import assert_close_by_rule, left_padded, masked_sdpa, random_ids, tiny_model
+from transformers import AttentionInterface
 
-from sparse_attn_hf import Profile, SparseConfig, ops, patch_model, patched
+from sparse_attn_hf import Profile, SparseConfig, last_call, ops, patch_model, patched
+from sparse_attn_hf.attention import sparse_attention_forward
 from sparse_attn_hf.kernels.prefill import sparse_attention_triton
 from sparse_attn_hf.kernels.reference import sampled_column_scores_reference, stripe_attention_reference
 from sparse_attn_hf.kernels.sampling import sampled_column_scores_triton
@@ -16,6 +20,7 @@ from sparse_attn_hf.methods.sample_attention import (
     sample_attention_mask,
     sample_rows,
 )
+from sparse_attn_hf.state import ATTENTION_NAME
 from sparse_attn_hf.stripe_mask import StripeMask
 
 # batch, q heads, kv heads, q_len, k_len, head_dim, pads
@@ -181,47 +186,150 @@ def test_bad_settings():
             SparseConfig(**bad)
 
 
+SINK_TOKENS = (3, 4, 5)
+
+
+def _sink_model(family: str, *, heads: int, kv_heads: int):
+    """A tiny random model whose attention has the structure SampleAttention is for: every query head puts almost
+    all of its attention on the tokens ``SINK_TOKENS`` (a few strong key columns), wherever they stand.
+
+    Hidden unit 0 is 1 in every token's embedding, unit 1 only in the sink tokens'. In every layer the last
+    dimension of each query head reads unit 0 and that of each KV head unit 1, and their RoPE partner (dimension
+    head_dim / 2 - 1 under rotate_half; GLM's partial rotary leaves the last dimension unrotated) is zeroed: a
+    sink key scores about 16 above the others (the RMS norm scales the units by 7-10), times the cosine of the
+    lowest RoPE frequency over the distance (> 0.99 at 384 tokens); the other scores stay near 0 (random weights).
+    With sink tokens at four positions a row splits its mass among those it sees: SampleAttention's mean
+    criterion at alpha 0.8 keeps the columns most rows see and leaves out a late one (a quarter of the mass of
+    the rows past it, outside their window), so its output is measurably off dense attention."""
+    model = tiny_model(family, heads=heads, kv_heads=kv_heads)
+    dim = model.config.head_dim
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed[:, 0], embed[:, 1] = 1.0, 0.0
+        embed[list(SINK_TOKENS), 1] = 1.0
+        for layer in model.model.layers:
+            for proj, count, unit in ((layer.self_attn.q_proj, heads, 0), (layer.self_attn.k_proj, kv_heads, 1)):
+                weight = proj.weight.view(count, dim, -1)
+                weight[:, [dim // 2 - 1, dim - 1]] = 0.0
+                weight[:, dim - 1, unit] = 1.0
+                if proj.bias is not None:
+                    proj.bias.view(count, dim)[:, [dim // 2 - 1, dim - 1]] = 0.0
+    return model.to(DEVICE)
+
+
+def _sink_ids(length: int, sinks_per_row) -> torch.Tensor:
+    """Random tokens, none of them a sink token except at the given positions of each row."""
+    ids = random_ids(len(sinks_per_row), length)
+    ids[ids <= max(SINK_TOKENS)] = max(SINK_TOKENS) + 1
+    for row, positions in enumerate(sinks_per_row):
+        ids[row, positions] = torch.tensor([SINK_TOKENS[i % len(SINK_TOKENS)] for i in range(len(positions))])
+    return ids
+
+
+@contextlib.contextmanager
+def _attention_calls():
+    """Records (layer, query, key, value, scale, output) of every call of the patched model's attention."""
+    calls = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out, weights = sparse_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        calls.append((module.layer_idx, query, key, value, kwargs.get("scaling"), out))
+        return out, weights
+
+    AttentionInterface.register(ATTENTION_NAME, recording)
+    try:
+        yield calls
+    finally:
+        AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
+
+
+def _query_heads(kv_heads: torch.Tensor, groups: int) -> torch.Tensor:
+    return (kv_heads[:, None] * groups + torch.arange(groups, device=kv_heads.device)).flatten()
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["llama", "glm", "internlm3"])
 def test_plugin_runs_sample_attention(family):
+    """On attention with a few strong key columns SampleAttention's mask pays: every layer's dense heads run it
+    sparse, their output is the recorded mask's attention, measurably off exact attention but close to it."""
     if family == "internlm3":
         try:
             from transformers import InternLM3Config  # noqa: F401
         except ImportError:
             pytest.skip("this transformers release has no InternLM3")
-    model = tiny_model(family, heads=6, kv_heads=2).to(DEVICE)
-    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(4))
-    ids = random_ids(1, 90).to(DEVICE)
+    model = _sink_model(family, heads=6, kv_heads=2)
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8]])  # each layer: one streaming and one dense KV head
+    ids = _sink_ids(384, [[0, 57, 140, 263]]).to(DEVICE)
     dense = model(ids).logits
     settings = SparseConfig(streaming_fraction=0.5, sink_size=4, local_size=16, alpha=0.8, rw=0.1, r_row=0.2,
                             dense_below=0, record_masks=True)
     with patched(model, Profile.from_scores(model, scores), settings):
-        sparse = model(ids).logits
+        with _attention_calls() as calls:
+            sparse = model(ids).logits
         state = model._sparse_attn_state
         with_dense_heads = {layer for layer in range(2) if not state.streaming[layer].all()}
-        assert with_dense_heads and set(state.masks) == with_dense_heads
-        assert all(isinstance(m, StripeMask) and m.density() < 1.0 for m in state.masks.values())
+        assert with_dense_heads == {0, 1} and set(state.masks) == with_dense_heads
+        assert all(isinstance(m, StripeMask) and m.density() < 0.3 for m in state.masks.values())
+        ran_sparse = {layer for layer, choice in state.sample_choices.items() if choice["sparse"]}
+        assert ran_sparse == with_dense_heads, f"SampleAttention fell back to dense: {state.sample_choices}"
+        assert {last_call(model).prefill[layer].dense_method for layer in ran_sparse} == {"sample_attention"}
+        assert sorted(call[0] for call in calls) == [0, 1]
+        for layer, query, key, value, scale, out in calls:
+            heads = state.head_split(layer, DEVICE)[0]
+            query = query.index_select(1, _query_heads(heads, query.shape[1] // key.shape[1]))
+            key, value = key.index_select(1, heads), value.index_select(1, heads)
+            got = out.index_select(2, _query_heads(heads, query.shape[1] // key.shape[1]))
+            # the output of the dense heads is the attention under the recorded mask ...
+            mask = state.masks[layer]
+            visible = torch.stack([mask.to_dense(b) for b in range(query.shape[0])])
+            expected = masked_sdpa(query, key, value, visible, scale)
+            error = float((got - expected).abs().max())
+            assert error < 1e-4, f"layer {layer}: output is not the recorded mask's attention (max error {error:.1e})"
+            # ... which drops some attention (SampleAttention off: exact causal attention) but keeps most of it
+            exact = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
+            error = float((got - exact).abs().max())
+            relative = float((got - exact).norm() / exact.norm())
+            assert error > 1e-3, f"layer {layer}: SampleAttention's output equals dense attention's ({error:.1e})"
+            assert relative < 0.1, f"layer {layer}: SampleAttention's output is far from dense ({relative:.3f})"
         tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert tokens.shape == (1, 94)
+        assert {p.dense_method for p in last_call(model).prefill.values()} == {"sample_attention"}
+    assert tokens.shape == (1, 388)
     assert not torch.allclose(sparse, dense, atol=1e-4)
     with patched(model, Profile.from_scores(model, scores), SparseConfig(streaming_fraction=0.5, sink_size=4,
                                                                           local_size=16, alpha=1.0, dense_below=0)):
         static_only = model(ids).logits
+        assert {p.dense_method for p in last_call(model).prefill.values()} == {"dense"}
+    difference = float((sparse - static_only).abs().max())
+    assert difference > 1e-3, f"SampleAttention on and off gave the same logits (max difference {difference:.1e})"
     with patched(model, Profile.from_scores(model, scores), SparseConfig(streaming_fraction=0.5, sink_size=4,
                                                                           local_size=16)):
-        torch.testing.assert_close(model(ids).logits, static_only)  # 90 tokens < dense_below: dense heads dense
+        torch.testing.assert_close(model(ids).logits, static_only)  # 384 tokens < dense_below: dense heads dense
 
 
 @torch.no_grad()
 def test_plugin_triton_path_equals_reference():
-    model = tiny_model("llama", heads=8, kv_heads=2).to(DEVICE)
-    patch_model(model, Profile.all_dense(model), SparseConfig(alpha=0.85, rw=0.1, r_row=0.2, dense_below=0))
-    ids = random_ids(2, 70).to(DEVICE)
+    """The Triton path (sampling and stripe kernels under the interpreter on CPU) gives the reference path's
+    logits where every layer runs SampleAttention sparse, a left-padded row included."""
+    model = _sink_model("llama", heads=8, kv_heads=2)
+    ids, attention_mask = left_padded(_sink_ids(256, [[0, 57, 140, 200], [0, 90, 170, 230]]), [0, 24])
+    ids, attention_mask = ids.to(DEVICE), attention_mask.to(DEVICE)
+    dense = model(ids, attention_mask=attention_mask).logits
+    patch_model(model, Profile.all_dense(model), SparseConfig(alpha=0.8, rw=0.1, r_row=0.2, dense_below=0))
+    state, logits, choices, methods = model._sparse_attn_state, {}, {}, {}
     try:
-        ops.set_backend("reference")
-        expected = model(ids).logits
-        ops.set_backend("triton")
-        got = model(ids).logits
+        for backend in ("reference", "triton"):
+            ops.set_backend(backend)
+            logits[backend] = model(ids, attention_mask=attention_mask).logits
+            choices[backend] = {layer: dict(choice) for layer, choice in state.sample_choices.items()}
+            methods[backend] = {layer: p.dense_method for layer, p in last_call(model).prefill.items()}
     finally:
         ops.set_backend("auto")
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    for backend, chosen in choices.items():  # every layer ran the stripe kernel (or its reference) sparse
+        assert sorted(chosen) == [0, 1] and all(c["sparse"] for c in chosen.values()), \
+            f"{backend}: SampleAttention fell back to dense: {chosen}"
+        assert methods[backend] == {0: "sample_attention", 1: "sample_attention"}, f"{backend}: {methods[backend]}"
+    assert choices["triton"] == choices["reference"]  # the sampling kernel chose the reference's masks
+    difference = float((logits["reference"] - dense).abs().max())
+    assert difference > 1e-3, f"the stripe masks dropped no attention (max difference from dense {difference:.1e})"
+    torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-3, atol=1e-4)
