@@ -257,8 +257,8 @@ def multi_gpu_table() -> str:
     return "\n".join(lines)
 
 
-def e2e_table() -> str:
-    data = json.loads((RESULTS / "e2e.json").read_text())
+def e2e_table(name: str = "e2e.json") -> str:
+    data = json.loads((RESULTS / name).read_text())
     rows, meta = data["rows"], data["meta"]
     runs = meta["runs"]
     bases = {}  # (config, L, batch, run) -> row, and (config, L, batch) -> the last row of any run
@@ -268,7 +268,8 @@ def e2e_table() -> str:
             bases[(r["config"], r["L"], r["batch"])] = r
     other_run = False
     first = next(iter(runs.values()))
-    settings = first.get("settings", {}).get("patched_streaming50") or meta["settings"].get("patched_streaming50", {})
+    run_settings = first.get("settings") or meta.get("settings", {})
+    settings = run_settings.get("patched_streaming50") or run_settings.get("patched_default") or {}
     lines = [
         f"{meta['device']}, {meta['dtype']}, {meta['model']}, {meta['layers']} layers; torch {first['packages']['torch']}, "
         f"transformers {first['packages']['transformers']}, triton {first['packages']['triton']}; "
@@ -283,9 +284,9 @@ def e2e_table() -> str:
         "1 is faster or smaller. Patched rows of runs before decode steps were replayed from a CUDA graph by "
         "default say *eager decode*; `compile` of a patched row is the capture of its decode graph.",
         "",
-        "| prompt | batch | configuration | TTFT, s | x stock | decode, ms/token | tokens/s | x stock | x stock compiled "
-        "| peak, GiB | x stock | after return |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| prompt | batch | configuration | TTFT, s | x stock | first call, s | decode, ms/token | tokens/s | x stock "
+        "| x stock compiled | peak, GiB | x stock | after return |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         size = f"{r['L'] // 1024}K" if r["L"] < 2**20 else f"{r['L'] // 2**20}M"
@@ -294,7 +295,7 @@ def e2e_table() -> str:
             label += " (eager decode)"
         if r["status"] != "ok":
             why = r.get("reason", r.get("error", ""))
-            lines.append(f"| {size} | {r['batch']} | {label} | {r['status']} | | | | | | | | {why} |")
+            lines.append(f"| {size} | {r['batch']} | {label} | {r['status']} | | | | | | | | | {why} |")
             continue
 
         def base(config):
@@ -322,13 +323,49 @@ def e2e_table() -> str:
             decode_text += f", compile {r['compile_s']:.2g} s"
         rate = f"{1000 * r['batch'] / decode:.0f}" if decode else ""
         back = r["after_return_gib"] - r["before_gib"]
+        cold = f"{r['ttft_cold_s']:.2f}" if r.get("ttft_cold_s") else ""
         lines.append(
-            f"| {size} | {r['batch']} | {label} | {r['ttft_s']:.2f} | {ratio('ttft_s')} | {decode_text} | {rate} | "
+            f"| {size} | {r['batch']} | {label} | {r['ttft_s']:.2f} | {ratio('ttft_s')} | {cold} | {decode_text} | {rate} | "
             f"{ratio('decode_ms_per_token')} | {ratio('decode_ms_per_token', 'stock_static_compile')} | "
             f"{r['peak_gib']:.1f} | {ratio('peak_gib')} | {back * 1024:+.0f} MiB |")
     if other_run:
         lines += ["", "† against the baseline row of another run (ratios are otherwise taken within one run)."]
-    lines += ["", "![generate() against stock](benchmarks/results/e2e.png)"]
+    lines += ["", f"![generate() against stock](benchmarks/results/{Path(name).stem}.png)"]
+    return "\n".join(lines)
+
+
+def decode_sequence_table() -> str:
+    """Issue 35's sequence: one process, configurations one after another, decode as (t65 - t1) / 64."""
+    data = json.loads((RESULTS / "decode_sequence.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    fresh = json.loads((RESULTS / "decode_sequence_fresh_process.json").read_text())["rows"]
+    lines = [
+        f"{meta['device']}, bfloat16, Llama-3-8B shape, random weights, {meta['layers']} layers; torch "
+        f"{meta['packages']['torch']}, transformers {meta['packages']['transformers']}, triton "
+        f"{meta['packages']['triton']}; commit `{meta['commit'][:10]}`; one process, configurations in this order, "
+        "patched and unpatched between them (`python benchmarks/decode_sequence.py`). Decode: (t65 - t1) / 64 of a "
+        "65-token `generate()`, the first such call of the configuration (first-use kernel compiles and the graph's "
+        "warm-up and capture included), then a second call; steady: median step from the 10th on.",
+        "",
+        "| prompt | configuration | TTFT, s | first call's TTFT, s | decode, ms/token | x stock | second call | "
+        "steady | first step, ms | graph steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    stock = {r["L"]: r for r in rows if r["config"] == "stock"}
+    for r in rows:
+        ratio = r["decode_ms_per_token"] / stock[r["L"]]["decode_ms_per_token"] if r["L"] in stock else None
+        graph = r.get("last_call") or {}
+        steps = f"{graph['graph_steps']}/{graph['decode_steps']}" if graph else "stock"
+        lines.append(
+            f"| {r['L'] // 1024}K | {r['config']} | {r['ttft_s']:.2f} | {r['ttft_first_s']:.2f} | "
+            f"{r['decode_ms_per_token']:.1f} | {ratio:.2f} | {r['decode_ms_per_token_again']:.1f} | "
+            f"{r['steady_ms_per_token']:.1f} | {r['first_steps_ms'][0]:.0f} | {steps} |")
+    for r in fresh:
+        lines.append(
+            f"| {r['L'] // 1024}K | {r['config']}, a second process (Triton's disk cache warm) | {r['ttft_s']:.2f} | "
+            f"{r['ttft_first_s']:.2f} | {r['decode_ms_per_token']:.1f} | | {r['decode_ms_per_token_again']:.1f} | "
+            f"{r['steady_ms_per_token']:.1f} | {r['first_steps_ms'][0]:.0f} | "
+            f"{r['last_call']['graph_steps']}/{r['last_call']['decode_steps']} |")
     return "\n".join(lines)
 
 
@@ -474,7 +511,8 @@ def sample_attention_heldout_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"e2e": e2e_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
+TABLES = {"e2e": e2e_table, "e2e_pinned": lambda: e2e_table("e2e_pinned.json"),
+          "decode_sequence": decode_sequence_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
           "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table,
           "window_layers": window_layers_table, "decode_selection": decode_selection_table,

@@ -55,11 +55,15 @@ def test_passkey_prompt_hides_the_needle_where_asked(default_model):
 def test_sparse_answers_like_dense_on_passkey(default_model):
     model, tokenizer = default_model
     profile = find_profile(model)
+    layers = int(profile.streaming_heads().any(-1).sum())  # layers with a streaming head at 0.25: 13 of 30
     for depth, key in zip((0.2, 0.7), make_keys(2, seed=0)):
         prompt = passkey_prompt(tokenizer, 1024, depth, key)
         (record,) = passkey_cells(model, tokenizer, prompt, [(profile, None)])
         assert record["dense_correct"] and record["sparse_correct"], record
-        assert record["kl"] < 0.5, record
+        # really sparse: 1024 tokens against sink 64 + local 256, the prefill applied the window
+        assert layers > 0 and f"prefill: window in {layers}/30 layers" in record["ran"], record
+        # first answer token KL (dense || sparse), measured 0.0026 and 0.0028 nats (CPU, float32)
+        assert 1e-4 < record["kl"] < 0.01, record
 
 
 def test_next_token_agreement_on_story_text(default_model):
@@ -69,7 +73,8 @@ def test_next_token_agreement_on_story_text(default_model):
     dense = Profile.all_dense(model)
     streaming, all_dense = next_token_agreement(model, ids[:, :1024], [(profile, None), (dense, None)])
     assert all_dense["mean_kl"] < 1e-6 and all_dense["top1_agreement"] == 1.0
-    assert streaming["top1_agreement"] > 0.9 and streaming["mean_kl"] < 0.05, streaming
+    # measured: top-1 agreement 0.988, mean KL 0.00046 nats (CPU, float32)
+    assert streaming["top1_agreement"] > 0.97 and streaming["mean_kl"] < 0.002, streaming
     assert streaming["mean_kl"] > 1e-4  # streaming heads do change something
 
 
