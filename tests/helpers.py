@@ -138,6 +138,33 @@ def loop_mask(q_pos, k_pos, kv_start, streaming, sink, local) -> torch.Tensor:
     return mask
 
 
+def independent_logits(model, ids, mask=None) -> torch.Tensor:
+    """Logits of a patched ``model`` with its attention computed by PyTorch under masks built by plain loops
+    (``loop_mask``) from the model's labels and each layer's rule (a native window layer: sink 0, local = its
+    window): independent of the package's kernels and vectorized rule. Cache-less, one forward; no learned sinks
+    or soft-capping (families with those terms need their own reference)."""
+    from transformers import AttentionInterface
+
+    state = model._sparse_attn_state
+    labels = state.streaming
+
+    def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        batch, k_len = key.shape[0], key.shape[2]
+        starts = torch.zeros(batch, dtype=torch.long) if mask is None else (mask == 0).sum(-1)
+        slots = torch.arange(k_len).expand(batch, -1)
+        sink, local, _ = state.rule(module.layer_idx)
+        visible = loop_mask(slots[:, k_len - query.shape[2]:], slots, starts, labels[module.layer_idx], sink, local)
+        return masked_sdpa(query, key, value, visible, scaling), None
+
+    AttentionInterface.register("test_loops", attend)
+    model.set_attn_implementation("test_loops")
+    try:
+        return model(ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        model.set_attn_implementation("sparse_attn_hf")
+        assert model._sparse_attn_state is state
+
+
 def masked_sdpa(query, key, value, mask, scale) -> torch.Tensor:
     """PyTorch's own attention with an explicit per-KV-head mask; output [B, Lq, Hq, D].
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import left_padded, loop_mask, masked_sdpa, random_ids, tiny_model
+from helpers import independent_logits, left_padded, random_ids, tiny_model
 from transformers import AttentionInterface, DynamicCache
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
@@ -29,31 +29,10 @@ def model():
     return model
 
 
-def _independent_logits(model, ids, mask=None):
-    """The same model, attention computed by PyTorch with masks built by plain loops."""
-    labels = model._sparse_attn_state.streaming
-
-    def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
-        batch, k_len = key.shape[0], key.shape[2]
-        starts = torch.zeros(batch, dtype=torch.long) if mask is None else (mask == 0).sum(-1)
-        slots = torch.arange(k_len).expand(batch, -1)
-        visible = loop_mask(slots[:, k_len - query.shape[2]:], slots, starts, labels[module.layer_idx], SINK, LOCAL)
-        return masked_sdpa(query, key, value, visible, scaling), None
-
-    AttentionInterface.register("test_loops", attend)
-    state = model._sparse_attn_state
-    model.set_attn_implementation("test_loops")
-    try:
-        return model(ids, attention_mask=mask, use_cache=False).logits
-    finally:
-        model.set_attn_implementation("sparse_attn_hf")
-        assert model._sparse_attn_state is state
-
-
 @torch.no_grad()
 def test_streaming_heads_match_independent_masks(model):
     ids, mask = left_padded(random_ids(2, 30), [0, 6])
-    expected = _independent_logits(model, ids, mask)
+    expected = independent_logits(model, ids, mask)
     for cache in (None, DynamicCache(config=model.config), SparseCache(model)):
         logits = model(ids, attention_mask=mask, **{CACHE_ARG: cache}).logits
         real = mask.bool()

@@ -540,9 +540,16 @@ def test_small_budget_changes_the_result_and_continuation_reselects():
     more = torch.cat([out.sequences, random_ids(1, 5, seed=7).to(DEVICE)], dim=1)
     model.generate(more, **{CACHE_ARG: cache}, max_new_tokens=2, do_sample=False)
     assert all("pages" in layer._tensors for layer in cache.layers)  # decoding after the continuation selected
-    torch.manual_seed(0)
-    sampled = model.generate(ids, do_sample=True, top_k=5, max_new_tokens=6, min_new_tokens=6)  # sampling with selection active
-    assert sampled.shape == (1, 126) and int(sampled.max()) < model.config.vocab_size
+    # sampling decodes through the same page selection: top_k=1 samples the greedy tokens (a 2-page budget changes
+    # them, see above), and a seeded top_k=5 run repeats itself
+    greedy = model.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(model.generate(ids, do_sample=True, top_k=1, max_new_tokens=6, min_new_tokens=6), greedy)
+    assert last_call(model).decode_steps == 5
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(model.generate(ids, do_sample=True, top_k=5, max_new_tokens=6, min_new_tokens=6))
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape == (1, 126)
 
 
 def test_bad_decode_settings_are_rejected():

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from sparse_attn_hf import Profile, patch_model, unpatch_model
+from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model
 from sparse_attn_hf.eval.haystack import haystack_text
 from sparse_attn_hf.profiler import cli
 from sparse_attn_hf.profiler.calibration import Calibration, length_grid
@@ -333,9 +333,28 @@ def test_profiler_runs_on_newer_families(family):
     scores = stats_scores(model, calibration, calibration.samples(2, (200, 260), seed=1), sink=8, local=32,
                           text_tokens=128)
     assert scores.shape == (LAYERS, KV_HEADS) and ((scores >= 0) & (scores <= 1)).all()
-    patch_model(model, Profile.from_scores(model, result.gates))
+    _check_profile_patches(model, Profile.from_scores(model, result.gates), calibration)
+
+
+def _check_profile_patches(model, profile, calibration, *, reference: bool = True):
+    """``profile`` patches ``model`` and its labels drive the attention: with a window that binds at 200 tokens the
+    patched logits leave the unpatched ones and equal PyTorch's attention under loop-built masks for those labels
+    (``reference``: families without learned sinks or soft-capping); generate() continues the same prefill."""
+    from helpers import independent_logits
+
+    ids = calibration.samples(1, (200, 200), seed=2)[0].input_ids
+    stock = model(ids).logits
+    patch_model(model, profile, SparseConfig(sink_size=8, local_size=32, streaming_fraction=0.5, streaming_from=0))
     try:
-        ids = calibration.samples(1, (200, 200), seed=2)[0].input_ids
-        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+        state = model._sparse_attn_state
+        covered = list(profile.layers)
+        assert torch.equal(state.streaming[covered], profile.streaming_heads(0.5)[covered])
+        logits = model(ids).logits
+        assert not torch.allclose(logits, stock, atol=1e-4), "the profile's streaming heads changed nothing"
+        if reference:
+            torch.testing.assert_close(logits, independent_logits(model, ids), rtol=1e-4, atol=1e-5)
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        torch.testing.assert_close(out.logits[0], logits[:, -1], rtol=1e-4, atol=1e-5)
     finally:
         unpatch_model(model)

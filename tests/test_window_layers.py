@@ -199,7 +199,7 @@ def test_models_that_cannot_gain_or_need_missing_terms_are_refused():
 @pytest.mark.parametrize("family", WINDOW_FAMILIES)
 def test_profiler_scores_only_the_full_attention_layers(family):
     """Gate training leaves window layers as the model has them; the profile it makes covers the others."""
-    from test_profiler import _tokenizer
+    from test_profiler import _check_profile_patches, _tokenizer
 
     from sparse_attn_hf.profiler.attention_stats import stats_scores
     from sparse_attn_hf.profiler.calibration import Calibration
@@ -215,12 +215,9 @@ def test_profiler_scores_only_the_full_attention_layers(family):
     for made in (result.gates, scores):
         profile = Profile.from_scores(model, made)
         assert profile.layers == tuple(_full(model))
-        patch_model(model, profile)
-        try:
-            ids = calibration.samples(1, (200, 200), seed=2)[0].input_ids
-            assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
-        finally:
-            unpatch_model(model)
+        # the labels drive the full layers, the window layers keep their window (checked against loop-built masks
+        # where the family has no learned sinks or soft-capping)
+        _check_profile_patches(model, profile, calibration, reference=family not in ("gemma2", "gpt_oss"))
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma2", "gpt_oss"])
