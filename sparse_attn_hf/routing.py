@@ -222,6 +222,10 @@ def _generate(model, generate, state, record, generation_config, args, kwargs):
     if given is not None:
         kwargs[CACHE_ARG] = given
     if not isinstance(given, SparseCache):  # a DynamicCache of the caller's, or no cache at all
+        if given is not None:
+            warn_once(f"sparse_attn_hf: generate() on the caller's {type(given).__name__}: it keeps every token of "
+                      "every head, so the streaming heads save no memory and decode steps select no pages and replay "
+                      "no graph; let generate() build its SparseCache for those.")
         state.prompt_end = None if given is None else _prompt_end(args, kwargs, given)
         try:
             return generate(model, *args, **kwargs)

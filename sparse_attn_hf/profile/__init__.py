@@ -56,6 +56,9 @@ _FIELDS: dict[str, tuple[type, object]] = {
     "sweep": (str, ""),  # JSON: the SampleAttention sweep's table (sparse_attn_hf.profiler.sweep)
     "fraction_choice": (str, ""),  # JSON: the held-out fraction table and choice (sparse_attn_hf.profiler.held_out)
     "layers": (list, None),  # JSON list: the covered layers (format 2); absent: every layer
+    "checkpoint": (str, ""),  # the Hugging Face id of the checkpoint the scores were made for
+    "provenance": (str, ""),  # where the scores come from (source, commit, licence) for imported ones
+    "config_match": (str, ""),  # JSON: config fields a model must have to get this profile without its weights
 }
 
 _HOW_TO_GET_ONE = (
@@ -102,6 +105,9 @@ class Profile:
     sweep: str = field(default="", repr=False)
     fraction_choice: str = field(default="", repr=False)
     layers: tuple[int, ...] | None = None
+    checkpoint: str = ""
+    provenance: str = field(default="", repr=False)
+    config_match: str = field(default="", repr=False)
     fingerprint: torch.Tensor | None = field(default=None, repr=False)
     source: Path | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
 
@@ -148,6 +154,14 @@ class Profile:
             )
         if self.fingerprint is not None:
             self.fingerprint = torch.as_tensor(self.fingerprint, dtype=torch.float32).detach().cpu()
+        if self.config_match:
+            try:
+                match = json.loads(self.config_match)
+            except json.JSONDecodeError:
+                match = None
+            if not isinstance(match, dict):
+                raise ValueError(f"profile config_match={self.config_match[:80]!r} is not a JSON object of config "
+                                 "fields; re-create the profile (sparse_attn_hf.profiler.published).")
 
     # ----------------------------------------------------------------- labels
     def streaming_heads(self, streaming_fraction: float | None = None) -> torch.Tensor:
@@ -393,23 +407,46 @@ def shipped_profile_paths() -> list[Path]:
 
 
 def find_profile(model) -> Profile:
-    """The shipped profile made for ``model`` (same model_type, shapes and weights), or a clear error."""
+    """The shipped profile made for ``model``, or a clear error. A profile with a weight fingerprint matches a
+    model of the same shapes and weights; one without (DuoAttention's published gates, imported without their
+    weights) matches a model of the same shapes whose checkpoint name is the profile's and whose configuration
+    has every field the profile records (``config_match``): a fine-tune of the same shape under another name does
+    not get it, and the message names it for an explicit ``profile=NAME``."""
     shape = model_shape(model)
-    same_shape = []
-    for path in shipped_profile_paths():
-        profile = Profile.load(path)
-        if all(getattr(profile, key) == value for key, value in shape.items()):
-            same_shape.append(profile)
+    same_shape = [p for p in (Profile.load(path) for path in shipped_profile_paths())
+                  if all(getattr(p, key) == value for key, value in shape.items())]
     model_print = weight_fingerprint(model) if same_shape else None
     for profile in same_shape:
         if profile.fingerprint is not None and model_print is not None:
             if fingerprints_match(profile.fingerprint, model_print):
                 return profile
-    detail = (
-        f"shipped profiles of the same shape were made for other weights: {[p.model_name for p in same_shape]}"
-        if same_shape
-        else f"no shipped profile has model_type {shape['model_type']!r} with these shapes {shape}"
-    )
+    unverified = [p for p in same_shape if p.fingerprint is None]
+    reasons = {p.model_name: config_mismatch(p, model) for p in unverified}
+    for profile in unverified:
+        if reasons[profile.model_name] is None:
+            from .._log import warn_once
+
+            warn_once(f"sparse_attn_hf: using the shipped profile {profile.model_name!r} ({profile.method}) for "
+                      f"{profile.checkpoint}: chosen by the model's name and configuration; its weights were not "
+                      "verified (the profile was made without them).")
+            return profile
+    if same_shape:
+        parts = []
+        weighed = [p.model_name for p in same_shape if p.fingerprint is not None]
+        if weighed:
+            parts.append(f"shipped profiles of the same shape were made for other weights: {weighed}")
+        if unverified:
+            why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+            parts.append(f"shipped profiles of the same shape were made for other checkpoints ({why})")
+        detail = "; ".join(parts)
+        alike = sorted((p for p in unverified if config_mismatch(p, model, name=False) is None),
+                       key=lambda p: -len(json.loads(p.config_match or "{}")))  # the most specific first
+        alike = [p.model_name for p in alike]
+        if alike:  # the configuration is that of a published model, the name is not: a fine-tune, or a copy
+            detail += (f"; this model's configuration is that of {alike[0]}: if it is that model (or a fine-tune you "
+                       f"trust with its head labels), pass profile={alike[0]!r}")
+    else:
+        detail = f"no shipped profile has model_type {shape['model_type']!r} with these shapes {shape}"
     raise ValueError(
         f"no shipped profile matches this model ({detail}). Pass profile=PATH to a profile made for it, or "
         + _HOW_TO_GET_ONE
@@ -417,10 +454,51 @@ def find_profile(model) -> Profile:
     )
 
 
+def config_mismatch(profile: Profile, model, name: bool = True) -> str | None:
+    """Why a profile without a weight fingerprint does not match ``model`` by its checkpoint name (unless ``name``
+    is False) and configuration, or None."""
+    config = getattr(model, "config", model).get_text_config(decoder=True)
+    given = str(getattr(config, "_name_or_path", "") or getattr(getattr(model, "config", model), "_name_or_path", ""))
+    wanted = {profile.checkpoint.rstrip("/").split("/")[-1].lower(), profile.model_name.lower()} - {""}
+    if name and not given:
+        return "the model's checkpoint name is not set (config._name_or_path)"
+    if name and given.rstrip("/").split("/")[-1].lower() not in wanted:
+        return f"checkpoint {given!r}, not {profile.checkpoint or profile.model_name!r}"
+    expected = json.loads(profile.config_match) if profile.config_match else {}
+    for key, value in expected.items():
+        have = getattr(config, key, None)
+        if key == "rope_parameters" and have is None:  # the name before Transformers 5
+            have = getattr(config, "rope_scaling", None)
+        if not _same_value(have, value):
+            return f"config {key} {have!r}, the profile's checkpoint has {value!r}"
+    return None
+
+
+def _same_value(have, want) -> bool:
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(_same_value(have.get(k), v) for k, v in want.items())
+    if isinstance(want, float) or isinstance(have, float):
+        return have is not None and math.isclose(float(have), float(want), rel_tol=1e-6)
+    return have == want
+
+
+def shipped_profile(name: str) -> Path | None:
+    """The shipped profile file of ``name`` (its file name, file stem, model name or checkpoint id), or None."""
+    wanted = name.lower()
+    for path in shipped_profile_paths():
+        profile = Profile.load(path)
+        names = {path.name.lower(), path.stem.lower(), profile.model_name.lower(), profile.checkpoint.lower()}
+        if wanted in names:
+            return path
+    return None
+
+
 def resolve_profile(model, profile) -> Profile:
     """``profile`` may be None (find a shipped one), a path, or a Profile; the result fits ``model``."""
     if profile is None:
         return find_profile(model)
+    if isinstance(profile, str) and not Path(profile).exists() and shipped_profile(profile) is not None:
+        profile = shipped_profile(profile)  # a shipped profile's name: "Meta-Llama-3.1-8B-Instruct"
     if isinstance(profile, (str, Path)):
         profile = Profile.load(profile)
     if not isinstance(profile, Profile):
