@@ -20,9 +20,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(spec: str, device: str = "cpu", dtype: str | torch.dtype = "auto"):
+def load_model(spec: str, device: str = "cpu", dtype: str | torch.dtype = "auto", tokenizer: bool = True):
     """(model, tokenizer, name) of ``spec``: "default" (the embedded SmolLM2-135M-Instruct), a local Hugging
-    Face checkpoint folder (config.json, weights and tokenizer) or a .gguf file. Never downloads."""
+    Face checkpoint folder (config.json, weights and tokenizer) or a .gguf file. Never downloads. With
+    ``tokenizer=False`` none is loaded (None is returned in its place): a folder without one loads too."""
     torch_dtype = resolve_dtype(dtype, device)
     if spec == "default":
         from .default_model import NAME, load_default_model
@@ -45,10 +46,13 @@ def load_model(spec: str, device: str = "cpu", dtype: str | torch.dtype = "auto"
     else:
         raise FileNotFoundError(f"--model {spec!r}: no such file or folder; pass 'default', a local Hugging Face "
                                 "checkpoint folder (with config.json) or a .gguf file (models are not downloaded).")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(**kwargs, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--model {spec!r}: no usable tokenizer next to the weights ({error}).") from None
+    if tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(**kwargs, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--model {spec!r}: no usable tokenizer next to the weights ({error}).") from None
+    else:
+        tokenizer = None
     model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=torch_dtype, local_files_only=True)
     return model.to(device).eval(), tokenizer, path.stem if path.is_file() else path.resolve().name
 

@@ -10,6 +10,12 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _calibration_cache(tmp_path_factory, monkeypatch):
+    """Profiles calibrated on first use go to a folder of the test session, not the user's cache."""
+    monkeypatch.setenv("SPARSE_ATTN_HF_CACHE", str(tmp_path_factory.getbasetemp() / "sparse_attn_hf_cache"))
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """(model, tokenizer) of the real default model, loaded once (about 30 s on 2 cores)."""

@@ -148,9 +148,29 @@ def test_empty_input_is_rejected():
     assert not model._forward_pre_hooks
 
 
-def test_missing_profile_says_how_to_get_one():
-    with pytest.raises(ValueError, match="Profile.all_dense"):
-        patch_model(tiny_model("qwen2", heads=4, kv_heads=2))
+def test_a_model_without_a_shipped_profile_is_calibrated_on_first_use(caplog, monkeypatch):
+    """No shipped profile and no profile=: one is calibrated from attention statistics, announced once (how long,
+    where, how to make a better one), cached for the next patch (not calibrated again), and used."""
+    import logging
+
+    from sparse_attn_hf.profiler import first_use
+
+    model = tiny_model("qwen2", heads=4, kv_heads=2, layers=3)
+    with caplog.at_level(logging.WARNING, logger="sparse_attn_hf"):
+        patch_model(model)
+    state = model._sparse_attn_state
+    assert state.profile.method.startswith("calibrated on first use")
+    assert state.profile.streaming_fraction == first_use.FRACTION and state.streaming.any()
+    assert "calibrated a profile" in caplog.text and "--method duo" in caplog.text
+    path = first_use.cache_path(model)
+    assert path.is_file()
+    unpatch_model(model)
+    monkeypatch.setattr(first_use, "calibrate", lambda *a, **k: pytest.fail("calibrated again despite the cache"))
+    patch_model(model)
+    assert torch.equal(model._sparse_attn_state.streaming, state.streaming)
+    unpatch_model(model)
+    other = tiny_model("qwen2", heads=4, kv_heads=2, layers=3, seed=3)  # other weights: another cache entry
+    assert first_use.cache_path(other) != path
 
 
 def test_patched_context_unpatches_on_error():
@@ -221,4 +241,18 @@ def test_dense_heads_are_gathered_by_runs_of_consecutive_heads():
         expected = query.unflatten(1, (-1, 2)).index_select(1, torch.tensor(dense)).flatten(1, 2)
         got = _gather_heads(query, state.dense_runs(layer), 2)
         assert torch.equal(got, expected) and got.is_contiguous()
+    unpatch_model(model)
+
+
+def test_calibrate_from_the_command_line(tmp_path, capsys):
+    from sparse_attn_hf.profiler import cli
+
+    model = tiny_model("llama", heads=4, kv_heads=2, layers=2)
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "calibrated.safetensors"
+    cli.main(["calibrate", "--model", str(tmp_path / "model"), "--out", str(out), "--probes", "2", "--length", "160"])
+    profile = Profile.load(out)
+    assert profile.method.startswith("calibrated on first use") and "calibrate" in profile.command
+    assert profile.head_score.shape == (2, 2) and "wrote" in capsys.readouterr().out
+    patch_model(model, out)  # the file patches the model it was made for
     unpatch_model(model)

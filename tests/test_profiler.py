@@ -117,6 +117,78 @@ def test_gate_training_learns_and_is_deterministic(tiny):
     assert not torch.equal(first.gates, third.gates)
 
 
+PLANTED = (1, 0)  # (layer, KV head) made a retrieval head
+
+
+def _planted_model(model, tokenizer, *, wire: bool = True):
+    """A copy of ``model`` whose KV head ``PLANTED`` (its 2 query heads) retrieves the passkey's digits wherever they
+    are: hidden unit 0 is 1 in every token's embedding, unit 1 is 1 only in the digit tokens'; the head's query reads
+    unit 0 and its key unit 1 in RoPE's slowest dimension (its partner, and every other q/k dimension of the head,
+    zeroed), so every query attends to the digits; its value reads unit 1, so the head outputs a sizable vector when
+    it finds digits and ~0 when it does not. ``wire=False``: same embedding and value, the head's query and key left
+    random (near-uniform attention): the control, to which far digits matter little."""
+    import copy
+
+    model = copy.deepcopy(model)
+    attn = model.model.layers[PLANTED[0]].self_attn
+    d = model.config.head_dim
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    slow = d // 2 - 1  # rotate_half pairs dimension i with i + d/2; i = d/2 - 1 turns slowest (~3e-4 rad a token)
+    heads = range(PLANTED[1] * groups, (PLANTED[1] + 1) * groups)  # the KV head's query heads
+    kv = slice(PLANTED[1] * d, (PLANTED[1] + 1) * d)
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    assert tokenizer.unk_token_id not in digits
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed[:, 0], embed[:, 1] = 1.0, 0.0
+        embed[digits, 1] = 1.0
+        if wire:
+            attn.k_proj.weight[kv] = 0.0
+            attn.k_proj.weight[kv.start + slow, 1] = 2.0
+            for h in heads:
+                attn.q_proj.weight[h * d : (h + 1) * d] = 0.0
+                attn.q_proj.weight[h * d + slow, 0] = 2.0
+        attn.v_proj.weight[kv] = 0.0
+        attn.v_proj.weight[kv, 1] = 0.3  # sized so the final norm does not flatten the gate's effect
+    return model, digits
+
+
+def test_gate_training_keeps_a_planted_retrieval_head_dense(tiny):
+    """Gate training finds the head that needs far tokens: a head planted to retrieve the passkey's digits (placed
+    beyond sink + local from the answer) keeps the highest gate by a wide margin and is the one head a 0.75 streaming
+    fraction leaves dense; in the unwired control (same embedding and value, random query and key) it is not singled
+    out."""
+    _, model, tokenizer = tiny
+    calibration = Calibration.from_text(tokenizer, held_out=128)
+    settings = GateSettings(steps=10, lr=0.1, sink=8, local=32, lengths=(200, 260), seed=0)
+    planted, digits = _planted_model(model, tokenizer)
+    # the construction works: at the first answer row the planted head looks at the needle's far digits
+    sample = calibration.sample(random.Random(0), 230)
+    ids, row = sample.input_ids, sample.answer_rows.start
+    far = [p for p, t in enumerate(ids[0].tolist()) if t in digits and p < row - settings.local]
+    assert len(far) >= 10 and sample.needle.start <= far[0]  # the key, twice
+    previous = planted.config._attn_implementation
+    planted.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            weights = planted(ids, output_attentions=True).attentions[PLANTED[0]][0, :, row]
+    finally:
+        planted.set_attn_implementation(previous)
+    mine = torch.arange(weights.shape[0]) // (weights.shape[0] // KV_HEADS) == PLANTED[1]  # its query heads
+    assert (weights[mine][:, far].sum(-1) > 0.99).all()
+    assert (weights[~mine][:, far].sum(-1) < 0.2).all()
+
+    others = torch.ones(LAYERS, KV_HEADS, dtype=torch.bool)
+    others[PLANTED] = False
+    gates = train_gates(planted, calibration, settings).gates
+    assert gates[PLANTED] > 0.8 and gates[PLANTED] - gates[others].max() > 0.5, gates
+    expected = others.clone()  # streaming: every head but the planted one
+    assert torch.equal(Profile.from_scores(planted, gates).streaming_heads(0.75), expected), gates
+
+    control = train_gates(_planted_model(model, tokenizer, wire=False)[0], calibration, settings).gates
+    assert control[PLANTED] - control[others].max() < 0.1, control
+
+
 def test_gate_training_resumes_to_the_same_gates(tiny):
     _, model, tokenizer = tiny
     calibration = Calibration.from_text(tokenizer, held_out=128)

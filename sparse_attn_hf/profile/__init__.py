@@ -494,9 +494,21 @@ def shipped_profile(name: str) -> Path | None:
 
 
 def resolve_profile(model, profile) -> Profile:
-    """``profile`` may be None (find a shipped one), a path, or a Profile; the result fits ``model``."""
+    """``profile`` may be None (a shipped one, else one calibrated on first use), ``"calibrate"``, a shipped
+    profile's name, a path, or a Profile; the result fits ``model``."""
     if profile is None:
-        return find_profile(model)
+        try:
+            return find_profile(model)
+        except ValueError as error:
+            if weight_fingerprint(model) is None:  # no weights to calibrate on (meta device)
+                raise
+            from ..profiler.first_use import calibrated_profile
+
+            return calibrated_profile(model, why=str(error).split(". Pass profile=")[0])
+    if isinstance(profile, str) and profile == "calibrate":
+        from ..profiler.first_use import calibrated_profile
+
+        return calibrated_profile(model, why="profile='calibrate'")
     if isinstance(profile, str) and not Path(profile).exists() and shipped_profile(profile) is not None:
         profile = shipped_profile(profile)  # a shipped profile's name: "Meta-Llama-3.1-8B-Instruct"
     if isinstance(profile, (str, Path)):

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
             _report(argv[1:])
         elif argv and argv[0] == "choose-fraction":
             _rechoose(argv[1:])
+        elif argv and argv[0] == "calibrate":
+            _calibrate(argv[1:])
         else:
             make_profile(profile_parser().parse_args(argv), argv)
     except (ValueError, FileNotFoundError, ImportError) as error:
@@ -315,6 +317,29 @@ def _import_duo(argv: list[str]) -> None:
     path = profile.save(args.out)
     print(profile.describe())
     print(f"wrote {path}")
+
+
+def _calibrate(argv: list[str]) -> None:
+    from .first_use import cache_path, calibrate
+
+    p = argparse.ArgumentParser(prog="python -m sparse_attn_hf.profile calibrate",
+                                description="Calibrate a profile from attention statistics (what patch_model does on "
+                                            "first use for a model without a shipped profile), with a progress bar.")
+    p.add_argument("--model", required=True, help="'default', a model directory (config.json) or a .gguf file")
+    p.add_argument("--out", default=None, help="profile file (default: the cache patch_model reads)")
+    p.add_argument("--probes", type=int, default=8)
+    p.add_argument("--length", type=int, default=None, help="probe length (default: 2048 on CPU, 4096 on CUDA)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    args = p.parse_args(argv)
+    model, _, _ = load_model(args.model, args.device, args.dtype, tokenizer=False)  # the probes need none
+    profile = calibrate(model, length=args.length, count=args.probes, progress=True,
+                        command="python -m sparse_attn_hf.profile " + shlex.join(["calibrate", *argv]))
+    out = Path(args.out) if args.out else cache_path(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = profile.save(out)
+    print(profile.describe())
+    print(f"wrote {path} ({profile.seconds:.0f} s)")
 
 
 def _rechoose(argv: list[str]) -> None:
