@@ -34,10 +34,10 @@ def run(model, tokenizer, prompt, cache, max_new_tokens: int) -> tuple[str, floa
     with torch.no_grad():
         model(ids[:, :-1], **{CACHE_ARG: cache})
     prefill = time.perf_counter() - start
-    records = [f"prefill: {last_call(model)}"] if patched else []
+    records = [f"model(prompt) ran: {last_call(model)}"] if patched else []
     out = model.generate(ids, **{CACHE_ARG: cache}, max_new_tokens=max_new_tokens, do_sample=False)
     if patched:
-        records.append(f"generate: {last_call(model)}")
+        records.append(f"generate() ran: {last_call(model)}")
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), prefill, records
 
 
