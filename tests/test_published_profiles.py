@@ -100,3 +100,44 @@ def test_a_profile_whose_metadata_was_edited(tmp_path):
     from sparse_attn_hf.profile import config_mismatch
 
     assert "vocab_size" in config_mismatch(Profile.load(tmp_path / "edited.safetensors"), _meta_model(PUBLISHED[0]))
+
+
+def _hub_cache(root: Path, repo_id: str, files: dict) -> Path:
+    """A cache folder laid out as huggingface_hub lays it: refs/main names a snapshot holding ``files``."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        (snapshot / name).write_bytes(source.read_bytes())
+    return root
+
+
+def test_profiles_from_the_hub_offline(tmp_path, monkeypatch):
+    """profile="org/name" reads the repository's profile through huggingface_hub: here from a cache laid out as it
+    lays it, with HF_HUB_OFFLINE=1 (no test needs the network); a missing repository or file says so."""
+    import huggingface_hub.constants as hub
+
+    from helpers import tiny_model
+    from sparse_attn_hf.profile import HUB_FILE
+
+    model = tiny_model("llama", heads=4, kv_heads=2, layers=2)
+    made = Profile.from_scores(model, torch.tensor([[0.1, 0.9], [0.8, 0.2]]), model_name="tiny", checkpoint="me/tiny")
+    made.save_pretrained(tmp_path / "repo", fidelity="0 of 12 passkeys lost at 2K")
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert "me/tiny" in card and "0 of 12 passkeys lost" in card and "library_name: sparse_attn_hf" in card
+    cache = _hub_cache(tmp_path / "hub", "me/tiny-profile", {HUB_FILE: tmp_path / "repo" / HUB_FILE})
+    _hub_cache(tmp_path / "hub", "me/empty", {"README.md": tmp_path / "repo" / "README.md"})
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    patch_model(model, "me/tiny-profile")
+    assert torch.equal(model._sparse_attn_state.streaming, made.streaming_heads())
+    unpatch_model(model)
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache|no such repository"):
+        patch_model(model, "me/nowhere")
+    with pytest.raises(ValueError, match=f"{HUB_FILE}|not in the local"):
+        patch_model(model, "me/empty")
+    assert not hasattr(model, "_sparse_attn_state")

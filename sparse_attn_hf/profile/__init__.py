@@ -221,6 +221,34 @@ class Profile:
         save_file(tensors, str(path), metadata=metadata)
         return path
 
+    def save_pretrained(self, folder: str | Path, fidelity: str = "") -> Path:
+        """Write ``folder`` as a Hugging Face Hub profile repository expects it: the profile (``HUB_FILE``) and a
+        model card stub naming the model, the method and (``fidelity``, free text) what it was measured to keep.
+        Upload the folder (``hf upload ORG/NAME FOLDER``); ``patch_model(model, profile="ORG/NAME")`` reads it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = self.save(folder / HUB_FILE)
+        labels = self.streaming_heads()
+        card = [
+            "---", "library_name: sparse_attn_hf", "tags:", "- sparse-attention", "- long-context",
+            *([f"base_model: {self.checkpoint}"] if "/" in self.checkpoint else []), "---", "",
+            f"# sparse_attn_hf profile for {self.model_name or self.checkpoint or self.model_type}", "",
+            f"Head labels for [sparse_attn_hf](https://pypi.org/project/sparse_attn_hf/): {int(labels.sum())} of "
+            f"{labels.numel()} (layer, KV head) pairs stream at fraction {self.streaming_fraction} (sink "
+            f"{self.sink_size}, local {self.local_size}, decode window {self.decode_local_size}).", "",
+            "```python", "from sparse_attn_hf import patch_model",
+            f"patch_model(model, profile=\"ORG/NAME\")  # this repository", "```", "",
+            f"- model: {self.checkpoint or self.model_name} ({self.model_type}, {self.num_layers} layers, "
+            f"{self.num_kv_heads} KV heads)",
+            f"- method: {self.method or 'unknown'}",
+            f"- calibration data: {self.calibration or 'unknown'}",
+            f"- made: {self.created or 'unknown'}",
+            *([f"- provenance: {self.provenance}"] if self.provenance else []),
+            f"- fidelity: {fidelity or 'not measured'}", "",
+        ]
+        (folder / "README.md").write_text("\n".join(card), encoding="utf-8")
+        return path
+
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
         """Load and check a profile file; every problem raises ``ValueError`` naming the file."""
@@ -482,6 +510,35 @@ def _same_value(have, want) -> bool:
     return have == want
 
 
+HUB_FILE = "sparse_attn_profile.safetensors"  # the file a profile repository on the Hugging Face Hub holds
+
+
+def _is_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.endswith(".safetensors")
+
+
+def hub_profile(repo_id: str, revision: str | None = None) -> Path:
+    """The local path of the profile of Hub repository ``repo_id`` (its ``HUB_FILE``), downloaded by
+    ``huggingface_hub`` into its cache, or read from there (``HF_HUB_OFFLINE=1``); a clear error where the repository
+    or the file does not exist or cannot be reached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, HUB_FILE, revision=revision))
+    except LocalEntryNotFoundError:  # before EntryNotFoundError: huggingface_hub derives it from that one
+        raise ValueError(f"profile={repo_id!r}: not in the local Hugging Face cache and the Hub cannot be reached "
+                         "(offline: HF_HUB_OFFLINE=1, or no network); download it once online, or pass a file path."
+                         ) from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"profile={repo_id!r}: no such repository on the Hugging Face Hub (or it is private: log in "
+                         "with `hf auth login`).") from None
+    except EntryNotFoundError:
+        raise ValueError(f"profile={repo_id!r}: the repository has no {HUB_FILE}; a profile repository holds one "
+                         "(Profile.save_pretrained writes it).") from None
+
+
 def shipped_profile(name: str) -> Path | None:
     """The shipped profile file of ``name`` (its file name, file stem, model name or checkpoint id), or None."""
     wanted = name.lower()
@@ -511,6 +568,8 @@ def resolve_profile(model, profile) -> Profile:
         return calibrated_profile(model, why="profile='calibrate'")
     if isinstance(profile, str) and not Path(profile).exists() and shipped_profile(profile) is not None:
         profile = shipped_profile(profile)  # a shipped profile's name: "Meta-Llama-3.1-8B-Instruct"
+    elif isinstance(profile, str) and not Path(profile).exists() and _is_repo_id(profile):
+        profile = hub_profile(profile)  # "org/name": a Hugging Face Hub repository holding HUB_FILE
     if isinstance(profile, (str, Path)):
         profile = Profile.load(profile)
     if not isinstance(profile, Profile):
