@@ -178,7 +178,6 @@ def test_retrieval_score():
     (["--token-budget", "100"], "must be a multiple of page_size=64"),
     (["--shortlist", "0"], "shortlist=0 must be >= 1"),
     (["--profile", "/no/such/profile.safetensors"], "no such file"),
-    (["--profile", None], "no shipped profile matches"),
 ])
 def test_errors_name_the_problem(tiny, tmp_path, capsys, args, message):
     folder, profile = tiny
