@@ -44,7 +44,7 @@ def main(argv=None) -> None:
         for budget in args.budgets:
             names.append({"heads": label, "token_budget": budget,
                           "streaming_fraction": profile.streaming_fraction})
-            settings.append((profile, SparseConfig(token_budget=budget)))
+            settings.append((profile, SparseConfig(token_budget=budget, page_selection="always")))
     cells = [(length, depth) for length in args.lengths for depth in args.depths]
     rows, started = [], time.time()
     for (length, depth), key in zip(tqdm(cells, desc="passkey cells"), make_keys(len(cells), seed=1)):

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
     profile = find_profile(model)
-    settings = [(profile, SparseConfig(streaming_fraction=f)) for f in args.fractions]
+    settings = [(profile, SparseConfig(streaming_fraction=f, page_selection="always")) for f in args.fractions]
     rows = []
     started = time.time()
 

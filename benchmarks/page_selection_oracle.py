@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     text = heldout_text("reporting")
     scale = model.config.head_dim ** -0.5
     cells, rows, started = [], [], time.time()
-    config = SparseConfig(page_size=PAGE, logical_page_size=args.logical_page_size, token_budget=2 * PAGE)
+    config = SparseConfig(page_size=PAGE, logical_page_size=args.logical_page_size, token_budget=2 * PAGE,
+                          page_selection="always")
     with patched(model, Profile.all_dense(model), config):
         for length in args.lengths:
             budgets = [max(2, length // PAGE // d) * PAGE for d in (8, 4, 2)]

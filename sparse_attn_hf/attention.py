@@ -19,6 +19,7 @@ from transformers.masking_utils import flash_attention_mask
 from . import cost, ops
 from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
+from .config import UNLIMITED_BUDGET
 from .methods.page_selection import plan_step, select_pages
 from .methods.sample_attention import sample_attention_mask, window_size
 from .parallel import check_heads
@@ -143,16 +144,20 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
     """One decode step of one layer -> [B, Hq, D]: plan (the first layer on the device advances the step's
     counters), store the token, choose the dense heads' pages, attend. Every step-dependent value stays on
     the device (a CUDA graph can replay the step, ``decode_graph``)."""
-    settings = dict(budget=layer.token_budget, page_size=layer.page_size)
+    selects = _selects(layer)
+    settings = dict(budget=layer.token_budget if selects else UNLIMITED_BUDGET, page_size=layer.page_size)
     if layer.plans_step:
         plan_step(layer.step, reuse_interval=layer.reuse_interval, **settings)
         # counted where Python runs the step: not inside Transformers' compiled step (torch.compile must not trace
         # the count) nor inside our graph's capture (decode_graph counts its replays)
         if not torch.compiler.is_compiling() and not (layer.device.type == "cuda"
                                                       and torch.cuda.is_current_stream_capturing()):
-            layer.sequence.owner.record.decode_steps += 1
+            record = layer.sequence.owner.record
+            record.decode_steps += 1
+            if not selects and layer.token_budget < layer.capacity:
+                record.decode_note = _NO_SELECTION
     kv = layer.append_decode(pending.key, pending.value, kv_start)
-    if layer.dense_heads and layer.token_budget < layer.capacity:  # else every context it holds fits: no selection
+    if layer.dense_heads and selects and layer.token_budget < layer.capacity:  # else every token is read: exact
         buffers = layer.selection_buffers()
         grouped = query.view(query.shape[0], len(layer.head_kind), -1, query.shape[-1]).index_select(1, layer.dense_idx)
         kv.pages = select_pages(grouped, buffers["key_min"], buffers["key_max"], kv_start=kv_start, step=layer.step,
@@ -163,6 +168,16 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
         layer.keep_pages(kv.pages)
     return ops.paged_decode(query[:, :, 0], kv, kv_start=kv_start, sink=layer.sink_size, local=layer.decode_local_size,
                             scale=scale, **terms)
+
+
+_NO_SELECTION = ("no page selection: the dense heads read every stored token (exact); on a CPU it costs more than it "
+                 "saves (SparseConfig(page_selection='always') selects there too)")
+
+
+def _selects(layer) -> bool:
+    """Whether this layer's decode steps select pages (``SparseConfig.page_selection``): by default on CUDA only."""
+    mode = layer.sequence.owner.settings.page_selection
+    return mode == "always" or (mode == "auto" and layer.device.type == "cuda")
 
 
 def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: int) -> int:

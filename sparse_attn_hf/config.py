@@ -36,6 +36,10 @@ class SparseConfig:
             ``config.UNLIMITED_BUDGET`` (what ``Profile.all_dense`` sets) makes every context fit.
         reuse_interval: decode steps that share one page selection (>= 1); a prefill or continuation
             always selects anew.
+        page_selection: ``"auto"`` (the default): page selection where it pays, on CUDA; on a CPU decode steps read
+            every stored token of the dense heads (exact), since gathering the chosen pages costs more there than
+            reading them all (the keys are a few MB against the weights: ``benchmarks/cpu_decode.py``).
+            ``"always"``: select on every device (to evaluate the method on a CPU); ``"never"``: exact everywhere.
         shortlist: page selection's short list, in pages per page selected (>= 1). The bound on each page's
             best key short-lists ``shortlist`` x the pages, whose keys are then read to rank them by exact
             attention mass (``methods.page_selection``); 1 selects by the bound alone (Quest). With a budget of
@@ -88,6 +92,7 @@ class SparseConfig:
     token_budget: int | None = None
     reuse_interval: int | None = None
     shortlist: int = 4
+    page_selection: str = "auto"
     decode_local_size: int | None = None
     alpha: float | None = None
     rw: float | None = None
@@ -122,6 +127,8 @@ class SparseConfig:
                 raise ValueError(f"SparseConfig.{name}={value} is outside (0, 1); for example rw=0.08, r_row=0.025.")
         _check_int("dense_below", self.dense_below, minimum=0)
         _check_int("streaming_from", self.streaming_from, minimum=0)
+        if self.page_selection not in ("auto", "always", "never"):
+            raise ValueError(f"SparseConfig.page_selection={self.page_selection!r} must be 'auto', 'always' or 'never'.")
         if self.cra_criterion not in ("mean", "min"):
             raise ValueError(f"SparseConfig.cra_criterion={self.cra_criterion!r} must be 'mean' or 'min'.")
         if self.token_budget is not None and self.page_size is not None and self.token_budget != UNLIMITED_BUDGET:

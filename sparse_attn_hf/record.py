@@ -39,6 +39,7 @@ class CallRecord:
     cache_bytes: int | None = None  # SparseCache bytes at the end of the call
     dynamic_cache_bytes: int | None = None  # what a DynamicCache would hold for the same tokens
     stock: str | None = None  # why (part of) the call ran as stock Transformers, if it did (``routing``)
+    decode_note: str | None = None  # how decode steps differed from the settings (no page selection on a CPU)
 
     def eager(self, reason: str) -> None:
         self.eager_reasons[reason] += 1
@@ -56,6 +57,7 @@ class CallRecord:
             "cache_bytes": self.cache_bytes,
             "dynamic_cache_bytes": self.dynamic_cache_bytes,
             "stock": self.stock,
+            "decode_note": self.decode_note,
         }
 
     def summary(self) -> str:
@@ -93,6 +95,8 @@ class CallRecord:
             reasons = "; ".join(f"{r}: {n}" for r, n in self.eager_reasons.items())
             lines.append(f"decode: {self.decode_steps} steps, {self.graph_steps} replayed from a CUDA graph, {eager} "
                          f"eager" + (f" ({reasons})" if reasons else ""))
+            if self.decode_note:
+                lines.append(f"  note: {self.decode_note}")
         else:
             lines.append("decode: no decode step")
         if self.cache_bytes is not None:

@@ -153,7 +153,8 @@ def test_streaming_heads_hold_constant_memory_and_bytes_match_prediction(model):
 @torch.no_grad()
 def test_selection_state_has_a_fixed_size_when_the_budget_binds():
     model = tiny_model("llama", heads=6, kv_heads=2, layers=3)
-    settings = SparseConfig(sink_size=SINK, local_size=LOCAL, streaming_fraction=0.5, token_budget=128)
+    settings = SparseConfig(sink_size=SINK, local_size=LOCAL, streaming_fraction=0.5, token_budget=128,
+                            page_selection="always")  # selection runs on a CPU too
     patch_model(model, _mixed(model), settings)
     cache = cache_of(model.generate(random_ids(1, 300), max_new_tokens=20, do_sample=False,
                                     return_dict_in_generate=True))

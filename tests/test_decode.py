@@ -377,7 +377,8 @@ def _patched(family="llama", budget=4096, reuse=4, fraction=0.5, decode_local=No
                         generator=torch.Generator().manual_seed(5))
     patch_model(model, Profile.from_scores(model, scores), SparseConfig(
         streaming_fraction=fraction, sink_size=4, local_size=24, page_size=16, logical_page_size=4,
-        token_budget=budget, reuse_interval=reuse, decode_local_size=decode_local, shortlist=shortlist))
+        token_budget=budget, reuse_interval=reuse, decode_local_size=decode_local, shortlist=shortlist,
+        page_selection="always"))  # selection on a CPU too: these tests are about it
     return model
 
 
@@ -446,7 +447,7 @@ def _half_model(dtype, *, seed: int, graphs: bool, **settings):
     scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(seed))
     patch_model(model, Profile.from_scores(model, scores), SparseConfig(
         streaming_fraction=0.5, sink_size=4, decode_local_size=16, page_size=16, logical_page_size=16,
-        decode_graphs=graphs, **settings))
+        decode_graphs=graphs, page_selection="always", **settings))
     return model
 
 
@@ -858,3 +859,27 @@ def test_every_configuration_replays_its_decode_graph_after_others_ran():
         if profile.method == "all dense":
             assert torch.equal(out, stock)
         unpatch_model(model)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU default")
+@torch.no_grad()
+def test_a_cpu_decodes_every_stored_token_by_default():
+    """page_selection="auto" (the default) selects no page on a CPU: the dense heads read every stored token, the
+    same as "never" (exact), unlike "always" under a 2-page budget; the record says so."""
+    ids = random_ids(1, 120, seed=6)
+    out = {}
+    for mode in ("auto", "never", "always"):
+        model = tiny_model("llama", heads=4, kv_heads=2, layers=2)
+        scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+        patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+            streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16, logical_page_size=4, token_budget=32,
+            page_selection=mode))
+        out[mode] = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                                   output_logits=True)
+        if mode == "auto":
+            assert "no page selection" in (last_call(model).decode_note or "")
+    for a, b in zip(out["auto"].logits, out["never"].logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(out["auto"].logits[-1], out["always"].logits[-1])
+    with pytest.raises(ValueError, match="page_selection"):
+        SparseConfig(page_selection="sometimes")

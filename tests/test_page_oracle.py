@@ -53,7 +53,7 @@ def test_oracle_recall_is_at_least_quests_on_the_same_step():
     Quest's (same budget, same always-kept pages)."""
     model = tiny_model("llama", heads=6, kv_heads=2, layers=2, head_dim=16).to(DEVICE)
     ids = random_ids(1, 300).to(DEVICE)
-    config = SparseConfig(token_budget=64, page_size=16, logical_page_size=4, reuse_interval=1)
+    config = SparseConfig(token_budget=64, page_size=16, logical_page_size=4, reuse_interval=1, page_selection="always")
     recalls = {}
     with patched(model, Profile.all_dense(model), config):
         for kind in ("quest", "oracle"):

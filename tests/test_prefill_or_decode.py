@@ -15,7 +15,8 @@ pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers
 # decode window (4) < local window (16) and a budget (2 pages of 16) far below the prompt: a prompt token
 # mistaken for a decode step would see fewer keys and change the logits
 SETTINGS = SparseConfig(sink_size=2, local_size=16, decode_local_size=4, page_size=16, logical_page_size=4,
-                        token_budget=32, reuse_interval=2, streaming_fraction=0.5, streaming_from=0)
+                        token_budget=32, reuse_interval=2, streaming_fraction=0.5, streaming_from=0,
+                        page_selection="always")
 PROMPT = 41
 
 

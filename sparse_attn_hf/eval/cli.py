@@ -59,6 +59,7 @@ def main(argv=None, *, model=None, tokenizer=None, model_name: str | None = None
     args = cli.parse_args(argv)
     try:
         config = SparseConfig(streaming_fraction=args.streaming_fraction, token_budget=args.token_budget,
+                              page_selection="always",  # the harness measures the method, on a CPU too
                               sink_size=args.sink_size, local_size=args.local_size,
                               **({} if args.shortlist is None else {"shortlist": args.shortlist}))
         hay = load_haystack(args.haystack)
