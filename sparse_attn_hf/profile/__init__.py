@@ -237,7 +237,7 @@ class Profile:
             f"{labels.numel()} (layer, KV head) pairs stream at fraction {self.streaming_fraction} (sink "
             f"{self.sink_size}, local {self.local_size}, decode window {self.decode_local_size}).", "",
             "```python", "from sparse_attn_hf import patch_model",
-            f"patch_model(model, profile=\"ORG/NAME\")  # this repository", "```", "",
+            "patch_model(model, profile=\"ORG/NAME\")  # this repository", "```", "",
             f"- model: {self.checkpoint or self.model_name} ({self.model_type}, {self.num_layers} layers, "
             f"{self.num_kv_heads} KV heads)",
             f"- method: {self.method or 'unknown'}",
