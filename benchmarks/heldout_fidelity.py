@@ -36,6 +36,7 @@ import torch
 
 from sparse_attn_hf import SparseConfig
 from sparse_attn_hf.default_model import load_default_model
+from sparse_attn_hf.profile import resolve_profile
 from sparse_attn_hf.eval.haystack import haystack_text
 from sparse_attn_hf.eval.heldout import heldout_text
 from sparse_attn_hf.profile import find_profile
@@ -62,10 +63,12 @@ def main(argv=None) -> None:
                         help="the budget-1/4 rows of these lengths only (the cells stay those of --lengths)")
     parser.add_argument("--page-size", type=int, default=None,
                         help="the budget-1/4 rows with pages (and logical pages) of this many tokens, not the profile's")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a profile file in place of the shipped one (for example one calibrated on first use)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     model, tokenizer = load_default_model()
-    profile = find_profile(model)
+    profile = find_profile(model) if args.profile is None else resolve_profile(model, str(args.profile))
     fraction = profile.streaming_fraction
     rows = []
 

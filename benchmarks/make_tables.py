@@ -1,6 +1,8 @@
-"""Write the README's result tables from benchmarks/results/*.json (between <!-- table:NAME --> markers).
+"""Write the result tables of README.md and docs/*.md from benchmarks/results/*.json (between <!-- table:NAME -->
+markers).
 
-    python benchmarks/make_tables.py
+    python benchmarks/make_tables.py            # rewrite them
+    python benchmarks/make_tables.py --check    # fail where a committed table is not what the results make (CI)
 """
 
 from __future__ import annotations
@@ -519,21 +521,38 @@ TABLES = {"e2e": e2e_table, "e2e_pinned": lambda: e2e_table("e2e_pinned.json"),
           "sample_attention_heldout": sample_attention_heldout_table}
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def targets() -> list[Path]:
+    """The files that hold tables: README.md and docs/*.md."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main(argv=None) -> None:
+    check = "--check" in (sys.argv[1:] if argv is None else argv)
+    texts = {path: path.read_text() for path in targets()}
+    before = dict(texts)
     for name, make in TABLES.items():
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- table:{name} --> ... <!-- /table:{name} --> section")
+        path = next((p for p, text in texts.items() if pattern.search(text)), None)
+        if path is None:
+            raise SystemExit(f"no file of {[str(p.relative_to(ROOT)) for p in texts]} has a <!-- table:{name} --> ... "
+                             f"<!-- /table:{name} --> section")
         try:
             table = make()
         except FileNotFoundError as missing:  # a benchmark not run yet: its section stays as it is
             print(f"skipped table {name}: {missing}")
             continue
-        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
-    readme.write_text(text)
-    print("README.md tables updated:", ", ".join(TABLES))
+        if path.parent.name == "docs":  # links to results and plots, from docs/
+            table = table.replace("](benchmarks/", "](../benchmarks/")
+        texts[path] = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), texts[path])
+    if check:  # CI: the committed tables are the ones the committed results make
+        stale = [str(p.relative_to(ROOT)) for p, text in texts.items() if text != before[p]]
+        if stale:
+            raise SystemExit(f"tables out of date in {stale}: run python benchmarks/make_tables.py and commit")
+        print("tables up to date:", ", ".join(TABLES))
+        return
+    for path, text in texts.items():
+        path.write_text(text)
+    print("tables updated:", ", ".join(TABLES))
 
 
 if __name__ == "__main__":
