@@ -15,8 +15,9 @@ When no shipped profile matches a model and none is given, ``patch_model`` calib
   and the package version, so a later process loads it at once (``cache_folder``).
 
 It is a statistics profile, weaker than gate training (``python -m sparse_attn_hf.profile --method duo``): its
-streaming fraction defaults to ``FRACTION``, half DuoAttention's, and the WARNING ``patch_model`` logs says how to
-make a better one.
+streaming fraction defaults to ``FRACTION``, half DuoAttention's; its window scales with the model's positions
+(LServe's sink 128 + local 4096 at 128K, 64 + 256 at 8K); SampleAttention stays off (no sweep measured that it
+pays). The WARNING ``patch_model`` logs says how to make a better one.
 """
 
 from __future__ import annotations
@@ -105,7 +106,13 @@ def calibrate(model, *, length: int | None = None, count: int = 8, seed: int = 0
             bar.close()
     scores = rank_normalize(per_kv_head(torch.stack(masses).mean(0), kv_heads))
     seconds = time.perf_counter() - started
+    positions = int(getattr(config, "max_position_embeddings", 0) or 131072)
     settings.setdefault("streaming_fraction", FRACTION)
+    # the window in proportion to the context the model was made for: LServe's 128 + 4096 at 128K positions, the
+    # default model's 64 + 256 at 8K (a 4096-token window would cover half of an 8K model's context)
+    settings.setdefault("sink_size", 128 if positions > 8192 else 64)
+    settings.setdefault("local_size", min(4096, max(256, positions // 32)))
+    settings.setdefault("alpha", 1.0)  # SampleAttention only where a sweep showed it pays (the profiler's --sweep)
     settings.setdefault("method", f"calibrated on first use: attention mass of repeated random-token segments "
                                   f"({count} probes of {length} tokens, {seconds:.0f} s)")
     settings.setdefault("calibration", f"random token ids of the vocabulary, seed {seed}")
