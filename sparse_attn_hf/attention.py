@@ -156,7 +156,7 @@ def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale:
             record.decode_steps += 1
             if not selects and layer.token_budget < layer.capacity:
                 record.decode_note = _NO_SELECTION
-    kv = layer.append_decode(pending.key, pending.value, kv_start)
+    kv = layer.append_decode(pending.key, pending.value, kv_start, statistics=selects)
     if layer.dense_heads and selects and layer.token_budget < layer.capacity:  # else every token is read: exact
         buffers = layer.selection_buffers()
         grouped = query.view(query.shape[0], len(layer.head_kind), -1, query.shape[-1]).index_select(1, layer.dense_idx)

@@ -359,7 +359,8 @@ class SparseLayer(CacheLayerMixin):
         for tensor in (*self._tensors.values(), self.step):  # written in place by every step: CUDA graphs of a
             torch._dynamo.mark_static_address(tensor)  # compiled step keep their addresses, as for StaticCache
 
-    def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor) -> DecodeKV:
+    def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor,
+                      statistics: bool = True) -> DecodeKV:
         """Store one new token and return what a decode step reads: the dense heads' buffers (the pages to
         read are chosen by ``methods.page_selection``; see :meth:`selection_buffers`), and for streaming heads
         sink + ring (the ring shrunk to the decode window).
@@ -368,7 +369,8 @@ class SparseLayer(CacheLayerMixin):
         ``methods.page_selection.plan_step``): the append kernel reads the slot there. Once the buffers are
         sized (the first decode step after a prefill may grow them) a step does no host work that depends on
         its position. Compiled (``decode_compile``): sized beforehand (:meth:`prepare_decode`), the token
-        stored by the registered append operator, the host length left to catch up."""
+        stored by the registered append operator, the host length left to catch up. ``statistics`` False: the
+        PyTorch path leaves the page statistics alone (decode steps that select no page never read them)."""
         compiled = torch.compiler.is_compiling()
         first = None if compiled else self.seen
         t = self._tensors
@@ -382,7 +384,7 @@ class SparseLayer(CacheLayerMixin):
                                 head_kind=self.head_kind, head_slot=self.head_slot, sink=self.sink_size,
                                 logical_page_size=self.logical_page_size):
             if self.dense_heads:
-                self._append_dense(key, value, first, kv_start)
+                self._append_dense(key, value, first, kv_start, statistics)
             if self.stream_heads:
                 self._append_streaming(key, value, first, kv_start, attend=False)
         if self.dense_heads:
@@ -423,7 +425,7 @@ class SparseLayer(CacheLayerMixin):
         if not torch.compiler.is_compiling():
             self._tensors["pages"] = pages
 
-    def _append_dense(self, key, value, first: int, kv_start):
+    def _append_dense(self, key, value, first: int, kv_start, statistics: bool = True):
         """Copy the dense heads of ``key``/``value`` [B, Hkv, n, D] into the paged buffers (one copy per run of
         consecutive heads, no gathered temporary) and refresh the statistics of the pages they touch."""
         n = key.shape[2]
@@ -436,7 +438,8 @@ class SparseLayer(CacheLayerMixin):
             for head, end, at in head_runs(self.dense_heads):
                 t["dense_key"][:, at : at + end - head, first : first + n] = key[:, head:end]
                 t["dense_value"][:, at : at + end - head, first : first + n] = value[:, head:end]
-        self._refresh_page_statistics(first, first + n, kv_start)
+        if statistics:  # the page statistics only serve page selection (``append_decode``'s caller knows)
+            self._refresh_page_statistics(first, first + n, kv_start)
         return t["dense_key"][:, :, : first + n], t["dense_value"][:, :, : first + n]
 
     @torch.no_grad()  # statistics for selection, never differentiated (and out= refuses tensors that need grad)

@@ -344,9 +344,15 @@ def _paged_decode_sdpa(query, kv: DecodeKV, *, kv_start, sink: int, local: int, 
     num_kv = kv.head_kind.shape[0]
     q = query.view(batch, num_kv, num_heads // num_kv, head_dim)
     out = torch.empty_like(q)
-    for kind, (keys, values, visible) in decode_visible_tokens(kv, kv_start, sink, local).items():
+    # no page chosen, the tail from page 0 and no row padded: the dense heads see every stored token, read in place
+    every = (kv.dense_key is not None and (kv.pages is None or not kv.pages.numel()) and kv.tail_first == 0
+             and not bool(kv_start.any()))
+    parts = decode_visible_tokens(kv, kv_start, sink, local, dense=not every)
+    if every:
+        parts["dense"] = (kv.dense_key[:, :, : kv.seen], kv.dense_value[:, :, : kv.seen], None)
+    for kind, (keys, values, visible) in parts.items():
         heads = torch.nonzero(kv.head_kind == (0 if kind == "dense" else 1)).flatten()
-        mask = None if bool(visible.all()) else visible[:, :, None, :]
+        mask = None if visible is None or bool(visible.all()) else visible[:, :, None, :]
         attended = torch.nn.functional.scaled_dot_product_attention(q[:, heads], keys, values, attn_mask=mask,
                                                                     scale=scale)
         out[:, heads] = attended.nan_to_num(0.0)  # a row that sees nothing: zeros, as the reference

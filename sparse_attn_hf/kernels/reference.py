@@ -203,11 +203,11 @@ class DecodeKV:
         return int(self.step[STEP_TAIL])
 
 
-def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local: int):
+def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local: int, dense: bool = True):
     """Per head kind: (keys, values, visible) with keys [B, H_kind, n, D] and visible bool [B, H_kind, n]
-    for the query at slot ``seen - 1``."""
+    for the query at slot ``seen - 1`` (``dense`` False: the streaming heads' only)."""
     parts = {}
-    if kv.dense_key is not None:
+    if kv.dense_key is not None and dense:
         batch, n_dense = kv.dense_key.shape[:2]
         n_pages = -(-kv.seen // kv.page_size)
         chosen = torch.zeros(batch, n_dense, n_pages + 1, dtype=torch.bool, device=kv.dense_key.device)
