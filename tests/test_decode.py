@@ -355,6 +355,11 @@ def test_host_decode_through_sdpa_equals_reference(case, dtype):
     kv.step[STEP_TAIL] = 0  # the context fits the budget: every stored token is visible
     expected = paged_decode_reference(query, kv, **common)
     torch.testing.assert_close(_paged_decode_sdpa(query, kv, **common), expected, **tol)
+    # no page chosen (no selection) and no row padded: the dense heads' keys read in place, no mask built
+    kv.pages = None
+    common["kv_start"] = torch.zeros_like(kv_start)
+    expected = paged_decode_reference(query, kv, **common)
+    torch.testing.assert_close(_paged_decode_sdpa(query, kv, **common), expected, **tol)
 
 
 def test_reference_sees_exactly_the_chosen_tokens():
