@@ -14,7 +14,7 @@ import logging
 
 from transformers import AttentionInterface, AttentionMaskInterface
 
-from . import models
+from . import models, warm_up
 from ._log import log_once, logger
 from .attention import sparse_attention_forward, sparse_attention_mask
 from .config import SparseConfig
@@ -77,9 +77,13 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
     )
     try:
         _install(model, modules, state)
+        warmed = warm_up.warm_up(model, state) if warm_up.wanted(model, state) else None
     except BaseException:
         _uninstall(model, state)
         raise
+    if warmed is not None:
+        logger.info("sparse_attn_hf: kernels compiled ahead of the first prompt in %.1f s "
+                    "(SparseConfig(warm_up=False) leaves it to the first call).", warmed)
     covered = [i for i, window in enumerate(windows) if window is None]
     if heads.sharded:
         log_once(f"sparse_attn_hf: {heads.describe()}; {chosen} of its "

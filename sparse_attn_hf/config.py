@@ -74,6 +74,10 @@ class SparseConfig:
             cache's buffers are sized in powers of two (a prompt of the same bucket compiles nothing new).
             Replaces ``decode_graphs``. The cache holds at most its ``max_cache_len`` (``generate()`` passes
             prompt + new tokens), as a static cache does.
+        warm_up: ``patch_model`` on a CUDA model runs it on a short synthetic prompt, every sparse path on, so that
+            Triton compiles the kernels before the first prompt (``sparse_attn_hf.warm_up``): seconds in
+            ``patch_model`` the first time a machine runs them (fractions of one from Triton's disk cache after),
+            instead of in the first ``generate()``. False: the first call compiles what it runs.
         decode_local_size: local window of streaming heads in decode steps (one query token); the
             ring buffer shrinks to it when decoding starts (LServe: prefill 4096, decode 256). Capped
             at ``local_size``. A continuation after decoding sees the decode window's tokens of the
@@ -103,6 +107,7 @@ class SparseConfig:
     record_masks: bool = False
     decode_graphs: bool = True
     decode_compile: bool = False
+    warm_up: bool = True
 
     def __post_init__(self) -> None:
         if self.streaming_fraction is not None and not 0.0 <= float(self.streaming_fraction) <= 1.0:

@@ -62,3 +62,23 @@ def test_pinned_stripes_reach_each_layers_density_and_restore():
     finally:
         bench_e2e.pin_stripes(None)
     assert density() > 0.9  # the measured choice again (random inputs: diffuse attention)
+
+
+def test_first_call_dry_run_runs_each_variant_in_its_own_process(tmp_path):
+    """benchmarks/first_call.py on a tiny CPU model: a process per variant, the ratios and the patch time."""
+    import subprocess
+
+    out = tmp_path / "first_call.json"
+    done = subprocess.run([sys.executable, "benchmarks/first_call.py", "--dry-run", "--variants",
+                           "stock,patched_fresh,patched_cached", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"stock", "patched_fresh", "patched_cached"} and data["meta"]["device"] == "cpu (dry run)"
+    for row in rows.values():
+        assert row["status"] == "ok" and len(row["calls"]) == 3
+        assert row["first_over_warm"] == row["ttft_first_s"] / row["ttft_warm_s"] > 0
+    assert "patch_s" not in rows["stock"] and rows["patched_fresh"]["patch_s"] > 0
+    assert rows["patched_fresh"]["triton_cache"] == "shared (emptied first)"
+    assert (tmp_path / "first_call.png").exists()

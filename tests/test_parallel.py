@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,8 +73,6 @@ def _run_patched(model) -> dict:
 
 def _worker(folder: Path) -> None:
     """One rank of ``torchrun --nproc_per_node 2 tests/test_parallel.py --worker FOLDER``."""
-    import warnings
-
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -126,6 +125,15 @@ def _worker(folder: Path) -> None:
     dist.destroy_process_group()
 
 
+def _rank_logs(logs: Path) -> str:
+    """The end of every rank's own log (torchrun --redirects): a crashing rank's message, not its peer's."""
+    parts = []
+    for path in sorted(logs.rglob("*.log")):
+        text = path.read_text(errors="replace")
+        parts.append(f"--- {path.relative_to(logs)} ---\n{text[-4000:]}")
+    return "\n".join(parts) or f"no rank logs under {logs}"
+
+
 # ------------------------------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
@@ -142,10 +150,18 @@ def tp_run(tmp_path_factory):
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    logs = folder / "logs"  # each rank's stdout and stderr in its own file: a failure shows the rank that failed
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--log-dir", str(logs), "--redirects", "3",
                str(Path(__file__).resolve()), "--worker", str(folder)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    if done.returncode and "Signal 6 (SIGABRT)" in done.stderr:
+        # once on CI (2 cores, the whole suite) rank 1 aborted inside gloo and the log kept only rank 0's side; it
+        # never reproduced here in 8 runs, alone or under load. Such a crash gets one more run, and its logs are
+        # shown as a warning; a failure of the package's own code fails both runs.
+        warnings.warn("tensor-parallel run aborted once, run again:\n" + _rank_logs(logs)[-6000:])
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, _rank_logs(logs) + "\n--- torchrun ---\n" + done.stderr[-3000:]
     ranks = [torch.load(folder / f"rank{r}.pt") for r in range(2)]
 
     patch_model(model, folder / "profile.safetensors")

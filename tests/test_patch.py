@@ -1,5 +1,6 @@
 """patch_model / unpatch_model on every family: an all-dense profile changes nothing."""
 
+import dataclasses
 import types
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from sparse_attn_hf import Profile, SparseCache, last_call, patch_model, patched, unpatch_model
+from sparse_attn_hf import Profile, SparseCache, SparseConfig, last_call, patch_model, patched, unpatch_model
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
@@ -255,4 +256,49 @@ def test_calibrate_from_the_command_line(tmp_path, capsys):
     assert profile.method.startswith("calibrated on first use") and "calibrate" in profile.command
     assert profile.head_score.shape == (2, 2) and "wrote" in capsys.readouterr().out
     patch_model(model, out)  # the file patches the model it was made for
+    unpatch_model(model)
+
+
+def test_warm_up_runs_every_sparse_path_then_leaves_the_model_as_it_was(monkeypatch):
+    """``warm_up`` (what ``patch_model`` runs on a CUDA model): one call with every sparse path forced on, one with
+    the model's settings; afterwards the settings object, the record and the tokens of a real call are unchanged."""
+    from sparse_attn_hf import last_call, warm_up as warm
+    from sparse_attn_hf.record import CallRecord
+
+    model = tiny_model(layers=2)
+    ids = random_ids(1, 40)
+    patch_model(model, Profile.from_scores(model, torch.rand(2, 2), streaming_fraction=0.5, sink_size=2,
+                                           local_size=8, decode_local_size=4, page_size=8, logical_page_size=4,
+                                           token_budget=32))
+    state = model._sparse_attn_state
+    assert not warm.wanted(model, state)  # weights on the CPU: patch_model did not warm up
+    before = model.generate(ids, max_new_tokens=5, do_sample=False)
+    settings = state.settings
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(
+        (state.settings.streaming_from, state.settings.token_budget, state.settings.page_selection)))
+    monkeypatch.setattr(warm, "PROMPT", 64)
+    seconds = warm.warm_up(model, state)
+    assert seconds > 0
+    forced = (0, 2 * settings.page_size, "always")
+    own = (settings.streaming_from, settings.token_budget, settings.page_selection)
+    assert forced != own
+    assert seen.count(forced) == warm.NEW_TOKENS and seen.count(own) == warm.NEW_TOKENS  # prefill + 5 steps each
+    assert state.settings is settings and isinstance(state.record, CallRecord) and not last_call(model).prefill
+    assert last_call(model).decode_steps == 0
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), before)
+    unpatch_model(model)
+
+
+def test_warm_up_is_a_setting_that_only_a_cuda_model_uses():
+    model = tiny_model(layers=1)
+    patch_model(model, Profile.all_dense(model), SparseConfig(warm_up=False))
+    from sparse_attn_hf import warm_up as warm
+
+    state = model._sparse_attn_state
+    assert state.settings.warm_up is False and not warm.wanted(model, state)
+    state.settings = dataclasses.replace(state.settings, warm_up=True)
+    assert not warm.wanted(model, state)  # the CPU
+    model.to("meta")
+    assert not warm.wanted(model, state)
     unpatch_model(model)
