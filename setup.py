@@ -13,7 +13,8 @@ setup(
     # data package sparse_attn_hf._profiles (see sparse_attn_hf/profile/__init__.py: shipped_profile_paths).
     packages=find_packages(include=["sparse_attn_hf", "sparse_attn_hf.*"]) + ["sparse_attn_hf._profiles"],
     package_dir={"sparse_attn_hf._profiles": "profiles"},
-    package_data={"sparse_attn_hf._profiles": ["*.safetensors", "*.json", "LICENSE-*"]},
+    package_data={"sparse_attn_hf._profiles": ["*.safetensors", "*.json", "LICENSE-*"],
+                  "sparse_attn_hf.eval": ["data/*.txt", "data/*.md", "data/prose/*.txt", "data/prose/*.md"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.17,<6",

@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from ._log import warn_once
 from .record import CallRecord
 
 PROMPT = 1024  # tokens of the synthetic prompt: several pages, past the decode window of every shipped profile
@@ -27,16 +28,26 @@ NEW_TOKENS = 6  # two eager decode steps, the capture, replays
 
 def wanted(model, state) -> bool:
     """Whether ``patch_model`` warms ``model`` up: its settings ask for it, its weights are on CUDA, and it can
-    generate."""
-    if not state.settings.warm_up or not callable(getattr(type(model), "generate", None)):
+    generate; not a tensor-parallel rank (its generate() is a collective: the ranks' first calls go together)."""
+    if not state.settings.warm_up or not callable(getattr(type(model), "generate", None)) or state.heads.sharded:
         return False
     devices = {p.device.type for p in model.parameters()}
     return devices == {"cuda"}
 
 
-def warm_up(model, state) -> float:
+def warm_up(model, state) -> float | None:
     """Run ``model`` (patched) on a synthetic prompt with every sparse path on, then with its own settings; returns
-    the seconds it took. Leaves no record, no cache and the settings as they were."""
+    the seconds it took. Leaves no record, no cache and the settings as they were. A warm-up that fails says why
+    (a WARNING) and returns None: the model stays patched, and its first call compiles what it runs."""
+    try:
+        return _warm_up(model, state)
+    except Exception as error:  # noqa: BLE001 - an optimisation: the user's own call decides what fails
+        warn_once(f"sparse_attn_hf: the warm-up run on a synthetic prompt failed ({type(error).__name__}: "
+                  f"{str(error)[:200]}); the first generate() compiles the kernels instead.")
+        return None
+
+
+def _warm_up(model, state) -> float:
     settings = state.settings
     page = settings.page_size
     forced = dataclasses.replace(settings, streaming_from=0, dense_below=0, page_selection="always",

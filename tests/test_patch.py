@@ -302,3 +302,23 @@ def test_warm_up_is_a_setting_that_only_a_cuda_model_uses():
     model.to("meta")
     assert not warm.wanted(model, state)
     unpatch_model(model)
+
+
+def test_a_failed_warm_up_warns_and_leaves_the_model_patched(monkeypatch, caplog):
+    from sparse_attn_hf import warm_up as warm
+
+    model = tiny_model(layers=1)
+    patch_model(model, Profile.all_dense(model))
+    state = model._sparse_attn_state
+    settings = state.settings
+
+    def broken(model, ids, settings):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(warm, "_generate", broken)
+    with caplog.at_level("WARNING", logger="sparse_attn_hf"):
+        assert warm.warm_up(model, state) is None
+    assert "warm-up run on a synthetic prompt failed (RuntimeError: no kernel for this GPU)" in caplog.text
+    assert state.settings is settings and model._sparse_attn_state is state
+    assert model.generate(random_ids(1, 12), max_new_tokens=2, do_sample=False).shape == (1, 14)
+    unpatch_model(model)
