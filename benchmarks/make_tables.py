@@ -438,6 +438,36 @@ def heldout_table() -> str:
     return "\n".join(lines)
 
 
+def late_keys_table() -> str:
+    """Late passkeys (depths 0.7-0.95, 2K and 4K, five key seeds) on held-out text of three genres, per setting
+    (late_keys.json)."""
+    data = json.loads((RESULTS / "late_keys.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    names = {"reporting": "CPython's reference manual (reporting half)", "alice": "Alice in Wonderland (fiction)",
+             "lcet10": "LC workshop proceedings (discussion)"}
+    runs = ", ".join(f"`{run['commit'][:10]}`" for run in meta.get("runs", {}).values()) or f"`{meta['commit'][:10]}`"
+    first = rows[0]
+    settings = ", ".join(f"{k} {v}" for k, v in meta["profile_settings"].items())
+    lines = [
+        f"Default model, profile `{Path(meta['profile']).name}` ({settings}); passkeys at depths "
+        f"{', '.join(map(str, first['depths']))} of each "
+        f"length, {len(first['seeds'])} key seeds; device {meta['device']}, {meta['dtype']}, commits {runs} "
+        "(`python benchmarks/late_keys.py`). Lost: prompts dense attention answers right and the patched model "
+        "does not; key distance: tokens from the key's end to the prompt's end.",
+        "",
+        "| text | setting | length | dense right | lost | lost cells (depth, seed: key distance) | first-token KL | "
+        "next-token KL, 4096 tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {name: i for i, name in enumerate(names)}
+    for r in sorted(rows, key=lambda r: (order.get(r["text"], 9), r["variant"] != "shipped", r["variant"], r["L"])):
+        lost = "; ".join(f"{c['depth']}, {c['seed']}: {c['key_distance']}" for c in r["lost_cells"]) or "none"
+        setting = "shipped" if r["variant"] == "shipped" else ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        lines.append(f"| {names.get(r['text'], r['text'])} | {setting} | {r['L'] // 1024}K | {r['dense_correct']}/"
+                     f"{r['cells']} | {r['lost']} | {lost} | {r['first_token_kl']:.4f} | {r['text_kl']:.4f} |")
+    return "\n".join(lines)
+
+
 SELECTIONS = {"bound": "Quest's bound alone", "two-stage": "two stages (default)", "oracle": "oracle pages",
               "two-stage, pages of 16": "two stages, pages of 16"}
 
@@ -516,9 +546,71 @@ def sample_attention_heldout_table() -> str:
 TABLES = {"e2e": e2e_table, "e2e_pinned": lambda: e2e_table("e2e_pinned.json"),
           "decode_sequence": decode_sequence_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
-          "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table,
+          "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table, "late_keys": late_keys_table,
           "window_layers": window_layers_table, "decode_selection": decode_selection_table,
           "sample_attention_heldout": sample_attention_heldout_table}
+
+
+# ------------------------------------------------------------------ figures in the README's prose
+HEADLINE = ("What this run shows", "Earlier runs")  # the README section whose every number is checked
+
+
+def prose_figures() -> list[str]:
+    """Phrases of the README's prose, each computed from the results files: the README must contain every one
+    verbatim, so that a re-run that moves a figure fails ``--check`` until the sentence says the new figure."""
+    rows = json.loads((RESULTS / "e2e_pinned.json").read_text())["rows"]
+    row = {(r["config"], r["L"]): r for r in rows if r["batch"] == 1}
+    s32, s128 = row[("stock", 32768)], row[("stock", 131072)]
+    d32, d128 = row[("patched_default", 32768)], row[("patched_default", 131072)]
+    e32, e128 = row[("patched_dense_exact", 32768)], row[("patched_dense_exact", 131072)]
+    floor = row[("stock_static_compile", 1024)]
+    fresh = json.loads((RESULTS / "decode_sequence_fresh_process.json").read_text())["rows"][0]
+    speedups = [s32["decode_ms_per_token"] / e32["decode_ms_per_token"],
+                s128["decode_ms_per_token"] / e128["decode_ms_per_token"]]
+    gib = lambda r: max(0.0, r["after_return_gib"] - r["before_gib"]) * 1024  # noqa: E731
+    cpu = json.loads((RESULTS / "cpu_decode.json").read_text())["rows"]
+    cpu_ratio = {L: [r["patched_ms"] / r["stock_ms"] for r in cpu if r["L"] == L] for L in (2000, 6000)}
+    return [
+        f"{d32['decode_ms_per_token']:.1f} and {d128['decode_ms_per_token']:.1f} ms per token at 32K and 128K",
+        f"all weights\n  and framework: {floor['decode_ms_per_token']:.1f} ms)",
+        f"against stock's {s32['decode_ms_per_token']:.1f} and {s128['decode_ms_per_token']:.1f} ms "
+        f"({s32['decode_ms_per_token_repeated']:.1f} and {s128['decode_ms_per_token_repeated']:.1f} on a repeated "
+        "length",
+        f"decodes at {e32['decode_ms_per_token']:.1f} and {e128['decode_ms_per_token']:.1f} ms per token",
+        f"attention over every stored token, {min(speedups):.0f}-{max(speedups):.0f}x stock.",
+        f"decoded {min(speedups):.0f}-{max(speedups):.0f}x faster than stock at 32K-128K",
+        f"cut it to {d128['ttft_s'] / s128['ttft_s']:.2f}x at 128K ({d128['ttft_s']:.2f} s against "
+        f"{s128['ttft_s']:.2f})",
+        f"found masks of density {d32['sample']['density_mean']:.2f}",
+        f"so the prefill took {d32['ttft_s']:.2f} s against stock's\n  {s32['ttft_s']:.2f} "
+        f"({d32['ttft_s'] / s32['ttft_s']:.2f}x)",
+        f"No sparsity:\n  {e32['ttft_s'] / s32['ttft_s']:.2f}x.",
+        f"{d32['ttft_cold_s']:.1f} s at 32K against {d32['ttft_s']:.1f} s\n  warm",
+        f"{fresh['ttft_first_s']:.1f} s against {fresh['ttft_s']:.1f} s warm",
+        f"the peak falls from {s128['peak_gib']:.1f} to {d128['peak_gib']:.1f} GiB "
+        f"({d128['peak_gib'] / s128['peak_gib']:.2f}x)",
+        f"it is {e128['peak_gib']:.1f} GiB ({e128['peak_gib'] / s128['peak_gib']:.2f}x",
+        f"(within {max(gib(r) for r in rows if r['config'] != 'stock_static_compile'):.0f} MiB)",
+        f"two runs gave {cpu_ratio[2000][0]:.2f}x and {cpu_ratio[2000][1]:.2f}x stock's time per token at 2000\n"
+        f"tokens and {cpu_ratio[6000][0]:.2f}x and {cpu_ratio[6000][1]:.2f}x at 6000",
+    ]
+
+
+def check_prose(readme: str) -> list[str]:
+    """Problems of the README's prose: a computed phrase it lacks, or a number of the headline section that no
+    computed phrase covers (a figure typed by hand)."""
+    problems = [f"README.md lacks the computed phrase {phrase!r}" for phrase in prose_figures() if phrase not in readme]
+    start, end = readme.find(HEADLINE[0]), readme.find(HEADLINE[1])
+    if start < 0 or end < start:
+        return problems + [f"README.md has no section from {HEADLINE[0]!r} to {HEADLINE[1]!r}"]
+    section = readme[start:end]
+    for phrase in prose_figures():
+        section = section.replace(phrase, "")
+    stray = re.findall(r"(?<![\w.])\d+(?:\.\d+)?x?(?![\w.]*[KM]\b)", section.replace("5.25", ""))
+    stray = [n for n in stray if n not in ("50", "1", "2", "128", "32", "8", "3")]  # names, not figures
+    if stray:
+        problems.append(f"numbers in README.md's headline prose that no results file checks: {stray}")
+    return problems
 
 
 def targets() -> list[Path]:
@@ -548,6 +640,9 @@ def main(argv=None) -> None:
         stale = [str(p.relative_to(ROOT)) for p, text in texts.items() if text != before[p]]
         if stale:
             raise SystemExit(f"tables out of date in {stale}: run python benchmarks/make_tables.py and commit")
+        problems = check_prose(texts[ROOT / "README.md"])
+        if problems:
+            raise SystemExit("README.md's prose disagrees with the results:\n" + "\n".join(problems))
         print("tables up to date:", ", ".join(TABLES))
         return
     for path, text in texts.items():
