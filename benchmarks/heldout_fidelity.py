@@ -8,7 +8,8 @@ The default model with its shipped profile at the profile's default streaming fr
 needle prompts hidden in the text at ``--lengths`` x 5 depths x 2 offsets (60 by default,
 ``sparse_attn_hf.profiler.held_out.held_out_cells``); a cell is lost when dense attention answers it right and
 the patched model does not. Texts: ``reporting`` is the half of CPython's reference manual that neither the
-profile's fit (the story) nor the choice of its default fraction (the other half) saw; ``story`` is the
+profile's fit (the story) nor the choice of its default fraction (the other half) saw; ``alice`` and ``lcet10``
+public-domain prose of two other genres (``sparse_attn_hf.eval.prose``), held out as well; ``story`` is the
 evaluation half of the package's own story, the genre the profile was fitted on (for the fit column). Per text:
 
 * ``default budget``: the cells at the profile's token budget (4096: exact decoding at 1K and 2K; the 4K prompts,
@@ -39,6 +40,7 @@ from sparse_attn_hf.default_model import load_default_model
 from sparse_attn_hf.profile import resolve_profile
 from sparse_attn_hf.eval.haystack import haystack_text
 from sparse_attn_hf.eval.heldout import heldout_text
+from sparse_attn_hf.eval.prose import prose_text
 from sparse_attn_hf.profile import find_profile
 from sparse_attn_hf.profiler.held_out import held_out_cells, measure
 
@@ -46,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "heldout_fidelity"
-TEXTS = {"reporting": lambda: heldout_text("reporting"), "story": lambda: haystack_text("evaluation")}
+TEXTS = {"reporting": lambda: heldout_text("reporting"), "story": lambda: haystack_text("evaluation"),
+         "alice": lambda: prose_text("alice"), "lcet10": lambda: prose_text("lcet10")}
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ from sparse_attn_hf.eval.heldout import heldout_text
 from sparse_attn_hf.eval.needle import hide
 from sparse_attn_hf.eval.passkey import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, make_keys
 from sparse_attn_hf.eval.prose import prose_text
-from sparse_attn_hf.profile import find_profile
+from sparse_attn_hf.profile import find_profile, resolve_profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
@@ -113,6 +113,7 @@ def head_mass(model, cell: dict) -> list[list[float]]:
     return shares
 
 
+@torch.no_grad()
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=lambda s: s.split(","), default=list(TEXTS))
@@ -122,11 +123,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4])
     parser.add_argument("--text-tokens", type=int, default=4096)
     parser.add_argument("--heads", action="store_true", help="dense attention's mass on the key, per KV head")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a profile file in place of the shipped one (rows named 'PROFILE_STEM: variant')")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
-    profile = find_profile(model)
+    profile = find_profile(model) if args.profile is None else resolve_profile(model, str(args.profile))
+    prefix = "" if args.profile is None else f"{args.profile.stem}: "
     path = args.out.with_suffix(".json")
     earlier = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
     rows = []
@@ -134,8 +138,9 @@ def main(argv=None) -> None:
 
     def save():
         mine = {_key(r) for r in rows}
-        info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "profile": str(profile.source),
-                                       "profile_settings": {k: getattr(profile, k) for k in (
+        shipped = find_profile(model)
+        info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "profile": str(shipped.source),
+                                       "profile_settings": {k: getattr(shipped, k) for k in (
                                            "streaming_fraction", "sink_size", "local_size", "token_budget")},
                                        "new_tokens": NEW_TOKENS})
         runs = dict(earlier["meta"].get("runs", {}))
@@ -171,7 +176,7 @@ def main(argv=None) -> None:
                 index = [i for i, c in enumerate(grid) if c["L"] == length]
                 lost = [i for i in index if right[i] and grid[i]["key"] not in got[i][0]]
                 rows.append({
-                    "text": name, "variant": variant, "settings": variant_settings(variant), "L": length,
+                    "text": name, "variant": prefix + variant, "settings": variant_settings(variant), "L": length,
                     "cells": len(index), "dense_correct": sum(right[i] for i in index), "lost": len(lost),
                     "gained": sum(not right[i] and grid[i]["key"] in got[i][0] for i in index),
                     "lost_cells": [{"depth": grid[i]["depth"], "seed": grid[i]["seed"],

@@ -413,7 +413,9 @@ def heldout_table() -> str:
     data = json.loads((RESULTS / "heldout_fidelity.json").read_text())
     rows, meta = data["rows"], data["meta"]
     roles = {"story": "fit: the genre the profile was fitted on (the story's evaluation half)",
-             "reporting": "held out: the reporting half of CPython's reference manual"}
+             "reporting": "held out: the reporting half of CPython's reference manual",
+             "alice": "held out: Alice's Adventures in Wonderland (public-domain fiction)",
+             "lcet10": "held out: the LC workshop proceedings of 1992 (public-domain discussion)"}
     selections = [s for s in SELECTIONS if any(r.get("selection") == s for r in rows)]
     lines = [
         f"Default model, profile `{Path(meta['profile']).name}` at its default streaming fraction "
@@ -462,7 +464,9 @@ def late_keys_table() -> str:
     order = {name: i for i, name in enumerate(names)}
     for r in sorted(rows, key=lambda r: (order.get(r["text"], 9), r["variant"] != "shipped", r["variant"], r["L"])):
         lost = "; ".join(f"{c['depth']}, {c['seed']}: {c['key_distance']}" for c in r["lost_cells"]) or "none"
-        setting = "shipped" if r["variant"] == "shipped" else ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        profile, _, variant = r["variant"].rpartition(": ")
+        setting = "profile defaults" if variant == "shipped" else ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        setting = f"`{profile}` profile: {setting}" if profile else f"shipped profile: {setting}"
         lines.append(f"| {names.get(r['text'], r['text'])} | {setting} | {r['L'] // 1024}K | {r['dense_correct']}/"
                      f"{r['cells']} | {r['lost']} | {lost} | {r['first_token_kl']:.4f} | {r['text_kl']:.4f} |")
     return "\n".join(lines)

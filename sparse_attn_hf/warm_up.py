@@ -54,7 +54,9 @@ def _warm_up(model, state) -> float:
                                  token_budget=2 * page, reuse_interval=1)
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 1000
-    ids = torch.randint(min(3, vocab - 1), vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or PROMPT * 2
+    length = max(2, min(PROMPT, positions - NEW_TOKENS - 1))
+    ids = torch.randint(min(3, vocab - 1), vocab, (1, length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     start = time.perf_counter()
     try:

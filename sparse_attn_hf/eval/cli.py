@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
                    help="needle depths in [0, 1] (needle, passkey); default 0.1 0.5 0.9")
     p.add_argument("--haystack", default=None,
                    help="a text file, or 'heldout' (held-out text the profile never saw: CPython's reference manual, "
-                        "reporting half; 'heldout:choosing' for the other half); default: the package's story, "
+                        "reporting half; 'heldout:choosing' for the other half), or public-domain prose of other "
+                        "genres: 'prose:alice', 'prose:lcet10'; default: the package's story, "
                         "evaluation half")
     p.add_argument("--streaming-fraction", type=float, default=None, help="share of KV heads that stream")
     p.add_argument("--token-budget", type=int, default=None, help="tokens a dense head reads per decode step")

@@ -50,7 +50,8 @@ HELDOUT = ("heldout", "heldout:reporting", "heldout:choosing")
 def load_haystack(path: str | Path | None = None) -> Haystack:
     """The text file ``path`` (UTF-8; undecodable bytes replaced), the package's story (its evaluation half;
     the text the shipped profile was fitted on) when None, or held-out text: ``"heldout"`` (its reporting
-    half) or ``"heldout:choosing"`` (``sparse_attn_hf.eval.heldout``)."""
+    half) or ``"heldout:choosing"`` (``sparse_attn_hf.eval.heldout``), or public-domain prose of other genres:
+    ``"prose:alice"``, ``"prose:lcet10"`` (``sparse_attn_hf.eval.prose``)."""
     if path is None:
         return Haystack(default_haystack.haystack_text("evaluation"), "default story, evaluation half "
                         "(sparse_attn_hf/eval/data/haystack.txt)", default_haystack.haystack_sha256())
@@ -60,6 +61,12 @@ def load_haystack(path: str | Path | None = None) -> Haystack:
         part = "reporting" if str(path) == "heldout" else str(path).split(":")[1]
         return Haystack(heldout_text(part), f"held-out text, {part} half (CPython's reference manual, "
                         "sparse_attn_hf/eval/heldout.py)", heldout_sha256(part))
+    if str(path).startswith("prose:"):
+        from .prose import prose_sha256, prose_text
+
+        name = str(path).split(":", 1)[1]
+        return Haystack(prose_text(name), f"public-domain prose {name!r} (sparse_attn_hf/eval/prose.py)",
+                        prose_sha256(name))
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--haystack {str(path)!r}: no such file.")
