@@ -166,9 +166,10 @@ SETTING_FIELDS = ("streaming_fraction", "sink_size", "local_size", "decode_local
 
 
 def pinned_densities(num_layers: int, path: Path = DENSITIES) -> list[float]:
-    """The densities SampleAttention chose on real weights at the longest measured length (the profile's
+    """The densities SampleAttention chose on real weights at the longest length the model was trained for (rows
+    past it, measured with positions extended by RoPE scaling, are extrapolation and not used; the profile's
     default r_row first where both were measured), one per layer of this model (layers mapped by depth)."""
-    rows = json.loads(path.read_text())["rows"]
+    rows = [r for r in json.loads(path.read_text())["rows"] if not r.get("extrapolated")]
     measured = max(rows, key=lambda r: (r["L"], r.get("r_row", 0.05) == Profile.r_row))["density"]
     return [measured[round(i * (len(measured) - 1) / max(num_layers - 1, 1))] for i in range(num_layers)]
 

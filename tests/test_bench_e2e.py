@@ -82,3 +82,14 @@ def test_first_call_dry_run_runs_each_variant_in_its_own_process(tmp_path):
     assert "patch_s" not in rows["stock"] and rows["patched_fresh"]["patch_s"] > 0
     assert rows["patched_fresh"]["triton_cache"] == "shared (emptied first)"
     assert (tmp_path / "first_call.png").exists()
+
+
+def test_pinned_densities_come_from_lengths_the_model_was_trained_for(tmp_path):
+    """The pinned SampleAttention row replays densities measured within the default model's context: a row
+    measured past it (positions extended by RoPE scaling) is extrapolation and never chosen, however long."""
+    path = tmp_path / "density.json"
+    rows = [{"L": 8192, "r_row": 0.025, "density": [0.1, 0.3], "extrapolated": False},
+            {"L": 32768, "r_row": 0.025, "density": [0.9, 0.9], "extrapolated": True}]
+    path.write_text(json.dumps({"rows": rows}))
+    assert bench_e2e.pinned_densities(3, path) == [0.1, 0.1, 0.3]  # layers mapped by depth onto the 8K row
+    assert bench_e2e.pinned_densities(2, path) == [0.1, 0.3]
