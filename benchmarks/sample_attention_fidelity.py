@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
     profile = Profile.all_dense(model)
-    configs = [SparseConfig(alpha=a, dense_below=0, record_masks=True) for a in args.alphas]
+    configs = [SparseConfig(alpha=a, dense_below=0, record_masks=True, sample_stop_after=0) for a in args.alphas]
     settings = [(profile, c) for c in configs]
     rows, started = [], time.time()
     cells = [(length, depth) for length in args.lengths for depth in args.depths]

@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     ids = tokenizer(heldout_text("all"), return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] < max(args.lengths):
         raise SystemExit(f"the text has {ids.shape[1]} tokens, fewer than {max(args.lengths)}")
-    config = SparseConfig(alpha=args.alpha, dense_below=0, r_row=args.r_row)
+    config = SparseConfig(alpha=args.alpha, dense_below=0, r_row=args.r_row, sample_stop_after=0)  # every layer
     # rows of other lengths or settings already in the file stay (runs of one length each take long on a CPU)
     out = args.out.with_suffix(".json")
     rows = json.loads(out.read_text())["rows"] if out.exists() else []

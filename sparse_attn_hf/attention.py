@@ -101,7 +101,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     sink, local, _ = state.rule(module.layer_idx)
     common = dict(q_first=first, kv_start=kv_start, sink=sink, local=local, scale=scale, tile=settings.query_tile,
                   **terms)
-    sample = _sample_settings(state, module.layer_idx, q_len, first + q_len)
+    sample, sample_note = _sample_settings(state, module.layer_idx, q_len, first + q_len)
     if window_layer:  # its window must bind somewhere for the streaming kernel to be needed; else dense is exact
         stream_pays = first + q_len > local
     else:
@@ -112,7 +112,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if sample is None and whole and not stream_pays:
         # every head dense: one SDPA call on K/V as they came (no gathered queries, no layout copy)
         record[module.layer_idx] = LayerPrefill(
-            0, kv_heads, note=None if not len(stream_idx) else
+            0, kv_heads, note=sample_note if not len(stream_idx) else
             "a short prompt ran every head dense (exact): the window would cover most of it (sparse_attn_hf.cost; "
             "SparseConfig(streaming_from=0) forces the window)")
         return ops.dense_attention(query, every_key, every_value, kv_start=kv_start, padded=padded, scale=scale,
@@ -123,13 +123,13 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     runs = state.dense_runs(module.layer_idx)
     out = _prefill(query, kv, runs, stream_idx, stream_flags, common, padded, sample)
     record[module.layer_idx] = _layer_record(state, module.layer_idx, 0 if dense_prompt else len(stream_idx),
-                                             kv_heads - len(stream_idx), sample)
+                                             kv_heads - len(stream_idx), sample, sample_note)
     return out, None
 
 
-def _layer_record(state, layer: int, streaming: int, dense: int, sample) -> LayerPrefill:
+def _layer_record(state, layer: int, streaming: int, dense: int, sample, note: str | None = None) -> LayerPrefill:
     """What a prefill forward of ``layer`` ran (``record.CallRecord``)."""
-    entry = LayerPrefill(streaming, dense)
+    entry = LayerPrefill(streaming, dense, note=note if dense else None)
     choice = state.sample_choices.get(layer) if sample is not None and dense else None
     if choice is not None:
         entry.density = choice["density"]
@@ -197,20 +197,27 @@ def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: i
     return 0 if cost.streaming_pays(0, total, settings.sink_size, settings.local_size) else total
 
 
-def _sample_settings(state, layer: int, q_len: int, k_len: int):
-    """SampleAttention's settings for this call's dense heads, or None where they run dense."""
+_STOP_NOTE = ("SampleAttention stopped sampling in this forward after {n} layers in a row chose masks too dense to "
+              "pay: its later layers ran dense without sampling (SparseConfig.sample_stop_after)")
+
+
+def _sample_settings(state, layer: int, q_len: int, k_len: int) -> tuple[dict | None, str | None]:
+    """(SampleAttention's settings for this call's dense heads, or None where they run dense; the record's note
+    when SampleAttention's stop rule sent the layer dense)."""
     settings = state.settings
     if settings.alpha >= 1.0 or k_len < settings.dense_below:
-        return None
+        return None, None
     if q_len < 2:
         log_once("sparse_attn_hf: SampleAttention needs at least 2 query rows to sample; one-token steps run dense.")
-        return None
+        return None, None
     if window_size(settings.rw, k_len) >= k_len:
         log_once(f"sparse_attn_hf: SampleAttention's window (rw={settings.rw}) covers a {k_len}-token sequence; "
                  "it runs dense.")
-        return None
+        return None, None
+    if settings.sample_stop_after and state.sample_misses >= settings.sample_stop_after:
+        return None, _STOP_NOTE.format(n=state.sample_misses)
     return dict(state=state, layer=layer, alpha=settings.alpha, rw=settings.rw, r_row=settings.r_row,
-                criterion=settings.cra_criterion, record=settings.record_masks)
+                criterion=settings.cra_criterion, record=settings.record_masks), None
 
 
 def _check_positions(position_ids, k_len: int) -> None:
@@ -241,6 +248,7 @@ def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tenso
         density, predicted = cost.stripe_cost(mask, common["q_first"])
         pays = predicted <= cost.MARGIN
         state.sample_choices[layer] = {"density": density, "predicted_cost": predicted, "sparse": pays}
+        state.sample_misses = 0 if pays else state.sample_misses + 1
         if pays:
             return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"],
                                         **terms)

@@ -54,6 +54,12 @@ class SparseConfig:
             chosen density by more than 0.02 and it halves the selection's cost (benchmarks/NOTES.md).
         dense_below: sequences shorter than this many tokens run the dense heads dense (SampleAttention
             gains nothing at short lengths: its sampling costs more than it saves). 0 forces it on.
+        sample_stop_after: SampleAttention pays or stays out of the way: once this many sampled layers in a row of
+            one forward chose masks too dense to pay (run dense after paying for the sampling), the forward's later
+            layers run their dense heads dense without sampling (``last_call`` says so). On the 8B shape with random
+            weights every layer's mask was too dense (0.93) and the sampling alone made a 32K prefill 1.22x stock's;
+            on the default model's real weights only layer 0 was (0.77; the others 0.15-0.27), so 3 stops nothing
+            there. 0: sample every layer.
         streaming_from: prefill lengths (keys) from which streaming heads attend to their sink + window;
             a shorter one-shot prefill runs every head dense (exact), where the window covers so much of
             causal attention that the sparse kernel would cost more than dense attention (the cache
@@ -104,6 +110,7 @@ class SparseConfig:
     dense_below: int | None = None
     streaming_from: int | None = None
     cra_criterion: str = "mean"
+    sample_stop_after: int = 3
     record_masks: bool = False
     decode_graphs: bool = True
     decode_compile: bool = False
@@ -131,6 +138,7 @@ class SparseConfig:
             if value is not None and not 0.0 < float(value) < 1.0:
                 raise ValueError(f"SparseConfig.{name}={value} is outside (0, 1); for example rw=0.08, r_row=0.025.")
         _check_int("dense_below", self.dense_below, minimum=0)
+        _check_int("sample_stop_after", self.sample_stop_after, minimum=0)
         _check_int("streaming_from", self.streaming_from, minimum=0)
         if self.page_selection not in ("auto", "always", "never"):
             raise ValueError(f"SparseConfig.page_selection={self.page_selection!r} must be 'auto', 'always' or 'never'.")

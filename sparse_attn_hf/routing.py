@@ -111,6 +111,7 @@ class ForwardRouter:
         if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and inputs.shape[1] == 0:
             raise ValueError("empty input (0 tokens): pass at least one token.")
         state = model._sparse_attn_state
+        state.sample_misses = 0  # SampleAttention's stop rule counts within one forward
         if not state.generating:  # a forward of the caller's own: its own record
             state.record = CallRecord()
         cache = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)

@@ -37,6 +37,7 @@ class PatchState:
     checked_positions: object = None  # the position_ids of the current forward, once checked
     masks: dict = field(default_factory=dict)  # layer -> last SampleAttention mask (SparseConfig.record_masks)
     sample_choices: dict = field(default_factory=dict)  # layer -> last SampleAttention density, cost, sparse?
+    sample_misses: int = 0  # this forward's sampled layers in a row whose masks did not pay (SparseConfig.sample_stop_after)
     record: CallRecord = field(default_factory=CallRecord)  # what the last call ran (``record.last_call``)
 
     @property

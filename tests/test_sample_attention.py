@@ -333,3 +333,32 @@ def test_plugin_triton_path_equals_reference():
     difference = float((logits["reference"] - dense).abs().max())
     assert difference > 1e-3, f"the stripe masks dropped no attention (max difference from dense {difference:.1e})"
     torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-3, atol=1e-4)
+
+
+@torch.no_grad()
+def test_sample_attention_stops_sampling_a_forward_whose_masks_do_not_pay():
+    """Random weights: diffuse attention, every mask too dense to pay. After ``sample_stop_after`` such layers in a
+    row the forward's later layers skip the sampling (exact dense, recorded with the reason); each forward counts
+    anew, and 0 samples every layer."""
+    model = tiny_model("llama", layers=6).to(DEVICE)
+    ids = random_ids(1, 256).to(DEVICE)
+    settings = dict(alpha=0.95, rw=0.1, r_row=0.2, dense_below=0)
+    with patched(model, Profile.all_dense(model), SparseConfig(**settings)):
+        state = model._sparse_attn_state
+        for _ in range(2):  # the second forward samples its first layers again
+            state.sample_choices.clear()
+            stopped = model(ids).logits
+            assert sorted(state.sample_choices) == [0, 1, 2], state.sample_choices
+            assert not any(choice["sparse"] for choice in state.sample_choices.values())
+            record = last_call(model).prefill
+            assert all("stopped sampling" in record[layer].note for layer in (3, 4, 5))
+            assert all(record[layer].note is None or "stopped" not in record[layer].note for layer in (0, 1, 2))
+            assert {p.dense_method for p in record.values()} == {"dense"}
+    with patched(model, Profile.all_dense(model), SparseConfig(**settings, sample_stop_after=0)):
+        state = model._sparse_attn_state
+        every = model(ids).logits
+        assert sorted(state.sample_choices) == list(range(6))
+        assert not any(choice["sparse"] for choice in state.sample_choices.values())
+    torch.testing.assert_close(stopped, every)  # layers that did not pay ran dense either way
+    with pytest.raises(ValueError, match="sample_stop_after=-1 must be >= 0"):
+        SparseConfig(sample_stop_after=-1)

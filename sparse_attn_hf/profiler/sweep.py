@@ -69,7 +69,7 @@ def run_sweep(model, profile, prompts: list[torch.Tensor], text_ids: torch.Tenso
     rows = []
     grid = list(itertools.product(settings.alphas, settings.rws, settings.r_rows))
     for alpha, rw, r_row in grid:
-        config = SparseConfig(alpha=alpha, rw=rw, r_row=r_row, dense_below=0, record_masks=True)
+        config = SparseConfig(alpha=alpha, rw=rw, r_row=r_row, dense_below=0, record_masks=True, sample_stop_after=0)
         with patched(model, profile, config):
             same, densities = 0, []
             for ids, expected in zip(prompts, reference_answers):
