@@ -117,7 +117,8 @@ def head_mass(model, cell: dict) -> list[list[float]]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=lambda s: s.split(","), default=list(TEXTS))
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=["shipped"])
+    parser.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=["shipped"],
+                        help="settings to compare with dense ('' for none: dense answers and --heads only)")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096])
     parser.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.7, 0.8, 0.9, 0.95])
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4])
@@ -164,10 +165,17 @@ def main(argv=None) -> None:
         if args.heads:
             streaming = profile.streaming_heads(profile.streaming_fraction)
             for cell in grid:
-                mass = head_mass(model, cell)
+                mass = torch.tensor(head_mass(model, cell))
+                order = mass.flatten().argsort(descending=True).tolist()
+                kv = mass.shape[1]
                 heads[f"{name} L{cell['L']} d{cell['depth']} s{cell['seed']}"] = {
-                    "key_distance": cell["key_distance"], "mass": [[round(x, 4) for x in layer] for layer in mass],
-                    "streaming": streaming.tolist()}
+                    "key_distance": cell["key_distance"], "dense_correct": cell["key"] in dense[grid.index(cell)][0],
+                    "mass": [[round(x, 4) for x in layer] for layer in mass.tolist()], "streaming": streaming.tolist(),
+                    # the heads that read the key most, and how much of all heads' reading falls on streaming ones
+                    "top": [(i // kv, i % kv, round(float(mass.flatten()[i]), 4), bool(streaming.flatten()[i]))
+                            for i in order[:6]],
+                    "streaming_share": float(mass[streaming].sum() / mass.sum()),
+                    "first_streaming_rank": next(r for r, i in enumerate(order) if streaming.flatten()[i])}
         for variant in args.variants:
             with patched(model, profile, SparseConfig(**variant_settings(variant))):
                 got = [answer(model, tokenizer, c["ids"]) for c in grid]

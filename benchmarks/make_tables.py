@@ -469,6 +469,19 @@ def late_keys_table() -> str:
         setting = f"`{profile}` profile: {setting}" if profile else f"shipped profile: {setting}"
         lines.append(f"| {names.get(r['text'], r['text'])} | {setting} | {r['L'] // 1024}K | {r['dense_correct']}/"
                      f"{r['cells']} | {r['lost']} | {lost} | {r['first_token_kl']:.4f} | {r['text_kl']:.4f} |")
+    cells = {k: v for k, v in meta.get("head_mass", {}).items() if "top" in v}
+    if cells:
+        lines += ["", "Which heads read the key (`--heads`: dense attention's share of the prompt's last query on the "
+                  "key's tokens, per KV head, mean over its query heads; *s*: labelled streaming by the shipped profile "
+                  "at its fraction):", "",
+                  "| cell | key distance | dense right | heads reading the key most (layer.head: share) | share of all "
+                  "heads' reading on streaming heads | rank of the first streaming head |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, cell in cells.items():
+            top = ", ".join(f"{layer}.{head}{' *s*' if streams else ''}: {share:.2f}"
+                            for layer, head, share, streams in cell["top"][:4])
+            lines.append(f"| {name} | {cell['key_distance']} | {'yes' if cell['dense_correct'] else 'no'} | {top} | "
+                         f"{cell['streaming_share']:.1%} | {cell['first_streaming_rank'] + 1} |")
     return "\n".join(lines)
 
 
