@@ -33,7 +33,8 @@ published operating point for Llama-3-8B, not something measured here):
 
 Patched rows record SampleAttention's choices (``sample``: mean density, layers it ran sparse).
 
-Per row: TTFT as the median of ``--repeats`` calls after a cold one (reported apart as ``ttft_cold_s``);
+Per row: ``patch_s``, the configuration's ``patch_model`` (on CUDA its warm-up compiles the kernels: the cost moved
+out of the first call); TTFT as the median of ``--repeats`` calls after a cold one (reported apart as ``ttft_cold_s``);
 decode ms per token from per-step timestamps inside one ``generate()`` of N new tokens, (t_N - t_8) / (N - 8),
 so that every page-selection step counts (first-time lengths as ``decode_ms_per_token``; stock also reports
 repeated lengths, where cuDNN reuses its plans, as ``decode_ms_per_token_repeated``); peak allocated and
@@ -419,7 +420,11 @@ def main(argv=None) -> None:
                 rows.append({"config": config, "L": length, "batch": batch, "part": args.part, "status": "not_run",
                              "reason": f"{DENSITIES.name} is missing: run benchmarks/sample_density.py first"})
             continue
-        extra, resolved = configure(model, config, settings, scores)
+        device.sync()
+        patching = time.perf_counter()
+        extra, resolved = configure(model, config, settings, scores)  # patch_model warms a CUDA model up (compiles)
+        device.sync()
+        patch_s = time.perf_counter() - patching
         if resolved is not None:
             info["settings"][config] = resolved
         if not (args.part == "long" and config == "stock"):
@@ -438,6 +443,7 @@ def main(argv=None) -> None:
                 row = run_row(model, device, config, length, batch, args, extra)
                 if resolved is not None:
                     row["settings"] = resolved
+                    row["patch_s"] = patch_s  # the configuration's patch_model, its warm-up included
             rows.append(row)
             write(args.out, info, rows)
             printable = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "args"}
