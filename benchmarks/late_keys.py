@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from sparse_attn_hf import SparseConfig, patched
 from sparse_attn_hf.default_model import load_default_model
 from sparse_attn_hf.eval.heldout import heldout_text
-from sparse_attn_hf.eval.needle import hide
-from sparse_attn_hf.eval.passkey import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, make_keys
 from sparse_attn_hf.eval.prose import prose_text
 from sparse_attn_hf.profile import find_profile, resolve_profile
+from sparse_attn_hf.profiler.held_out import late_key_prompts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
@@ -62,16 +61,7 @@ def variant_settings(name: str) -> dict:
 
 
 def cells(tokenizer, text: str, lengths, depths, seeds) -> list[dict]:
-    out = []
-    for seed in seeds:
-        key = make_keys(1, seed=1000 + seed)[0]
-        for length in lengths:
-            for depth in depths:
-                ids, span = hide(tokenizer, text, length, depth, NEEDLE.format(key=key), QUESTION, ANSWER_PREFIX,
-                                 instruction=INSTRUCTION, offset=1733 * seed)
-                out.append({"L": length, "depth": depth, "seed": seed, "key": key, "ids": ids, "span": span,
-                            "key_distance": ids.shape[1] - span.stop})
-    return out
+    return late_key_prompts(tokenizer, text, lengths=lengths, depths=depths, seeds=seeds)
 
 
 @torch.no_grad()

@@ -132,3 +132,48 @@ def test_measure_takes_further_settings_and_names_the_lost_cells():
     assert covering["lost"] == 0 and covering["cell_lost"] == [False] * 3, covering
     with pytest.raises(ValueError, match="token_budget"):
         held_out.measure(model, _Tok(), profile, cells, [0.0], prompts[0], settings={"token_budget": 33})
+
+
+def test_late_key_prompts_hide_the_key_late_and_judge_by_it(default_model):
+    _, tokenizer = default_model
+    from sparse_attn_hf.eval.prose import prose_text
+
+    prompts = held_out.late_key_prompts(tokenizer, prose_text("alice"), lengths=(2048,), depths=(0.7, 0.95),
+                                        seeds=(0, 1))
+    assert [(p["depth"], p["seed"]) for p in prompts] == [(0.7, 0), (0.95, 0), (0.7, 1), (0.95, 1)]
+    for p in prompts:
+        assert abs(p["ids"].shape[1] - 2048) < 64 and p["key"] in tokenizer.decode(p["ids"][0, p["span"]])
+    distances = {p["depth"]: p["key_distance"] for p in prompts if p["seed"] == 0}
+    assert distances[0.95] < 256 < distances[0.7]  # inside and past the default model's local window
+    assert prompts[0]["key"] != prompts[2]["key"]  # each seed its own key ...
+    assert not torch.equal(prompts[0]["ids"][:, :200], prompts[2]["ids"][:, :200])  # ... and its own filler
+    cells = held_out.late_key_cells(tokenizer, prose_text("alice"), lengths=(2048,), depths=(0.9,), seeds=(3,))
+    [(ids, check)] = cells
+    key = held_out.late_key_prompts(tokenizer, prose_text("alice"), lengths=(2048,), depths=(0.9,), seeds=(3,))[0]["key"]
+    assert check(f"The pass key is {key}.") and not check("The pass key is 12345.")
+
+
+def test_the_fraction_is_chosen_on_every_named_text_with_late_keys(default_model, monkeypatch):
+    """choose-fraction builds its cells from each choosing text (two genres by default), late passkeys included,
+    and records the texts in the profile's metadata."""
+    from types import SimpleNamespace
+
+    from sparse_attn_hf.profiler import cli
+
+    model, tokenizer = default_model
+    seen = {}
+
+    def measure(model, tokenizer, profile, cells, fractions, text_ids, **kwargs):
+        seen["cells"], seen["fractions"] = len(cells), fractions
+        return [{"fraction": f, "cells": len(cells), "dense_correct": 10, "lost": int(f > 0.3), "first_token_kl": 0.0,
+                 "text_kl": 0.0} for f in fractions]
+
+    monkeypatch.setattr(held_out, "measure", measure)
+    args = SimpleNamespace(choosing_texts=held_out.CHOOSING_TEXTS, choice_lengths=(1024, 2048), fractions=(0.25, 0.3),
+                           text_tokens=64, streaming_fraction=None, allow_unchecked_fraction=False)
+    profile = cli._choose_fraction(args, model, tokenizer, Profile.from_scores(model, torch.rand(30, 3)))
+    per_text = 2 * 5 * 2 * 2 + 4 * 5  # needle and passkey cells at 2 lengths x 5 depths x 2 offsets; late keys at 2K
+    assert seen["cells"] == 2 * per_text and seen["fractions"] == [0.25, 0.3, 0.35]
+    assert profile.streaming_fraction == 0.3
+    choice = held_out.from_metadata(profile.fraction_choice)
+    assert choice["choosing_text"] == "heldout:choosing + prose:lcet10 (with late passkeys)"

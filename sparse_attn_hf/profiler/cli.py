@@ -48,6 +48,13 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one text name")
+    return names
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
@@ -98,10 +105,13 @@ def profile_parser() -> argparse.ArgumentParser:
                    help="kept when the crossover is not measured (CPU, or no length faster)")
     g = p.add_argument_group("default fraction chosen on held-out text (sparse_attn_hf.profiler.held_out)")
     g.add_argument("--choose-fraction", action="store_true",
-                   help="measure agreement with dense on the held-out choosing text and take the largest safe fraction")
+                   help="measure agreement with dense on held-out choosing texts and take the largest safe fraction")
     g.add_argument("--fractions", type=_floats, default=held_out.FRACTIONS,
                    help="candidate fractions (the rule also needs each fraction + 0.05)")
     g.add_argument("--choice-lengths", type=_ints, default=held_out.LENGTHS, help="prompt lengths of the cells")
+    g.add_argument("--choosing-texts", type=_names, default=held_out.CHOOSING_TEXTS,
+                   help="held-out texts of different kinds the fraction is chosen on (eval --haystack names, "
+                        "comma-separated; every one gets needle, passkey and late-passkey cells)")
     g.add_argument("--allow-unchecked-fraction", action="store_true",
                    help="write a default fraction the held-out rule did not pass")
     g.add_argument("--crossover-lengths", type=_ints, default=None,
@@ -272,13 +282,17 @@ def make_profile(args, argv: list[str]) -> Profile:
 def _choose_fraction(args, model, tokenizer, profile: Profile) -> Profile:
     """Measure the candidate fractions on the held-out choosing text, record table and choice, and refuse a
     default above the choice unless --allow-unchecked-fraction."""
-    from ..eval.heldout import heldout_text
+    from ..eval.harness import load_haystack
 
-    text = heldout_text("choosing")
-    cells = held_out.held_out_cells(tokenizer, text, lengths=args.choice_lengths)
+    texts = [load_haystack(name).text for name in args.choosing_texts]
+    cells = []
+    for text in texts:  # every genre: passkeys and needles at 5 depths, and passkeys hidden late
+        cells += held_out.held_out_cells(tokenizer, text, lengths=args.choice_lengths)
+        late = [length for length in held_out.LATE_LENGTHS if length <= max(args.choice_lengths)]
+        cells += held_out.late_key_cells(tokenizer, text, lengths=late) if late else []
     step = held_out.STEP
     fractions = sorted(set(args.fractions) | {round(f + step, 2) for f in args.fractions if f + step <= 1.0})
-    text_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
+    text_ids = tokenizer(texts[0], return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
     with tqdm(total=len(fractions), desc=f"held-out fractions ({len(cells)} cells)") as bar:
         rows = held_out.measure(model, tokenizer, profile, cells, fractions, text_ids, progress=bar)
     choice = held_out.choose_fraction(rows)
@@ -293,7 +307,7 @@ def _choose_fraction(args, model, tokenizer, profile: Profile) -> Profile:
         fraction = profile.streaming_fraction
     held_out.check_default(fraction, choice, allow=args.allow_unchecked_fraction)
     print(f"default streaming fraction {fraction} (held-out choice: {choice['fraction']})")
-    choice_json = held_out.to_metadata(choice, "sparse_attn_hf.eval.heldout, choosing half")
+    choice_json = held_out.to_metadata(choice, " + ".join(args.choosing_texts) + " (with late passkeys)")
     return dataclasses.replace(profile, streaming_fraction=fraction, fraction_choice=choice_json)
 
 
@@ -354,6 +368,8 @@ def _rechoose(argv: list[str]) -> None:
     p.add_argument("--streaming-fraction", type=float, default=None)
     p.add_argument("--fractions", type=_floats, default=held_out.FRACTIONS)
     p.add_argument("--choice-lengths", type=_ints, default=held_out.LENGTHS)
+    p.add_argument("--choosing-texts", type=_names, default=held_out.CHOOSING_TEXTS,
+                   help="held-out texts the fraction is chosen on (eval --haystack names), comma-separated")
     p.add_argument("--text-tokens", type=int, default=2048, help="held-out tokens for the next-token KL")
     p.add_argument("--allow-unchecked-fraction", action="store_true")
     args = p.parse_args(argv)

@@ -18,6 +18,8 @@ STEP = 0.05
 ALLOW_FLAG = "--allow-unchecked-fraction"
 FRACTIONS = tuple(round(0.25 + STEP * i, 2) for i in range(11))  # candidate fractions, 0.25 to 0.75
 LENGTHS = (1024, 2048, 4096)  # prompt lengths of the cells
+LATE_LENGTHS, LATE_DEPTHS, LATE_SEEDS = (2048, 4096), (0.7, 0.8, 0.9, 0.95), (0, 1, 2, 3, 4)  # late-key cells
+CHOOSING_TEXTS = ("heldout:choosing", "prose:lcet10")  # two genres; reports use the manual's other half and Alice
 
 
 def choose_fraction(rows: list[dict], step: float = STEP) -> dict:
@@ -133,3 +135,27 @@ def held_out_cells(tokenizer, text: str, lengths=LENGTHS, depths=(0.1, 0.3, 0.5,
                 ids = needle_prompt(tokenizer, text, length, depth, offset=2311 * shift + 97).input_ids
                 cells.append((ids, lambda answer: retrieval_score(answer, DEFAULT_NEEDLE.answer_words) == 1.0))
     return cells
+
+
+def late_key_prompts(tokenizer, text: str, lengths=LATE_LENGTHS, depths=LATE_DEPTHS, seeds=LATE_SEEDS) -> list[dict]:
+    """Passkeys hidden late in ``text`` (depth 0.9 of 4K puts the key ~400 tokens before the question, past a
+    256-token local window): per seed its own key and its own stretch of filler. Each prompt: ``{"L", "depth",
+    "seed", "key", "ids", "span" (the needle's tokens), "key_distance" (tokens from its end to the prompt's end)}``."""
+    from ..eval.needle import hide
+    from ..eval.passkey import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, make_keys
+
+    prompts = []
+    for seed in seeds:
+        key = make_keys(1, seed=1000 + seed)[0]
+        for length in lengths:
+            for depth in depths:
+                ids, span = hide(tokenizer, text, length, depth, NEEDLE.format(key=key), QUESTION, ANSWER_PREFIX,
+                                 instruction=INSTRUCTION, offset=1733 * seed)
+                prompts.append({"L": length, "depth": depth, "seed": seed, "key": key, "ids": ids, "span": span,
+                                "key_distance": ids.shape[1] - span.stop})
+    return prompts
+
+
+def late_key_cells(tokenizer, text: str, **grid) -> list:
+    """``late_key_prompts`` as cells for ``measure``: ``(input_ids, is_correct(answer))``."""
+    return [(p["ids"], lambda answer, key=p["key"]: key in answer) for p in late_key_prompts(tokenizer, text, **grid)]
