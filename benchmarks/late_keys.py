@@ -127,13 +127,15 @@ def main(argv=None) -> None:
     rows = []
     heads = {}
 
+    shipped = find_profile(model)
+    started = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "profile": str(shipped.source),
+                                      "profile_settings": {k: getattr(shipped, k) for k in (
+                                          "streaming_fraction", "sink_size", "local_size", "token_budget")},
+                                      "new_tokens": NEW_TOKENS})  # the commit the run started from
+
     def save():
         mine = {_key(r) for r in rows}
-        shipped = find_profile(model)
-        info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "profile": str(shipped.source),
-                                       "profile_settings": {k: getattr(shipped, k) for k in (
-                                           "streaming_fraction", "sink_size", "local_size", "token_budget")},
-                                       "new_tokens": NEW_TOKENS})
+        info = dict(started)
         runs = dict(earlier["meta"].get("runs", {}))
         runs[f"{','.join(args.texts)}: {','.join(args.variants)}"] = {k: info[k] for k in ("commit", "date", "command")}
         info["runs"] = runs
@@ -148,7 +150,7 @@ def main(argv=None) -> None:
         text = TEXTS[name]()
         text_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
         grid = cells(tokenizer, text, args.lengths, args.depths, args.seeds)
-        started = time.time()
+        clock = time.time()
         dense = [answer(model, tokenizer, c["ids"]) for c in grid]
         right = [c["key"] in d[0] for c, d in zip(grid, dense)]
         dense_text = F.log_softmax(model(text_ids, use_cache=False).logits[0].float(), dim=-1)
@@ -182,7 +184,7 @@ def main(argv=None) -> None:
                                    for i in lost],
                     "first_token_kl": sum(kl(dense[i][1], got[i][1]) for i in index) / len(index),
                     "text_kl": text_kl, "depths": args.depths, "seeds": args.seeds,
-                    "seconds": time.time() - started})
+                    "seconds": time.time() - clock})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "lost_cells"}), flush=True)
             save()
     if not args.variants:
