@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from ._log import warn_once
+from .config import UNLIMITED_BUDGET
 from .record import CallRecord
 
 PROMPT = 1024  # tokens of the synthetic prompt: several pages, past the decode window of every shipped profile
@@ -47,11 +48,23 @@ def warm_up(model, state) -> float | None:
         return None
 
 
+def forced_settings(settings):
+    """``settings`` with every sparse path they can take forced on at a short length: the streaming window from the
+    first token; SampleAttention from the first token, in every layer, at an alpha low enough for its masks to pay
+    (so that the stripe kernel compiles too); page selection at a budget of two pages, every step. A path the
+    settings turn off (``alpha=1``, ``page_selection="never"``, an unlimited budget) stays off: nothing is compiled
+    that the model will not run."""
+    changes = dict(streaming_from=0)
+    if settings.alpha < 1.0:
+        changes.update(dense_below=0, alpha=min(settings.alpha, 0.5), sample_stop_after=0)
+    if settings.page_selection != "never" and settings.token_budget != UNLIMITED_BUDGET:
+        changes.update(page_selection="always", token_budget=2 * settings.page_size, reuse_interval=1)
+    return dataclasses.replace(settings, **changes)
+
+
 def _warm_up(model, state) -> float:
     settings = state.settings
-    page = settings.page_size
-    forced = dataclasses.replace(settings, streaming_from=0, dense_below=0, page_selection="always",
-                                 token_budget=2 * page, reuse_interval=1)
+    forced = forced_settings(settings)
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 1000
     positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or PROMPT * 2

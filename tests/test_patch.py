@@ -281,6 +281,9 @@ def test_warm_up_runs_every_sparse_path_then_leaves_the_model_as_it_was(monkeypa
     seconds = warm.warm_up(model, state)
     assert seconds > 0
     forced = (0, 2 * settings.page_size, "always")
+    assert warm.forced_settings(settings).alpha == 0.5 and warm.forced_settings(settings).dense_below == 0
+    dense = warm.forced_settings(SparseConfig().resolve(Profile.all_dense(model)))
+    assert dense.alpha == 1.0 and dense.page_selection == "auto" and dense.streaming_from == 0  # nothing to force
     own = (settings.streaming_from, settings.token_budget, settings.page_selection)
     assert forced != own
     assert seen.count(forced) == warm.NEW_TOKENS and seen.count(own) == warm.NEW_TOKENS  # prefill + 5 steps each
