@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -42,6 +43,12 @@ DEFAULT_NEEDLE = Needle(
 MAX_NEW_TOKENS = 12  # enough for "a spoonful of wild blackberry jam."
 
 
+@lru_cache(maxsize=8)
+def _tokens(tokenizer, text: str) -> tuple[int, ...]:
+    """The haystack's tokens, once per (tokenizer, text): a grid of cells cuts many prompts from one text."""
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def hide(tokenizer, text: str, length: int, depth: float, needle: str, question: str, answer_prefix: str, *,
          instruction: str = INSTRUCTION, overhead: int | None = None, offset: int = 0) -> tuple[torch.Tensor, slice]:
     """(input_ids [1, n], token span of ``needle``): ``needle`` after ``depth`` of ``length - overhead``
@@ -67,12 +74,12 @@ def hide(tokenizer, text: str, length: int, depth: float, needle: str, question:
     filler_len = length - overhead
     if filler_len < 1:
         raise ValueError(f"length {length} is too short for this prompt (at least {overhead + 1} tokens).")
-    hay = tokenizer(text, add_special_tokens=False).input_ids
+    hay = _tokens(tokenizer, text)
     if offset + filler_len > len(hay):
         raise HaystackTooShort(f"the haystack has {len(hay)} tokens; {offset} + {filler_len} do not fit.")
     filler = hay[offset : offset + filler_len]
     cut = int(depth * filler_len)
-    prompt = build(tokenizer.decode(filler[:cut]), tokenizer.decode(filler[cut:]))
+    prompt = build(tokenizer.decode(list(filler[:cut])), tokenizer.decode(list(filler[cut:])))
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     at = prompt.index(needle)
     return ids, slice(count(prompt[:at]), count(prompt[: at + len(needle)]))
