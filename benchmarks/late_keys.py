@@ -60,10 +60,6 @@ def variant_settings(name: str) -> dict:
     raise ValueError(f"unknown variant {name!r}: shipped, dense, localN or fractionF.")
 
 
-def cells(tokenizer, text: str, lengths, depths, seeds) -> list[dict]:
-    return late_key_prompts(tokenizer, text, lengths=lengths, depths=depths, seeds=seeds)
-
-
 @torch.no_grad()
 def answer(model, tokenizer, ids) -> tuple[str, torch.Tensor]:
     out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True,
@@ -149,7 +145,7 @@ def main(argv=None) -> None:
     for name in args.texts:
         text = TEXTS[name]()
         text_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
-        grid = cells(tokenizer, text, args.lengths, args.depths, args.seeds)
+        grid = late_key_prompts(tokenizer, text, lengths=args.lengths, depths=args.depths, seeds=args.seeds)
         clock = time.time()
         dense = [answer(model, tokenizer, c["ids"]) for c in grid]
         right = [c["key"] in d[0] for c, d in zip(grid, dense)]
