@@ -127,11 +127,16 @@ def parent(args) -> None:
         if done.returncode:
             rows.append({"variant": name, "L": args.length, "status": "error", "error": done.stderr[-2000:]})
             print(done.stderr[-2000:], file=sys.stderr)
+            write(args, rows)
             continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
         row["triton_cache"] = cache.replace("_fill", " (emptied first)")
         rows.append(dict(row, status="ok"))
         print(json.dumps({k: v for k, v in row.items() if k != "calls"}), flush=True)
+        write(args, rows)  # after every variant: a run stopped at its time limit keeps what it measured
+
+
+def write(args, rows: list[dict]) -> None:
     device = torch.cuda.get_device_name() if not args.dry_run else "cpu (dry run)"
     info = meta(device=device, dtype="bfloat16" if not args.dry_run else "float32",
                 extra={"layers": args.layers, "new_tokens": args.new_tokens, "settings": LSERVE,
