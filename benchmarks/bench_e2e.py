@@ -4,6 +4,11 @@ stock Transformers timed in the same run. The project's headline benchmark.
     python benchmarks/bench_e2e.py --part core            # 8K / 32K / 128K at batch 1, 32K at batch 4 and 8
     python benchmarks/bench_e2e.py --part long            # 512K and 1M tokens with chunked prefill
     python benchmarks/bench_e2e.py --dry-run              # the bookkeeping on a tiny model, on the CPU
+    python benchmarks/bench_e2e.py --family qwen3-8b --lengths 32768,131072 --batches ""   # another family's shape
+
+``--family`` (``qwen3-8b``, ``gemma3-12b``: the text tower, ``gpt-oss-20b``; ``benchmarks/llama8b.py``) measures
+that published model's full-size shape instead (its own depth, windows and experts; random weights) and writes
+``benchmarks/results/e2e_families.json``: stock against ``patched_default`` unless ``--configs`` says otherwise.
 
 Configurations (every patched one with LServe's settings: sink 128, local 4096, decode window 256, budget
 4096, reuse 4; labels from ``Profile.from_scores`` with seeded scores; 50% streaming heads is DuoAttention's
@@ -76,6 +81,8 @@ PATCHED = {
     "patched_bound_only": dict(streaming_fraction=0.5, shortlist=1),
 }
 DENSITIES = RESULTS / "sample_density.json"
+FAMILY_NAMES = {"llama3-8b": "Llama-3-8B", "qwen3-8b": "Qwen3-8B", "gemma3-12b": "Gemma-3-12B (text)",
+                "gpt-oss-20b": "GPT-OSS-20B"}
 GIB = 2**30
 
 
@@ -287,7 +294,7 @@ def predicted_stock_row(model, config: str, length: int, batch: int, args, total
 
 
 def _key(row: dict) -> tuple:
-    return row["part"], row["config"], row["L"], row["batch"]
+    return row.get("family", "llama3-8b"), row["part"], row["config"], row["L"], row["batch"]
 
 
 def write(path: Path, info: dict, rows: list[dict]) -> None:
@@ -300,7 +307,8 @@ def write(path: Path, info: dict, rows: list[dict]) -> None:
     rows = [dict(r, run=run_id) for r in rows]
     new_keys = {_key(r) for r in rows}
     merged = [r for r in old["rows"] if _key(r) not in new_keys] + rows
-    merged.sort(key=lambda r: (r["part"] != "core", r["batch"], r["L"], CONFIGS.index(r["config"])))
+    merged.sort(key=lambda r: (r.get("family", ""), r["part"] != "core", r["batch"], r["L"],
+                               CONFIGS.index(r["config"])))
     runs = {k: v for k, v in runs.items() if any(r.get("run") == k for r in merged)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": {**info, "runs": runs}, "rows": merged}, indent=1) + "\n")
@@ -351,6 +359,10 @@ def plot(path: Path, rows: list[dict], info: dict) -> None:
 
 
 def build_model(args, max_len: int):
+    if args.dry_run and args.family != "llama3-8b":
+        from llama8b import tiny_family
+
+        return tiny_family(args.family, max_len)
     if args.dry_run:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -358,9 +370,11 @@ def build_model(args, max_len: int):
         config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_len)
         return LlamaForCausalLM(config).eval()
-    from llama8b import build
+    from llama8b import build, build_family
 
-    return build(args.layers, max_len)
+    if args.family != "llama3-8b":
+        return build_family(args.family, max_len, args.layers)
+    return build(args.layers or 32, max_len)
 
 
 def main(argv=None) -> None:
@@ -374,13 +388,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="warm TTFT calls per row (median)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=32768, help="prefill_chunk_size of the long part")
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=None, help="depth (default: the family's own; Llama 32)")
+    parser.add_argument("--family", default="llama3-8b", choices=("llama3-8b", "qwen3-8b", "gemma3-12b", "gpt-oss-20b"),
+                        help="the full-size shape measured (benchmarks/llama8b.py)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     parser.add_argument("--floor", action="store_true", help="also stock_static_compile at L=1024 (decode floor)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the bookkeeping only")
-    parser.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/e2e.json, e2e_families.json")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these result files into --out and stop")
     args = parser.parse_args(argv)
+    family = args.family != "llama3-8b"
+    args.out = args.out or RESULTS / ("e2e_families.json" if family else "e2e.json")
     if args.merge:
         return merge(args.merge, args.out)
     if args.dry_run:
@@ -395,7 +413,8 @@ def main(argv=None) -> None:
         lengths = args.lengths if args.lengths is not None else ([524288, 1048576] if long else [8192, 32768, 131072])
         batches = args.batches if args.batches is not None else ([] if long else [4, 8])
         settings = LSERVE
-    configs = args.configs or (["stock", "patched_streaming50"] if args.part == "long" else list(CONFIGS))
+    configs = args.configs or (["stock", "patched_streaming50"] if args.part == "long" else
+                               ["stock", "patched_default"] if family else list(CONFIGS))
     device = Device("cpu" if args.dry_run else "cuda")
     started = time.perf_counter()
     max_len = max(lengths + [args.batch_length]) + args.new_tokens + 64
@@ -403,7 +422,9 @@ def main(argv=None) -> None:
     scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
                         generator=torch.Generator().manual_seed(0))
     info = meta(device=device.name, dtype=str(model.dtype).replace("torch.", ""), extra={
-        "part": args.part, "layers": args.layers, "model": "Llama-3-8B shape (benchmarks/llama8b.py), random weights",
+        "part": args.part, "layers": model.config.num_hidden_layers,
+        "model": f"{FAMILY_NAMES[args.family]} shape (benchmarks/llama8b.py), random weights",
+        "stock_attention": model.config._attn_implementation,
         "settings": {},  # the resolved SparseConfig of each patched configuration, below
         "patched_overrides": PATCHED, "new_tokens": args.new_tokens, "ttft_repeats": args.repeats,
         "decode_formula": "(t_N - t_8) / (N - 8), t_k: k-th token out (synchronized)",
@@ -439,11 +460,15 @@ def main(argv=None) -> None:
             else:
                 pending = {"config": config, "L": length, "batch": batch, "part": args.part, "status": "running",
                            "reason": "started and never finished: the process was stopped (time limit or crash)"}
+                if family:
+                    pending["family"] = args.family
                 write(args.out, info, rows + [pending])  # stays in the file if the process is killed
                 row = run_row(model, device, config, length, batch, args, extra)
                 if resolved is not None:
                     row["settings"] = resolved
                     row["patch_s"] = patch_s  # the configuration's patch_model, its warm-up included
+            if family:
+                row["family"] = args.family
             rows.append(row)
             write(args.out, info, rows)
             printable = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "args"}

@@ -93,3 +93,31 @@ def test_pinned_densities_come_from_lengths_the_model_was_trained_for(tmp_path):
     path.write_text(json.dumps({"rows": rows}))
     assert bench_e2e.pinned_densities(3, path) == [0.1, 0.1, 0.3]  # layers mapped by depth onto the 8K row
     assert bench_e2e.pinned_densities(2, path) == [0.1, 0.3]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("family", ["gemma3-12b", "gpt-oss-20b"])
+def test_a_family_writes_its_own_rows(tmp_path, family):
+    """--family measures another published shape (here its tiny copy): rows carry the family, stock vs patched."""
+    out = tmp_path / "families.json"
+    bench_e2e.main(["--dry-run", "--family", family, "--lengths", "64", "--batches", "", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert {(r["family"], r["config"], r["status"]) for r in data["rows"]} == {
+        (family, "stock", "ok"), (family, "patched_default", "ok")}
+    assert data["meta"]["model"].startswith(bench_e2e.FAMILY_NAMES[family])
+    assert data["meta"]["stock_attention"] in ("sdpa", "eager")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_first_use_bookkeeping(tmp_path, monkeypatch):
+    """first_use_gpu.py: a fine-tune's name gets a calibrated profile (timed), a second patch reads the cache."""
+    import first_use_gpu
+
+    monkeypatch.setenv("SPARSE_ATTN_HF_CACHE", str(tmp_path / "unused"))
+    out = tmp_path / "first_use.json"
+    first_use_gpu.main(["--dry-run", "--out", str(out), "--new-tokens", "12"])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"stock", "calibrated_fresh", "calibrated_cached"}
+    assert rows["calibrated_fresh"]["calibration_s"] > 0
+    assert rows["calibrated_fresh"]["profile_method"].startswith("calibrated on first use")
+    assert rows["calibrated_cached"]["patch_s"] < rows["calibrated_fresh"]["patch_s"]
