@@ -2,12 +2,14 @@
 
     python benchmarks/gpu_tests.py                 # every GPU-relevant test file
     python benchmarks/gpu_tests.py tests/a.py ...  # a subset
+    GPU_TESTS_TIMEOUT_S=300 python benchmarks/gpu_tests.py   # stop pytest there and keep the cases that finished
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,12 +32,20 @@ def main() -> None:
     log = Path(tempfile.mkstemp(suffix=".jsonl")[1])
     env = dict(os.environ, SPARSE_ATTN_HF_ERROR_LOG=str(log), PYTHONPATH=str(ROOT))
     report = Path(tempfile.mkstemp(suffix=".txt")[1])
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-W", "ignore::FutureWarning", *tests],
-                            cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    limit = float(os.environ.get("GPU_TESTS_TIMEOUT_S", "0")) or None  # a lease's limit: keep what finished
+    command = [sys.executable, "-m", "pytest", "-v", "-rA", "-W", "ignore::FutureWarning", *tests]
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as stopped:
+        out = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
+        result = subprocess.CompletedProcess(command, 124, out + f"\nstopped after {limit:.0f} s (GPU_TESTS_TIMEOUT_S)"
+                                             "\n", "")
     report.write_text(result.stdout + result.stderr)
     outcomes = {}
     for line in result.stdout.splitlines():
+        verbose = re.match(r"^(\S+::\S+) (PASSED|FAILED|ERROR)\b", line)  # as each case ends (-v)
+        if verbose:
+            outcomes.setdefault(verbose.group(1), verbose.group(2))
         for word in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
             if line.startswith(word + " "):
                 case = line.split(" ")[1]
