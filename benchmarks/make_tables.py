@@ -560,12 +560,106 @@ def sample_attention_heldout_table() -> str:
     return "\n".join(lines)
 
 
+def _run_line(meta: dict, what: str) -> str:
+    packages = meta.get("packages", {})
+    return (f"{meta['device']}, {what}; torch {packages.get('torch')}, transformers {packages.get('transformers')}, "
+            f"triton {packages.get('triton')}; commit `{str(meta['commit'])[:10]}` (`python {meta['command']}`).")
+
+
+def first_call_table() -> str:
+    """A fresh process's first generate() against a warm one (first_call.json), a process per variant."""
+    data = json.loads((RESULTS / "first_call.json").read_text())
+    meta = data["meta"]
+    lines = [_run_line(meta, f"bfloat16, Llama-3-8B shape, random weights, {meta['layers']} layers, one process "
+                             "per row; first call: TTFT of the process's first `generate()`, warm: its third"), "",
+             "| variant | Triton cache | `patch_model`, s | first call TTFT, s | warm TTFT, s | first / warm |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in data["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['variant']} | {r['status']} | | | | |")
+            continue
+        patch = f"{r['patch_s']:.1f}" if r.get("patch_s") is not None else ""
+        lines.append(f"| {r['variant']} | {r['triton_cache']} | {patch} | {r['ttft_first_s']:.2f} | "
+                     f"{r['ttft_warm_s']:.2f} | {r['first_over_warm']:.2f} |")
+    lines += ["", "![first call](benchmarks/results/first_call.png)"]
+    return "\n".join(lines)
+
+
+def families_table() -> str:
+    """Other families' full-size shapes, stock against patched (e2e_families.json)."""
+    data = json.loads((RESULTS / "e2e_families.json").read_text())
+    runs = data["meta"]["runs"]
+    first = next(iter(runs.values()))
+    lines = [_run_line(first, "bfloat16, random weights at each model's full size, plain `generate()`; stock on "
+                              "SDPA (FlexAttention where the family has no SDPA path: GPT-OSS)"), "",
+             "| model | prompt | configuration | TTFT, s | x stock | decode, ms/token | x stock | graph steps | "
+             "peak, GiB | x stock | after return |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    stock = {(r["family"], r["L"]): r for r in data["rows"] if r["config"] == "stock" and r["status"] == "ok"}
+    names = {"qwen3-8b": "Qwen3-8B", "gemma3-12b": "Gemma-3-12B (text)", "gpt-oss-20b": "GPT-OSS-20B"}
+    for r in data["rows"]:
+        name, size = names.get(r["family"], r["family"]), f"{r['L'] // 1024}K"
+        if r["status"] != "ok":
+            lines.append(f"| {name} | {size} | {r['config']} | {r['status']} | | | | | | | "
+                         f"{r.get('reason', r.get('error', ''))[:80]} |")
+            continue
+        base = stock.get((r["family"], r["L"]))
+
+        def ratio(key):
+            return f"{r[key] / base[key]:.2f}" if base is not None and base is not r and r.get(key) and base.get(key) else ""
+
+        graph = r.get("last_call") or {}
+        steps = f"{graph['graph_steps']}/{graph['decode_steps']}" if graph else ""
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
+        back = (f"{(r['after_return_gib'] - r['before_gib']) * 1024:+.0f} MiB" if r.get("after_return_gib") is not None
+                else "n/a")
+        lines.append(f"| {name} | {size} | {r['config']} | {r['ttft_s']:.2f} | {ratio('ttft_s')} | "
+                     f"{r['decode_ms_per_token']:.1f} | {ratio('decode_ms_per_token')} | {steps} | "
+                     f"{peak} | {ratio('peak_gib')} | {back} |")
+    lines += ["", "![families](benchmarks/results/e2e_families.png)"]
+    return "\n".join(lines)
+
+
+def first_use_table() -> str:
+    """patch_model(model) with no profile on the Llama-3.1-8B shape: shipped by name, calibrated for a fine-tune."""
+    data = json.loads((RESULTS / "first_use_gpu.json").read_text())
+    meta = data["meta"]
+    lines = [_run_line(meta, f"bfloat16, {meta['model']}, {meta['length'] // 1024}K-token prompt"), "",
+             "| variant | profile used | `patch_model`, s | of which calibration, s | first TTFT, s | second TTFT, s "
+             "| decode, ms/token | graph steps |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["rows"]:
+        patch = f"{r['patch_s']:.1f}" if r.get("patch_s") is not None else ""
+        calibration = f"{r['calibration_s']:.1f}" if r.get("calibration_s") else ""
+        steps = f"{r['graph_steps']}/{r['decode_steps']}" if "graph_steps" in r else ""
+        lines.append(f"| {r['variant']} | {r.get('profile', 'stock')} | {patch} | {calibration} | "
+                     f"{r['ttft_first_s']:.2f} | {r['ttft_s']:.2f} | {r['decode_ms_per_token']:.1f} | {steps} |")
+    return "\n".join(lines)
+
+
+def page_size_table() -> str:
+    """The default model's decode on a GPU with pages of 64 and of 16 (page_size_decode.json)."""
+    data = json.loads((RESULTS / "page_size_decode.json").read_text())
+    meta = data["meta"]
+    lines = [_run_line(meta, f"bfloat16, {meta['model']}; decode {meta['decode_formula']}"), "",
+             "| prompt | token budget | stock, ms/token | pages of 64 | pages of 16 | 16 / 64 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    rows = data["rows"]
+    stock = {r["L"]: r["decode_ms"] for r in rows if r["variant"] == "stock"}
+    for (length, budget) in dict.fromkeys((r["L"], r["token_budget"]) for r in rows if r["variant"] != "stock"):
+        ms = {r["variant"]: r["decode_ms"] for r in rows if r["L"] == length and r["token_budget"] == budget}
+        lines.append(f"| {length} | {budget} | {stock.get(length, float('nan')):.2f} | {ms['pages64']:.2f} | "
+                     f"{ms['pages16']:.2f} | {ms['pages16'] / ms['pages64']:.2f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"e2e": e2e_table, "e2e_pinned": lambda: e2e_table("e2e_pinned.json"),
           "decode_sequence": decode_sequence_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
           "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table, "late_keys": late_keys_table,
           "window_layers": window_layers_table, "decode_selection": decode_selection_table,
-          "sample_attention_heldout": sample_attention_heldout_table}
+          "sample_attention_heldout": sample_attention_heldout_table, "first_call": first_call_table,
+          "families": families_table, "first_use": first_use_table, "page_size": page_size_table}
 
 
 # ------------------------------------------------------------------ figures in the README's prose
