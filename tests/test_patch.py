@@ -161,14 +161,22 @@ def test_a_model_without_a_shipped_profile_is_calibrated_on_first_use(caplog, mo
         patch_model(model)
     state = model._sparse_attn_state
     assert state.profile.method.startswith("calibrated on first use")
-    assert state.profile.streaming_fraction == first_use.FRACTION and state.streaming.any()
+    # the held-out rule's fraction: no head streams by default, and the WARNING says so and how to stream
+    assert first_use.FRACTION == 0 and state.profile.streaming_fraction == 0 and not state.streaming.any()
     assert "calibrated a profile" in caplog.text and "--method duo" in caplog.text
+    assert "No head streams" in caplog.text and "streaming_fraction=0.25" in caplog.text
+    scores = state.profile.head_score.clone()
+    assert scores.unique().numel() > 1  # the statistics ranked the heads: a fraction the user sets streams some
     path = first_use.cache_path(model)
     assert path.is_file()
     unpatch_model(model)
     monkeypatch.setattr(first_use, "calibrate", lambda *a, **k: pytest.fail("calibrated again despite the cache"))
-    patch_model(model)
-    assert torch.equal(model._sparse_attn_state.streaming, state.streaming)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sparse_attn_hf"):
+        patch_model(model, config=SparseConfig(streaming_fraction=0.5))
+    assert "using the profile calibrated for this model" in caplog.text  # a later process is told as well
+    state = model._sparse_attn_state
+    assert torch.equal(state.profile.head_score, scores) and int(state.streaming.sum()) == state.streaming.numel() // 2
     unpatch_model(model)
     other = tiny_model("qwen2", heads=4, kv_heads=2, layers=3, seed=3)  # other weights: another cache entry
     assert first_use.cache_path(other) != path

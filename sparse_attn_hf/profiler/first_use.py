@@ -15,7 +15,11 @@ When no shipped profile matches a model and none is given, ``patch_model`` calib
   and the package version, so a later process loads it at once (``cache_folder``).
 
 It is a statistics profile, weaker than gate training (``python -m sparse_attn_hf.profile --method duo``): its
-streaming fraction defaults to ``FRACTION``, half DuoAttention's; its window scales with the model's positions
+streaming fraction defaults to ``FRACTION``, 0, chosen by the shipped profile's held-out rule (the highest fraction
+that loses no dense-correct held-out cell): on the default model the calibrated labels lost the same needle at
+every fraction from 0.05 to 0.25, so by default no head streams (exact prefill; decoding keeps the CUDA graph and
+page selection), and ``SparseConfig(streaming_fraction=...)`` streams the heads the statistics rank least
+demanding, at the user's choice (docs/models.md has the figures); its window scales with the model's positions
 (LServe's sink 128 + local 4096 at 128K, 64 + 256 at 8K); SampleAttention stays off (no sweep measured that it
 pays). The WARNING ``patch_model`` logs says how to make a better one.
 """
@@ -35,7 +39,8 @@ from .attention_stats import needle_mass, per_kv_head, rank_normalize
 
 NEEDLE = 32  # tokens of the needle segment
 REPEAT = 16  # of which the last occurrence repeats this many (the rows that retrieve)
-FRACTION = 0.25  # the calibrated profile's streaming fraction
+FRACTION = 0.0  # the calibrated profile's streaming fraction: the held-out rule's choice (docs/models.md)
+KEY_VERSION = 2  # part of the cache key: a profile calibrated under other defaults is not reused
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -55,7 +60,8 @@ def cache_path(model) -> Path:
     fingerprint = weight_fingerprint(model)
     if fingerprint is None:
         raise ValueError("calibrating a profile needs the model's weights (they are not loaded: meta device).")
-    key = hashlib.sha256(repr((sorted(shape.items()), [round(float(v), 5) for v in fingerprint])).encode())
+    key = hashlib.sha256(repr((sorted(shape.items()), [round(float(v), 5) for v in fingerprint], KEY_VERSION,
+                               FRACTION)).encode())
     return cache_folder() / "profiles" / f"{shape['model_type']}-{key.hexdigest()[:16]}-v{__version__}.safetensors"
 
 
@@ -123,6 +129,17 @@ def calibrate(model, *, length: int | None = None, count: int = 8, seed: int = 0
     return profile
 
 
+def _what_it_does(profile: Profile) -> str:
+    better = ("A gate-trained profile streams heads safely: python -m sparse_attn_hf.profile --method duo --model "
+              "MODEL --out PROFILE (see docs/models.md, Making a profile).")
+    if profile.streaming_fraction == 0:
+        return ("No head streams (streaming fraction 0: statistics labels lost held-out answers at every fraction "
+                "above 0 on the default model): prefill is exact, decoding replays the CUDA graph with page "
+                "selection. SparseConfig(streaming_fraction=0.25) streams the heads these statistics rank least "
+                "demanding, at that risk. " + better)
+    return f"Streaming fraction {profile.streaming_fraction}. " + better
+
+
 def calibrated_profile(model, *, why: str | None = None) -> Profile:
     """The cached calibrated profile of ``model``, or a new one (saved to the cache); a new one is announced with a
     WARNING saying why, how long it took, where it is and how to make a better one."""
@@ -131,16 +148,18 @@ def calibrated_profile(model, *, why: str | None = None) -> Profile:
     path = cache_path(model)
     if path.is_file():
         try:
-            return Profile.load(path)
+            profile = Profile.load(path)
         except ValueError:
-            pass  # a damaged cache file: calibrate again
+            profile = None  # a damaged cache file: calibrate again
+        if profile is not None:
+            warn_once(f"sparse_attn_hf: {why + '; ' if why else ''}using the profile calibrated for this model on "
+                      f"first use ({path}). {_what_it_does(profile)}")
+            return profile
     profile = calibrate(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     profile.save(path)
     warn_once(f"sparse_attn_hf: {why + '; ' if why else ''}calibrated a profile for this model from attention "
-              f"statistics in {profile.seconds:.0f} s (streaming fraction {profile.streaming_fraction}), saved to "
-              f"{path} for later processes. A gate-trained profile is better: python -m sparse_attn_hf.profile "
-              "--method duo --model MODEL --out PROFILE (see the README, Making a profile).")
+              f"statistics in {profile.seconds:.0f} s, saved to {path} for later processes. {_what_it_does(profile)}")
     return profile
 
 
