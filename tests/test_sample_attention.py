@@ -29,6 +29,7 @@ CASES = [
     (2, 6, 2, 70, 101, 64, [0, 9]),  # GQA 3, a chunk against a cache, padding
     (1, 8, 2, 120, 120, 16, [5]),  # GQA 4
     (1, 16, 1, 40, 40, 32, [0]),  # GQA 16
+    (1, 4, 2, 150, 300, 256, [3]),  # head_dim 256 (Gemma 3): tiles that fit the GPU's shared memory
 ]
 
 

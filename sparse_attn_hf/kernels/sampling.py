@@ -131,10 +131,11 @@ def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, wi
     num_kv, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv
     g_pad = triton.next_power_of_2(groups)
-    block_n = block_n or CONFIG["block_n"]
-    num_warps = num_warps or CONFIG["num_warps"]
-    block_r = max(1, (packed_rows or CONFIG["packed_rows"]) // g_pad)  # sampled rows x group heads per program
     d_pad = max(16, triton.next_power_of_2(head_dim))
+    wide = max(1, d_pad // 128)  # head_dim 256 (Gemma 3): half the tiles, or they overflow shared memory (256 KiB)
+    block_n = block_n or CONFIG["block_n"] // wide
+    num_warps = num_warps or CONFIG["num_warps"]
+    block_r = max(1, (packed_rows or CONFIG["packed_rows"] // wide) // g_pad)  # sampled rows x group heads
     n_rows = rows.numel()
     rows = rows.to(torch.int32).contiguous()
     num_tiles = triton.cdiv(n_rows, block_r)
