@@ -679,6 +679,7 @@ def prose_figures() -> list[str]:
     speedups = [s32["decode_ms_per_token"] / e32["decode_ms_per_token"],
                 s128["decode_ms_per_token"] / e128["decode_ms_per_token"]]
     gib = lambda r: max(0.0, r["after_return_gib"] - r["before_gib"]) * 1024  # noqa: E731
+    first = {r["variant"]: r for r in json.loads((RESULTS / "first_call.json").read_text())["rows"]}
     cpu = json.loads((RESULTS / "cpu_decode.json").read_text())["rows"]
     cpu_ratio = {L: [r["patched_ms"] / r["stock_ms"] for r in cpu if r["L"] == L] for L in (2000, 6000)}
     return [
@@ -698,6 +699,11 @@ def prose_figures() -> list[str]:
         f"No sparsity:\n  {e32['ttft_s'] / s32['ttft_s']:.2f}x.",
         f"{d32['ttft_cold_s']:.1f} s at 32K against {d32['ttft_s']:.1f} s\n  warm",
         f"{fresh['ttft_first_s']:.1f} s against {fresh['ttft_s']:.1f} s warm",
+        f"was {first['patched_fresh']['ttft_first_s']:.2f} s against {first['patched_fresh']['ttft_warm_s']:.2f} s "
+        f"warm ({first['patched_fresh']['first_over_warm']:.2f}x), `patch_model` taking "
+        f"{first['patched_fresh']['patch_s']:.1f} s instead ({first['patched_cached']['patch_s']:.1f} s once",
+        f"stock's own first call took {first['stock']['ttft_first_s']:.2f} s against "
+        f"{first['stock']['ttft_warm_s']:.2f} s ({first['stock']['first_over_warm']:.2f}x)",
         f"the peak falls from {s128['peak_gib']:.1f} to {d128['peak_gib']:.1f} GiB "
         f"({d128['peak_gib'] / s128['peak_gib']:.2f}x)",
         f"it is {e128['peak_gib']:.1f} GiB ({e128['peak_gib'] / s128['peak_gib']:.2f}x",

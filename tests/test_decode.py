@@ -418,6 +418,7 @@ def test_selection_runs_every_reuse_interval(monkeypatch):
 
     monkeypatch.setattr(attention_module, "select_pages", counting)
     model = _patched(budget=32, reuse=3, layers=1)
+    calls.clear()  # on CUDA patch_model's warm-up generates on a synthetic prompt first
     model.generate(random_ids(1, 60).to(DEVICE), max_new_tokens=8, do_sample=False)
     assert [seen for seen, _ in calls] == list(range(61, 68))  # every decode step plans ...
     assert [seen for seen, again in calls if again] == [61, 64, 67]  # ... and selects at the 1st, 4th, 7th

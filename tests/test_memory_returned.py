@@ -47,6 +47,8 @@ def test_the_cache_of_a_finished_generate_is_freed(no_collector, monkeypatch):
 
     monkeypatch.setattr(routing, "SparseCache", Recorded)
     model = _patched()
+    assert all(ref() is None for ref in made), "a cache of patch_model's warm-up (CUDA) outlived it"
+    made.clear()
     ids, mask = left_padded(random_ids(2, 40), [0, 5])
     model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=40, do_sample=False)
     assert len(made) == 1 and made[0]() is None, "the SparseCache outlived generate()"
