@@ -9,6 +9,10 @@ stock Transformers timed in the same run. The project's headline benchmark.
 ``--family`` (``qwen3-8b``, ``gemma3-12b``: the text tower, ``gpt-oss-20b``; ``benchmarks/llama8b.py``) measures
 that published model's full-size shape instead (its own depth, windows and experts; random weights) and writes
 ``benchmarks/results/e2e_families.json``: stock against ``patched_default`` unless ``--configs`` says otherwise.
+``--structured`` gives the Llama-3-8B shape attention with structure (``llama8b.plant_columns``: every query head
+puts most of its mass on four sink tokens per prompt, the rest diffuse), the input SampleAttention is for, and
+writes ``benchmarks/results/e2e_structured.json``: stock, ``patched_streaming50`` and ``patched_default`` (does
+SampleAttention run sparse inside ``generate()``, and what does it gain over streaming heads alone?).
 
 Configurations (every patched one with LServe's settings: sink 128, local 4096, decode window 256, budget
 4096, reuse 4; labels from ``Profile.from_scores`` with seeded scores; 50% streaming heads is DuoAttention's
@@ -231,6 +235,10 @@ def configure(model, config: str, settings: dict, scores: torch.Tensor) -> tuple
 
 def run_row(model, device: Device, config: str, length: int, batch: int, args, extra: dict) -> dict:
     ids, mask = inputs(batch, length, model.config.vocab_size, "cuda" if device.cuda else "cpu")
+    if getattr(args, "structured", False):
+        from llama8b import place_sinks
+
+        ids = place_sinks(ids, mask)
     call_args = dict(extra, **({"prefill_chunk_size": args.chunk} if args.part == "long" else {}))
     row = {"config": config, "L": length, "batch": batch, "part": args.part, "status": "ok",
            "args": {"max_new_tokens": args.new_tokens, "do_sample": False, "eos_token_id": None,
@@ -369,12 +377,17 @@ def build_model(args, max_len: int):
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_len)
+        if args.structured:
+            from llama8b import plant_columns
+
+            config.attention_bias = True
+            return plant_columns(LlamaForCausalLM(config).eval())
         return LlamaForCausalLM(config).eval()
     from llama8b import build, build_family
 
     if args.family != "llama3-8b":
         return build_family(args.family, max_len, args.layers)
-    return build(args.layers or 32, max_len)
+    return build(args.layers or 32, max_len, structured=args.structured)
 
 
 def main(argv=None) -> None:
@@ -394,11 +407,17 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     parser.add_argument("--floor", action="store_true", help="also stock_static_compile at L=1024 (decode floor)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the bookkeeping only")
-    parser.add_argument("--out", type=Path, default=None, help="default: results/e2e.json, e2e_families.json")
+    parser.add_argument("--structured", action="store_true", help="attention with planted key columns (Llama shape)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: results/e2e.json, e2e_families.json, e2e_structured.json")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these result files into --out and stop")
     args = parser.parse_args(argv)
-    family = args.family != "llama3-8b"
-    args.out = args.out or RESULTS / ("e2e_families.json" if family else "e2e.json")
+    if args.structured and args.family != "llama3-8b":
+        raise SystemExit("--structured plants columns in the Llama-3-8B shape only")
+    family = args.family != "llama3-8b" or args.structured
+    tag = "llama3-8b+columns" if args.structured else args.family
+    args.out = args.out or RESULTS / ("e2e_structured.json" if args.structured else
+                                      "e2e_families.json" if family else "e2e.json")
     if args.merge:
         return merge(args.merge, args.out)
     if args.dry_run:
@@ -406,6 +425,8 @@ def main(argv=None) -> None:
         lengths, args.batch_length, args.chunk = args.lengths or [96, 160], 96, 64
         batches = args.batches if args.batches is not None else ([] if args.part == "long" else [2])
         settings = dict(sink_size=4, local_size=32, decode_local_size=8, token_budget=128, reuse_interval=4)
+        if args.structured:  # tiny prompts: let SampleAttention sample them (on a GPU the prompts pass 16K)
+            settings["dense_below"] = 0
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_e2e.py measures a GPU; use --dry-run on a CPU.")
@@ -414,6 +435,7 @@ def main(argv=None) -> None:
         batches = args.batches if args.batches is not None else ([] if long else [4, 8])
         settings = LSERVE
     configs = args.configs or (["stock", "patched_streaming50"] if args.part == "long" else
+                               ["stock", "patched_streaming50", "patched_default"] if args.structured else
                                ["stock", "patched_default"] if family else list(CONFIGS))
     device = Device("cpu" if args.dry_run else "cuda")
     started = time.perf_counter()
@@ -423,7 +445,8 @@ def main(argv=None) -> None:
                         generator=torch.Generator().manual_seed(0))
     info = meta(device=device.name, dtype=str(model.dtype).replace("torch.", ""), extra={
         "part": args.part, "layers": model.config.num_hidden_layers,
-        "model": f"{FAMILY_NAMES[args.family]} shape (benchmarks/llama8b.py), random weights",
+        "model": f"{FAMILY_NAMES[args.family]} shape (benchmarks/llama8b.py), random weights"
+                 + (", planted key columns (llama8b.plant_columns)" if args.structured else ""),
         "stock_attention": model.config._attn_implementation,
         "settings": {},  # the resolved SparseConfig of each patched configuration, below
         "patched_overrides": PATCHED, "new_tokens": args.new_tokens, "ttft_repeats": args.repeats,
@@ -461,14 +484,14 @@ def main(argv=None) -> None:
                 pending = {"config": config, "L": length, "batch": batch, "part": args.part, "status": "running",
                            "reason": "started and never finished: the process was stopped (time limit or crash)"}
                 if family:
-                    pending["family"] = args.family
+                    pending["family"] = tag
                 write(args.out, info, rows + [pending])  # stays in the file if the process is killed
                 row = run_row(model, device, config, length, batch, args, extra)
                 if resolved is not None:
                     row["settings"] = resolved
                     row["patch_s"] = patch_s  # the configuration's patch_model, its warm-up included
             if family:
-                row["family"] = args.family
+                row["family"] = tag
             rows.append(row)
             write(args.out, info, rows)
             printable = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "args"}

@@ -11,10 +11,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def llama8b_config(layers: int, max_len: int) -> LlamaConfig:
+def llama8b_config(layers: int, max_len: int, **changes) -> LlamaConfig:
     return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                       max_position_embeddings=max_len)
+                       max_position_embeddings=max_len, **changes)
 
 
 def _qwen3_8b(max_len: int):
@@ -83,8 +83,23 @@ def _random_bf16(config):
     return model.eval()
 
 
-def build(layers: int, max_len: int) -> LlamaForCausalLM:
-    return _random_bf16(llama8b_config(layers, max_len))
+def build(layers: int, max_len: int, structured: bool = False) -> LlamaForCausalLM:
+    """The Llama-3-8B shape; ``structured``: with attention of planted key columns (``plant_columns``)."""
+    model = _random_bf16(llama8b_config(layers, max_len, attention_bias=structured))
+    return plant_columns(model) if structured else model
+
+
+def place_sinks(ids: torch.Tensor, mask: torch.Tensor, count: int = 4) -> torch.Tensor:
+    """``ids`` with no sink token except ``count`` of them per row, spread over the row's real tokens (the first
+    at its first token), for a model given ``plant_columns``."""
+    ids = ids.clone()
+    ids[(ids >= min(SINK_TOKENS)) & (ids <= max(SINK_TOKENS))] = max(SINK_TOKENS) + 1
+    for row in range(ids.shape[0]):
+        start = int((mask[row] == 0).sum())
+        span = ids.shape[1] - start
+        for i in range(count):
+            ids[row, start + i * span // count] = SINK_TOKENS[i % len(SINK_TOKENS)]
+    return ids
 
 
 def build_family(name: str, max_len: int, layers: int | None = None):
@@ -114,3 +129,38 @@ def tiny_family(name: str, max_len: int):
         setattr(config, key, value)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=stock_attention(config, cuda=False)).eval()
+
+
+SINK_TOKENS = (7, 11, 13, 17)  # token ids that every query of the structured model attends to
+
+
+def plant_columns(model, score: float = 16.0, mark: float = 1000.0):
+    """Give a random-weight Llama-family model the attention structure SampleAttention is for: in every layer
+    every query head puts most of its mass on the ``SINK_TOKENS`` wherever they stand (a few strong key columns),
+    the rest stays diffuse. Random weights alone give diffuse attention (every mask too dense to pay).
+
+    The sink tokens' embeddings get a large hidden unit 0 (``mark``: it outlives the residual stream's random
+    updates); in every layer the last dimension of each KV head reads that unit alone and the last dimension of
+    each query head is a constant bias, their RoPE partners zeroed (the pair of lowest frequency: cos > 0.99 over
+    128K positions), so that a sink key scores about ``score`` above the rest (the RMS norm turns ``mark`` into
+    sqrt(hidden_size)). Needs ``config.attention_bias=True`` (the query bias)."""
+    config = model.config
+    dim, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    strength = score * dim**0.5 / config.hidden_size**0.5
+    last, partner = dim - 1, dim // 2 - 1
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed[:, 0] = 0.0
+        embed[list(SINK_TOKENS), 0] = mark
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            q_weight = attention.q_proj.weight.view(heads, dim, -1)
+            q_weight[:, [partner, last]] = 0.0
+            q_bias = attention.q_proj.bias.view(heads, dim)
+            q_bias[:, partner], q_bias[:, last] = 0.0, strength
+            k_weight = attention.k_proj.weight.view(kv_heads, dim, -1)
+            k_weight[:, [partner, last]] = 0.0
+            k_weight[:, last, 0] = 1.0
+            if attention.k_proj.bias is not None:
+                attention.k_proj.bias.view(kv_heads, dim)[:, [partner, last]] = 0.0
+    return model

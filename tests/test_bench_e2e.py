@@ -121,3 +121,20 @@ def test_first_use_bookkeeping(tmp_path, monkeypatch):
     assert rows["calibrated_fresh"]["calibration_s"] > 0
     assert rows["calibrated_fresh"]["profile_method"].startswith("calibrated on first use")
     assert rows["calibrated_cached"]["patch_s"] < rows["calibrated_fresh"]["patch_s"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_planted_columns_make_sample_attention_run_sparse(tmp_path):
+    """--structured: random weights with planted key columns (four sink tokens per prompt) give SampleAttention
+    the structure it is for: inside generate() it runs sparse with a low density (random weights alone: every
+    mask too dense, tests/test_sample_attention.py)."""
+    out = tmp_path / "structured.json"
+    bench_e2e.main(["--dry-run", "--structured", "--lengths", "512", "--batches", "", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert set(rows) == {"stock", "patched_streaming50", "patched_default"}
+    assert {r["family"] for r in rows.values()} == {"llama3-8b+columns"} and "planted" in data["meta"]["model"]
+    sample = rows["patched_default"]["sample"]
+    assert sample["sparse_layers"] >= 1 and sample["density_mean"] < 0.3, sample
+    assert rows["patched_default"]["last_call"]["prefill_sample_attention_layers"] >= 1
+    assert "sample" not in rows["patched_streaming50"]  # SampleAttention off there
