@@ -3,7 +3,7 @@
     python benchmarks/calibration_quality.py [--count 8] [--length 2048]
 
 Calibrates the default model as ``patch_model`` would with no shipped profile
-(``sparse_attn_hf.profiler.first_use.calibrate``), times it, and compares its head scores with the shipped
+(``sparse_attn_hf.profile.first_use.calibrate``), times it, and compares its head scores with the shipped
 profile's DuoAttention gates: the rank correlation of the scores, and at the shipped streaming fraction how many of
 the heads the gates keep dense the calibrated profile keeps dense too. Writes
 benchmarks/results/calibration_quality.json. Answers on held-out text: ``benchmarks/heldout_fidelity.py
@@ -24,7 +24,7 @@ from results_io import meta, write_results  # noqa: E402
 
 from sparse_attn_hf.default_model import load_default_model  # noqa: E402
 from sparse_attn_hf.profile import find_profile  # noqa: E402
-from sparse_attn_hf.profiler.first_use import calibrate  # noqa: E402
+from sparse_attn_hf.profile.first_use import calibrate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .profile import Profile
-
-UNLIMITED_BUDGET = 1 << 40  # token_budget under which every context fits: exact dense decoding, no page selection
+from .profile import UNLIMITED_BUDGET, Profile  # noqa: F401 - UNLIMITED_BUDGET: part of this module's API
 
 
 @dataclass(frozen=True)

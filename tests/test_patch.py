@@ -154,7 +154,7 @@ def test_a_model_without_a_shipped_profile_is_calibrated_on_first_use(caplog, mo
     where, how to make a better one), cached for the next patch (not calibrated again), and used."""
     import logging
 
-    from sparse_attn_hf.profiler import first_use
+    from sparse_attn_hf.profile import first_use
 
     model = tiny_model("qwen2", heads=4, kv_heads=2, layers=3)
     with caplog.at_level(logging.WARNING, logger="sparse_attn_hf"):

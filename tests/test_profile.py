@@ -8,7 +8,7 @@ from helpers import tiny_model
 from safetensors.torch import save_file
 
 from sparse_attn_hf import Profile, SparseConfig, patch_model
-from sparse_attn_hf import profile as profile_module
+from sparse_attn_hf.profile import format as profile_module
 
 
 @pytest.fixture(scope="module")

@@ -394,7 +394,7 @@ def test_profiler_runs_on_newer_families(family):
     profile that patches the model."""
     from helpers import tiny_model
 
-    from sparse_attn_hf.profiler.attention_stats import stats_scores
+    from sparse_attn_hf.profile.attention_stats import stats_scores
 
     tokenizer = _tokenizer()
     model = tiny_model(family, heads=4, kv_heads=KV_HEADS, layers=LAYERS, vocab=len(tokenizer))

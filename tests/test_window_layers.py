@@ -201,7 +201,7 @@ def test_profiler_scores_only_the_full_attention_layers(family):
     """Gate training leaves window layers as the model has them; the profile it makes covers the others."""
     from test_profiler import _check_profile_patches, _tokenizer
 
-    from sparse_attn_hf.profiler.attention_stats import stats_scores
+    from sparse_attn_hf.profile.attention_stats import stats_scores
     from sparse_attn_hf.profiler.calibration import Calibration
     from sparse_attn_hf.profiler.gates import GateSettings, train_gates
 

@@ -26,9 +26,10 @@ from ..config import SparseConfig
 from ..profile import Profile, resolve_profile
 from . import haystack as default_haystack
 from .heatmap import perplexity_chart, retrieval_heatmap
-from .needle import DEFAULT_NEEDLE, MAX_NEW_TOKENS, HaystackTooShort, hide, needle_cells, needle_prompt
+from .needle import DEFAULT_NEEDLE, MAX_NEW_TOKENS, needle_cells, needle_prompt
 from .passkey import _OVERHEAD, ANSWER_PREFIX, NEEDLE, QUESTION, PasskeyPrompt, make_keys, passkey_cells
 from .perplexity import perplexity_rows
+from .prompts import HaystackTooShort, hide
 
 TASKS = ("needle", "passkey", "ppl")
 DEFAULT_LENGTHS = {"needle": [512, 1024, 2048], "passkey": [512, 1024, 2048], "ppl": [2048]}

@@ -1,6 +1,6 @@
 """Needle in a haystack: a sentence-level fact hidden at a chosen depth of any text, asked for at the end.
 
-:func:`hide` builds the prompt for any needle and haystack text (the passkey prompt of
+:func:`.prompts.hide` builds the prompt for any needle and haystack text (the passkey prompt of
 :mod:`.passkey` is its special case: same instruction, chat turn and answer prefix, tested equal).
 :func:`needle_cells` answers a prompt dense once and sparse per setting, like
 :func:`.passkey.passkey_cells`, and scores the answer by the fact's key words it contains.
@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-
-import torch
 
 from ..api import patched
 from ..record import last_call
-from .passkey import INSTRUCTION, PasskeyPrompt, answer, kl_divergence
-
-
-class HaystackTooShort(ValueError):
-    """The haystack has fewer tokens than the prompt's filler needs."""
+from .passkey import answer, kl_divergence
+from .prompts import PasskeyPrompt, hide
 
 
 @dataclass(frozen=True)
@@ -41,48 +35,6 @@ DEFAULT_NEEDLE = Needle(
     answer_words=("wild", "blackberry", "jam"),
 )
 MAX_NEW_TOKENS = 12  # enough for "a spoonful of wild blackberry jam."
-
-
-@lru_cache(maxsize=8)
-def _tokens(tokenizer, text: str) -> tuple[int, ...]:
-    """The haystack's tokens, once per (tokenizer, text): a grid of cells cuts many prompts from one text."""
-    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def hide(tokenizer, text: str, length: int, depth: float, needle: str, question: str, answer_prefix: str, *,
-         instruction: str = INSTRUCTION, overhead: int | None = None, offset: int = 0) -> tuple[torch.Tensor, slice]:
-    """(input_ids [1, n], token span of ``needle``): ``needle`` after ``depth`` of ``length - overhead``
-    filler tokens of ``text`` (from token ``offset``), in a chat turn that ends with ``answer_prefix``.
-
-    ``overhead``: tokens reserved for everything but the filler; ``None`` measures it on this tokenizer,
-    so that the prompt has about ``length`` tokens. A tokenizer without a chat template gets the plain
-    text ``content + "\\n\\n" + answer_prefix``.
-    """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1], got {depth}.")
-
-    def build(before: str, after: str) -> str:
-        content = f"{instruction}\n\n{before}\n\n{needle}\n\n{after}\n\n{question}"
-        if getattr(tokenizer, "chat_template", None) is None:
-            return f"{content}\n\n{answer_prefix}"
-        messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + answer_prefix
-
-    count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
-    if overhead is None:
-        overhead = count(build("", ""))
-    filler_len = length - overhead
-    if filler_len < 1:
-        raise ValueError(f"length {length} is too short for this prompt (at least {overhead + 1} tokens).")
-    hay = _tokens(tokenizer, text)
-    if offset + filler_len > len(hay):
-        raise HaystackTooShort(f"the haystack has {len(hay)} tokens; {offset} + {filler_len} do not fit.")
-    filler = hay[offset : offset + filler_len]
-    cut = int(depth * filler_len)
-    prompt = build(tokenizer.decode(list(filler[:cut])), tokenizer.decode(list(filler[cut:])))
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    at = prompt.index(needle)
-    return ids, slice(count(prompt[:at]), count(prompt[: at + len(needle)]))
 
 
 def needle_prompt(tokenizer, text: str, length: int, depth: float, needle: Needle = DEFAULT_NEEDLE,

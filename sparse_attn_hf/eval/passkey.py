@@ -8,7 +8,6 @@ model patched with a profile (sparse). Greedy decoding; the answer is correct wh
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,28 +15,12 @@ import torch.nn.functional as F
 from ..api import patched
 from ..record import last_call
 from .haystack import haystack_text
+from .prompts import INSTRUCTION, PasskeyPrompt, hide
 
-INSTRUCTION = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it."
-)
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key?"
 ANSWER_PREFIX = "The pass key is"  # the assistant's answer starts with it
 _OVERHEAD = 90  # tokens of instruction, needle and question, about
-
-
-@dataclass(frozen=True)
-class PasskeyPrompt:
-    length: int  # target length in tokens
-    depth: float  # position of the needle in the filler, 0 = start, 1 = end
-    key: str
-    input_ids: torch.Tensor  # [1, n]
-    needle: slice  # token positions of the needle sentence
-
-    @property
-    def tokens(self) -> int:
-        return self.input_ids.shape[1]
 
 
 def make_keys(count: int, seed: int = 0) -> list[str]:
@@ -51,8 +34,6 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str, part: str = "
 
     The filler is the haystack ``part`` from token ``offset`` on, cut at the needle's depth.
     """
-    from .needle import hide  # the shared prompt builder (needle.py builds on this module's constants)
-
     ids, span = hide(tokenizer, haystack_text(part), length, depth, NEEDLE.format(key=key), QUESTION, ANSWER_PREFIX,
                      instruction=INSTRUCTION, overhead=_OVERHEAD, offset=offset)
     return PasskeyPrompt(length=length, depth=depth, key=key, input_ids=ids, needle=span)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill import _logits, _merge_sink, _softmax_step
+from .online_softmax import _logits, _softmax_step
 from .reference import STEP_SEEN, STEP_TAIL, DecodeKV
 
 LOG2E = 1.4426950408889634

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill import _logits, _merge_sink
+from .online_softmax import _logits, _merge_sink
 
 LOG2E = 1.4426950408889634
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill import LOG2E, _logits
+from .online_softmax import LOG2E, _logits
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -169,7 +169,7 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 def make_profile(args, argv: list[str]) -> Profile:
     from ..models import family_for
-    from .attention_stats import SIGNALS, stats_scores
+    from ..profile.attention_stats import SIGNALS, stats_scores
     from .calibration import Calibration
     from .gates import GateSettings, train_gates
     from .report import report_text, save_report
@@ -334,7 +334,7 @@ def _import_duo(argv: list[str]) -> None:
 
 
 def _calibrate(argv: list[str]) -> None:
-    from .first_use import cache_path, calibrate
+    from ..profile.first_use import cache_path, calibrate
 
     p = argparse.ArgumentParser(prog="python -m sparse_attn_hf.profile calibrate",
                                 description="Calibrate a profile from attention statistics (what patch_model does on "

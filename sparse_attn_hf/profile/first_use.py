@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..profile import Profile, model_shape, weight_fingerprint
+from .format import Profile, model_shape, weight_fingerprint
 from .attention_stats import needle_mass, per_kv_head, rank_normalize
 
 NEEDLE = 32  # tokens of the needle segment
