@@ -165,6 +165,7 @@ def test_a_model_without_a_shipped_profile_is_calibrated_on_first_use(caplog, mo
     assert first_use.FRACTION == 0 and state.profile.streaming_fraction == 0 and not state.streaming.any()
     assert "calibrated a profile" in caplog.text and "--method duo" in caplog.text
     assert "No head streams" in caplog.text and "streaming_fraction=0.25" in caplog.text
+    assert f"choose-fraction {first_use.cache_path(model)}" in caplog.text  # the held-out rule on the user's model
     scores = state.profile.head_score.clone()
     assert scores.unique().numel() > 1  # the statistics ranked the heads: a fraction the user sets streams some
     path = first_use.cache_path(model)
@@ -259,10 +260,12 @@ def test_calibrate_from_the_command_line(tmp_path, capsys):
     model = tiny_model("llama", heads=4, kv_heads=2, layers=2)
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "calibrated.safetensors"
-    cli.main(["calibrate", "--model", str(tmp_path / "model"), "--out", str(out), "--probes", "2", "--length", "160"])
+    cli.main(["calibrate", "--model", str(tmp_path / "model"), "--out", str(out), "--probes", "2", "--length", "160",
+              "--streaming-fraction", "0.5"])
     profile = Profile.load(out)
     assert profile.method.startswith("calibrated on first use") and "calibrate" in profile.command
     assert profile.head_score.shape == (2, 2) and "wrote" in capsys.readouterr().out
+    assert profile.streaming_fraction == 0.5  # the fraction asked for, not the default 0
     patch_model(model, out)  # the file patches the model it was made for
     unpatch_model(model)
 

@@ -129,13 +129,15 @@ def calibrate(model, *, length: int | None = None, count: int = 8, seed: int = 0
     return profile
 
 
-def _what_it_does(profile: Profile) -> str:
-    better = ("A gate-trained profile streams heads safely: python -m sparse_attn_hf.profile --method duo --model "
-              "MODEL --out PROFILE (see docs/models.md, Making a profile).")
+def _what_it_does(profile: Profile, path: Path) -> str:
+    better = (f"To stream heads: python -m sparse_attn_hf.profile choose-fraction {path} --model MODEL --out PROFILE "
+              "picks the highest fraction that loses no held-out answer of this model (needs its tokenizer); a "
+              "gate-trained profile is better still: python -m sparse_attn_hf.profile --method duo --model MODEL "
+              "--out PROFILE (docs/models.md, Making a profile).")
     if profile.streaming_fraction == 0:
         return ("No head streams (streaming fraction 0: statistics labels lost held-out answers at every fraction "
                 "above 0 on the default model): prefill is exact, decoding replays the CUDA graph with page "
-                "selection. SparseConfig(streaming_fraction=0.25) streams the heads these statistics rank least "
+                "selection; SparseConfig(streaming_fraction=0.25) streams the heads these statistics rank least "
                 "demanding, at that risk. " + better)
     return f"Streaming fraction {profile.streaming_fraction}. " + better
 
@@ -153,13 +155,14 @@ def calibrated_profile(model, *, why: str | None = None) -> Profile:
             profile = None  # a damaged cache file: calibrate again
         if profile is not None:
             warn_once(f"sparse_attn_hf: {why + '; ' if why else ''}using the profile calibrated for this model on "
-                      f"first use ({path}). {_what_it_does(profile)}")
+                      f"first use ({path}). {_what_it_does(profile, path)}")
             return profile
     profile = calibrate(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     profile.save(path)
     warn_once(f"sparse_attn_hf: {why + '; ' if why else ''}calibrated a profile for this model from attention "
-              f"statistics in {profile.seconds:.0f} s, saved to {path} for later processes. {_what_it_does(profile)}")
+              f"statistics in {profile.seconds:.0f} s, saved to {path} for later processes. "
+              f"{_what_it_does(profile, path)}")
     return profile
 
 

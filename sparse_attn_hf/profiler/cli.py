@@ -345,10 +345,14 @@ def _calibrate(argv: list[str]) -> None:
     p.add_argument("--length", type=int, default=None, help="probe length (default: 2048 on CPU, 4096 on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    p.add_argument("--streaming-fraction", type=float, default=None,
+                   help="the profile's default fraction (default: 0, the held-out rule's choice for statistics; "
+                        "choose-fraction picks one on held-out text)")
     args = p.parse_args(argv)
     model, _, _ = load_model(args.model, args.device, args.dtype, tokenizer=False)  # the probes need none
+    extra = {} if args.streaming_fraction is None else {"streaming_fraction": args.streaming_fraction}
     profile = calibrate(model, length=args.length, count=args.probes, progress=True,
-                        command="python -m sparse_attn_hf.profile " + shlex.join(["calibrate", *argv]))
+                        command="python -m sparse_attn_hf.profile " + shlex.join(["calibrate", *argv]), **extra)
     out = Path(args.out) if args.out else cache_path(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = profile.save(out)
