@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # Shipped profiles live in profiles/ at the top of the repository; installed, they are the
-    # data package sparse_attn_hf._profiles (see sparse_attn_hf/profile/__init__.py: shipped_profile_paths).
+    # data package sparse_attn_hf._profiles (see sparse_attn_hf/profile/format.py: shipped_profile_paths).
     packages=find_packages(include=["sparse_attn_hf", "sparse_attn_hf.*"]) + ["sparse_attn_hf._profiles"],
     package_dir={"sparse_attn_hf._profiles": "profiles"},
     package_data={"sparse_attn_hf._profiles": ["*.safetensors", "*.json", "LICENSE-*"],
