@@ -590,8 +590,10 @@ def families_table() -> str:
     data = json.loads((RESULTS / "e2e_families.json").read_text())
     runs = data["meta"]["runs"]
     first = next(iter(runs.values()))
+    commands = "; ".join(f"`python {run['command']}` at `{str(run['commit'])[:10]}`" for run in runs.values())
     lines = [_run_line(first, "bfloat16, random weights at each model's full size, plain `generate()`; stock on "
-                              "SDPA (FlexAttention where the family has no SDPA path: GPT-OSS)"), "",
+                              "SDPA (FlexAttention where the family has no SDPA path: GPT-OSS)").split("; commit")[0]
+             + f"; runs: {commands}.", "",
              "| model | prompt | configuration | TTFT, s | x stock | decode, ms/token | x stock | graph steps | "
              "peak, GiB | x stock | after return |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
