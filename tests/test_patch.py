@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
+from helpers import WINDOW_FAMILIES, assert_close_by_rule, left_padded, random_ids, tiny_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, last_call, patch_model, patched, unpatch_model
@@ -336,3 +336,24 @@ def test_a_failed_warm_up_warns_and_leaves_the_model_patched(monkeypatch, caplog
     assert state.settings is settings and model._sparse_attn_state is state
     assert model.generate(random_ids(1, 12), max_new_tokens=2, do_sample=False).shape == (1, 14)
     unpatch_model(model)
+
+
+@pytest.mark.parametrize("family", [f for f, _, _ in FAMILIES] + list(WINDOW_FAMILIES))
+def test_every_family_patches_on_line_one(family, monkeypatch):
+    """The README's first example on every family of its table: patch_model(model) with no profile (none is
+    shipped for these weights) calibrates one and generate() runs; no family needs profile=."""
+    from sparse_attn_hf.profile import first_use
+
+    calibrate = first_use.calibrate
+    monkeypatch.setattr(first_use, "calibrate", lambda model, **kw: calibrate(model, count=2, **kw))  # time
+    heads, kv_heads = next(((h, k) for f, h, k in FAMILIES if f == family), (4, 2))
+    model = tiny_model(family, heads=heads, kv_heads=kv_heads, layers=2)
+    ids = random_ids(1, 40)
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    patch_model(model)
+    try:
+        assert model._sparse_attn_state.profile.method.startswith("calibrated on first use")
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, expected)  # fraction 0: exact prefill; a 44-token context: exact decoding
+    finally:
+        unpatch_model(model)
