@@ -15,7 +15,8 @@ kernels, or the folder an earlier variant filled (what every later process on th
 * ``patched_cached``: the default warm-up, Triton's cache as ``patched_fresh`` left it;
 * ``patched_no_warm_up_cached``: no warm-up, the same cache.
 
-Ratios: ``first_over_warm`` = cold TTFT / warm TTFT, and the same for the whole call (``call_first_over_warm``).
+Ratios: ``first_over_warm`` = cold TTFT / warm TTFT, and the same for the whole call (``call_first_over_warm``);
+``decode_first_excess_s``: what the first call's decode steps took beyond the warm call's (kernels compiled there).
 Writes benchmarks/results/first_call.json and .png.
 """
 
@@ -106,7 +107,9 @@ def child(args) -> dict:
     cold, warm = calls[0], calls[-1]
     row.update(ttft_first_s=cold["ttft_s"], ttft_warm_s=warm["ttft_s"], call_first_s=cold["call_s"],
                call_warm_s=warm["call_s"], first_over_warm=cold["ttft_s"] / warm["ttft_s"],
-               call_first_over_warm=cold["call_s"] / warm["call_s"], calls=calls)
+               call_first_over_warm=cold["call_s"] / warm["call_s"],
+               decode_first_excess_s=(cold["call_s"] - cold["ttft_s"]) - (warm["call_s"] - warm["ttft_s"]),
+               calls=calls)
     return row
 
 
