@@ -332,7 +332,16 @@ def merge(paths: list[Path], out: Path) -> None:
             write(out, info, [r for r in data["rows"] if r.get("run", run_id) == run_id])
 
 
+STYLE = {"stock": ("tab:blue", "o", "-"), "stock_static_compile": ("tab:cyan", "v", "--"),
+         "patched_default": ("tab:green", "s", "-"), "patched_streaming50": ("tab:olive", "D", "--"),
+         "patched_dense": ("tab:purple", "P", ":"), "patched_dense_exact": ("tab:red", "^", ":"),
+         "patched_sample_pinned": ("tab:orange", "X", "-."), "patched_eager": ("tab:brown", "<", "-."),
+         "patched_compile": ("tab:pink", ">", "-."), "patched_bound_only": ("tab:gray", "*", "-.")}
+
+
 def plot(path: Path, rows: list[dict], info: dict) -> None:
+    """TTFT, decode ms per token and peak memory against prompt length (batch 1, log-log), one line per
+    configuration; the decode floor (stock compiled at 1K) as a dashed line."""
     try:
         import matplotlib
 
@@ -340,27 +349,52 @@ def plot(path: Path, rows: list[dict], info: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for config in CONFIGS:
-        points = sorted(((r["L"], r) for r in rows if r["config"] == config and r["batch"] == 1 and r["status"] == "ok"),
-                        key=lambda p: p[0])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    floor = next((r for r in rows if r["config"] == "stock_static_compile" and r["L"] == 1024 and r["status"] == "ok"
+                  and r.get("decode_ms_per_token")), None)
+    families = list(dict.fromkeys(r.get("family", "") for r in rows))
+    shades = ("-", "--", ":", "-.")
+    for family, config in [(f, c) for f in families for c in CONFIGS]:
+        points = sorted(((r["L"], r) for r in rows if r["config"] == config and r.get("family", "") == family
+                         and r["batch"] == 1 and r["status"] == "ok" and r["L"] > 1024), key=lambda p: p[0])
         if not points:
             continue
+        color, marker, line = STYLE.get(config, (None, "o", "-"))
+        if len(families) > 1:  # one model per line style, one configuration per colour
+            line, marker = shades[families.index(family) % len(shades)], "os^D"[families.index(family) % 4]
+        label = f"{family}: {config}" if len(families) > 1 else config
+        style = dict(marker=marker, linestyle=line, color=color, label=label, markersize=7, alpha=0.9)
         lengths = [p[0] for p in points]
-        axes[0].plot(lengths, [p[1]["ttft_s"] for p in points], marker="o", label=config)
+        axes[0].plot(lengths, [p[1]["ttft_s"] for p in points], **style)
         decode = [(p[0], p[1].get("decode_ms_per_token")) for p in points if p[1].get("decode_ms_per_token")]
         if decode:
-            axes[1].plot(*zip(*decode), marker="o", label=config)
-    for ax, title in zip(axes, ("time to first token, s", "decode, ms per token")):
+            axes[1].plot(*zip(*decode), **style)
+        memory = [(p[0], p[1].get("peak_gib")) for p in points if p[1].get("peak_gib")]
+        if memory:
+            axes[2].plot(*zip(*memory), **style)
+    if floor is not None:
+        axes[1].axhline(floor["decode_ms_per_token"], color="gray", linestyle="--", linewidth=1,
+                        label="floor: stock compiled at 1K")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    lengths = sorted({r["L"] for r in rows if r["batch"] == 1 and r["status"] == "ok" and r["L"] > 1024})
+    for ax, title in zip(axes, ("time to first token, s", "decode, ms per token", "peak memory, GiB")):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if "memory" not in title:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(lengths))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 2**20:g}M" if x >= 2**20 else f"{x / 1024:g}K"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if f"{y:g}"[0] in "25" else ""))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xlabel("prompt tokens (batch 1)")
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-    if axes[0].lines:
-        axes[0].legend(fontsize=8)
-    fig.suptitle(f"generate() on a Llama-3-8B-shaped model ({info['layers']} layers, random weights), {info['device']}",
-                 fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    if axes[1].lines:
+        axes[1].legend(fontsize=8)
+    model = f"the {info['model'].split(' shape')[0]} shape" if len(families) == 1 else "full-size model shapes"
+    fig.suptitle(f"generate() on {model} (random weights), stock against patched, {info['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
