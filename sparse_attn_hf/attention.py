@@ -22,6 +22,7 @@ from .cache import LayerKV, PendingKV, SparseLayer
 from .config import UNLIMITED_BUDGET
 from .methods.page_selection import plan_step, select_pages
 from .methods.sample_attention import sample_attention_mask, window_size
+from .methods.streaming import dense_prompt
 from .parallel import check_heads
 from .record import LayerPrefill
 from .state import ATTENTION_NAME
@@ -181,20 +182,11 @@ def _selects(layer) -> bool:
 
 
 def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: int) -> int:
-    """The length of the prompt this forward belongs to when the whole prompt runs every head dense (its
-    streaming heads' window would cover so much of it that the sparse kernel costs more than dense attention),
-    else 0. Decided from the whole prompt, never from one chunk, so that chunking never changes the answer: its
-    length is known in ``generate()`` (the prompt's end) and in a forward with no cache passed in (the forward is
-    the sequence); a forward on a cache the caller passes keeps the window (more chunks may follow)."""
-    total = state.prompt_total
-    if total is None:  # no cache passed in: this forward is the whole sequence
-        total = first + q_len
-    if window_layer or not n_stream or not first + q_len <= total:
-        return 0
+    """``methods.streaming.dense_prompt`` with this model's settings and the prompt this forward belongs to."""
     settings = state.settings
-    if settings.streaming_from is not None:
-        return 0 if total >= settings.streaming_from else total
-    return 0 if cost.streaming_pays(0, total, settings.sink_size, settings.local_size) else total
+    return dense_prompt(state.prompt_total, streaming_from=settings.streaming_from, sink=settings.sink_size,
+                        local=settings.local_size, window_layer=window_layer, n_stream=n_stream, first=first,
+                        q_len=q_len)
 
 
 _STOP_NOTE = ("SampleAttention stopped sampling in this forward after {n} layers in a row chose masks too dense to "

@@ -111,3 +111,18 @@ def test_sink_column_is_a_stripe_even_when_the_window_reaches_alpha():
         for h in range(2):
             assert start in mask.stripes[b, h, : int(mask.counts[b, h])].tolist()
     assert torch.equal(mask.stripes, torch.sort(mask.stripes, dim=-1).values)
+
+
+def test_a_prompt_runs_dense_where_the_window_would_not_pay():
+    """methods.streaming.dense_prompt: decided from the whole prompt, never from one chunk."""
+    from sparse_attn_hf.methods.streaming import dense_prompt
+
+    common = dict(streaming_from=None, sink=64, local=256, window_layer=False, n_stream=2)
+    assert dense_prompt(None, first=0, q_len=300, **common) == 300  # the window covers most of a short prompt
+    assert dense_prompt(None, first=0, q_len=200_000, **common) == 0  # a long one streams
+    assert dense_prompt(300, first=100, q_len=40, **common) == 300  # a chunk of a short prompt: the prompt decides
+    assert dense_prompt(300, first=300, q_len=1, **common) == 0  # past the prompt (decode): not this rule's call
+    assert dense_prompt(None, first=0, q_len=300, **dict(common, n_stream=0)) == 0  # no streaming head
+    assert dense_prompt(None, first=0, q_len=300, **dict(common, window_layer=True)) == 0  # a native window layer
+    assert dense_prompt(None, first=0, q_len=300, **dict(common, streaming_from=0)) == 0  # forced on
+    assert dense_prompt(None, first=0, q_len=200_000, **dict(common, streaming_from=10**6)) == 200_000  # forced off
