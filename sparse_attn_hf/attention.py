@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import flash_attention_mask
 
-from . import cost, ops
+from . import ops
 from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
 from .config import UNLIMITED_BUDGET
 from .methods.page_selection import plan_step, select_pages
-from .methods.sample_attention import sample_attention_mask, window_size
+from .methods.sample_attention import choose_mask, window_size
 from .methods.streaming import dense_prompt
 from .parallel import check_heads
 from .record import LayerPrefill
@@ -231,22 +231,21 @@ def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tenso
     non-contiguous view."""
     if sample is not None:
         terms = dict(sinks=common["sinks"], softcap=common["softcap"])
-        mask = sample_attention_mask(query, key, q_first=common["q_first"], kv_start=common["kv_start"],
-                                     alpha=sample["alpha"], rw=sample["rw"], r_row=sample["r_row"],
-                                     scale=common["scale"], criterion=sample["criterion"], **terms)
-        state, layer = sample["state"], sample["layer"]
+        choice = choose_mask(query, key, q_first=common["q_first"], kv_start=common["kv_start"], alpha=sample["alpha"],
+                             rw=sample["rw"], r_row=sample["r_row"], scale=common["scale"],
+                             criterion=sample["criterion"], **terms)
+        state, layer = sample["state"], sample["layer"]  # the record of the choice
         if sample["record"]:
-            state.masks[layer] = mask
-        density, predicted = cost.stripe_cost(mask, common["q_first"])
-        pays = predicted <= cost.MARGIN
-        state.sample_choices[layer] = {"density": density, "predicted_cost": predicted, "sparse": pays}
-        state.sample_misses = 0 if pays else state.sample_misses + 1
-        if pays:
-            return ops.stripe_attention(query, key, value, mask=mask, scale=common["scale"], tile=common["tile"],
-                                        **terms)
-        log_once(f"sparse_attn_hf: SampleAttention chose masks too dense to pay (layer {layer}: density {density:.2f}, "
-                 f"predicted {predicted:.2f}x dense attention's cost); such layers run dense "
-                 "(sparse_attn_hf.cost; state.sample_choices holds every layer's choice).")
+            state.masks[layer] = choice.mask
+        state.sample_choices[layer] = {"density": choice.density, "predicted_cost": choice.predicted_cost,
+                                       "sparse": choice.sparse}
+        state.sample_misses = 0 if choice.sparse else state.sample_misses + 1
+        if choice.sparse:
+            return ops.stripe_attention(query, key, value, mask=choice.mask, scale=common["scale"],
+                                        tile=common["tile"], **terms)
+        log_once(f"sparse_attn_hf: SampleAttention chose masks too dense to pay (layer {layer}: density "
+                 f"{choice.density:.2f}, predicted {choice.predicted_cost:.2f}x dense attention's cost); such layers "
+                 "run dense (sparse_attn_hf.cost; state.sample_choices holds every layer's choice).")
     return ops.dense_attention(query, key, value, kv_start=common["kv_start"], padded=padded, scale=common["scale"],
                                sinks=common["sinks"], softcap=common["softcap"])
 

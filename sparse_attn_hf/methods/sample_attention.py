@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .. import ops
+from .. import cost, ops
 from ..stripe_mask import StripeMask
 
 TAIL_ROWS = 64  # the last query rows are always sampled
@@ -135,3 +136,25 @@ def sample_attention_mask(query, key, *, q_first: int, kv_start: torch.Tensor, a
         raise ValueError(f"criterion must be 'mean' or 'min', got {criterion!r}.")
     stripes, counts = _with_sink_column(stripes, counts, kv_start, k_len)
     return StripeMask(window=window, stripes=stripes, counts=counts, q_len=q_len, k_len=k_len, kv_start=kv_start)
+
+
+@dataclass(frozen=True)
+class SampleChoice:
+    """SampleAttention's decision for one layer's dense heads: its mask, the mask's density over the causal
+    matrix, the cost model's predicted cost relative to dense attention, and whether the mask pays (runs)."""
+
+    mask: StripeMask
+    density: float
+    predicted_cost: float
+    sparse: bool
+
+
+def choose_mask(query, key, *, q_first: int, kv_start: torch.Tensor, alpha: float, rw: float, r_row: float,
+                scale: float, criterion: str = "mean", sinks: torch.Tensor | None = None,
+                softcap: float | None = None) -> SampleChoice:
+    """The layer's mask (``sample_attention_mask``) and whether it pays against dense attention (``cost``: one
+    host synchronization, the decision is made on the host)."""
+    mask = sample_attention_mask(query, key, q_first=q_first, kv_start=kv_start, alpha=alpha, rw=rw, r_row=r_row,
+                                 scale=scale, criterion=criterion, sinks=sinks, softcap=softcap)
+    density, predicted = cost.stripe_cost(mask, q_first)
+    return SampleChoice(mask, density, predicted, predicted <= cost.MARGIN)
