@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .online_softmax import _logits, _softmax_step
+from .online_softmax import LOG2E, _logits, _softmax_step
 from .reference import STEP_SEEN, STEP_TAIL, DecodeKV
 
-LOG2E = 1.4426950408889634
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # bf16 dots are wrong in the interpreter
 
 

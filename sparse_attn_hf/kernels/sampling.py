@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .online_softmax import _logits, _merge_sink
+from .online_softmax import LOG2E, _logits, _merge_sink
 
-LOG2E = 1.4426950408889634
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
