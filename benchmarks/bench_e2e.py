@@ -63,10 +63,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta  # noqa: E402
+from timing import StepClock  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, decode_graph, last_call, patch_model, unpatch_model  # noqa: E402
 
@@ -88,19 +89,6 @@ DENSITIES = RESULTS / "sample_density.json"
 FAMILY_NAMES = {"llama3-8b": "Llama-3-8B", "qwen3-8b": "Qwen3-8B", "gemma3-12b": "Gemma-3-12B (text)",
                 "gpt-oss-20b": "GPT-OSS-20B"}
 GIB = 2**30
-
-
-class StepClock(StoppingCriteria):
-    """Records a device-synchronized timestamp when each new token is out (generate checks its stopping
-    criteria once per token, and synchronizes there anyway). Never stops generation."""
-
-    def __init__(self, sync):
-        self.sync, self.times = sync, []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.sync()
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class Device:

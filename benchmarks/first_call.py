@@ -49,21 +49,13 @@ VARIANTS = {  # name: (patched, warm_up, Triton cache: "fresh" or "shared")
 
 def child(args) -> dict:
     """One variant in this process: build, patch, three calls."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from timing import StepClock
+    from transformers import StoppingCriteriaList
 
     from sparse_attn_hf import Profile, SparseConfig, patch_model
 
     cuda = not args.dry_run
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    class Clock(StoppingCriteria):
-        def __init__(self):
-            self.times = []
-
-        def __call__(self, input_ids, scores, **kwargs):
-            sync()
-            self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     patched, warm_up, _ = VARIANTS[args.variant]
     start = time.perf_counter()
@@ -96,7 +88,7 @@ def child(args) -> dict:
     ids = ids.to(model.device)
     calls = []
     for _ in range(3):
-        clock = Clock()
+        clock = StepClock(sync)
         sync()
         start = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
+from timing import StepClock  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FINE_TUNE = "someone/Llama-3.1-8B-Instruct-medical-sft"
@@ -62,18 +63,9 @@ def build(args):
 
 
 def timed_generate(model, ids, new_tokens: int, sync) -> dict:
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
-    class Clock(StoppingCriteria):
-        def __init__(self):
-            self.times = []
-
-        def __call__(self, input_ids, scores, **kwargs):
-            sync()
-            self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    clock = Clock()
+    clock = StepClock(sync)
     sync()
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,

@@ -52,21 +52,9 @@ FAMILIES = {  # name: config builder (the published checkpoint whose config.json
 def stock_attention(config, cuda: bool = True) -> str:
     """What stock Transformers runs best without downloaded kernels: SDPA, or on CUDA FlexAttention for a family
     without an SDPA path (GPT-OSS: its learned sinks; its default, eager, would materialise every score matrix)."""
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    with torch.device("meta"):
-        cls = type(AutoModelForCausalLM.from_config(_tiny(config)))
-    return "sdpa" if cls._supports_sdpa else "flex_attention" if cuda else "eager"
-
-
-def _tiny(config):
-    import copy
-
-    config = copy.deepcopy(config)
-    config.num_hidden_layers = 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:1]
-    return config
+    return "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "flex_attention" if cuda else "eager"
 
 
 def _random_bf16(config):

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import meta, write_results  # noqa: E402
+from timing import StepClock  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, last_call, patch_model, unpatch_model  # noqa: E402
 
@@ -51,18 +51,8 @@ def smollm2_shape(dry_run: bool) -> LlamaForCausalLM:
         torch.set_default_dtype(torch.float32)
 
 
-class Clock(StoppingCriteria):
-    def __init__(self, sync):
-        self.sync, self.times = sync, []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.sync()
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 def decode_ms(model, ids, new_tokens: int, sync) -> float:
-    clock = Clock(sync)
+    clock = StepClock(sync)
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                    do_sample=False, eos_token_id=None, pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]))
     t = clock.times
