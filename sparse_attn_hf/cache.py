@@ -470,16 +470,17 @@ class SparseLayer(CacheLayerMixin):
         t = self._tensors
         if t["ring_key"].shape[2] == size:
             return
+        # new index j holds the one slot p of the newest ``size`` with p % size == j; it was at p % old_size, and
+        # is kept if that old index still holds it (a gather: no host sync, once per layer in every prefill)
         old_pos = t["ring_pos"]
-        keep = torch.nonzero((old_pos >= 0) & (old_pos >= self.seen - size)).flatten()
-        new_index = old_pos[keep] % size
+        oldest = self.seen - size
+        slot = oldest + torch.remainder(torch.arange(size, device=old_pos.device) - oldest, size)
+        source = torch.remainder(slot, old_pos.shape[0])
+        kept = (slot >= 0) & (old_pos[source] == slot)
         for name in ("ring_key", "ring_value"):
             old = t[name]
-            grown = old.new_zeros(*old.shape[:2], size, old.shape[3])
-            grown[:, :, new_index] = old[:, :, keep]
-            t[name] = grown
-        t["ring_pos"] = torch.full((size,), -1, dtype=old_pos.dtype, device=old_pos.device)
-        t["ring_pos"][new_index] = old_pos[keep]
+            t[name] = torch.where(kept[None, None, :, None], old.index_select(2, source), 0)
+        t["ring_pos"] = torch.where(kept, slot, -1)
 
     def _append_streaming(self, key, value, first: int, kv_start, attend: bool = True):
         """Store the streaming heads of ``key``/``value`` [B, Hkv, n, D] in sink and ring; return what they

@@ -409,6 +409,16 @@ def _top_pages(scores, out, reselect) -> None:
         out.copy_(top_pages_reference(scores, out.shape[2]))
 
 
+def compile_top_pages(max_width: int, device: torch.device) -> None:
+    """Compile the top-k kernel for rows of up to ``max_width`` pages ahead of use (a CUDA model's warm-up); a
+    no-op where the reference runs."""
+    if device.type == "cuda" and _backend != "reference":
+        from .kernels.selection import compile_top_pages as compile_ahead
+
+        with _on_device(torch.empty(0, device=device)):
+            compile_ahead(max_width, device)
+
+
 def shortlist_pages(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
                     reselect: torch.Tensor, page_size: int, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Page selection's second stage: the ``out.shape[2]`` pages of ``shortlist`` of highest exact attention mass

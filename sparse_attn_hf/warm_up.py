@@ -7,7 +7,9 @@ it runs in a process (from Triton's disk cache when an earlier process compiled 
 windows, SampleAttention's sampling, page selection in decode, the decode graph) and once with the user's settings,
 so that every kernel a real call runs has been compiled, and CUDA's libraries have been initialised, before the
 user's first prompt. Kernel arguments that change with the length are not specialised on (``do_not_specialize``),
-so a short prompt compiles what a long one runs.
+so a short prompt compiles what a long one runs; page selection's constants follow the token budget, so the forced
+call selects at the model's own budget (its prompt a little longer than the budget, up to ``LONGEST``), and the
+top-k kernel's row buckets (one per range of context lengths) are compiled up to the model's longest context.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import warnings
 
 import torch
 
+from . import ops
 from ._log import warn_once
 from .config import UNLIMITED_BUDGET
 from .record import CallRecord
 
 PROMPT = 1024  # tokens of the synthetic prompt: several pages, past the decode window of every shipped profile
+LONGEST = 16384  # the longest warm-up prompt: past a token budget up to this, selection runs at the model's budget
 NEW_TOKENS = 6  # two eager decode steps, the capture, replays
 
 
@@ -48,27 +52,42 @@ def warm_up(model, state) -> float | None:
         return None
 
 
-def forced_settings(settings):
-    """``settings`` with every sparse path they can take forced on at a short length: the streaming window from the
-    first token; SampleAttention from the first token, in every layer, at an alpha low enough for its masks to pay
-    (so that the stripe kernel compiles too); page selection at a budget of two pages, every step. A path the
-    settings turn off (``alpha=1``, ``page_selection="never"``, an unlimited budget) stays off: nothing is compiled
-    that the model will not run."""
+def _selects(settings) -> bool:
+    return settings.page_selection != "never" and settings.token_budget != UNLIMITED_BUDGET
+
+
+def prompt_length(settings, positions: int) -> int:
+    """Tokens of the synthetic prompt: ``PROMPT``, or two pages past the token budget where that is at most
+    ``LONGEST`` (decode steps then select at the model's own budget), within the model's positions."""
+    wanted = PROMPT
+    if _selects(settings) and settings.token_budget + 2 * settings.page_size <= LONGEST:
+        wanted = max(PROMPT, settings.token_budget + 2 * settings.page_size)
+    return max(2, min(wanted, positions - NEW_TOKENS - 1))
+
+
+def forced_settings(settings, length: int):
+    """``settings`` with every sparse path they can take forced on for a prompt of ``length``: the streaming window
+    from the first token; SampleAttention from the first token, in every layer, at an alpha low enough for its
+    masks to pay (so that the stripe kernel compiles too); page selection every step, at the model's budget where
+    the prompt passes it (the kernels' constants follow the budget), else at two pages. A path the settings turn
+    off (``alpha=1``, ``page_selection="never"``, an unlimited budget) stays off: nothing is compiled that the model
+    will not run."""
     changes = dict(streaming_from=0)
     if settings.alpha < 1.0:
         changes.update(dense_below=0, alpha=min(settings.alpha, 0.5), sample_stop_after=0)
-    if settings.page_selection != "never" and settings.token_budget != UNLIMITED_BUDGET:
-        changes.update(page_selection="always", token_budget=2 * settings.page_size, reuse_interval=1)
+    if _selects(settings):
+        budget = settings.token_budget if settings.token_budget < length else 2 * settings.page_size
+        changes.update(page_selection="always", token_budget=budget, reuse_interval=1)
     return dataclasses.replace(settings, **changes)
 
 
 def _warm_up(model, state) -> float:
     settings = state.settings
-    forced = forced_settings(settings)
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 1000
     positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or PROMPT * 2
-    length = max(2, min(PROMPT, positions - NEW_TOKENS - 1))
+    length = prompt_length(settings, positions)
+    forced = forced_settings(settings, length)
     ids = torch.randint(min(3, vocab - 1), vocab, (1, length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     start = time.perf_counter()
@@ -81,6 +100,8 @@ def _warm_up(model, state) -> float:
         state.record = CallRecord()
         state.masks.clear()
         state.sample_choices.clear()
+    if _selects(settings):  # every context length's top-k bucket
+        ops.compile_top_pages(-(-(positions + 1) // settings.page_size), device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

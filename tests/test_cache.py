@@ -200,3 +200,32 @@ def test_cache_misuse_is_rejected(model):
         gap = torch.tensor([[1, 0, 1, 1]])
         with pytest.raises(ValueError, match="cannot be served sparsely"):  # stock could not read the cache
             model(random_ids(1, 4), attention_mask=gap, **{CACHE_ARG: SparseCache(model)})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt,sizes", [(30, (8, 20, 5)), (5, (8, 3, 16)), (17, (17, 4, 40))])
+def test_ring_resize_keeps_the_newest_slots(model, prompt, sizes):
+    """Resizing a streaming ring (grow for a prompt run dense, shrink to the decode window) keeps exactly the newest
+    slots that both sizes hold, each at index slot % size; every other index is empty (-1, zeros)."""
+    cache = SparseCache(model)
+    layer = next(layer for layer in cache.layers if layer.stream_heads)
+    key, value = torch.randn(2, 1, 2, prompt, 16).unbind(0)
+    layer.lazy_initialization(key, value)
+    layer.append(key, value, torch.zeros(1, dtype=torch.long), ring=sizes[0])
+    held = set(range(max(0, prompt - sizes[0]), prompt))
+    for size in sizes[1:]:
+        layer._resize_ring(size)
+        held &= set(range(prompt - size, prompt))
+        t = layer._tensors
+        assert t["ring_key"].shape[2] == size
+        for index in range(size):
+            slot = int(t["ring_pos"][index])
+            if slot < 0:
+                assert not any(p % size == index for p in held)
+                assert not t["ring_key"][:, :, index].any()
+                continue
+            assert slot in held and slot % size == index
+            stream = layer.stream_idx
+            torch.testing.assert_close(t["ring_key"][:, :, index], key[:, stream, slot])
+            torch.testing.assert_close(t["ring_value"][:, :, index], value[:, stream, slot])
+        assert {int(p) for p in t["ring_pos"] if p >= 0} == held

@@ -151,8 +151,19 @@ def test_shortlist_scores_are_the_exact_mass_of_the_listed_pages(softcap):
             torch.testing.assert_close(got[b, h], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_top_pages_compiles_a_few_variants_for_every_context_length():
+    """The top-k kernel's block follows the row's width in a few buckets, not in every power of two: a model's
+    warm-up compiles them all (``compile_top_pages``), and no later prompt length compiles another."""
+    from sparse_attn_hf.kernels.selection import ROW_BLOCKS, _block
+
+    variants = {_block(width)[:2] for width in range(1, 40000)}
+    assert len(variants) == len(ROW_BLOCKS) + 1  # one per bucket, and the looping one past the last
+    assert all(_block(width)[0] >= width for width in range(1, ROW_BLOCKS[-1] + 1))
+
+
 @pytest.mark.parametrize("width,k,block", [(50, 7, None), (50, 60, None), (3000, 63, None), (3000, 63, 1024),
-                                           (20, 0, None)], ids=["short", "k-over-width", "long", "blocks", "k0"])
+                                           (20, 0, None), (257, 31, None)],
+                         ids=["short", "k-over-width", "long", "blocks", "k0", "bucket-edge"])
 def test_top_pages_kernel_matches_torch_topk(width, k, block, monkeypatch):
     """The bisection top-k against torch.topk: random scores with -inf holes, +inf entries and ties (which may
     be broken either way: compared as the multiset of values chosen), rows with fewer real entries than k; a
@@ -160,7 +171,7 @@ def test_top_pages_kernel_matches_torch_topk(width, k, block, monkeypatch):
     import sparse_attn_hf.kernels.selection as selection
 
     if block is not None:
-        monkeypatch.setattr(selection, "ROW_IN_REGISTERS", block // 2)
+        monkeypatch.setattr(selection, "ROW_BLOCKS", (block // 2,))
     gen = torch.Generator().manual_seed(width + k)
     scores = torch.randn(3, 2, width, generator=gen).round(decimals=1)  # ties
     scores[scores < -1.2] = float("-inf")

@@ -291,9 +291,12 @@ def test_warm_up_runs_every_sparse_path_then_leaves_the_model_as_it_was(monkeypa
     monkeypatch.setattr(warm, "PROMPT", 64)
     seconds = warm.warm_up(model, state)
     assert seconds > 0
-    forced = (0, 2 * settings.page_size, "always")
-    assert warm.forced_settings(settings).alpha == 0.5 and warm.forced_settings(settings).dense_below == 0
-    dense = warm.forced_settings(SparseConfig().resolve(Profile.all_dense(model)))
+    # the prompt passes the budget: selection at the model's own budget (the kernels' constants follow it)
+    assert warm.prompt_length(settings, 1024) == 64
+    forced = (0, settings.token_budget, "always")
+    assert warm.forced_settings(settings, 64).alpha == 0.5 and warm.forced_settings(settings, 64).dense_below == 0
+    assert warm.forced_settings(settings, 20).token_budget == 2 * settings.page_size  # a prompt within the budget
+    dense = warm.forced_settings(SparseConfig().resolve(Profile.all_dense(model)), 64)
     assert dense.alpha == 1.0 and dense.page_selection == "auto" and dense.streaming_from == 0  # nothing to force
     own = (settings.streaming_from, settings.token_budget, settings.page_selection)
     assert forced != own
@@ -302,6 +305,20 @@ def test_warm_up_runs_every_sparse_path_then_leaves_the_model_as_it_was(monkeypa
     assert last_call(model).decode_steps == 0
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), before)
     unpatch_model(model)
+
+
+def test_warm_up_prompt_passes_the_token_budget_within_limits():
+    """The 8B shape's settings (budget 4096, pages of 64): a prompt two pages past the budget, so that the decode
+    kernels compile with the budget's constants; a budget past ``LONGEST`` or a short model keeps it short."""
+    from sparse_attn_hf import warm_up as warm
+
+    settings = SparseConfig(token_budget=4096, page_size=64, alpha=0.95)
+    assert warm.prompt_length(settings, 131072) == 4096 + 128
+    assert warm.forced_settings(settings, 4096 + 128).token_budget == 4096
+    assert warm.prompt_length(settings, 2048) == 2048 - warm.NEW_TOKENS - 1
+    assert warm.forced_settings(settings, 2041).token_budget == 128
+    assert warm.prompt_length(SparseConfig(token_budget=32768, page_size=64), 131072) == warm.PROMPT
+    assert warm.prompt_length(SparseConfig(page_selection="never"), 131072) == warm.PROMPT
 
 
 def test_warm_up_is_a_setting_that_only_a_cuda_model_uses():

@@ -193,14 +193,27 @@ def _top_pages_kernel(SCORES, RESELECT, OUT, width, k, BLOCK: tl.constexpr, ONE_
 
 
 def _block(width: int) -> tuple[int, bool, int]:
-    """(block, the row in one block, warps) of a top-k over rows of ``width``."""
-    block = max(16, triton.next_power_of_2(width))
-    if block <= ROW_IN_REGISTERS:
+    """(block, the row in one block, warps) of a top-k over rows of ``width``: the smallest of ``ROW_BLOCKS`` that
+    holds the row (a few compiled variants cover every context length), else passes over blocks of 1024."""
+    block = next((block for block in ROW_BLOCKS if width <= block), None)
+    if block is not None:
         return block, True, 4 if block <= 2048 else 8
     return 1024, False, 4
 
 
 ROW_IN_REGISTERS = 8192  # longer rows (contexts over 512K tokens in pages of 64) are read again in each pass
+ROW_BLOCKS = (256, 1024, 4096, ROW_IN_REGISTERS)  # one compile each (patch_model's warm-up), not one per power of 2
+
+
+def compile_top_pages(max_width: int, device: torch.device) -> None:
+    """Compile ``top_pages_triton`` for every row bucket of ``_block`` up to rows of ``max_width`` (the warm-up: a
+    first long prompt then compiles nothing)."""
+    reselect = torch.ones(1, dtype=torch.int32, device=device)
+    out = torch.empty(1, 1, 2, dtype=torch.int32, device=device)
+    for width in (*ROW_BLOCKS, ROW_IN_REGISTERS + 1):
+        top_pages_triton(torch.zeros(1, 1, width, device=device), out=out, reselect=reselect)
+        if width >= max_width:
+            return
 
 
 def top_pages_triton(scores: torch.Tensor, *, out: torch.Tensor, reselect: torch.Tensor) -> torch.Tensor:
