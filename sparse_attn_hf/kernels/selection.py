@@ -184,7 +184,7 @@ def _top_k_row(SRC, width, k, DST, MAP, HAS_MAP: tl.constexpr, BLOCK: tl.constex
         tl.store(DST + offs, tl.full([BLOCK], -1, tl.int32), mask=(offs >= wanted) & (offs < k))
 
 
-@triton.jit(do_not_specialize=["width", "k"])  # the context's page count: one compile per ROW_BLOCKS bucket
+@triton.jit(do_not_specialize=["RESELECT", "width", "k"])  # one compile per ROW_BLOCKS bucket (the warm-up)
 def _top_pages_kernel(SCORES, RESELECT, OUT, width, k, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     if tl.load(RESELECT) == 0:  # the step reuses the selection already in OUT
         return
