@@ -34,7 +34,7 @@ from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model,
 from sparse_attn_hf.attention import sparse_attention_forward
 from sparse_attn_hf.cache import PendingKV
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
-from sparse_attn_hf.kernels.reference import STEP_RESELECT
+from sparse_attn_hf.kernels.layout import STEP_RESELECT
 from sparse_attn_hf.methods.page_selection import select_pages
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
 from ._log import warn_once
-from .kernels.reference import STEP_SEEN, STEP_TAIL, DecodeKV
+from .kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV
 from .methods.page_selection import reset_step
 from .padding import left_padding_starts
 
@@ -107,7 +107,7 @@ class SequenceState:
         self.steps: dict[str, tuple[int, torch.Tensor]] = {}  # device -> (planning layer, step counters)
 
     def step_for(self, layer_idx: int, device) -> tuple[torch.Tensor, bool]:
-        """The decode-step counters on ``device`` (int32 [4], ``kernels.reference.STEP_*``; one tensor at a
+        """The decode-step counters on ``device`` (int32 [4], ``kernels.layout.STEP_*``; one tensor at a
         fixed address for the cache's life) and whether ``layer_idx`` plans each step there (the first
         layer to ask on that device, i.e. the first it runs)."""
         key = str(device)

@@ -13,8 +13,8 @@ import torch
 
 from . import cost
 from ._log import log_once, warn_once
+from .kernels.layout import DecodeKV
 from .kernels.reference import (
-    DecodeKV,
     append_token_reference,
     decode_visible_tokens,
     paged_decode_reference,

@@ -7,13 +7,8 @@ from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, last_call, ops, patch_model, unpatch_model
 from sparse_attn_hf.kernels.decode import paged_decode_triton
+from sparse_attn_hf.kernels.layout import STEP_DUE, STEP_RESELECT, STEP_SEEN, STEP_TAIL, DecodeKV, decode_step
 from sparse_attn_hf.kernels.reference import (
-    STEP_DUE,
-    STEP_RESELECT,
-    STEP_SEEN,
-    STEP_TAIL,
-    DecodeKV,
-    decode_step,
     page_scores,
     paged_decode_reference,
     physical_page_scores_reference,

@@ -8,10 +8,8 @@ from helpers import assert_close_by_rule, loop_mask
 
 from sparse_attn_hf.kernels.decode import paged_decode_triton
 from sparse_attn_hf.kernels.prefill import sparse_attention_triton
+from sparse_attn_hf.kernels.layout import STEP_TAIL, DecodeKV, decode_step
 from sparse_attn_hf.kernels.reference import (
-    STEP_TAIL,
-    DecodeKV,
-    decode_step,
     paged_decode_reference,
     sampled_column_scores_reference,
     sparse_attention_reference,

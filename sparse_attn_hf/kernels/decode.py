@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .online_softmax import LOG2E, _logits, _softmax_step
-from .reference import STEP_SEEN, STEP_TAIL, DecodeKV
+from .layout import STEP_SEEN, STEP_TAIL, DecodeKV
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # bf16 dots are wrong in the interpreter
 

@@ -34,7 +34,7 @@ import contextlib
 import torch
 
 from .. import ops
-from ..kernels.reference import STEP_DUE, STEP_RESELECT, STEP_SEEN, STEP_TAIL
+from ..kernels.layout import STEP_DUE, STEP_RESELECT, STEP_SEEN, STEP_TAIL
 
 _selector = None  # an evaluation hook replacing the bound-based choice (see ``selector``)
 
@@ -57,7 +57,7 @@ def plan_step(step: torch.Tensor, *, budget: int, page_size: int, reuse_interval
     """Once per decode step, for every layer on ``step``'s device: one more token is stored, and the step
     selects anew when the context no longer fits the budget and ``reuse_interval`` steps have used the last
     selection (or none was made since the last prefill); the tail starts at the newest page of the last
-    selection. ``step`` int32 [4] (``kernels.reference.STEP_*``), updated in place: device work only."""
+    selection. ``step`` int32 [4] (``kernels.layout.STEP_*``), updated in place: device work only."""
     step[STEP_SEEN : STEP_SEEN + 1].add_(1)
     seen, due, tail = step[STEP_SEEN], step[STEP_DUE], step[STEP_TAIL]
     n_pages = (seen + (page_size - 1)) // page_size
