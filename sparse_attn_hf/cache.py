@@ -40,8 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
 from ._log import warn_once
-from .kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV
-from .methods.page_selection import reset_step
+from .kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV, reset_step
 from .padding import left_padding_starts
 
 _STAT_CHUNK_PAGES = 1024  # logical pages whose statistics are computed per step (bounds the temporary memory)

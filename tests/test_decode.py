@@ -7,7 +7,15 @@ from helpers import assert_close_by_rule, left_padded, random_ids, tiny_model
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, last_call, ops, patch_model, unpatch_model
 from sparse_attn_hf.kernels.decode import paged_decode_triton
-from sparse_attn_hf.kernels.layout import STEP_DUE, STEP_RESELECT, STEP_SEEN, STEP_TAIL, DecodeKV, decode_step
+from sparse_attn_hf.kernels.layout import (
+    STEP_DUE,
+    STEP_RESELECT,
+    STEP_SEEN,
+    STEP_TAIL,
+    DecodeKV,
+    decode_step,
+    reset_step,
+)
 from sparse_attn_hf.kernels.reference import (
     page_scores,
     paged_decode_reference,
@@ -17,7 +25,7 @@ from sparse_attn_hf.kernels.reference import (
     top_pages_reference,
 )
 from sparse_attn_hf.kernels.selection import physical_page_scores_triton, shortlist_pages_triton, top_pages_triton
-from sparse_attn_hf.methods.page_selection import plan_step, reset_step, select_pages
+from sparse_attn_hf.methods.page_selection import plan_step, select_pages
 from sparse_attn_hf.cache import SparseLayer
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
@@ -346,7 +354,7 @@ def test_decode_kernel_matches_reference(case, dtype, splits):
 def test_host_decode_through_sdpa_equals_reference(case, dtype):
     """The decode step of a device without the Triton kernel (SDPA over the same visible tokens) against the
     reference: selected pages, padding, streaming heads; and with every token visible (no mask)."""
-    from sparse_attn_hf.ops import _paged_decode_sdpa
+    from sparse_attn_hf.kernels.decode_sdpa import paged_decode_sdpa as _paged_decode_sdpa
 
     query, kv, kv_start, sink, local = _decode_case(case, dtype, 5)
     query, kv_start = query.cpu(), kv_start.cpu()

@@ -17,6 +17,12 @@ def decode_step(seen: int, tail_first: int = 0, device=None) -> torch.Tensor:
     return torch.tensor([seen, 0, 0, tail_first], dtype=torch.int32, device=device)
 
 
+def reset_step(step: torch.Tensor, seen: int) -> None:
+    """The counters after a prefill of ``seen`` tokens: the next decode step selects anew (no host sync)."""
+    step.zero_()
+    step[STEP_SEEN : STEP_SEEN + 1].fill_(seen)
+
+
 @dataclass
 class DecodeKV:
     """What one decode step of a layer reads from a :class:`~sparse_attn_hf.SparseCache` (views, no copies).

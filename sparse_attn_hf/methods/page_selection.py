@@ -69,12 +69,6 @@ def plan_step(step: torch.Tensor, *, budget: int, page_size: int, reuse_interval
     step[STEP_DUE:].copy_(torch.stack([new_due, reselect.to(step.dtype), new_tail]))
 
 
-def reset_step(step: torch.Tensor, seen: int) -> None:
-    """After a prefill of ``seen`` tokens: the next decode step selects anew (no host synchronization)."""
-    step.zero_()
-    step[STEP_SEEN : STEP_SEEN + 1].fill_(seen)
-
-
 def select_pages(
     query: torch.Tensor,
     key_min: torch.Tensor,
