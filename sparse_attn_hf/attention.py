@@ -19,8 +19,7 @@ from transformers.masking_utils import flash_attention_mask
 from . import ops
 from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
-from .config import UNLIMITED_BUDGET
-from .methods.page_selection import plan_step, select_pages
+from .methods.decode_step import decode_step
 from .methods.sample_attention import choose_mask, window_size
 from .methods.streaming import dense_prompt
 from .parallel import check_heads
@@ -72,11 +71,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             # value that changes per step or per prompt (the padding comes from the prefill's kv_start)
             if sequence.kv_start is None:
                 raise ValueError("a compiled decode step needs a prefill on this SparseCache first.")
-            return _decode_step(layer, query, key, sequence.kv_start.to(query.device), scale, terms).unsqueeze(1), None
+            return decode_step(layer, query, key, sequence.kv_start.to(query.device), scale, terms).unsqueeze(1), None
         first = layer.seen
         kv_start = sequence.resolve_kv_start(attention_mask, layer.batch, first, q_len, layer.device)
         if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming
-            return _decode_step(layer, query, key, kv_start, scale, terms).unsqueeze(1), None
+            return decode_step(layer, query, key, kv_start, scale, terms).unsqueeze(1), None
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
         dense_prompt = _dense_prompt(state, window_layer, len(stream_idx), first, q_len)
         # a prompt run dense keeps all of it for its streaming heads until it ends (a later chunk attends to it)
@@ -139,46 +138,6 @@ def _layer_record(state, layer: int, streaming: int, dense: int, sample, note: s
         else:
             entry.note = "SampleAttention chose masks too dense to pay; those layers ran dense (sparse_attn_hf.cost)"
     return entry
-
-
-def _decode_step(layer: SparseLayer, query, pending: PendingKV, kv_start, scale: float, terms: dict) -> torch.Tensor:
-    """One decode step of one layer -> [B, Hq, D]: plan (the first layer on the device advances the step's
-    counters), store the token, choose the dense heads' pages, attend. Every step-dependent value stays on
-    the device (a CUDA graph can replay the step, ``decode_graph``)."""
-    selects = _selects(layer)
-    settings = dict(budget=layer.token_budget if selects else UNLIMITED_BUDGET, page_size=layer.page_size)
-    if layer.plans_step:
-        plan_step(layer.step, reuse_interval=layer.reuse_interval, **settings)
-        # counted where Python runs the step: not inside Transformers' compiled step (torch.compile must not trace
-        # the count) nor inside our graph's capture (decode_graph counts its replays)
-        if not torch.compiler.is_compiling() and not (layer.device.type == "cuda"
-                                                      and torch.cuda.is_current_stream_capturing()):
-            record = layer.sequence.owner.record
-            record.decode_steps += 1
-            if not selects and layer.token_budget < layer.capacity:
-                record.decode_note = _NO_SELECTION
-    kv = layer.append_decode(pending.key, pending.value, kv_start, statistics=selects)
-    if layer.dense_heads and selects and layer.token_budget < layer.capacity:  # else every token is read: exact
-        buffers = layer.selection_buffers()
-        grouped = query.view(query.shape[0], len(layer.head_kind), -1, query.shape[-1]).index_select(1, layer.dense_idx)
-        kv.pages = select_pages(grouped, buffers["key_min"], buffers["key_max"], kv_start=kv_start, step=layer.step,
-                                scores=buffers["scores"], logical_page_size=layer.logical_page_size,
-                                selected=buffers["selected"], shortlist=layer.shortlist, listed=buffers["listed"],
-                                keys=buffers["keys"], scale=scale,
-                                softcap=terms.get("softcap"), pages=buffers["pages"], **settings)
-        layer.keep_pages(kv.pages)
-    return ops.paged_decode(query[:, :, 0], kv, kv_start=kv_start, sink=layer.sink_size, local=layer.decode_local_size,
-                            scale=scale, **terms)
-
-
-_NO_SELECTION = ("no page selection: the dense heads read every stored token (exact); on a CPU it costs more than it "
-                 "saves (SparseConfig(page_selection='always') selects there too)")
-
-
-def _selects(layer) -> bool:
-    """Whether this layer's decode steps select pages (``SparseConfig.page_selection``): by default on CUDA only."""
-    mode = layer.sequence.owner.settings.page_selection
-    return mode == "always" or (mode == "auto" and layer.device.type == "cuda")
 
 
 def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: int) -> int:

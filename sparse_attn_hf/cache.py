@@ -636,6 +636,22 @@ class SparseCache(Cache):
         """Bytes allocated by the cache (capacity, page statistics and slot tables included)."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    # ----------------------------------------------- what a decode graph needs (``decode_graph``)
+    def buffer_addresses(self) -> tuple:
+        """The address of every buffer a decode step reads or writes: a captured step replays only while none moved
+        (beam search reorders them, growth reallocates them)."""
+        return tuple(t.data_ptr() for layer in self.layers for t in layer._tensors.values())
+
+    def lengths(self) -> list[int]:
+        """Each layer's host-side count of stored tokens."""
+        return [layer.seen for layer in self.layers]
+
+    def advance(self, lengths: list[int] | None = None) -> None:
+        """Advance each layer's host-side count by the token a replayed step stored on the device (a replay runs
+        no Python), or set the counts to ``lengths`` (a capture that failed ran the Python, not the kernels)."""
+        for i, layer in enumerate(self.layers):
+            layer.seen = layer.seen + 1 if lengths is None else lengths[i]
+
     def dynamic_cache_nbytes(self) -> int:
         """Bytes a ``DynamicCache`` would hold for the same tokens (all heads, all tokens, K and V)."""
         total = 0

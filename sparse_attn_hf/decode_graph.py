@@ -2,7 +2,7 @@
 
 An eager decode step of a patched model is bound by Python and kernel launches (about 50 ms per token on the
 8B shape), while its GPU work is a few ms. A SparseCache keeps every step-dependent value on the device (the
-step counters of ``methods.page_selection.plan_step``, fixed-width page tables, buffers sized for the whole
+step counters of ``methods.decode_step``, fixed-width page tables, buffers sized for the whole
 generation), so the model's whole one-token forward can be captured once and replayed:
 
 * the first ``WARMUP`` decode steps run eagerly (the ring shrinks to the decode window, kernels compile);
@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from . import ops
 from ._log import warn_once
+from .methods.decode_step import why_not_replayable
 
 WARMUP = 2  # eager decode steps before the capture
 last_capture: dict = {}  # the last capture's cost: {"seconds": wall time, "graph_bytes": memory the graph keeps}
@@ -77,8 +77,7 @@ class DecodeGraph:
             for tensor in self.positions:
                 tensor.fill_(self.cache.get_seq_length())  # a kernel argument, no host synchronization
             self.graph.replay()
-            for layer in self.cache.layers:  # the host-side counts the eager step advances
-                layer.seen += 1
+            self.cache.advance()  # the host-side counts the eager step advances
         self.record.decode_steps += 1
         self.record.graph_steps += 1
         out = self.output.__class__(**{k: v for k, v in self.output.items()})
@@ -99,14 +98,11 @@ class DecodeGraph:
         if kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions") or kwargs.get(
                 "output_hidden_states"):
             return "the call asks for attentions, hidden states or embeddings, which the graph does not make"
-        on_host = ops.decode_on_host(layers[0].dtype, layers[0].head_dim, ids.device, layers[0].page_size,
-                                     layers[0].logical_page_size)
-        if on_host:
-            return on_host
-        if any(len(layer.dense_heads) and layer.seen + 1 > layer.capacity for layer in layers):
-            return "the cache would have to grow (generate sizes it for prompt + max_new_tokens)"
+        blocked = why_not_replayable(layers, ids.device)
+        if blocked:
+            return blocked
         if self.graph is not None:
-            if self._buffer_addresses() != self.buffers:
+            if self.cache.buffer_addresses() != self.buffers:
                 return "the cache's buffers moved (beam search reorders them)"
             if not _same_arguments(self.other, {k: v for k, v in kwargs.items()
                                                 if k not in self.static and k != "attention_mask"}):
@@ -116,9 +112,6 @@ class DecodeGraph:
         return None
 
     # ------------------------------------------------------------------ capture
-    def _buffer_addresses(self) -> tuple:
-        return tuple(t.data_ptr() for layer in self.cache.layers for t in layer._tensors.values())
-
     def _capture(self, kwargs) -> bool:
         tensors = {name: kwargs[name] for name in ("input_ids", "position_ids", "cache_position")
                    if isinstance(kwargs.get(name), torch.Tensor)}
@@ -131,7 +124,7 @@ class DecodeGraph:
         if "cache_position" not in tensors and "cache_position" in inspect.signature(self.forward).parameters:
             made["cache_position"] = torch.full((1,), slot, dtype=torch.long, device=device)
         self.positions = list(made.values())
-        seen = [layer.seen for layer in self.cache.layers]
+        seen = self.cache.lengths()
         start = time.perf_counter()  # once per generate(): the capture's cost is measured
         torch.cuda.synchronize(device)
         reserved = torch.cuda.memory_reserved(device)
@@ -151,8 +144,7 @@ class DecodeGraph:
                 finally:
                     graph.capture_end()
         except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly, say why once
-            for layer, count in zip(self.cache.layers, seen):  # capture ran Python, not the kernels
-                layer.seen = count
+            self.cache.advance(seen)  # the capture ran the Python, not the kernels
             self.failed = True
             warn_once(f"sparse_attn_hf: capturing the decode step in a CUDA graph failed ({type(error).__name__}: "
                       f"{error}); decode steps run eagerly.")
@@ -160,7 +152,7 @@ class DecodeGraph:
         finally:
             torch.cuda.current_stream().wait_stream(stream)
         self.graph = graph
-        self.buffers = self._buffer_addresses()
+        self.buffers = self.cache.buffer_addresses()
         torch.cuda.synchronize(device)
         last_capture.update(seconds=time.perf_counter() - start,
                             graph_bytes=torch.cuda.memory_reserved(device) - reserved)

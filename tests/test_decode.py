@@ -421,7 +421,7 @@ def test_budget_covering_the_context_equals_dense(family):
 
 @torch.no_grad()
 def test_selection_runs_every_reuse_interval(monkeypatch):
-    import sparse_attn_hf.attention as attention_module
+    import sparse_attn_hf.methods.decode_step as step_module
 
     calls = []
 
@@ -430,7 +430,7 @@ def test_selection_runs_every_reuse_interval(monkeypatch):
         calls.append((int(step[STEP_SEEN]), int(step[STEP_RESELECT])))
         return select_pages(*args, **kwargs)
 
-    monkeypatch.setattr(attention_module, "select_pages", counting)
+    monkeypatch.setattr(step_module, "select_pages", counting)
     model = _patched(budget=32, reuse=3, layers=1)
     calls.clear()  # on CUDA patch_model's warm-up generates on a synthetic prompt first
     model.generate(random_ids(1, 60).to(DEVICE), max_new_tokens=8, do_sample=False)
@@ -903,3 +903,33 @@ def test_a_cpu_decodes_every_stored_token_by_default():
     assert not torch.allclose(out["auto"].logits[-1], out["always"].logits[-1])
     with pytest.raises(ValueError, match="page_selection"):
         SparseConfig(page_selection="sometimes")
+
+
+@torch.no_grad()
+def test_the_cache_surface_a_decode_graph_uses():
+    """``decode_graph`` reads the cache through three calls: the buffers' addresses (a replay needs them where the
+    capture saw them: a beam reorder moves them), the host-side lengths, and their advance by a replayed step (or
+    their restore after a failed capture); and ``why_not_replayable`` says why a step cannot replay."""
+    from sparse_attn_hf.methods.decode_step import why_not_replayable
+
+    model = _patched(budget=32, reuse=3, layers=2)
+    cache = SparseCache(model)
+    model(random_ids(2, 40).to(DEVICE), **{CACHE_ARG: cache})
+    assert cache.lengths() == [40, 40]
+    addresses = cache.buffer_addresses()
+    assert len(addresses) == sum(len(layer._tensors) for layer in cache.layers) and addresses
+    cache.advance()
+    assert cache.lengths() == [41, 41] and cache.get_seq_length() == 41
+    cache.advance([40, 40])
+    assert cache.lengths() == [40, 40]
+    assert cache.buffer_addresses() == addresses  # nothing moved
+    cache.reorder_cache(torch.tensor([1, 0], device=DEVICE))
+    assert cache.buffer_addresses() != addresses
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    if DEVICE == "cpu":
+        assert "not CUDA" in why_not_replayable(layers, torch.device(DEVICE))
+    big = layers[0].capacity
+    for layer in layers:
+        layer.seen = big  # the next token would not fit: the buffers would have to grow
+    reason = why_not_replayable(layers, torch.device(DEVICE))
+    assert reason is not None and ("grow" in reason or "not CUDA" in reason)
