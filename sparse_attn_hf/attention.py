@@ -19,7 +19,7 @@ from transformers.masking_utils import flash_attention_mask
 from . import ops
 from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
-from .methods.decode_step import decode_step
+from .methods.decode_step import after_prefill, decode_step
 from .methods.sample_attention import choose_mask, window_size
 from .methods.streaming import dense_prompt
 from .parallel import check_heads
@@ -80,6 +80,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         dense_prompt = _dense_prompt(state, window_layer, len(stream_idx), first, q_len)
         # a prompt run dense keeps all of it for its streaming heads until it ends (a later chunk attends to it)
         kv = layer.append(key.key, key.value, kv_start, ring=dense_prompt or None)
+        after_prefill(layer)  # new prompt tokens: the next decode step selects anew
         padded = sequence.max_kv_start > 0
         # a first prefill: the new tokens are the whole sequence, every head, laid out as stock has them
         whole, every_key, every_value = first == 0, key.key, key.value

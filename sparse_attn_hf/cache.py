@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
 from ._log import warn_once
-from .kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV, reset_step
+from .kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV
 from .padding import left_padding_starts
 
 _STAT_CHUNK_PAGES = 1024  # logical pages whose statistics are computed per step (bounds the temporary memory)
@@ -335,8 +335,6 @@ class SparseLayer(CacheLayerMixin):
         first = self.seen
         dense = stream = None
         self._tensors.pop("pages", None)
-        if self.plans_step:  # new prompt tokens: the next decode step selects anew
-            reset_step(self.step, first + n)
         if self.dense_heads:
             dense = self._append_dense(key, value, first, kv_start)
         if self.stream_heads:

@@ -25,6 +25,7 @@ from sparse_attn_hf.kernels.reference import (
     top_pages_reference,
 )
 from sparse_attn_hf.kernels.selection import physical_page_scores_triton, shortlist_pages_triton, top_pages_triton
+from sparse_attn_hf.methods.decode_step import after_prefill
 from sparse_attn_hf.methods.page_selection import plan_step, select_pages
 from sparse_attn_hf.cache import SparseLayer
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
@@ -609,6 +610,7 @@ def test_cache_bytes_with_half_the_heads_streaming_at_32k():
             keys = torch.randn(1, 8, 8191, 64)
             layer.update(keys, keys)
             layer.append(keys, keys, kv_start)
+            after_prefill(layer)
         step = torch.randn(1, 8, 1, 64)
         _decode_token(layer, step, step, kv_start)
     ratio = cache.nbytes() / cache.dynamic_cache_nbytes()
@@ -641,6 +643,7 @@ def test_fused_append_equals_the_pytorch_path(dtype, monkeypatch):
         mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3], device=DEVICE)  # row 1: its 4th real token comes in decode
         kv_start = cache.sequence.resolve_kv_start(mask, layer.batch, 0, 6, DEVICE)
         layer.append(prompt, prompt * 2, kv_start)
+        after_prefill(layer)  # as the attention does after storing a prompt: the counters restart there
         try:
             if backend == "function":
                 monkeypatch.setattr(ops, "append_token", by_reference)

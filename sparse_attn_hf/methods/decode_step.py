@@ -1,5 +1,6 @@
 """One decode step of one layer over a SparseCache, top to bottom.
 
+0. After a prefill (``after_prefill``) the counters restart from the tokens stored: the next step selects anew.
 1. **Plan** (the first layer that runs on a device, once per step): the step's counters on the device advance
    (``page_selection.plan_step``): one more token stored, and whether this step selects pages anew (every
    ``reuse_interval`` steps once the context outgrows the token budget, and after any prefill).
@@ -21,6 +22,7 @@ import torch
 
 from .. import ops
 from ..config import UNLIMITED_BUDGET
+from ..kernels.layout import reset_step
 from .page_selection import plan_step, select_pages
 
 
@@ -63,6 +65,13 @@ def _selects(layer) -> bool:
     """Whether this layer's decode steps select pages (``SparseConfig.page_selection``): by default on CUDA only."""
     mode = layer.sequence.owner.settings.page_selection
     return mode == "always" or (mode == "auto" and layer.device.type == "cuda")
+
+
+def after_prefill(layer) -> None:
+    """New prompt tokens are stored: the next decode step selects anew. The first layer on a device (the one that
+    plans its steps) resets the counters to the tokens stored, on the device (no host sync)."""
+    if layer.plans_step:
+        reset_step(layer.step, layer.seen)
 
 
 def why_not_replayable(layers, device: torch.device) -> str | None:
