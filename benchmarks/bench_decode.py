@@ -35,6 +35,7 @@ from sparse_attn_hf.attention import sparse_attention_forward
 from sparse_attn_hf.cache import PendingKV
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
 from sparse_attn_hf.kernels.layout import STEP_RESELECT
+from sparse_attn_hf.methods.decode_step import after_prefill
 from sparse_attn_hf.methods.page_selection import select_pages
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -62,6 +63,7 @@ def fill(model, cache: SparseCache, length: int) -> None:
             k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             layer.update(k, k)
             layer.append(k, torch.randn_like(k), zero)
+            after_prefill(layer)  # as the attention does after storing a prompt: the step counters restart
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from .online_softmax import LOG2E, _logits
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["width"])  # the context's page count: no variant per divisibility of a length
 def _scores_kernel(
     Q, KMIN, KMAX, KV_START, SEEN, RESELECT, OUT,
     stride_qb, stride_qh, stride_qg, stride_qd,
@@ -192,10 +192,15 @@ def _top_pages_kernel(SCORES, RESELECT, OUT, width, k, BLOCK: tl.constexpr, ONE_
     _top_k_row(SCORES + row * width, width, k, OUT + row * k, OUT, False, BLOCK, ONE_BLOCK)
 
 
-def _block(width: int) -> tuple[int, bool, int]:
+def _block(width: int, buckets: bool = True) -> tuple[int, bool, int]:
     """(block, the row in one block, warps) of a top-k over rows of ``width``: the smallest of ``ROW_BLOCKS`` that
-    holds the row (a few compiled variants cover every context length), else passes over blocks of 1024."""
-    block = next((block for block in ROW_BLOCKS if width <= block), None)
+    holds the row (a few compiled variants cover every context length), else passes over blocks of 1024.
+    ``buckets`` False: the next power of two (a row whose width the settings fix, as the short list's)."""
+    if buckets:
+        block = next((block for block in ROW_BLOCKS if width <= block), None)
+    else:
+        block = max(16, triton.next_power_of_2(width))
+        block = block if block <= ROW_IN_REGISTERS else None
     if block is not None:
         return block, True, 4 if block <= 2048 else 8
     return 1024, False, 4
@@ -211,7 +216,7 @@ def compile_top_pages(max_width: int, device: torch.device) -> None:
     reselect = torch.ones(1, dtype=torch.int32, device=device)
     out = torch.empty(1, 1, 2, dtype=torch.int32, device=device)
     for width in (*ROW_BLOCKS, ROW_IN_REGISTERS + 1):
-        top_pages_triton(torch.zeros(1, 1, width, device=device), out=out, reselect=reselect)
+        top_pages_triton(torch.zeros(1, 1, width, dtype=torch.float32, device=device), out=out, reselect=reselect)
         if width >= max_width:
             return
 
@@ -226,7 +231,7 @@ def top_pages_triton(scores: torch.Tensor, *, out: torch.Tensor, reselect: torch
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["width"])
 def _shortlist_page_kernel(
     Q, K, BOUND, LIST, KV_START, SEEN, RESELECT, M_OUT, L_OUT,
     stride_qb, stride_qh, stride_qg, stride_qd,
@@ -267,7 +272,7 @@ def _shortlist_page_kernel(
     tl.store(L_OUT + out, l)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["width"])
 def _shortlist_select_kernel(
     BOUND, LIST, RESELECT, M_IN, L_IN, MASS, OUT, width, n_list, k,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
@@ -317,7 +322,7 @@ def shortlist_pages_triton(query, keys, bound, shortlist, *, kv_start, seen: tor
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
     )
     n_pad = max(16, triton.next_power_of_2(n_list))
-    block, one_block, _ = _block(n_list)
+    block, one_block, _ = _block(n_list, buckets=False)  # fixed by the settings: compiled once
     _shortlist_select_kernel[(batch * heads,)](
         bound, shortlist, reselect, m_part, l_part, mass, out, width, n_list, out.shape[2],
         GROUPS=groups, G_PAD=g_pad, N_PAD=n_pad, BLOCK=block, ONE_BLOCK=one_block,
