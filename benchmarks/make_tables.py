@@ -275,7 +275,7 @@ def e2e_table(name: str = "e2e.json") -> str:
     lines = [
         f"{meta['device']}, {meta['dtype']}, {meta['model']}, {meta['layers']} layers; torch {first['packages']['torch']}, "
         f"transformers {first['packages']['transformers']}, triton {first['packages']['triton']}; "
-        f"{len(runs)} runs ({', '.join(sorted({v['commit'][:10] for v in runs.values()}))}). "
+        f"{len(runs)} run{'s' if len(runs) != 1 else ''} ({', '.join(sorted({v['commit'][:10] for v in runs.values()}))}). "
         f"Patched settings: sink {settings.get('sink_size')}, local {settings.get('local_size')}, decode window "
         f"{settings.get('decode_local_size')}, token budget {settings.get('token_budget')}, reuse "
         f"{settings.get('reuse_interval')}. TTFT: median of the calls after a cold one; decode: "
