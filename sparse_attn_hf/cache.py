@@ -644,11 +644,16 @@ class SparseCache(Cache):
         """Each layer's host-side count of stored tokens."""
         return [layer.seen for layer in self.layers]
 
-    def advance(self, lengths: list[int] | None = None) -> None:
+    def advance(self) -> None:
         """Advance each layer's host-side count by the token a replayed step stored on the device (a replay runs
-        no Python), or set the counts to ``lengths`` (a capture that failed ran the Python, not the kernels)."""
-        for i, layer in enumerate(self.layers):
-            layer.seen = layer.seen + 1 if lengths is None else lengths[i]
+        no Python)."""
+        for layer in self.layers:
+            layer.seen += 1
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Put back the counts of :meth:`lengths` (a capture that failed ran the Python, not the kernels)."""
+        for layer, count in zip(self.layers, lengths):
+            layer.seen = count
 
     def dynamic_cache_nbytes(self) -> int:
         """Bytes a ``DynamicCache`` would hold for the same tokens (all heads, all tokens, K and V)."""

@@ -144,7 +144,7 @@ class DecodeGraph:
                 finally:
                     graph.capture_end()
         except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly, say why once
-            self.cache.advance(seen)  # the capture ran the Python, not the kernels
+            self.cache.set_lengths(seen)  # the capture ran the Python, not the kernels
             self.failed = True
             warn_once(f"sparse_attn_hf: capturing the decode step in a CUDA graph failed ({type(error).__name__}: "
                       f"{error}); decode steps run eagerly.")

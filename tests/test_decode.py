@@ -13,7 +13,7 @@ from sparse_attn_hf.kernels.layout import (
     STEP_SEEN,
     STEP_TAIL,
     DecodeKV,
-    decode_step,
+    step_counters,
     reset_step,
 )
 from sparse_attn_hf.kernels.reference import (
@@ -65,7 +65,7 @@ def test_selection_keeps_sink_and_best_pages(pads):
     q = torch.randn(batch, heads, groups, dim, generator=gen)
     kmin, kmax = _stats(keys, logical, kv_start)
     kmin[:, :, seen // logical + 1 :], kmax[:, :, seen // logical + 1 :] = float("inf"), float("-inf")
-    step = decode_step(seen)
+    step = step_counters(seen)
     step[STEP_RESELECT] = 1
     scores = torch.full((batch, heads, 1024 // page), float("nan"))  # every entry is written on a reselecting step
     pages = select_pages(q, kmin, kmax, kv_start=kv_start, step=step, scores=scores, budget=budget, page_size=page,
@@ -235,7 +235,7 @@ def test_two_stage_selection_reads_the_short_list_by_exact_mass():
     batch, heads, groups, dim, page = 2, 2, 3, 16, 32
     q, keys, bound, listed, kv_start, seen = _shortlist_case(batch, heads, groups, dim, page, [0, 70], seed=4)
     kmin, kmax = _stats(keys, 16, kv_start)
-    step = decode_step(seen)
+    step = step_counters(seen)
     step[STEP_RESELECT] = 1
     scores = torch.full_like(bound, float("nan"))
     selected = torch.full((batch, heads, 3), 99, dtype=torch.int32)
@@ -264,7 +264,7 @@ def test_selection_when_the_context_fits_or_is_mostly_padding():
     q = torch.randn(1, 1, 1, 8)
     start = torch.tensor([200])  # only pages 3 (partly) and the tail hold real tokens
     kmin, kmax = _stats(torch.randn(1, 1, 320, 8), 16, start)
-    step = decode_step(320)
+    step = step_counters(320)
     step[STEP_RESELECT] = 1
     pages = select_pages(q, kmin, kmax, kv_start=start, step=step, scores=torch.empty(1, 1, 5), budget=256,
                          page_size=64, logical_page_size=16)
@@ -313,7 +313,7 @@ def _decode_case(case, dtype, seed):
     n_dense, n_stream = int((kind == 0).sum()), int((kind == 1).sum())
     n_pages = -(-seen // page)
     tail_first = n_pages - 1 - (seen % page == 1)  # a page boundary crossed since the selection
-    kv = DecodeKV(step=decode_step(seen, tail_first), page_size=page, head_kind=kind, head_slot=slot)
+    kv = DecodeKV(step=step_counters(seen, tail_first), page_size=page, head_kind=kind, head_slot=slot)
     if n_dense:
         cap = n_pages * page + page
         kv.dense_key, kv.dense_value = rand(batch, n_dense, cap, dim), rand(batch, n_dense, cap, dim)
@@ -812,7 +812,7 @@ def test_registered_decode_ops_pass_torch_library_checks():
     torch.library.opcheck(torch.ops.sparse_attn_hf.top_pages, (out, listed, one))
     torch.library.opcheck(torch.ops.sparse_attn_hf.shortlist_pages,
                           (q, keys, out, listed, kv_start, seen, listed[..., :2].clone(), one, page, dim ** -0.5, None))
-    step = decode_step(100)
+    step = step_counters(100)
     kind, slot = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32)
     dense = keys[:, :1].contiguous()
     pages = torch.tensor([[[0, 2]], [[1, -1]]], dtype=torch.int32)
@@ -923,7 +923,7 @@ def test_the_cache_surface_a_decode_graph_uses():
     assert len(addresses) == sum(len(layer._tensors) for layer in cache.layers) and addresses
     cache.advance()
     assert cache.lengths() == [41, 41] and cache.get_seq_length() == 41
-    cache.advance([40, 40])
+    cache.set_lengths([40, 40])
     assert cache.lengths() == [40, 40]
     assert cache.buffer_addresses() == addresses  # nothing moved
     cache.reorder_cache(torch.tensor([1, 0], device=DEVICE))

@@ -8,7 +8,7 @@ from helpers import assert_close_by_rule, loop_mask
 
 from sparse_attn_hf.kernels.decode import paged_decode_triton
 from sparse_attn_hf.kernels.prefill import sparse_attention_triton
-from sparse_attn_hf.kernels.layout import STEP_TAIL, DecodeKV, decode_step
+from sparse_attn_hf.kernels.layout import STEP_TAIL, DecodeKV, step_counters
 from sparse_attn_hf.kernels.reference import (
     paged_decode_reference,
     sampled_column_scores_reference,
@@ -130,7 +130,7 @@ def test_decode_kernel_terms_match_reference(terms, dtype, splits):
     slot = torch.tensor([0, 0], dtype=torch.int32, device=DEVICE)
     for sink in (4, 0):
         ring = 16
-        kv = DecodeKV(step=decode_step(seen, device=DEVICE), page_size=page, head_kind=kind, head_slot=slot,
+        kv = DecodeKV(step=step_counters(seen, device=DEVICE), page_size=page, head_kind=kind, head_slot=slot,
                       dense_key=_randn(batch, 1, 128, dim, seed=seed, dtype=dtype),
                       dense_value=_randn(batch, 1, 128, dim, seed=seed + 1, dtype=dtype),
                       pages=torch.tensor([[[0, 2, -1]], [[1, 3, 2]]], dtype=torch.int32, device=DEVICE),

@@ -12,7 +12,7 @@ import torch
 STEP_SEEN, STEP_DUE, STEP_RESELECT, STEP_TAIL = range(4)
 
 
-def decode_step(seen: int, tail_first: int = 0, device=None) -> torch.Tensor:
+def step_counters(seen: int, tail_first: int = 0, device=None) -> torch.Tensor:
     """A step tensor (see ``DecodeKV``) with these counters: for tests and benchmarks that build a step."""
     return torch.tensor([seen, 0, 0, tail_first], dtype=torch.int32, device=device)
 

@@ -113,7 +113,7 @@ def compile_top_pages(max_width: int, device: torch.device) -> None:
     if device.type == "cuda" and dispatch._backend != "reference":
         from ..kernels.selection import compile_top_pages as compile_ahead
 
-        with _on_device(torch.empty(0, device=device)):
+        with torch.cuda.device(device):
             compile_ahead(max_width, device)
 
 
