@@ -30,7 +30,12 @@ TESTS = ["tests/test_prefill_kernel.py", "tests/test_reference.py", "tests/test_
 def main() -> None:
     tests = sys.argv[1:] or TESTS  # a subset when a GPU lease is short
     log = Path(tempfile.mkstemp(suffix=".jsonl")[1])
-    env = dict(os.environ, SPARSE_ATTN_HF_ERROR_LOG=str(log), PYTHONPATH=str(ROOT))
+    # the tests see what this process sees (a lease's wheels ahead of the machine's own packages), then the tree
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, SPARSE_ATTN_HF_ERROR_LOG=str(log), PYTHONPATH=path)
+    seen = subprocess.run([sys.executable, "-c", "import transformers, torch; print(transformers.__version__, "
+                           "torch.__version__)"], cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
+    print("the tests run on transformers", *seen[:1], "torch", *seen[1:2])
     report = Path(tempfile.mkstemp(suffix=".txt")[1])
     limit = float(os.environ.get("GPU_TESTS_TIMEOUT_S", "0")) or None  # a lease's limit: keep what finished
     command = [sys.executable, "-m", "pytest", "-v", "-rA", "-W", "ignore::FutureWarning", *tests]
@@ -57,7 +62,9 @@ def main() -> None:
             for case, outcome in outcomes.items()]
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "no output"
     info = meta(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", dtype="fp16/bf16",
-                extra={"pytest_summary": summary, "tests": tests})
+                extra={"pytest_summary": summary, "tests": tests,
+                       "tests_saw": {"transformers": seen[0] if seen else None,
+                                     "torch": seen[1] if len(seen) > 1 else None}})
     write_results(ROOT / "benchmarks" / "results" / "gpu_tests", info, rows)
     print(summary)
     failed = [r["case"] for r in rows if r["outcome"] not in ("PASSED", "SKIPPED")]
