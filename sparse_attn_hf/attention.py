@@ -13,14 +13,17 @@ stored differs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.masking_utils import flash_attention_mask
 
 from . import ops
+from .ops import LogitTerms, Visibility
 from ._log import log_once
 from .cache import LayerKV, PendingKV, SparseLayer
-from .methods.decode_step import after_prefill, decode_step
-from .methods.sample_attention import choose_mask, window_size
+from .methods.decode_step import DecodePlan
+from .methods.sample_attention import SampleSettings, choose_mask, window_size
 from .methods.streaming import dense_prompt
 from .parallel import check_heads
 from .record import LayerPrefill
@@ -53,10 +56,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     kv_heads = (key.key if isinstance(key, PendingKV) else key).shape[1]
     if kv_heads != state.streaming.shape[1] or query.shape[1] != kv_heads * module.num_key_value_groups:
         check_heads(state.heads, module, query.shape[1], kv_heads)  # raises: labels would land on wrong heads
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    # terms of some families that SDPA lacks: learned sinks (GPT-OSS passes s_aux, float [Hq]) and soft-capped
-    # logits (Gemma 2 passes softcap); the package's kernels compute both
-    terms = dict(sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"))
+    # the scale, and terms of some families that SDPA lacks: learned sinks (GPT-OSS passes s_aux, float [Hq]) and
+    # soft-capped logits (Gemma 2 passes softcap); the package's kernels compute both
+    terms = LogitTerms(scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs.get("softcap"),
+                       kwargs.get("s_aux"))
     window_layer = state.window(module.layer_idx) is not None  # a hybrid model's native window layer
     if isinstance(key, PendingKV):
         layer: SparseLayer = key.layer
@@ -71,16 +74,17 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             # value that changes per step or per prompt (the padding comes from the prefill's kv_start)
             if sequence.kv_start is None:
                 raise ValueError("a compiled decode step needs a prefill on this SparseCache first.")
-            return decode_step(layer, query, key, sequence.kv_start.to(query.device), scale, terms).unsqueeze(1), None
+            visible = Visibility(sequence.kv_start.to(query.device))
+            return DecodePlan.of(layer).run(layer, query, key, visible, terms).unsqueeze(1), None
         first = layer.seen
         kv_start = sequence.resolve_kv_start(attention_mask, layer.batch, first, q_len, layer.device)
         if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming
-            return decode_step(layer, query, key, kv_start, scale, terms).unsqueeze(1), None
+            return DecodePlan.of(layer).run(layer, query, key, Visibility(kv_start), terms).unsqueeze(1), None
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
         dense_prompt = _dense_prompt(state, window_layer, len(stream_idx), first, q_len)
         # a prompt run dense keeps all of it for its streaming heads until it ends (a later chunk attends to it)
         kv = layer.append(key.key, key.value, kv_start, ring=dense_prompt or None)
-        after_prefill(layer)  # new prompt tokens: the next decode step selects anew
+        DecodePlan.of(layer).reset(layer)  # new prompt tokens: the next decode step selects anew
         padded = sequence.max_kv_start > 0
         # a first prefill: the new tokens are the whole sequence, every head, laid out as stock has them
         whole, every_key, every_value = first == 0, key.key, key.value
@@ -100,15 +104,14 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         whole, every_key, every_value = True, key, value
     settings = state.settings
     sink, local, _ = state.rule(module.layer_idx)
-    common = dict(q_first=first, kv_start=kv_start, sink=sink, local=local, scale=scale, tile=settings.query_tile,
-                  **terms)
+    visible = Visibility(kv_start, sink=sink, local=local, q_first=first)
     sample, sample_note = _sample_settings(state, module.layer_idx, q_len, first + q_len)
     if window_layer:  # its window must bind somewhere for the streaming kernel to be needed; else dense is exact
         stream_pays = first + q_len > local
     else:
         stream_pays = bool(len(stream_idx)) and not dense_prompt
         if dense_prompt:  # a later chunk of a prompt run dense: its streaming heads see every earlier token too
-            common["local"] = max(local, dense_prompt)
+            visible = visible.but(local=max(local, dense_prompt))
     record = state.record.prefill
     if sample is None and whole and not stream_pays:
         # every head dense: one SDPA call on K/V as they came (no gathered queries, no layout copy)
@@ -116,13 +119,13 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             0, kv_heads, note=sample_note if not len(stream_idx) else
             "a short prompt ran every head dense (exact): the window would cover most of it (sparse_attn_hf.cost; "
             "SparseConfig(streaming_from=0) forces the window)")
-        return ops.dense_attention(query, every_key, every_value, kv_start=kv_start, padded=padded, scale=scale,
-                                   **terms), None
+        return ops.dense_attention(query, every_key, every_value, terms, kv_start=kv_start, padded=padded), None
     if kv is None:
         kv = LayerKV.split(key, value, dense_idx, stream_idx)
     stream_flags = state.all_streaming(len(stream_idx), query.device)
     runs = state.dense_runs(module.layer_idx)
-    out = _prefill(query, kv, runs, stream_idx, stream_flags, common, padded, sample)
+    call = _Call(visible.but(streaming=stream_flags), terms, settings.query_tile, padded, sample)
+    out = _prefill(query, kv, runs, stream_idx, call)
     record[module.layer_idx] = _layer_record(state, module.layer_idx, 0 if dense_prompt else len(stream_idx),
                                              kv_heads - len(stream_idx), sample, sample_note)
     return out, None
@@ -168,8 +171,8 @@ def _sample_settings(state, layer: int, q_len: int, k_len: int) -> tuple[dict | 
         return None, None
     if settings.sample_stop_after and state.sample_misses >= settings.sample_stop_after:
         return None, _STOP_NOTE.format(n=state.sample_misses)
-    return dict(state=state, layer=layer, alpha=settings.alpha, rw=settings.rw, r_row=settings.r_row,
-                criterion=settings.cra_criterion, record=settings.record_masks), None
+    return dict(state=state, layer=layer, record=settings.record_masks, settings=SampleSettings(
+        settings.alpha, settings.rw, settings.r_row, settings.cra_criterion)), None
 
 
 def _check_positions(position_ids, k_len: int) -> None:
@@ -185,15 +188,27 @@ def _check_positions(position_ids, k_len: int) -> None:
         )
 
 
-def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Call:
+    """What one prefill forward of a layer attends with: what each query sees (``streaming`` one flag per streaming
+    head), the logit terms, the query tile of the PyTorch paths, whether any row is padded, SampleAttention's
+    settings for the dense heads (None: they run dense)."""
+
+    visible: Visibility
+    terms: LogitTerms
+    tile: int
+    padded: bool
+    sample: dict | None
+
+
+def _dense_heads(query, key, value, call: _Call, terms: LogitTerms) -> torch.Tensor:
     """Dense heads: full causal attention (the best dense kernel at hand), or SampleAttention's window +
-    stripes when ``sample`` and the cost model predicts that its mask pays. -> [B, Lq, Hq, D], possibly a
-    non-contiguous view."""
+    stripes when ``call.sample`` and the cost model predicts that its mask pays. ``terms``: those of the heads of
+    ``query``. -> [B, Lq, Hq, D], possibly a non-contiguous view."""
+    sample, kv_start = call.sample, call.visible.kv_start
     if sample is not None:
-        terms = dict(sinks=common["sinks"], softcap=common["softcap"])
-        choice = choose_mask(query, key, q_first=common["q_first"], kv_start=common["kv_start"], alpha=sample["alpha"],
-                             rw=sample["rw"], r_row=sample["r_row"], scale=common["scale"],
-                             criterion=sample["criterion"], **terms)
+        visible = Visibility(kv_start, q_first=call.visible.q_first)
+        choice = choose_mask(query, key, visible, terms, sample["settings"])
         state, layer = sample["state"], sample["layer"]  # the record of the choice
         if sample["record"]:
             state.masks[layer] = choice.mask
@@ -201,17 +216,14 @@ def _dense_heads(query, key, value, common, padded: bool, sample) -> torch.Tenso
                                        "sparse": choice.sparse}
         state.sample_misses = 0 if choice.sparse else state.sample_misses + 1
         if choice.sparse:
-            return ops.stripe_attention(query, key, value, mask=choice.mask, scale=common["scale"],
-                                        tile=common["tile"], **terms)
+            return ops.stripe_attention(query, key, value, choice.mask, terms, tile=call.tile)
         log_once(f"sparse_attn_hf: SampleAttention chose masks too dense to pay (layer {layer}: density "
                  f"{choice.density:.2f}, predicted {choice.predicted_cost:.2f}x dense attention's cost); such layers "
                  "run dense (sparse_attn_hf.cost; state.sample_choices holds every layer's choice).")
-    return ops.dense_attention(query, key, value, kv_start=common["kv_start"], padded=padded, scale=common["scale"],
-                               sinks=common["sinks"], softcap=common["softcap"])
+    return ops.dense_attention(query, key, value, terms, kv_start=kv_start, padded=call.padded)
 
 
-def _prefill(query, kv: LayerKV, dense_runs, stream_idx, stream_flags, common, padded: bool,
-             sample=None) -> torch.Tensor:
+def _prefill(query, kv: LayerKV, dense_runs, stream_idx, call: _Call) -> torch.Tensor:
     """Dense heads through the best dense kernel, streaming heads through the sparse kernel, which reads and
     writes its heads in place. Returns [B, Lq, Hq, D]. ``dense_runs``: the dense KV heads as runs of
     consecutive heads (``PatchState.dense_runs``).
@@ -221,21 +233,19 @@ def _prefill(query, kv: LayerKV, dense_runs, stream_idx, stream_flags, common, p
     batch, num_heads, q_len, head_dim = query.shape
     n_dense, n_stream = sum(b - a for a, b in dense_runs), len(stream_idx)
     groups = num_heads // (n_dense + n_stream)
+    terms = call.terms
     if not n_stream:
-        return _dense_heads(query, kv.dense_key, kv.dense_value, common, padded, sample)
-    q_first, kv_start = common["q_first"], common["kv_start"]
+        return _dense_heads(query, kv.dense_key, kv.dense_value, call, terms)
+    streaming = call.visible.but(k_pos=kv.stream_pos)
     if kv.stream_first is not None:  # sinks + consecutive slots, no padding (LayerKV): in their coordinates
-        q_first, kv_start = kv.stream_first, torch.zeros_like(kv_start)
-    streaming = dict(q_first=q_first, k_pos=kv.stream_pos, kv_start=kv_start, sink=common["sink"],
-                     local=common["local"], scale=common["scale"], tile=common["tile"], streaming=stream_flags,
-                     sinks=common["sinks"], softcap=common["softcap"])
+        streaming = streaming.but(q_first=kv.stream_first, kv_start=torch.zeros_like(streaming.kv_start))
     if not n_dense:  # every head streams: K/V hold them all, in order
-        return ops.sparse_attention(query, kv.stream_key, kv.stream_value, **streaming)
+        return ops.sparse_attention(query, kv.stream_key, kv.stream_value, streaming, terms, tile=call.tile)
     picked = _gather_heads(query, dense_runs, groups)
-    dense_common = common
-    if common["sinks"] is not None:  # the gathered query heads' sinks, in the same order
-        dense_common = dict(common, sinks=_gather_heads(common["sinks"].view(1, -1, 1, 1), dense_runs, groups).flatten())
-    dense_out = _dense_heads(picked, kv.dense_key, kv.dense_value, dense_common, padded, sample)
+    dense_terms = terms
+    if terms.sinks is not None:  # the gathered query heads' sinks, in the same order
+        dense_terms = terms.with_sinks(_gather_heads(terms.sinks.view(1, -1, 1, 1), dense_runs, groups).flatten())
+    dense_out = _dense_heads(picked, kv.dense_key, kv.dense_value, call, dense_terms)
     del picked
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
     by_kv_head, done = out.unflatten(2, (-1, groups)), 0
@@ -243,8 +253,8 @@ def _prefill(query, kv: LayerKV, dense_runs, stream_idx, stream_flags, common, p
         by_kv_head[:, :, a:b].copy_(dense_out[:, :, done * groups : (done + b - a) * groups].unflatten(2, (-1, groups)))
         done += b - a
     del dense_out
-    return ops.sparse_attention(query, kv.stream_key, kv.stream_value, heads=stream_idx, groups=groups,
-                                key_all_heads=kv.stream_all_heads, out=out, **streaming)
+    streaming = streaming.but(heads=stream_idx, groups=groups, key_all_heads=kv.stream_all_heads)
+    return ops.sparse_attention(query, kv.stream_key, kv.stream_value, streaming, terms, tile=call.tile, out=out)
 
 
 def _gather_heads(query: torch.Tensor, runs, groups: int) -> torch.Tensor:

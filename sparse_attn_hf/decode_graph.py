@@ -2,7 +2,7 @@
 
 An eager decode step of a patched model is bound by Python and kernel launches (about 50 ms per token on the
 8B shape), while its GPU work is a few ms. A SparseCache keeps every step-dependent value on the device (the
-step counters of ``methods.decode_step``, fixed-width page tables, buffers sized for the whole
+step counters of ``methods.decode_step.DecodePlan``, fixed-width page tables, buffers sized for the whole
 generation), so the model's whole one-token forward can be captured once and replayed:
 
 * the first ``WARMUP`` decode steps run eagerly (the ring shrinks to the decode window, kernels compile);
@@ -28,7 +28,7 @@ import time
 import torch
 
 from ._log import warn_once
-from .methods.decode_step import why_not_replayable
+from .methods.decode_step import DecodePlan
 
 WARMUP = 2  # eager decode steps before the capture
 last_capture: dict = {}  # the last capture's cost: {"seconds": wall time, "graph_bytes": memory the graph keeps}
@@ -98,7 +98,7 @@ class DecodeGraph:
         if kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions") or kwargs.get(
                 "output_hidden_states"):
             return "the call asks for attentions, hidden states or embeddings, which the graph does not make"
-        blocked = why_not_replayable(layers, ids.device)
+        blocked = DecodePlan.why_not_replayable(layers, ids.device)
         if blocked:
             return blocked
         if self.graph is not None:

@@ -48,13 +48,15 @@ def test_pinned_stripes_reach_each_layers_density_and_restore():
     import torch
 
     from sparse_attn_hf.methods import sample_attention as sa
+    from sparse_attn_hf.ops import LogitTerms, Visibility
 
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 8, 1024, 32, generator=gen), torch.randn(1, 2, 1024, 32, generator=gen)
 
     def density():
-        return sa.sample_attention_mask(q, k, q_first=0, kv_start=torch.zeros(1, dtype=torch.long), alpha=0.95,
-                                        rw=bench_e2e.PINNED_RW, r_row=0.05, scale=32**-0.5).density()
+        return sa.sample_attention_mask(q, k, Visibility(torch.zeros(1, dtype=torch.long), q_first=0),
+                                        LogitTerms(32**-0.5),
+                                        sa.SampleSettings(alpha=0.95, rw=bench_e2e.PINNED_RW, r_row=0.05)).density()
 
     try:
         bench_e2e.pin_stripes([0.3, 0.5])

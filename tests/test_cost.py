@@ -7,7 +7,8 @@ from conftest import DEVICE
 from helpers import random_ids, tiny_model
 
 from sparse_attn_hf import Profile, SparseConfig, cost, patched
-from sparse_attn_hf.methods.sample_attention import sample_attention_mask
+from sparse_attn_hf.methods.sample_attention import SampleSettings, sample_attention_mask
+from sparse_attn_hf.ops import LogitTerms, Visibility
 from sparse_attn_hf.stripe_mask import StripeMask
 
 
@@ -106,7 +107,8 @@ def test_sink_column_is_a_stripe_even_when_the_window_reaches_alpha():
     q = torch.randn(2, 4, 64, 16, generator=gen).to(DEVICE)
     k = torch.randn(2, 2, 64, 16, generator=gen).to(DEVICE)
     kv_start = torch.tensor([0, 5], device=DEVICE)
-    mask = sample_attention_mask(q, k, q_first=0, kv_start=kv_start, alpha=0.01, rw=0.2, r_row=0.25, scale=0.25)
+    mask = sample_attention_mask(q, k, Visibility(kv_start, q_first=0), LogitTerms(0.25),
+                                 SampleSettings(alpha=0.01, rw=0.2, r_row=0.25))
     for b, start in enumerate((0, 5)):
         for h in range(2):
             assert start in mask.stripes[b, h, : int(mask.counts[b, h])].tolist()

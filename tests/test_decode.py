@@ -13,6 +13,8 @@ from sparse_attn_hf.kernels.layout import (
     STEP_SEEN,
     STEP_TAIL,
     DecodeKV,
+    LogitTerms,
+    Visibility,
     step_counters,
     reset_step,
 )
@@ -25,8 +27,8 @@ from sparse_attn_hf.kernels.reference import (
     top_pages_reference,
 )
 from sparse_attn_hf.kernels.selection import physical_page_scores_triton, shortlist_pages_triton, top_pages_triton
-from sparse_attn_hf.methods.decode_step import after_prefill
-from sparse_attn_hf.methods.page_selection import plan_step, select_pages
+from sparse_attn_hf.methods.decode_step import DecodePlan
+from sparse_attn_hf.methods.page_selection import PageSettings, plan_step, select_pages
 from sparse_attn_hf.cache import SparseLayer
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
 
@@ -68,8 +70,8 @@ def test_selection_keeps_sink_and_best_pages(pads):
     step = step_counters(seen)
     step[STEP_RESELECT] = 1
     scores = torch.full((batch, heads, 1024 // page), float("nan"))  # every entry is written on a reselecting step
-    pages = select_pages(q, kmin, kmax, kv_start=kv_start, step=step, scores=scores, budget=budget, page_size=page,
-                         logical_page_size=logical)
+    pages = select_pages(q, dict(key_min=kmin, key_max=kmax, scores=scores), step, Visibility(kv_start),
+                         LogitTerms(1.0), PageSettings(budget, page, logical))
     tail_first = (seen - 1) // page
     assert pages.shape == (batch, heads, budget // page - 1) and not scores.isnan().any()
     # brute force: score every candidate page from the keys themselves
@@ -239,9 +241,10 @@ def test_two_stage_selection_reads_the_short_list_by_exact_mass():
     step[STEP_RESELECT] = 1
     scores = torch.full_like(bound, float("nan"))
     selected = torch.full((batch, heads, 3), 99, dtype=torch.int32)
-    common = dict(kv_start=kv_start, page_size=page, logical_page_size=16, keys=keys, scale=dim ** -0.5)
-    pages = select_pages(q, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=2, selected=selected,
-                         **common)
+    common = (Visibility(kv_start), LogitTerms(dim ** -0.5))
+    store = dict(key_min=kmin, key_max=kmax, scores=scores, keys=keys)
+    pages = select_pages(q, dict(store, selected=selected), step, *common,
+                         PageSettings(4 * page, page, 16, shortlist=2))
     assert pages is selected
     torch.testing.assert_close(scores, bound)
     mass = shortlist_page_scores_reference(q, keys, bound, listed, kv_start=kv_start, seen=seen, page_size=page,
@@ -250,11 +253,11 @@ def test_two_stage_selection_reads_the_short_list_by_exact_mass():
     assert torch.equal(pages.sort(-1).values, expected.to(torch.int32).sort(-1).values)
     chosen = pages.clone()
     step[STEP_RESELECT] = 0
-    again = select_pages(q * -1, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=2,
-                         selected=selected, **common)
+    again = select_pages(q * -1, dict(store, selected=selected), step, *common,
+                         PageSettings(4 * page, page, 16, shortlist=2))
     assert torch.equal(again, chosen)
     step[STEP_RESELECT] = 1
-    every = select_pages(q, kmin, kmax, step=step, scores=scores, budget=4 * page, shortlist=100, **common)
+    every = select_pages(q, store, step, *common, PageSettings(4 * page, page, 16, shortlist=100))
     true_mass = page_oracle.page_mass(q, keys, kv_start=kv_start, seen=seen, page_size=page, scale=dim ** -0.5)
     oracle, _ = page_oracle.oracle_pages(true_mass, kv_start=kv_start, budget=4 * page, page_size=page)
     assert torch.equal(every.sort(-1).values, oracle.sort(-1).values)
@@ -266,8 +269,8 @@ def test_selection_when_the_context_fits_or_is_mostly_padding():
     kmin, kmax = _stats(torch.randn(1, 1, 320, 8), 16, start)
     step = step_counters(320)
     step[STEP_RESELECT] = 1
-    pages = select_pages(q, kmin, kmax, kv_start=start, step=step, scores=torch.empty(1, 1, 5), budget=256,
-                         page_size=64, logical_page_size=16)
+    pages = select_pages(q, dict(key_min=kmin, key_max=kmax, scores=torch.empty(1, 1, 5)), step, Visibility(start),
+                         LogitTerms(1.0), PageSettings(256, 64, 16))
     assert sorted(pages.flatten().tolist()) == [-1, -1, 3]
 
 
@@ -341,11 +344,12 @@ def test_decode_kernel_matches_reference(case, dtype, splits):
     seed = KERNEL_CASES.index(case) + 7 * (dtype == torch.bfloat16)
     query, kv, kv_start, sink, local = _decode_case(case, dtype, seed)
     scale = query.shape[-1] ** -0.5
-    out = paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, num_splits=splits)
+    visible, terms = Visibility(kv_start, sink=sink, local=local), LogitTerms(scale)
+    out = paged_decode_triton(query, kv, visible, terms, num_splits=splits)
     as64 = DecodeKV(**{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
                        for k, v in kv.__dict__.items()})
-    golden = paged_decode_reference(query.double(), as64, kv_start=kv_start, sink=sink, local=local, scale=scale)
-    baseline = paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
+    golden = paged_decode_reference(query.double(), as64, visible, terms)
+    baseline = paged_decode_reference(query, kv, visible, terms)
     # the reference rounds once at the end; the kernel rounds P to fp16/bf16 before P.V, like flash attention
     assert_close_by_rule(out, golden, baseline, slack=4e-3 if dtype == torch.bfloat16 else 5e-4)
 
@@ -363,18 +367,18 @@ def test_host_decode_through_sdpa_equals_reference(case, dtype):
                   "sink_pos", "ring_key", "ring_value", "ring_pos"):
         if getattr(kv, field) is not None:
             setattr(kv, field, getattr(kv, field).cpu())
-    common = dict(kv_start=kv_start, sink=sink, local=local, scale=query.shape[-1] ** -0.5)
+    visible, scale = Visibility(kv_start, sink=sink, local=local), query.shape[-1] ** -0.5
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    expected = paged_decode_reference(query, kv, **common)
-    torch.testing.assert_close(_paged_decode_sdpa(query, kv, **common), expected, **tol)
+    expected = paged_decode_reference(query, kv, visible, LogitTerms(scale))
+    torch.testing.assert_close(_paged_decode_sdpa(query, kv, visible, scale), expected, **tol)
     kv.step[STEP_TAIL] = 0  # the context fits the budget: every stored token is visible
-    expected = paged_decode_reference(query, kv, **common)
-    torch.testing.assert_close(_paged_decode_sdpa(query, kv, **common), expected, **tol)
+    expected = paged_decode_reference(query, kv, visible, LogitTerms(scale))
+    torch.testing.assert_close(_paged_decode_sdpa(query, kv, visible, scale), expected, **tol)
     # no page chosen (no selection) and no row padded: the dense heads' keys read in place, no mask built
     kv.pages = None
-    common["kv_start"] = torch.zeros_like(kv_start)
-    expected = paged_decode_reference(query, kv, **common)
-    torch.testing.assert_close(_paged_decode_sdpa(query, kv, **common), expected, **tol)
+    visible = visible.but(kv_start=torch.zeros_like(kv_start))
+    expected = paged_decode_reference(query, kv, visible, LogitTerms(scale))
+    torch.testing.assert_close(_paged_decode_sdpa(query, kv, visible, scale), expected, **tol)
 
 
 def test_reference_sees_exactly_the_chosen_tokens():
@@ -383,11 +387,12 @@ def test_reference_sees_exactly_the_chosen_tokens():
     query, kv, kv_start, sink, local = _decode_case(case, torch.float32, 3)
     kv.pages = torch.tensor([[[2, -1]]], dtype=torch.int32, device=DEVICE)
     kv.step[STEP_TAIL] = 11
-    before = paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=0.25)
+    common = (Visibility(kv_start, sink=sink, local=local), LogitTerms(0.25))
+    before = paged_decode_reference(query, kv, *common)
     kv.dense_key[0, 0, 5 * 16] += 100.0  # page 5: not chosen
-    assert torch.equal(before, paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=0.25))
+    assert torch.equal(before, paged_decode_reference(query, kv, *common))
     kv.dense_key[0, 0, 2 * 16 + 3] += 100.0  # page 2: chosen
-    assert not torch.equal(before, paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=0.25))
+    assert not torch.equal(before, paged_decode_reference(query, kv, *common))
 
 
 # ---------------------------------------------------------------- generate
@@ -426,10 +431,9 @@ def test_selection_runs_every_reuse_interval(monkeypatch):
 
     calls = []
 
-    def counting(*args, **kwargs):
-        step = kwargs["step"]
+    def counting(query, store, step, *args):
         calls.append((int(step[STEP_SEEN]), int(step[STEP_RESELECT])))
-        return select_pages(*args, **kwargs)
+        return select_pages(query, store, step, *args)
 
     monkeypatch.setattr(step_module, "select_pages", counting)
     model = _patched(budget=32, reuse=3, layers=1)
@@ -591,9 +595,7 @@ def test_bad_decode_settings_are_rejected():
 # ------------------------------------------------------------------- memory
 def _decode_token(layer, key, value, kv_start):
     """Store one decode token as a decode step does: the step's counters advance first (the first layer)."""
-    if layer.plans_step:
-        plan_step(layer.step, budget=layer.token_budget, page_size=layer.page_size,
-                  reuse_interval=layer.reuse_interval)
+    DecodePlan.of(layer).plan(layer)
     return layer.append_decode(key, value, kv_start)
 
 
@@ -610,7 +612,7 @@ def test_cache_bytes_with_half_the_heads_streaming_at_32k():
             keys = torch.randn(1, 8, 8191, 64)
             layer.update(keys, keys)
             layer.append(keys, keys, kv_start)
-            after_prefill(layer)
+            DecodePlan.of(layer).reset(layer)
         step = torch.randn(1, 8, 1, 64)
         _decode_token(layer, step, step, kv_start)
     ratio = cache.nbytes() / cache.dynamic_cache_nbytes()
@@ -622,8 +624,8 @@ def test_cache_bytes_with_half_the_heads_streaming_at_32k():
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_fused_append_equals_the_pytorch_path(dtype, monkeypatch):
-    """One decode token stored by the Triton append kernel, by its reference (``append_token_reference``, what
-    the registered operator runs on the CPU) and by the cache's PyTorch path: the same buffers."""
+    """One decode token stored by the Triton append kernel, by the reference backend and by its reference
+    (``append_token_reference``) called directly: the same buffers."""
     import copy
 
     from sparse_attn_hf.kernels.reference import append_token_reference
@@ -643,7 +645,7 @@ def test_fused_append_equals_the_pytorch_path(dtype, monkeypatch):
         mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3], device=DEVICE)  # row 1: its 4th real token comes in decode
         kv_start = cache.sequence.resolve_kv_start(mask, layer.batch, 0, 6, DEVICE)
         layer.append(prompt, prompt * 2, kv_start)
-        after_prefill(layer)  # as the attention does after storing a prompt: the counters restart there
+        DecodePlan.of(layer).reset(layer)  # as the attention does after storing a prompt: the counters restart there
         try:
             if backend == "function":
                 monkeypatch.setattr(ops, "append_token", by_reference)
@@ -821,8 +823,8 @@ def test_registered_decode_ops_pass_torch_library_checks():
     ring_pos = torch.arange(96, 112).long()
     query = torch.randn(batch, heads * groups, dim, generator=gen)
     torch.library.opcheck(torch.ops.sparse_attn_hf.paged_decode,
-                          (query, step, kind, slot, dense, dense, pages, sink, sink, sink_pos, ring, ring, ring_pos,
-                           kv_start, page, 4, 16, dim ** -0.5))
+                          (query, step, [kind, slot, dense, dense, pages, sink, sink, sink_pos, ring, ring, ring_pos],
+                           page, kv_start, 4, 16, dim ** -0.5))
 
 
 @torch.no_grad()
@@ -913,8 +915,6 @@ def test_the_cache_surface_a_decode_graph_uses():
     """``decode_graph`` reads the cache through three calls: the buffers' addresses (a replay needs them where the
     capture saw them: a beam reorder moves them), the host-side lengths, and their advance by a replayed step (or
     their restore after a failed capture); and ``why_not_replayable`` says why a step cannot replay."""
-    from sparse_attn_hf.methods.decode_step import why_not_replayable
-
     model = _patched(budget=32, reuse=3, layers=2)
     cache = SparseCache(model)
     model(random_ids(2, 40).to(DEVICE), **{CACHE_ARG: cache})
@@ -931,10 +931,11 @@ def test_the_cache_surface_a_decode_graph_uses():
     layers = [layer for layer in cache.layers if layer.is_initialized]
     device = torch.device(DEVICE)
     # float32 weights: a step runs part of the reference (on the CPU: not CUDA), which a graph cannot replay
-    assert why_not_replayable(layers, device) == ops.decode_on_host(torch.float32, 16, device, 16, 4) is not None
+    assert DecodePlan.why_not_replayable(layers, device) == ops.decode_on_host(torch.float32, 16, device, 16,
+                                                                              4) is not None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "decode_on_host", lambda *args: None)  # as a GPU step of fp16/bf16 would be
-        assert why_not_replayable(layers, device) is None
+        assert DecodePlan.why_not_replayable(layers, device) is None
         for layer in layers:
             layer.seen = layer.capacity  # the next token would not fit: the buffers would have to grow
-        assert "grow" in why_not_replayable(layers, device)
+        assert "grow" in DecodePlan.why_not_replayable(layers, device)

@@ -7,6 +7,7 @@ from conftest import DEVICE
 from helpers import assert_close_by_rule, loop_mask, masked_sdpa
 
 from sparse_attn_hf import ops
+from sparse_attn_hf.ops import LogitTerms
 
 pytestmark = pytest.mark.compat  # also run on the oldest supported Transformers (.ci/run)
 
@@ -28,8 +29,8 @@ def test_dense_route_matches_the_rule(case, dtype):
     q, k, v = (torch.randn(batch, h, n, head_dim, generator=gen, dtype=torch.float64)
                for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
     kv_start = torch.tensor(pads)
-    got = ops.dense_attention(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype),
-                              kv_start=kv_start.to(DEVICE), padded=any(pads), scale=head_dim**-0.5)
+    got = ops.dense_attention(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype), LogitTerms(head_dim**-0.5),
+                              kv_start=kv_start.to(DEVICE), padded=any(pads))
     assert got.shape == (batch, q_len, heads, head_dim)
     slots = torch.arange(k_len).expand(batch, -1)
     mask = loop_mask(slots[:, k_len - q_len :], slots, kv_start, torch.zeros(kv_heads, dtype=torch.bool), 0, 1)
@@ -70,7 +71,7 @@ def test_split_causal_attention_merges_to_bottom_right_causal(q_len, k_len):
 def test_dense_route_rejects_more_queries_than_keys():
     q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="Lq <= Lk"):
-        ops.dense_attention(q, k, k, kv_start=torch.zeros(1, dtype=torch.long), padded=False, scale=0.25)
+        ops.dense_attention(q, k, k, LogitTerms(0.25), kv_start=torch.zeros(1, dtype=torch.long), padded=False)
 
 
 # batch, q heads, kv heads, q_len, k_len, head_dim, pads, sink, local, tile

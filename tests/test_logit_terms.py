@@ -7,8 +7,8 @@ from conftest import DEVICE
 from helpers import assert_close_by_rule, loop_mask
 
 from sparse_attn_hf.kernels.decode import paged_decode_triton
-from sparse_attn_hf.kernels.prefill import sparse_attention_triton
-from sparse_attn_hf.kernels.layout import STEP_TAIL, DecodeKV, step_counters
+from sparse_attn_hf.kernels.prefill import Launch, sparse_attention_triton
+from sparse_attn_hf.kernels.layout import STEP_TAIL, DecodeKV, LogitTerms, Visibility, step_counters
 from sparse_attn_hf.kernels.reference import (
     paged_decode_reference,
     sampled_column_scores_reference,
@@ -16,7 +16,7 @@ from sparse_attn_hf.kernels.reference import (
     stripe_attention_reference,
 )
 from sparse_attn_hf.kernels.sampling import sampled_column_scores_triton
-from sparse_attn_hf.methods.sample_attention import sample_attention_mask, sample_rows
+from sparse_attn_hf.methods.sample_attention import SampleSettings, sample_attention_mask, sample_rows
 
 TERMS = {"sinks": (True, None), "softcap": (False, 0.7), "both": (True, 0.7)}
 
@@ -57,8 +57,9 @@ def test_reference_terms_equal_a_brute_force(terms):
     streaming = torch.tensor([True, False], device=DEVICE)
     slots = torch.arange(length, device=DEVICE).expand(batch, -1)
     kv_start = torch.tensor(pads, device=DEVICE)
-    out = sparse_attention_reference(q, k, v, q_pos=slots, k_pos=slots, kv_start=kv_start, streaming=streaming,
-                                     sink=sink, local=local, scale=dim**-0.5, sinks=sinks, softcap=softcap, tile=7)
+    out = sparse_attention_reference(q, k, v, Visibility(kv_start, streaming=streaming, sink=sink, local=local,
+                                                         q_first=0, k_pos=slots),
+                                     LogitTerms(dim**-0.5, softcap, sinks), tile=7)
     mask = loop_mask(slots.cpu(), slots.cpu(), kv_start.cpu(), streaming.cpu(), sink, local).to(DEVICE)
     mask = mask.repeat_interleave(heads // kv_heads, 1)
     torch.testing.assert_close(out, _brute_force(q, k, v, mask, dim**-0.5, sinks, softcap).to(out.dtype))
@@ -83,11 +84,12 @@ def test_prefill_kernel_terms_match_reference(terms, positions, dtype):
     if positions == "given":
         order = torch.randperm(k_len, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
         k, v, k_pos = k[:, :, order], v[:, :, order], slots[:, order].contiguous()
-    common = dict(kv_start=kv_start, streaming=streaming, sink=sink, local=local, scale=dim**-0.5, softcap=softcap)
-    out = sparse_attention_triton(q, k, v, q_first=k_len - q_len, k_pos=k_pos, block_n=16, sinks=sinks, **common)
-    ref_pos = dict(q_pos=slots[:, k_len - q_len :], k_pos=slots if k_pos is None else k_pos)
-    golden = sparse_attention_reference(q.double(), k.double(), v.double(), **ref_pos, sinks=sinks, **common)
-    baseline = sparse_attention_reference(q, k, v, **ref_pos, sinks=sinks, **common)
+    visible = Visibility(kv_start, streaming=streaming, sink=sink, local=local, q_first=k_len - q_len)
+    logit_terms = LogitTerms(dim**-0.5, softcap, sinks)
+    out = sparse_attention_triton(q, k, v, visible.but(k_pos=k_pos), logit_terms, launch=Launch(block_n=16))
+    ref_visible = visible.but(k_pos=slots if k_pos is None else k_pos)
+    golden = sparse_attention_reference(q.double(), k.double(), v.double(), ref_visible, logit_terms)
+    baseline = sparse_attention_reference(q, k, v, ref_visible, logit_terms)
     assert_close_by_rule(out, golden, baseline, slack=4e-3 if dtype == torch.bfloat16 else 5e-4)
 
 
@@ -108,10 +110,10 @@ def test_mapped_heads_take_their_own_sinks(terms):
         ops.set_backend(backend)
         try:
             out = torch.zeros(batch, length, kv_total * groups, dim, dtype=q.dtype, device=DEVICE)
-            outs.append(ops.sparse_attention(q, k, v, q_first=0, k_pos=None, kv_start=torch.zeros(1, dtype=torch.long,
-                        device=DEVICE), streaming=torch.ones(2, dtype=torch.bool, device=DEVICE), sink=2, local=5,
-                        scale=dim**-0.5, heads=heads, groups=groups, key_all_heads=True, out=out, sinks=sinks,
-                        softcap=softcap))
+            visible = Visibility(torch.zeros(1, dtype=torch.long, device=DEVICE),
+                                 streaming=torch.ones(2, dtype=torch.bool, device=DEVICE), sink=2, local=5, q_first=0,
+                                 k_pos=None, heads=heads, groups=groups, key_all_heads=True)
+            outs.append(ops.sparse_attention(q, k, v, visible, LogitTerms(dim**-0.5, softcap, sinks), out=out))
         finally:
             ops.set_backend("auto")
     torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=2e-3)
@@ -143,13 +145,13 @@ def test_decode_kernel_terms_match_reference(terms, dtype, splits):
         kv.step[STEP_TAIL] = 4
         query = _randn(batch, 2 * groups, dim, seed=seed + 6, dtype=dtype)
         sinks, softcap = _terms(terms, 2 * groups, seed)
-        common = dict(kv_start=torch.tensor([0, 5], device=DEVICE), sink=sink, local=10, scale=dim**-0.5,
-                      sinks=sinks, softcap=softcap)
-        out = paged_decode_triton(query, kv, num_splits=splits, **common)
+        common = (Visibility(torch.tensor([0, 5], device=DEVICE), sink=sink, local=10),
+                  LogitTerms(dim**-0.5, softcap, sinks))
+        out = paged_decode_triton(query, kv, *common, num_splits=splits)
         as64 = DecodeKV(**{n: (t.double() if torch.is_tensor(t) and t.is_floating_point() else t)
                            for n, t in kv.__dict__.items()})
-        golden = paged_decode_reference(query.double(), as64, **common)
-        baseline = paged_decode_reference(query, kv, **common)
+        golden = paged_decode_reference(query.double(), as64, *common)
+        baseline = paged_decode_reference(query, kv, *common)
         assert_close_by_rule(out, golden, baseline, slack=4e-3 if dtype == torch.bfloat16 else 5e-4)
 
 
@@ -165,17 +167,16 @@ def test_sampling_kernel_terms_match_reference(terms, dtype):
     sinks, softcap = _terms(terms, heads, seed)
     kv_start = torch.tensor([0, 7], device=DEVICE)
     rows = sample_rows(q_len, 0.2, device=DEVICE)
-    common = dict(rows=rows, q_first=k_len - q_len, kv_start=kv_start, scale=dim**-0.5, sinks=sinks, softcap=softcap,
-                  window=torch.full((batch, kv_heads), 9, dtype=torch.long, device=DEVICE))
-    got = sampled_column_scores_triton(q, k, **common)
-    golden = sampled_column_scores_reference(q.double(), k.double(), **common)
-    assert_close_by_rule(got, golden, sampled_column_scores_reference(q, k, **common), slack=1e-3)
-    mask = sample_attention_mask(q, k, q_first=k_len - q_len, kv_start=kv_start, alpha=0.8, rw=0.1, r_row=0.2,
-                                 scale=dim**-0.5, sinks=sinks, softcap=softcap)
-    terms_kw = dict(sinks=sinks, softcap=softcap)
-    out = sparse_attention_triton(q, k, v, q_first=k_len - q_len, k_pos=None, kv_start=kv_start,
-                                  streaming=torch.zeros(kv_heads, dtype=torch.bool, device=DEVICE), sink=0, local=1,
-                                  scale=dim**-0.5, stripe_mask=mask, whole_block_share=0.5, block_n=16, **terms_kw)
-    golden = stripe_attention_reference(q.double(), k.double(), v.double(), mask=mask, scale=dim**-0.5, **terms_kw)
-    baseline = stripe_attention_reference(q, k, v, mask=mask, scale=dim**-0.5, **terms_kw)
+    visible, logit_terms = Visibility(kv_start, q_first=k_len - q_len), LogitTerms(dim**-0.5, softcap, sinks)
+    common = dict(rows=rows, window=torch.full((batch, kv_heads), 9, dtype=torch.long, device=DEVICE))
+    got = sampled_column_scores_triton(q, k, visible, logit_terms, **common)
+    golden = sampled_column_scores_reference(q.double(), k.double(), visible, logit_terms, **common)
+    assert_close_by_rule(got, golden, sampled_column_scores_reference(q, k, visible, logit_terms, **common), slack=1e-3)
+    mask = sample_attention_mask(q, k, visible, logit_terms, SampleSettings(alpha=0.8, rw=0.1, r_row=0.2))
+    out = sparse_attention_triton(q, k, v, Visibility(kv_start, streaming=torch.zeros(kv_heads, dtype=torch.bool,
+                                                                                        device=DEVICE),
+                                                      sink=0, local=1, q_first=k_len - q_len, k_pos=None),
+                                  logit_terms, stripe_mask=mask, whole_block_share=0.5, launch=Launch(block_n=16))
+    golden = stripe_attention_reference(q.double(), k.double(), v.double(), mask, logit_terms)
+    baseline = stripe_attention_reference(q, k, v, mask, logit_terms)
     assert_close_by_rule(out, golden, baseline, slack=4e-3 if dtype == torch.bfloat16 else 5e-4)

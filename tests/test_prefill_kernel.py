@@ -6,7 +6,8 @@ from conftest import DEVICE
 from helpers import assert_close_by_rule, loop_mask, masked_sdpa, random_ids, tiny_model
 
 from sparse_attn_hf import Profile, SparseConfig, ops, patch_model
-from sparse_attn_hf.kernels.prefill import sparse_attention_triton
+from sparse_attn_hf.kernels.prefill import Launch, sparse_attention_triton
+from sparse_attn_hf.ops import LogitTerms, Visibility
 
 # batch, q heads, kv heads, q_len, k_len, head_dim, pads, sink, local, block_n
 CASES = [
@@ -45,9 +46,9 @@ def test_kernel_matches_reference(case, dtype, positions):
         k_pos[:, :2] = -1
     scale = head_dim**-0.5
     poisoned = torch.full((batch, q_len, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-    out = sparse_attention_triton(q, k, v, q_first=k_len - q_len, k_pos=k_pos, kv_start=kv_start,
-                                  streaming=streaming, sink=sink, local=local, scale=scale, block_n=block_n,
-                                  out=poisoned)
+    out = sparse_attention_triton(q, k, v, Visibility(kv_start, streaming=streaming, sink=sink, local=local,
+                                                      q_first=k_len - q_len, k_pos=k_pos),
+                                  LogitTerms(scale), out=poisoned, launch=Launch(block_n=block_n))
     assert not torch.isnan(out).any(), "the kernel left output elements unwritten"
     positions_used = slots if k_pos is None else k_pos
     mask = loop_mask(slots[:, k_len - q_len :].cpu(), positions_used.cpu(), kv_start.cpu(), streaming.cpu(), sink, local)
@@ -70,9 +71,10 @@ def test_mapped_heads_write_only_their_heads(backend, key_all_heads):
     streaming = torch.ones(2, dtype=torch.bool, device=DEVICE)
     try:
         ops.set_backend(backend)
-        ops.sparse_attention(q, keys, values, q_first=k_len - q_len, k_pos=None, kv_start=kv_start, streaming=streaming,
-                             sink=sink, local=local, scale=head_dim**-0.5, heads=chosen, groups=2,
-                             key_all_heads=key_all_heads, out=out)
+        ops.sparse_attention(q, keys, values, Visibility(kv_start, streaming=streaming, sink=sink, local=local,
+                                                         q_first=k_len - q_len, k_pos=None, heads=chosen, groups=2,
+                                                         key_all_heads=key_all_heads),
+                             LogitTerms(head_dim**-0.5), out=out)
     finally:
         ops.set_backend("auto")
     written = torch.zeros(heads, dtype=torch.bool)
@@ -99,9 +101,10 @@ def test_block_list_and_stripes_together_are_rejected():
                          counts=torch.ones(1, 1, dtype=torch.int32), q_len=32, k_len=32,
                          kv_start=torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="not both"):
-        sparse_attention_triton(q, k, v, q_first=0, k_pos=None, kv_start=torch.zeros(1, dtype=torch.long, device=DEVICE),
-                                streaming=torch.zeros(1, dtype=torch.bool, device=DEVICE), sink=0, local=1, scale=0.1,
-                                block_mask=block_mask, stripe_mask=stripes)
+        sparse_attention_triton(q, k, v, Visibility(torch.zeros(1, dtype=torch.long, device=DEVICE),
+                                                    streaming=torch.zeros(1, dtype=torch.bool, device=DEVICE), sink=0,
+                                                    local=1, q_first=0, k_pos=None),
+                                LogitTerms(0.1), block_mask=block_mask, stripe_mask=stripes)
 
 
 @torch.no_grad()
@@ -145,9 +148,11 @@ def test_kernel_block_list_matches_reference(case, dtype):
     kv_start = torch.tensor(pads, device=DEVICE)
     scale = head_dim**-0.5
     poisoned = torch.full((batch, q_len, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-    out = sparse_attention_triton(q, k, v, q_first=k_len - q_len, k_pos=None, kv_start=kv_start,
-                                  streaming=torch.zeros(kv_heads, dtype=torch.bool, device=DEVICE), sink=0, local=1,
-                                  scale=scale, out=poisoned, block_mask=mask, block_m=min(128, block_q * 4))
+    out = sparse_attention_triton(q, k, v, Visibility(kv_start, streaming=torch.zeros(kv_heads, dtype=torch.bool,
+                                                                                        device=DEVICE),
+                                                      sink=0, local=1, q_first=k_len - q_len, k_pos=None),
+                                  LogitTerms(scale), out=poisoned, block_mask=mask,
+                                  launch=Launch(block_m=min(128, block_q * 4)))
     assert not torch.isnan(out).any(), "the kernel left output elements unwritten"
     golden = block_sparse_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(),
                                               mask=mask.to("cpu"), kv_start=kv_start.cpu(), scale=scale)
@@ -190,8 +195,9 @@ def test_kernel_at_real_size(dtype, q_len, tma):
     kv_start = torch.tensor([0, 37], device=DEVICE)
     slots = torch.arange(2125, device=DEVICE).expand(2, -1)
     poisoned = torch.full((2, q_len, 32, 128), float("nan"), dtype=dtype, device=DEVICE)
-    out = sparse_attention_triton(q, k, v, q_first=2125 - q_len, k_pos=None, kv_start=kv_start, streaming=streaming,
-                                  sink=64, local=512, scale=128**-0.5, out=poisoned, tma=tma)
+    out = sparse_attention_triton(q, k, v, Visibility(kv_start, streaming=streaming, sink=64, local=512,
+                                                      q_first=2125 - q_len, k_pos=None),
+                                  LogitTerms(128**-0.5), out=poisoned, launch=Launch(tma=tma))
     assert not torch.isnan(out).any()
     mask = visibility_mask(slots[:, 2125 - q_len :], slots, kv_start, streaming, 64, 512)
     golden = masked_sdpa(q.double(), k.double(), v.double(), mask, 128**-0.5)

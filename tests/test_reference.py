@@ -6,6 +6,7 @@ from helpers import assert_close_by_rule, loop_mask, masked_sdpa
 
 from sparse_attn_hf import ops
 from sparse_attn_hf.kernels.reference import sparse_attention_reference, visibility_mask
+from sparse_attn_hf.ops import LogitTerms, Visibility
 
 SEED_OF = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -40,8 +41,8 @@ def test_reference_matches_masked_attention(case, dtype):
     mask = loop_mask(q_pos, k_pos, kv_start, streaming, sink, local)
     assert torch.equal(visibility_mask(q_pos, k_pos, kv_start, streaming, sink, local), mask)
 
-    result = ops.sparse_attention(q, k, v, q_first=k_len - q_len, k_pos=None, kv_start=kv_start,
-                                  streaming=streaming, sink=sink, local=local, scale=scale, tile=tile)
+    result = ops.sparse_attention(q, k, v, Visibility(kv_start, streaming=streaming, sink=sink, local=local,
+                                                      q_first=k_len - q_len), LogitTerms(scale), tile=tile)
     assert result.shape == (batch, q_len, heads, head_dim) and result.dtype == dtype
     golden = masked_sdpa(q.double(), k.double(), v.double(), mask, scale)
     baseline = masked_sdpa(q, k, v, mask, scale)
@@ -51,10 +52,11 @@ def test_reference_matches_masked_attention(case, dtype):
 def test_streaming_with_window_covering_everything_is_dense():
     q, k, v = _inputs(2, 4, 2, 20, 20, 16, torch.float32, seed=3)
     slots = torch.arange(20).expand(2, -1)
-    common = dict(q_pos=slots, k_pos=slots, kv_start=torch.zeros(2, dtype=torch.long), sink=0, scale=0.25)
-    dense = sparse_attention_reference(q, k, v, streaming=torch.tensor([False, False]), local=1, **common)
-    wide = sparse_attention_reference(q, k, v, streaming=torch.tensor([True, True]), local=20, **common)
-    narrow = sparse_attention_reference(q, k, v, streaming=torch.tensor([True, True]), local=3, **common)
+    visible = Visibility(torch.zeros(2, dtype=torch.long), sink=0, q_first=0, k_pos=slots)
+    terms = LogitTerms(0.25)
+    dense = sparse_attention_reference(q, k, v, visible.but(streaming=torch.tensor([False, False]), local=1), terms)
+    wide = sparse_attention_reference(q, k, v, visible.but(streaming=torch.tensor([True, True]), local=20), terms)
+    narrow = sparse_attention_reference(q, k, v, visible.but(streaming=torch.tensor([True, True]), local=3), terms)
     torch.testing.assert_close(wide, dense, rtol=0, atol=0)
     assert (narrow - dense).abs().max() > 1e-3  # the window really restricts
 
@@ -62,11 +64,11 @@ def test_streaming_with_window_covering_everything_is_dense():
 def test_empty_slots_and_pad_queries():
     """Key slots marked -1 are never seen; a query on a pad sees nothing and gets zeros."""
     q, k, v = _inputs(1, 2, 1, 4, 6, 8, torch.float32, seed=4)
-    q_pos = torch.tensor([[2, 3, 4, 5]])
+    q_first = 2  # query slots 2, 3, 4, 5
     kv_start = torch.tensor([3])
     k_pos = torch.tensor([[-1, -1, 2, 3, 4, 5]])
-    out = sparse_attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, kv_start=kv_start,
-                                     streaming=torch.tensor([False]), sink=0, local=1, scale=1.0)
+    out = sparse_attention_reference(q, k, v, Visibility(kv_start, streaming=torch.tensor([False]), sink=0, local=1,
+                                                         q_first=q_first, k_pos=k_pos), LogitTerms(1.0))
     assert torch.equal(out[0, 0], torch.zeros(2, 8))  # slot 2 is a pad query
     # the query at slot 3 sees only its own key (slot 3): output = v at slot 3
     torch.testing.assert_close(out[0, 1], v[0, 0, 3].expand(2, -1))
@@ -88,5 +90,6 @@ def test_bad_input_is_rejected(change, error):
     k = torch.ones(1, kv_heads, 4, 8).to(dtype)
     slots = torch.arange(4).expand(1, -1)
     with pytest.raises(error):
-        ops.sparse_attention(q, k, k, q_first=0, k_pos=slots, kv_start=torch.zeros(1, dtype=torch.long),
-                             streaming=torch.zeros(kv_heads, dtype=torch.bool), sink=1, local=2, scale=1.0)
+        ops.sparse_attention(q, k, k, Visibility(torch.zeros(1, dtype=torch.long),
+                                                 streaming=torch.zeros(kv_heads, dtype=torch.bool), sink=1, local=2,
+                                                 q_first=0, k_pos=slots), LogitTerms(1.0))

@@ -11,15 +11,17 @@ from transformers import AttentionInterface
 
 from sparse_attn_hf import Profile, SparseConfig, last_call, ops, patch_model, patched
 from sparse_attn_hf.attention import sparse_attention_forward
-from sparse_attn_hf.kernels.prefill import sparse_attention_triton
+from sparse_attn_hf.kernels.prefill import Launch, sparse_attention_triton
 from sparse_attn_hf.kernels.reference import sampled_column_scores_reference, stripe_attention_reference
 from sparse_attn_hf.kernels.sampling import sampled_column_scores_triton
 from sparse_attn_hf.methods.sample_attention import (
+    SampleSettings,
     _row_kept_mass,
     choose_stripes,
     sample_attention_mask,
     sample_rows,
 )
+from sparse_attn_hf.ops import LogitTerms, Visibility
 from sparse_attn_hf.state import ATTENTION_NAME
 from sparse_attn_hf.stripe_mask import StripeMask
 
@@ -52,18 +54,17 @@ def test_column_scores_kernel_matches_reference(case, dtype):
     q, k, _ = _structured(case, dtype, CASES.index(case))
     rows = sample_rows(q_len, 0.1, device=DEVICE)
     window = torch.full((batch, kv_heads), 11, dtype=torch.long, device=DEVICE)
-    common = dict(rows=rows, q_first=k_len - q_len, kv_start=torch.tensor(pads, device=DEVICE), window=window,
-                  scale=dim**-0.5)
-    got = sampled_column_scores_triton(q, k, **common)
-    expected = sampled_column_scores_reference(q, k, **common)
-    golden = sampled_column_scores_reference(q.double(), k.double(), **common)
+    common = (Visibility(torch.tensor(pads, device=DEVICE), q_first=k_len - q_len), LogitTerms(dim**-0.5))
+    got = sampled_column_scores_triton(q, k, *common, rows=rows, window=window)
+    expected = sampled_column_scores_reference(q, k, *common, rows=rows, window=window)
+    golden = sampled_column_scores_reference(q.double(), k.double(), *common, rows=rows, window=window)
     assert_close_by_rule(got, golden, expected, slack=1e-3)
 
 
 def _mask(case, q, k, alpha=0.8, rw=0.1, r_row=0.2, criterion="mean"):
     batch, heads, kv_heads, q_len, k_len, dim, pads = case
-    return sample_attention_mask(q, k, q_first=k_len - q_len, kv_start=torch.tensor(pads, device=DEVICE), alpha=alpha,
-                                 rw=rw, r_row=r_row, scale=dim**-0.5, criterion=criterion)
+    return sample_attention_mask(q, k, Visibility(torch.tensor(pads, device=DEVICE), q_first=k_len - q_len),
+                                 LogitTerms(dim**-0.5), SampleSettings(alpha, rw, r_row, criterion))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -73,11 +74,12 @@ def test_stripe_kernel_matches_reference(case, dtype):
     q, k, v = _structured(case, dtype, 10 + CASES.index(case))
     mask = _mask(case, q.float(), k.float())
     poisoned = torch.full((batch, q_len, heads, dim), float("nan"), dtype=dtype, device=DEVICE)
-    out = sparse_attention_triton(q, k, v, q_first=k_len - q_len, k_pos=None, kv_start=mask.kv_start,
-                                  streaming=torch.zeros(kv_heads, dtype=torch.bool, device=DEVICE), sink=0, local=1,
-                                  scale=dim**-0.5, stripe_mask=mask, block_n=16, out=poisoned)
+    out = sparse_attention_triton(q, k, v, Visibility(mask.kv_start, streaming=torch.zeros(kv_heads, dtype=torch.bool,
+                                                                                             device=DEVICE),
+                                                      sink=0, local=1, q_first=k_len - q_len, k_pos=None),
+                                  LogitTerms(dim**-0.5), stripe_mask=mask, out=poisoned, launch=Launch(block_n=16))
     assert not torch.isnan(out).any(), "the kernel left output elements unwritten"
-    golden = stripe_attention_reference(q.double(), k.double(), v.double(), mask=mask, scale=dim**-0.5)
+    golden = stripe_attention_reference(q.double(), k.double(), v.double(), mask, LogitTerms(dim**-0.5))
     visible = torch.stack([mask.to_dense(b) for b in range(batch)])
     assert_close_by_rule(out, golden, masked_sdpa(q, k, v, visible, dim**-0.5))
 
@@ -106,13 +108,13 @@ def test_stripe_blocks_visited_whole_match_reference(dtype):
     blocks = args[4]
     assert int((blocks < -(-k_len // 16)).sum()) == 6, "the blocks with >= 8 of 16 stripes are visited whole"
     assert not bool(((args[1][0] >= 16) & (args[1][0] < 32)).any()), "their stripes are not gathered again"
-    golden = stripe_attention_reference(q.double(), k.double(), v.double(), mask=mask, scale=dim**-0.5)
+    golden = stripe_attention_reference(q.double(), k.double(), v.double(), mask, LogitTerms(dim**-0.5))
     visible = torch.stack([mask.to_dense(b) for b in range(batch)])
-    common = dict(q_first=k_len - q_len, k_pos=None, kv_start=mask.kv_start,
-                  streaming=torch.zeros(kv_heads, dtype=torch.bool, device=DEVICE), sink=0, local=1, scale=dim**-0.5,
-                  stripe_mask=mask, block_n=16)
+    common = (Visibility(mask.kv_start, streaming=torch.zeros(kv_heads, dtype=torch.bool, device=DEVICE), sink=0,
+                         local=1, q_first=k_len - q_len, k_pos=None), LogitTerms(dim**-0.5))
     for share in (0.5, None):
-        out = sparse_attention_triton(q, k, v, whole_block_share=share, **common)
+        out = sparse_attention_triton(q, k, v, *common, stripe_mask=mask, whole_block_share=share,
+                                      launch=Launch(block_n=16))
         assert_close_by_rule(out, golden, masked_sdpa(q, k, v, visible, dim**-0.5))
 
 
@@ -151,10 +153,11 @@ def test_alpha_one_is_dense_and_selection_is_deterministic():
     full = _mask(case, q, k, alpha=1.0)
     assert (full.counts == case[4]).all()
     batch, heads, kv_heads, q_len, k_len, dim, pads = case
-    dense = ops.sparse_attention(q, k, v, q_first=k_len - q_len, k_pos=None, kv_start=full.kv_start,
-                                 streaming=torch.zeros(kv_heads, dtype=torch.bool, device=DEVICE), sink=0, local=1,
-                                 scale=dim**-0.5)
-    torch.testing.assert_close(ops.stripe_attention(q, k, v, mask=full, scale=dim**-0.5), dense, rtol=1e-5, atol=1e-5)
+    dense = ops.sparse_attention(q, k, v, Visibility(full.kv_start, streaming=torch.zeros(kv_heads, dtype=torch.bool,
+                                                                                            device=DEVICE),
+                                                     sink=0, local=1, q_first=k_len - q_len, k_pos=None),
+                                 LogitTerms(dim**-0.5))
+    torch.testing.assert_close(ops.stripe_attention(q, k, v, full, LogitTerms(dim**-0.5)), dense, rtol=1e-5, atol=1e-5)
 
 
 def test_choose_stripes_meets_the_mean_exactly():

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import STEP_SEEN, STEP_TAIL, DecodeKV, LogitTerms, Visibility
 from .online_softmax import LOG2E, _logits, _softmax_step
-from .layout import STEP_SEEN, STEP_TAIL, DecodeKV
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # bf16 dots are wrong in the interpreter
 
@@ -162,11 +162,12 @@ def _num_splits(batch_heads: int, entries: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, batch_heads), triton.cdiv(entries, 2)))
 
 
-def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
-                        scale: float, num_splits: int | None = None, sinks: torch.Tensor | None = None,
-                        softcap: float | None = None) -> torch.Tensor:
+def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, visible: Visibility, terms: LogitTerms, *,
+                        num_splits: int | None = None) -> torch.Tensor:
     """Launch the split and combine kernels. query [B, Hq, D] -> [B, Hq, D]. The grid and every argument
     depend on the cache's sizes only (``kv.step`` carries the step's counters), so CUDA graphs can replay it."""
+    kv_start, sink, local = visible.kv_start, visible.sink, visible.local
+    scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
     batch, num_heads, head_dim = query.shape
     num_kv = kv.head_kind.shape[0]
     groups = num_heads // num_kv

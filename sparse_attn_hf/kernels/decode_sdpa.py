@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from .layout import DecodeKV
+from .layout import DecodeKV, Visibility
 from .reference import decode_visible_tokens
 
 
-def paged_decode_sdpa(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale: float) -> torch.Tensor:
+def paged_decode_sdpa(query, kv: DecodeKV, visible: Visibility, scale: float) -> torch.Tensor:
     """The reference's decode step through SDPA, for a device without the Triton kernel (the CPU): the same
     visible tokens (``decode_visible_tokens``), the dense heads' keys read in place (no gathered copy, and no mask
     while a row sees every stored token), each head kind in one call with its query heads as rows. A kind's
     buffers hold its heads in head order (``head_slot`` is the rank among the kind, ``PatchState.head_tables``),
     so the heads of a kind in ascending order are its buffer's rows."""
+    kv_start = visible.kv_start
     batch, num_heads, head_dim = query.shape
     num_kv = kv.head_kind.shape[0]
     q = query.view(batch, num_kv, num_heads // num_kv, head_dim)
@@ -22,12 +23,12 @@ def paged_decode_sdpa(query, kv: DecodeKV, *, kv_start, sink: int, local: int, s
     # no page chosen, the tail from page 0 and no row padded: the dense heads see every stored token, read in place
     every = (kv.dense_key is not None and (kv.pages is None or not kv.pages.numel()) and kv.tail_first == 0
              and not bool(kv_start.any()))
-    parts = decode_visible_tokens(kv, kv_start, sink, local, dense=not every)
+    parts = decode_visible_tokens(kv, kv_start, visible.sink, visible.local, dense=not every)
     if every:
         parts["dense"] = (kv.dense_key[:, :, : kv.seen], kv.dense_value[:, :, : kv.seen], None)
-    for kind, (keys, values, visible) in parts.items():
+    for kind, (keys, values, seen) in parts.items():
         heads = torch.nonzero(kv.head_kind == (0 if kind == "dense" else 1)).flatten()
-        mask = None if visible is None or bool(visible.all()) else visible[:, :, None, :]
+        mask = None if seen is None or bool(seen.all()) else seen[:, :, None, :]
         attended = torch.nn.functional.scaled_dot_product_attention(q[:, heads], keys, values, attn_mask=mask,
                                                                     scale=scale)
         out[:, heads] = attended.nan_to_num(0.0)  # a row that sees nothing: zeros, as the reference

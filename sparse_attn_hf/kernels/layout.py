@@ -1,11 +1,60 @@
-"""The data layouts kernels and their references share (imported by both sides, and by the cache that fills them):
-a decode step's counters and what a decode step of one layer reads (``DecodeKV``)."""
+"""The values kernels and their references share (imported by both sides, by the ops between them, and by the cache
+that fills them): what a query sees (``Visibility``), how a score becomes a logit (``LogitTerms``), a decode
+step's counters and what a decode step of one layer reads (``DecodeKV``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """Which keys each query of one attention call sees, and which heads the call attends: one value passed whole
+    from the attention to the ops, kernels and references (the rule is ``kernels.reference``'s docstring).
+
+    ``kv_start`` [B]: row ``b``'s real tokens start at slot ``kv_start[b]`` (left padding). ``streaming`` [n] bool,
+    one flag per attended KV head (None: every head dense); a streaming head sees the first ``sink`` real tokens
+    and the ``local`` newest. Prefill: query ``i`` sits at slot ``q_first + i``, key ``j`` at ``k_pos[b, j]`` (None:
+    slot ``j``). Decode: the query sits at the newest slot; ``DecodeKV`` says which heads stream. ``heads`` (int64
+    [n]) restricts a prefill call to the query heads of those KV-head groups (``groups`` query heads each, query
+    head ``h * groups + g`` of KV head ``h``); key/value then hold those n heads in order, or every KV head when
+    ``key_all_heads``.
+    """
+
+    kv_start: torch.Tensor
+    streaming: torch.Tensor | None = None
+    sink: int = 0
+    local: int = 0
+    q_first: int = 0
+    k_pos: torch.Tensor | None = None
+    heads: torch.Tensor | None = None
+    groups: int | None = None
+    key_all_heads: bool = False
+
+    def but(self, **changes) -> "Visibility":
+        """This visibility with some fields changed."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class LogitTerms:
+    """How a query-key product becomes a softmax logit: times ``scale``; then, in some families, soft-capped
+    (Gemma 2: ``softcap * tanh(s / softcap)``) and joined by one learned sink logit per query head in the
+    denominator (GPT-OSS: ``sinks`` float [Hq], no value). SDPA computes only the scale (``plain``)."""
+
+    scale: float
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.softcap is None and self.sinks is None
+
+    def with_sinks(self, sinks: torch.Tensor | None) -> "LogitTerms":
+        """The same terms for other query heads (their sinks in order, e.g. a call's gathered heads)."""
+        return replace(self, sinks=sinks)
 
 # a decode step's counters (int32, on the device): tokens stored, steps before the next page selection,
 # whether this step selects, and the first page attended whole (the tail)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..block_mask import BlockSparseMask
+from .layout import LogitTerms, Visibility
 from .online_softmax import LOG2E, _logits, _merge_sink, _softmax_step
 
 # Triton's CPU interpreter computes tl.dot on bfloat16 operands wrongly (triton 3.9: errors of 1e10 on
@@ -351,48 +353,54 @@ def _block_q(groups: int, block_m: int) -> int:
     return max(block_m // groups, 16 if groups == 1 else 1)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How the prefill kernel is launched: query rows and key block per program (``block_n`` None: tuned per
+    head_dim), warps and pipeline stages (None: tuned), bulk tensor copies where the layout allows (``tma``;
+    False forces pointer loads, for comparisons)."""
+
+    block_m: int = 128
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    tma: bool = True
+
+
 def sparse_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    visible: Visibility,
+    terms: LogitTerms,
     *,
-    q_first: int,
-    k_pos: torch.Tensor | None,
-    kv_start: torch.Tensor,
-    streaming: torch.Tensor,
-    sink: int,
-    local: int,
-    scale: float,
-    block_m: int = 128,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
     out: torch.Tensor | None = None,
     block_mask: BlockSparseMask | None = None,
-    tma: bool = True,
     stripe_mask=None,
-    heads: torch.Tensor | None = None,
-    groups: int | None = None,
-    key_all_heads: bool = False,
     whole_block_share: float | None = None,
-    sinks: torch.Tensor | None = None,
-    softcap: float | None = None,
+    launch: Launch = Launch(),
 ) -> torch.Tensor:
-    """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; ``k_pos`` [B, Lk] or None
-    (consecutive slots 0..Lk-1); query slots ``q_first + i``. Returns [B, Lq, Hq, D] (``out`` if given).
+    """Launch the kernel. query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D]; what each query sees: ``visible``
+    (query slots ``q_first + i``, key slots ``k_pos`` [B, Lk] or None for 0..Lk-1); ``terms``: the logit terms of
+    ``kernels.reference``. Returns [B, Lq, Hq, D] (``out`` if given).
 
     With ``block_mask`` (one row list per KV head) each program visits only the listed key blocks
     (causality and padding still apply; ``streaming`` is ignored); its ``block_k`` sets the key block.
-    ``tma=False`` forces pointer loads where bulk tensor copies would be used (for comparisons).
     With ``stripe_mask`` (a :class:`~sparse_attn_hf.stripe_mask.StripeMask`, SampleAttention) every head
     attends to its row's window and stripes (``streaming``, ``sink``, ``local`` are ignored); key blocks
     holding at least ``whole_block_share`` x block_n stripes are visited whole with a column mask, the other
     stripes gathered (``None``: every stripe gathered).
-    With ``heads`` (int64 [n]) the programs attend only those KV-head groups of ``query`` (``groups`` query
-    heads each) and write them into ``out`` (required); key/value hold the n heads in order, or every KV head
-    when ``key_all_heads`` (then head ``heads[i]`` is read in place).
-    ``sinks`` (float [Hq], indexed by query head of ``query``) and ``softcap``: the terms of ``kernels.reference``.
+    With ``visible.heads`` (int64 [n]) the programs attend only those KV-head groups of ``query``
+    (``visible.groups`` query heads each) and write them into ``out`` (required); key/value hold the n heads in
+    order, or every KV head when ``visible.key_all_heads`` (then head ``heads[i]`` is read in place). ``sinks``
+    are indexed by query head of ``query``.
     """
+    q_first, k_pos, kv_start, streaming = visible.q_first, visible.k_pos, visible.kv_start, visible.streaming
+    sink, local, heads, groups = visible.sink, visible.local, visible.heads, visible.groups
+    scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
+    block_m, block_n, num_warps, num_stages = launch.block_m, launch.block_n, launch.num_warps, launch.num_stages
+    if streaming is None:
+        n = key.shape[1] if heads is None else heads.shape[0]
+        streaming = torch.zeros(n, dtype=torch.bool, device=query.device)
     if block_mask is not None and stripe_mask is not None:
         raise ValueError("pass block_mask or stripe_mask, not both: each lists keys to visit, and together "
                          "they would count a key twice.")
@@ -406,7 +414,7 @@ def sparse_attention_triton(
         num_kv_heads, groups = key.shape[1], num_heads // key.shape[1]
     else:
         if out is None or groups is None:
-            raise ValueError("heads= needs out= and groups=.")
+            raise ValueError("Visibility.heads needs out= and Visibility.groups.")
         num_kv_heads = heads.shape[0]
     g_pad = triton.next_power_of_2(groups)  # a program's rows must be a power of two
     block_q = _block_q(g_pad, block_m)
@@ -417,7 +425,7 @@ def sparse_attention_triton(
         if block_mask.block_q % block_q:
             raise ValueError(f"block_mask.block_q={block_mask.block_q} must be a multiple of {block_q}.")
         block_n = block_mask.block_k
-    tma = tma and _tma_ok(key, value, head_dim)
+    tma = launch.tma and _tma_ok(key, value, head_dim)
     if out is None:
         out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=query.device)
     consecutive = k_pos is None
@@ -448,7 +456,7 @@ def sparse_attention_triton(
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not tf32
         BLOCK_LIST=block_mask is not None, TMA=tma, STRIPE_MODE=stripe_mask is not None,
-        MAPPED=mapped, KV_MAPPED=mapped and key_all_heads, HAS_SINKS=sinks is not None,
+        MAPPED=mapped, KV_MAPPED=mapped and visible.key_all_heads, HAS_SINKS=sinks is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

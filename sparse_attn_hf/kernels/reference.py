@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import DecodeKV
+from .layout import DecodeKV, LogitTerms, Visibility
 
 
 def visibility_mask(
@@ -71,40 +71,34 @@ def _group_sinks(sinks: torch.Tensor | None, num_kv: int, extra_dims: int):
     return None if sinks is None else sinks.float().view(1, num_kv, -1, *([1] * extra_dims))
 
 
-def sparse_attention_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    kv_start: torch.Tensor,
-    streaming: torch.Tensor,
-    sink: int,
-    local: int,
-    scale: float,
-    tile: int = 256,
-    sinks: torch.Tensor | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
+def sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: Visibility,
+                               terms: LogitTerms, *, tile: int = 256) -> torch.Tensor:
     """Attention of dense and streaming heads, tile by tile over queries.
 
     Args:
         query: [B, Hq, Lq, D]; query head ``h`` reads KV head ``h // (Hq // Hkv)`` (GQA; K/V are
             never repeated in memory).
         key, value: [B, Hkv, Lk, D].
-        q_pos, k_pos, kv_start, streaming, sink, local: the visibility rule of this module.
-        scale: softmax scale (usually D ** -0.5).
+        visible: the visibility rule of this module (every KV head of ``key``; ``heads`` unused).
+        terms: the softmax scale (usually D ** -0.5), soft-capping and learned sinks [Hq].
         tile: query rows per step; memory is O(B * Hq * tile * Lk). Each tile computes only the key
             columns that some query of the tile sees, so causal and window sparsity save work.
-        sinks: float [Hq] learned sink logits, or None; softcap: the soft-capping scale, or None.
 
     Returns:
         [B, Lq, Hq, D] in the dtype of ``query``. Softmax runs in float32 (float64 for float64
         inputs). A query that sees no key (a pad) gets zeros.
     """
+    if visible.heads is not None:
+        raise ValueError("the reference attends every KV head of key: gather the heads first (ops.sparse_attention).")
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
+    kv_start, sink, local = visible.kv_start, visible.sink, visible.local
+    scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
+    streaming = visible.streaming
+    if streaming is None:
+        streaming = torch.zeros(num_kv_heads, dtype=torch.bool, device=query.device)
+    q_pos = torch.arange(visible.q_first, visible.q_first + q_len, device=query.device).expand(batch, -1)
+    k_pos = torch.arange(k_len, device=query.device).expand(batch, -1) if visible.k_pos is None else visible.k_pos
     groups = num_heads // num_kv_heads
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     k = key.to(compute)
@@ -180,14 +174,15 @@ def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local
     return parts
 
 
-def paged_decode_reference(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
-                           scale: float, sinks: torch.Tensor | None = None,
-                           softcap: float | None = None) -> torch.Tensor:
+def paged_decode_reference(query: torch.Tensor, kv: DecodeKV, visible: Visibility,
+                           terms: LogitTerms) -> torch.Tensor:
     """One decode step of one layer: query [B, Hq, D] at slot ``seen - 1`` -> [B, Hq, D].
 
     Dense heads attend to their chosen pages (``DecodeKV``), streaming heads to sink + recent window
-    (the rule of this module with ``local`` the decode window). Softmax in float32; ``sinks`` [Hq] and
-    ``softcap`` as in the module docstring."""
+    (the rule of this module: ``visible``'s kv_start, sink and ``local`` the decode window). Softmax in float32;
+    ``terms`` as in the module docstring."""
+    kv_start, sink, local = visible.kv_start, visible.sink, visible.local
+    scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
     batch, num_heads, head_dim = query.shape
     num_kv = kv.head_kind.shape[0]
     groups = num_heads // num_kv
@@ -284,16 +279,17 @@ def shortlist_pages_reference(query, keys, bound, shortlist, *, kv_start, seen: 
     return top_pages_reference(scores, k)
 
 
-def sampled_column_scores_reference(query, key, *, rows: torch.Tensor, q_first: int, kv_start: torch.Tensor,
-                                    window: torch.Tensor, scale: float, tile: int = 64,
-                                    sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+def sampled_column_scores_reference(query, key, visible: Visibility, terms: LogitTerms, *, rows: torch.Tensor,
+                                    window: torch.Tensor, tile: int = 64) -> torch.Tensor:
     """SampleAttention stage 1: the exact softmax attention of the sampled query rows over every visible
     key (real, causal), summed per key column over those rows and the GQA group's query heads, counting
     only entries *outside* the row's local window (the window is kept anyway).
 
-    query [B, Hq, Lq, D] at slots ``q_first + i``; key [B, Hkv, Lk, D]; rows int64 [n] (query indices);
-    window int64 [B, Hkv]. Returns float32 [B, Hkv, Lk]. Memory O(tile x Lk). With ``sinks`` a row's mass
-    on its keys is what its sink leaves them."""
+    query [B, Hq, Lq, D] at slots ``visible.q_first + i``; key [B, Hkv, Lk, D]; rows int64 [n] (query indices);
+    window int64 [B, Hkv]; ``visible.kv_start`` [B]. Returns float32 [B, Hkv, Lk]. Memory O(tile x Lk). With
+    learned sinks a row's mass on its keys is what its sink leaves them."""
+    q_first, kv_start = visible.q_first, visible.kv_start
+    scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
     batch, num_heads, _, head_dim = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv
@@ -305,19 +301,19 @@ def sampled_column_scores_reference(query, key, *, rows: torch.Tensor, q_first: 
         q_pos = q_first + picked
         q = query[:, :, picked].float().view(batch, num_kv, groups, picked.numel(), head_dim)
         scores = capped(torch.einsum("bhgnd,bhkd->bhgnk", q, keys) * scale, softcap)
-        visible = (k_pos[None, None, :] <= q_pos[None, :, None]) & (k_pos[None, None, :] >= kv_start[:, None, None])
-        probs = softmax_with_sinks(scores.masked_fill(~visible[:, None, None], float("-inf")),
+        real_causal = (k_pos[None, None, :] <= q_pos[None, :, None]) & (k_pos[None, None, :] >= kv_start[:, None, None])
+        probs = softmax_with_sinks(scores.masked_fill(~real_causal[:, None, None], float("-inf")),
                                    _group_sinks(sinks, num_kv, 2))
         outside = (q_pos[None, None, :, None] - k_pos) >= window[:, :, None, None]  # [B, Hkv, n, Lk]
         out += (probs * outside[:, :, None]).sum(dim=(2, 3))
     return out
 
 
-def stripe_attention_reference(query, key, value, *, mask, scale: float, tile: int = 256,
-                               sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+def stripe_attention_reference(query, key, value, mask, terms: LogitTerms, *, tile: int = 256) -> torch.Tensor:
     """Attention on a :class:`~sparse_attn_hf.stripe_mask.StripeMask` (window + stripes per row and KV
     head; causal, real tokens). query [B, Hq, Lq, D] (the last Lq slots of Lk), key/value [B, Hkv, Lk, D].
     Returns [B, Lq, Hq, D]; tile by tile over queries, softmax in float32."""
+    scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
     batch, num_heads, q_len, head_dim = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv
@@ -348,24 +344,28 @@ def append_token_reference(key: torch.Tensor, value: torch.Tensor, tensors: dict
     page's ``key_min``/``key_max``; streaming heads into the ring at ``slot % ring size`` (and ``ring_pos``), and
     into the sink when the token is one of its row's first ``sink`` real tokens."""
     slot = seen - 1
-    k, v = key[:, :, 0], value[:, :, 0]
-    real = (slot >= kv_start)[:, None]  # [B, 1]
-    rel = slot - kv_start  # [B]
-    for h, (kind, index) in enumerate(zip(head_kind.tolist(), head_slot.tolist())):
-        if kind == 0:
-            tensors["dense_key"][:, index, slot] = k[:, h]
-            tensors["dense_value"][:, index, slot] = v[:, h]
-            page = slot // logical_page_size
-            for name, fn in (("key_min", torch.minimum), ("key_max", torch.maximum)):
-                stat = tensors[name][:, index, page]
-                stat.copy_(torch.where(real, fn(stat, k[:, h]), stat))
-            continue
-        at = slot % tensors["ring_key"].shape[2]
-        tensors["ring_key"][:, index, at] = k[:, h]
-        tensors["ring_value"][:, index, at] = v[:, h]
-        tensors["ring_pos"][at] = slot
-        for b in torch.nonzero((rel >= 0) & (rel < sink)).flatten().tolist():
-            r = int(rel[b])
-            tensors["sink_key"][b, index, r] = k[b, h]
-            tensors["sink_value"][b, index, r] = v[b, h]
-            tensors["sink_pos"][b, r] = slot
+    k, v = key[:, :, 0], value[:, :, 0]  # [B, Hkv, D]
+    real = (slot >= kv_start)[:, None, None]  # [B, 1, 1]
+    dense = torch.nonzero(head_kind == 0).flatten()
+    if dense.numel():
+        at = head_slot[dense].long()  # each dense head's row in its kind's buffers
+        tensors["dense_key"][:, at, slot] = k[:, dense]
+        tensors["dense_value"][:, at, slot] = v[:, dense]
+        page = slot // logical_page_size
+        for name, fn in (("key_min", torch.minimum), ("key_max", torch.maximum)):
+            stat = tensors[name][:, at, page]
+            tensors[name][:, at, page] = torch.where(real, fn(stat, k[:, dense]), stat)
+    stream = torch.nonzero(head_kind == 1).flatten()
+    if stream.numel():
+        at = head_slot[stream].long()
+        ring = slot % tensors["ring_key"].shape[2]
+        tensors["ring_key"][:, at, ring] = k[:, stream]
+        tensors["ring_value"][:, at, ring] = v[:, stream]
+        tensors["ring_pos"][ring] = slot
+        rel = slot - kv_start  # [B]: the token's rank among its row's real tokens
+        rows = torch.nonzero((rel >= 0) & (rel < sink)).flatten()  # rows where it is a sink token
+        if rows.numel():
+            rank = rel[rows]
+            tensors["sink_key"][rows[:, None], at[None, :], rank[:, None]] = k[rows][:, stream]
+            tensors["sink_value"][rows[:, None], at[None, :], rank[:, None]] = v[rows][:, stream]
+            tensors["sink_pos"][rows, rank] = slot

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import LogitTerms, Visibility
 from .online_softmax import LOG2E, _logits, _merge_sink
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -122,10 +123,13 @@ def _column_kernel(
 CONFIG = {"block_n": 128, "packed_rows": 128, "num_warps": 4}  # the best of 8 on an H100 (benchmarks/NOTES.md)
 
 
-def sampled_column_scores_triton(query, key, *, rows, q_first: int, kv_start, window, scale: float,
+def sampled_column_scores_triton(query, key, visible: Visibility, terms: LogitTerms, *, rows, window,
                                  block_n: int | None = None, packed_rows: int | None = None,
-                                 num_warps: int | None = None, sinks: torch.Tensor | None = None,
-                                 softcap: float | None = None) -> torch.Tensor:
+                                 num_warps: int | None = None) -> torch.Tensor:
+    """Launch the two sampling kernels (row statistics, then column sums); contract:
+    ``kernels.reference.sampled_column_scores_reference``."""
+    q_first, kv_start = visible.q_first, visible.kv_start
+    scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
     batch, num_heads, _, head_dim = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv

@@ -22,7 +22,8 @@ on a step that reuses the last one, which stays in the cache's ``selected`` buff
 
 **Plan and run.** A decode step is planned once for all layers (:func:`plan_step`: the device counters
 advance and decide whether this step selects anew, every ``reuse_interval`` steps and after any prefill)
-and each layer runs :func:`select_pages`: scores (only on a reselecting step; otherwise the layer's stored
+and each layer runs :func:`select_pages` (``decode_step.DecodePlan`` sequences both): scores (only on a
+reselecting step; otherwise the layer's stored
 scores stand) and a top-k of fixed width. Nothing waits for the host and no shape depends on the step, so
 a CUDA graph can replay the whole step.
 """
@@ -30,11 +31,12 @@ a CUDA graph can replay the whole step.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from .. import ops
-from ..kernels.layout import STEP_DUE, STEP_RESELECT, STEP_SEEN, STEP_TAIL
+from ..kernels.layout import STEP_DUE, STEP_RESELECT, STEP_SEEN, STEP_TAIL, LogitTerms, Visibility
 
 _selector = None  # an evaluation hook replacing the bound-based choice (see ``selector``)
 
@@ -69,75 +71,71 @@ def plan_step(step: torch.Tensor, *, budget: int, page_size: int, reuse_interval
     step[STEP_DUE:].copy_(torch.stack([new_due, reselect.to(step.dtype), new_tail]))
 
 
-def select_pages(
-    query: torch.Tensor,
-    key_min: torch.Tensor,
-    key_max: torch.Tensor,
-    *,
-    kv_start: torch.Tensor,
-    step: torch.Tensor,
-    scores: torch.Tensor,
-    budget: int,
-    page_size: int,
-    logical_page_size: int,
-    selected: torch.Tensor | None = None,
-    shortlist: int = 1,
-    listed: torch.Tensor | None = None,
-    keys: torch.Tensor | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    pages: torch.Tensor | None = None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class PageSettings:
+    """Page selection's settings (``SparseConfig``): tokens a dense head attends per step (``budget``, a multiple
+    of ``page_size`` of at least two pages), the physical and logical page sizes, and the pages short-listed by the
+    bound per page selected (1: the bound alone)."""
+
+    budget: int
+    page_size: int
+    logical_page_size: int
+    shortlist: int = 1
+
+
+def select_pages(query: torch.Tensor, store: dict, step: torch.Tensor, visible: Visibility, terms: LogitTerms,
+                 settings: PageSettings) -> torch.Tensor:
     """Choose the pages a decode step of the dense heads reads besides its tail.
 
     Args:
         query: [B, Hd, G, D], the dense KV heads' query heads (G per KV head).
-        key_min, key_max: [B, Hd, >= width x page_size / logical_page_size, D] logical-page statistics
-            (+inf / -inf where a page holds no real key).
-        kv_start: [B] first real slot of each row.
+        store: views of the layer's storage (``SparseLayer.selection_buffers``): ``key_min``/``key_max`` [B, Hd,
+            >= width x page_size / logical_page_size, D] logical-page statistics (+inf / -inf where a page holds no
+            real key); ``scores`` float32 [B, Hd, width], the bound's page scores (written on a reselecting step;
+            width: the pages the buffers hold); ``selected`` int32 [B, Hd, budget / page_size - 1], the selection
+            kept between steps (rewritten only on a reselecting step; None: a new one, for tests); ``listed``, the
+            short list of a two-stage selection (int32 [B, Hd, shortlist x (budget / page_size - 1)], or None for a
+            new one), ranked by exact attention mass, which reads ``keys`` (the stored keys [B, Hd, >= seen, D])
+            with ``terms``' scale and soft-capping; ``pages``, the last selection, read only by an evaluation
+            ``selector`` hook.
         step: the step's counters (int32 [4] on the device; :func:`plan_step` ran for this step).
-        scores: float32 [B, Hd, width], the bound's page scores (written on a reselecting step); width: the pages
-            the buffers hold.
-        budget: tokens to attend per head (a multiple of ``page_size``, at least two pages).
-        selected: int32 [B, Hd, budget / page_size - 1], the layer's selection, kept between steps (rewritten only
-            on a reselecting step); None: a new one (for tests).
-        shortlist: pages short-listed by the bound per page selected; above 1, the short list (``listed``, int32
-            [B, Hd, shortlist x (budget / page_size - 1)], or None for a new one) is ranked by exact attention
-            mass, which reads ``keys`` (the layer's stored keys [B, Hd, >= seen, D]) with the layer's ``scale`` and
-            ``softcap``.
-        pages: the layer's last selection; read only by an evaluation ``selector`` hook.
+        visible: ``kv_start`` [B], the first real slot of each row.
 
     Returns:
         ``selected``: physical page ids, -1 where a row has fewer candidates. While the context fits the budget
         the step attends to everything and does not read them.
     """
-    width = budget // page_size - 1
+    width = settings.budget // settings.page_size - 1
+    key_min, key_max, keys = store["key_min"], store["key_max"], store.get("keys")
     if _selector is not None:  # evaluation, on the host: the hook chooses on reselecting steps
-        if pages is not None and not int(step[STEP_RESELECT]):
-            return pages
-        chosen, _ = _selector(query, keys, key_min, key_max, quest=quest_pages, kv_start=kv_start,
-                              seen=int(step[STEP_SEEN]), budget=budget, page_size=page_size,
-                              logical_page_size=logical_page_size)
+        if store.get("pages") is not None and not int(step[STEP_RESELECT]):
+            return store["pages"]
+        chosen, _ = _selector(query, keys, key_min, key_max, quest=quest_pages, kv_start=visible.kv_start,
+                              seen=int(step[STEP_SEEN]), budget=settings.budget, page_size=settings.page_size,
+                              logical_page_size=settings.logical_page_size)
         return _to_width(chosen, width)
-    return _choose(query, key_min, key_max, kv_start=kv_start, step=step, scores=scores, page_size=page_size,
-                   logical_page_size=logical_page_size, selected=selected, width=width, shortlist=shortlist,
-                   listed=listed, keys=keys, scale=scale, softcap=softcap)
+    return _choose(query, store, step, visible.kv_start, terms, settings)
 
 
-def _choose(query, key_min, key_max, *, kv_start, step, scores, page_size: int, logical_page_size: int, selected,
-            width: int, shortlist: int, listed, keys, scale, softcap) -> torch.Tensor:
-    """``select_pages`` without the evaluation hook: ``width`` pages per row into ``selected``."""
+def _choose(query, store: dict, step, kv_start, terms: LogitTerms, settings: PageSettings) -> torch.Tensor:
+    """``select_pages`` without the evaluation hook: budget / page_size - 1 pages per row into ``selected``."""
+    width = settings.budget // settings.page_size - 1
+    selected = store.get("selected")
     if selected is None:
         selected = torch.full((*query.shape[:2], width), -1, dtype=torch.int32, device=query.device)
     seen, reselect = step[STEP_SEEN : STEP_SEEN + 1], step[STEP_RESELECT : STEP_RESELECT + 1]
-    common = dict(kv_start=kv_start, seen=seen, reselect=reselect, page_size=page_size)
-    ops.physical_page_scores(query, key_min, key_max, out=scores, logical_page_size=logical_page_size, **common)
-    if shortlist == 1:
+    common = dict(kv_start=kv_start, seen=seen, reselect=reselect, page_size=settings.page_size)
+    scores = store["scores"]
+    ops.physical_page_scores(query, store["key_min"], store["key_max"], out=scores,
+                             logical_page_size=settings.logical_page_size, **common)
+    if settings.shortlist == 1:
         return ops.top_pages(scores, out=selected, reselect=reselect)
+    listed = store.get("listed")
     if listed is None:
-        listed = torch.full((*query.shape[:2], shortlist * width), -1, dtype=torch.int32, device=query.device)
+        listed = torch.full((*query.shape[:2], settings.shortlist * width), -1, dtype=torch.int32, device=query.device)
     ops.top_pages(scores, out=listed, reselect=reselect)
-    return ops.shortlist_pages(query, keys, scores, listed, out=selected, scale=scale, softcap=softcap, **common)
+    return ops.shortlist_pages(query, store["keys"], scores, listed, out=selected, scale=terms.scale,
+                               softcap=terms.softcap, **common)
 
 
 def _to_width(pages: torch.Tensor, width: int) -> torch.Tensor:
@@ -162,7 +160,7 @@ def quest_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, pa
     scores = torch.empty(batch, heads, n_pages - 1, dtype=torch.float32, device=query.device)
     step = torch.zeros(4, dtype=torch.int32, device=query.device)
     step[STEP_SEEN], step[STEP_RESELECT] = seen, 1  # a reselecting step
-    pages = _choose(query, key_min, key_max, kv_start=kv_start, step=step, scores=scores, page_size=page_size,
-                    logical_page_size=logical_page_size, selected=None, width=budget_pages - 1, shortlist=shortlist,
-                    listed=None, keys=keys, scale=scale, softcap=softcap)
+    store = dict(key_min=key_min, key_max=key_max, keys=keys, scores=scores)
+    settings = PageSettings(budget, page_size, logical_page_size, shortlist)
+    pages = _choose(query, store, step, kv_start, LogitTerms(scale or 1.0, softcap), settings)
     return pages, n_pages - 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import cost, ops
+from ..ops import LogitTerms, Visibility
 from ..stripe_mask import StripeMask
 
 TAIL_ROWS = 64  # the last query rows are always sampled
@@ -108,22 +109,33 @@ def _strict_counts(query, key, col, *, rows, q_first, kv_start, window, alpha, s
     return low.to(torch.int32)
 
 
-def sample_attention_mask(query, key, *, q_first: int, kv_start: torch.Tensor, alpha: float, rw: float,
-                          r_row: float, scale: float, criterion: str = "mean", sinks=None,
-                          softcap: float | None = None) -> StripeMask:
+@dataclass(frozen=True)
+class SampleSettings:
+    """SampleAttention's settings (``SparseConfig``'s ``alpha``, ``rw``, ``r_row``, ``cra_criterion``): the
+    attention mass a mask keeps, the window as a share of the keys, the share of query rows sampled, and whether
+    the mass is kept on average over a row's heads ("mean") or by every sampled row ("min")."""
+
+    alpha: float
+    rw: float
+    r_row: float
+    criterion: str = "mean"
+
+
+def sample_attention_mask(query, key, visible: Visibility, terms: LogitTerms, settings: SampleSettings) -> StripeMask:
     """The SampleAttention mask of the dense heads of one layer (see the module docstring).
 
-    query [B, Hq, Lq, D] at slots ``q_first + i``; key [B, Hkv, Lk, D]; kv_start [B]. ``sinks`` / ``softcap``:
-    the terms of ``kernels.reference`` (with sinks a row's keys hold less than its whole mass, so the "mean"
-    criterion's target, alpha of the whole, keeps at least as many stripes as needed)."""
-    if criterion == "min" and (sinks is not None or softcap is not None):
+    query [B, Hq, Lq, D] at slots ``visible.q_first + i``; key [B, Hkv, Lk, D]; ``visible.kv_start`` [B].
+    ``terms``: the logit terms of ``kernels.reference`` (with learned sinks a row's keys hold less than its whole
+    mass, so the "mean" criterion's target, alpha of the whole, keeps at least as many stripes as needed)."""
+    q_first, kv_start, scale = visible.q_first, visible.kv_start, terms.scale
+    alpha, rw, r_row, criterion = settings.alpha, settings.rw, settings.r_row, settings.criterion
+    if criterion == "min" and not terms.plain:
         raise ValueError("cra_criterion='min' does not compute learned sinks or soft-capping; use 'mean'.")
     batch, num_heads, q_len, _ = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     rows = sample_rows(q_len, r_row, device=query.device)
     window = torch.full((batch, num_kv), window_size(rw, k_len), dtype=torch.long, device=query.device)
-    col = ops.sampled_column_scores(query, key, rows=rows, q_first=q_first, kv_start=kv_start, window=window,
-                                    scale=scale, sinks=sinks, softcap=softcap)
+    col = ops.sampled_column_scores(query, key, visible, terms, rows=rows, window=window)
     real_rows = ((q_first + rows)[None, :] >= kv_start[:, None]).sum(-1).float()  # [B]
     row_mass = (real_rows * (num_heads // num_kv))[:, None].expand(batch, num_kv)
     if criterion == "mean":
@@ -149,12 +161,9 @@ class SampleChoice:
     sparse: bool
 
 
-def choose_mask(query, key, *, q_first: int, kv_start: torch.Tensor, alpha: float, rw: float, r_row: float,
-                scale: float, criterion: str = "mean", sinks: torch.Tensor | None = None,
-                softcap: float | None = None) -> SampleChoice:
+def choose_mask(query, key, visible: Visibility, terms: LogitTerms, settings: SampleSettings) -> SampleChoice:
     """The layer's mask (``sample_attention_mask``) and whether it pays against dense attention (``cost``: one
     host synchronization, the decision is made on the host)."""
-    mask = sample_attention_mask(query, key, q_first=q_first, kv_start=kv_start, alpha=alpha, rw=rw, r_row=r_row,
-                                 scale=scale, criterion=criterion, sinks=sinks, softcap=softcap)
-    density, predicted = cost.stripe_cost(mask, q_first)
+    mask = sample_attention_mask(query, key, visible, terms, settings)
+    density, predicted = cost.stripe_cost(mask, visible.q_first)
     return SampleChoice(mask, density, predicted, predicted <= cost.MARGIN)

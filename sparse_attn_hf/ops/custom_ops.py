@@ -4,30 +4,27 @@ Eager calls go straight to the implementations in ``decode``, without the dispat
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.layout import DecodeKV
+from ..kernels.layout import DecodeKV, LogitTerms, Visibility
 from ..kernels.reference import append_token_reference
-from .decode import _APPEND_BUFFERS, _append_triton, _paged_decode, _physical_page_scores, _shortlist_pages, _top_pages
+from .decode import DECODE_KV_FIELDS, _append_triton, _paged_decode, _physical_page_scores, _shortlist_pages, _top_pages
 from .dispatch import _use_triton
 
 Tensor = torch.Tensor
 OptTensor = Optional[torch.Tensor]
 
 
+# A decode step's values cross the operator boundary flat (a schema takes tensors, numbers and lists of them): the
+# DecodeKV's tensors as one list in the order of ``DECODE_KV_FIELDS``, the visibility and logit terms as scalars.
 @torch.library.custom_op("sparse_attn_hf::paged_decode", mutates_args=())
-def _paged_decode_op(query: Tensor, step: Tensor, head_kind: Tensor, head_slot: Tensor, dense_key: OptTensor,
-                     dense_value: OptTensor, pages: OptTensor, sink_key: OptTensor, sink_value: OptTensor,
-                     sink_pos: OptTensor, ring_key: OptTensor, ring_value: OptTensor, ring_pos: OptTensor,
-                     kv_start: Tensor, page_size: int, sink: int, local: int, scale: float, sinks: OptTensor = None,
+def _paged_decode_op(query: Tensor, step: Tensor, kv_tensors: Sequence[OptTensor], page_size: int, kv_start: Tensor,
+                     sink: int, local: int, scale: float, sinks: OptTensor = None,
                      softcap: Optional[float] = None) -> Tensor:
-    kv = DecodeKV(step=step, page_size=page_size, head_kind=head_kind, head_slot=head_slot, dense_key=dense_key,
-                  dense_value=dense_value, pages=pages, sink_key=sink_key, sink_value=sink_value, sink_pos=sink_pos,
-                  ring_key=ring_key, ring_value=ring_value, ring_pos=ring_pos)
-    return _paged_decode(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, sinks=sinks,
-                         softcap=softcap)
+    kv = DecodeKV(step=step, page_size=page_size, **dict(zip(DECODE_KV_FIELDS, kv_tensors)))
+    return _paged_decode(query, kv, Visibility(kv_start, sink=sink, local=local), LogitTerms(scale, softcap, sinks))
 
 
 @_paged_decode_op.register_fake
@@ -68,14 +65,12 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op("sparse_attn_hf::append_token", mutates_args=_APPEND_BUFFERS)
-def _append_token_op(key: Tensor, value: Tensor, dense_key: OptTensor, dense_value: OptTensor, key_min: OptTensor,
-                     key_max: OptTensor, sink_key: OptTensor, sink_value: OptTensor, sink_pos: OptTensor,
-                     ring_key: OptTensor, ring_value: OptTensor, ring_pos: OptTensor, seen: Tensor, kv_start: Tensor,
+# The buffers a token is stored in: the layer's present ones as one mutated list, named in ``names`` (comma-separated;
+# a list of optional tensors cannot be declared mutated: torch 2.13's functionalization fails on it).
+@torch.library.custom_op("sparse_attn_hf::append_token", mutates_args=("buffers",))
+def _append_token_op(key: Tensor, value: Tensor, buffers: Sequence[Tensor], names: str, seen: Tensor, kv_start: Tensor,
                      head_kind: Tensor, head_slot: Tensor, sink: int, logical_page_size: int) -> None:
-    buffers = (dense_key, dense_value, key_min, key_max, sink_key, sink_value, sink_pos, ring_key, ring_value,
-               ring_pos)
-    tensors = {name: t for name, t in zip(_APPEND_BUFFERS, buffers) if t is not None}
+    tensors = dict(zip(names.split(","), buffers))
     common = dict(kv_start=kv_start, head_kind=head_kind, head_slot=head_slot, sink=sink,
                   logical_page_size=logical_page_size)
     if _use_triton(key):

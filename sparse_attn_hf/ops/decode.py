@@ -8,8 +8,9 @@ import torch
 
 from .._log import warn_once
 from ..kernels.decode_sdpa import paged_decode_sdpa
-from ..kernels.layout import DecodeKV
+from ..kernels.layout import DecodeKV, LogitTerms, Visibility
 from ..kernels.reference import (
+    append_token_reference,
     paged_decode_reference,
     physical_page_scores_reference,
     shortlist_pages_reference,
@@ -18,42 +19,39 @@ from ..kernels.reference import (
 from . import dispatch
 from .dispatch import KERNEL_DTYPES, _decode_kernel_takes, _on_device, _selection_kernel_takes, _use_triton, check_dtype
 
-_DECODE_KV_FIELDS = ("dense_key", "dense_value", "pages", "sink_key", "sink_value", "sink_pos", "ring_key",
-                     "ring_value", "ring_pos")
+DECODE_KV_FIELDS = ("head_kind", "head_slot", "dense_key", "dense_value", "pages", "sink_key", "sink_value",
+                    "sink_pos", "ring_key", "ring_value", "ring_pos")
 _APPEND_BUFFERS = ("dense_key", "dense_value", "key_min", "key_max", "sink_key", "sink_value", "sink_pos",
                    "ring_key", "ring_value", "ring_pos")
 
 
-def paged_decode(query: torch.Tensor, kv: DecodeKV, *, kv_start: torch.Tensor, sink: int, local: int,
-                 scale: float, sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+def paged_decode(query: torch.Tensor, kv: DecodeKV, visible: Visibility, terms: LogitTerms) -> torch.Tensor:
     """One decode step of one layer over a SparseCache -> [B, Hq, D]. query [B, Hq, D] at slot
-    ``kv.seen - 1``; contract: ``kernels.reference.paged_decode_reference``."""
+    ``kv.seen - 1``; ``visible``: kv_start, sink and the decode window (``local``); contract:
+    ``kernels.reference.paged_decode_reference``."""
     check_dtype(query.dtype)
     if query.ndim != 3 or query.shape[1] % kv.head_kind.shape[0]:
         raise ValueError(f"expected query [B, Hq, D] with Hq a multiple of {kv.head_kind.shape[0]} KV heads, "
                          f"got {tuple(query.shape)}.")
     if torch.compiler.is_compiling():  # an opaque operator for torch.compile (below)
-        return torch.ops.sparse_attn_hf.paged_decode(query, kv.step, kv.head_kind, kv.head_slot,
-                                                     *(getattr(kv, f) for f in _DECODE_KV_FIELDS), kv_start,
-                                                     kv.page_size, sink, local, scale, sinks, softcap)
-    return _paged_decode(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, sinks=sinks,
-                         softcap=softcap)
+        return torch.ops.sparse_attn_hf.paged_decode(
+            query, kv.step, [getattr(kv, f) for f in DECODE_KV_FIELDS], kv.page_size, visible.kv_start,
+            visible.sink, visible.local, terms.scale, terms.sinks, terms.softcap)
+    return _paged_decode(query, kv, visible, terms)
 
 
-def _paged_decode(query, kv: DecodeKV, *, kv_start, sink: int, local: int, scale: float, sinks=None,
-                  softcap=None) -> torch.Tensor:
+def _paged_decode(query, kv: DecodeKV, visible: Visibility, terms: LogitTerms) -> torch.Tensor:
     page = kv.page_size
-    terms = dict(sinks=sinks, softcap=softcap)
     if _use_triton(query) and _decode_kernel_takes(page):
         from ..kernels.decode import paged_decode_triton
 
         with _on_device(query):
-            return paged_decode_triton(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, **terms)
+            return paged_decode_triton(query, kv, visible, terms)
     if query.is_cuda and dispatch._backend == "auto" and query.dtype in KERNEL_DTYPES:
         warn_once(f"sparse_attn_hf: page_size {page} is not a power of two >= 16: decoding runs the PyTorch reference.")
-    if dispatch._backend == "auto" and sinks is None and softcap is None:
-        return paged_decode_sdpa(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale)
-    return paged_decode_reference(query, kv, kv_start=kv_start, sink=sink, local=local, scale=scale, **terms)
+    if dispatch._backend == "auto" and terms.plain:
+        return paged_decode_sdpa(query, kv, visible, terms.scale)
+    return paged_decode_reference(query, kv, visible, terms)
 
 
 def physical_page_scores(query, key_min, key_max, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
@@ -145,19 +143,21 @@ def _shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselec
 
 
 def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen: torch.Tensor, kv_start: torch.Tensor,
-                 head_kind: torch.Tensor, head_slot: torch.Tensor, sink: int, logical_page_size: int) -> bool:
-    """Store one decode token of every KV head in a SparseCache layer's buffers with one Triton launch, at
-    slot ``seen - 1`` (``seen`` int32 [1] on the device). Returns False where the kernel does not apply: the
-    cache's PyTorch path (the contract) stores it."""
+                 head_kind: torch.Tensor, head_slot: torch.Tensor, sink: int, logical_page_size: int) -> None:
+    """Store one decode token of every KV head in a SparseCache layer's buffers at slot ``seen - 1`` (``seen`` int32
+    [1] on the device): one Triton launch, else the reference (``kernels.reference.append_token_reference``, which
+    reads ``seen`` on the host)."""
     if torch.compiler.is_compiling():  # the registered operator, whatever runs inside it
-        torch.ops.sparse_attn_hf.append_token(key, value, *(tensors.get(name) for name in _APPEND_BUFFERS), seen,
+        names = [name for name in _APPEND_BUFFERS if tensors.get(name) is not None]
+        torch.ops.sparse_attn_hf.append_token(key, value, [tensors[name] for name in names], ",".join(names), seen,
                                               kv_start, head_kind, head_slot, sink, logical_page_size)
-        return True
-    if not _use_triton(key):
-        return False
-    _append_triton(key, value, tensors, seen=seen, kv_start=kv_start, head_kind=head_kind, head_slot=head_slot,
-                   sink=sink, logical_page_size=logical_page_size)
-    return True
+        return
+    common = dict(kv_start=kv_start, head_kind=head_kind, head_slot=head_slot, sink=sink,
+                  logical_page_size=logical_page_size)
+    if _use_triton(key):
+        _append_triton(key, value, tensors, seen=seen, **common)
+    else:
+        append_token_reference(key, value, tensors, seen=int(seen), **common)
 
 
 def _append_triton(key, value, tensors: dict, *, seen, **common) -> None:

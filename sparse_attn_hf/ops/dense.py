@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 
 from .._log import log_once
+from ..kernels.layout import LogitTerms, Visibility
 from . import dispatch
 from .dispatch import KERNEL_DTYPES, _use_triton
 from .prefill import _check_attention_inputs, sparse_attention
 
 
-def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, kv_start: torch.Tensor,
-                    padded: bool, scale: float, sinks: torch.Tensor | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, terms: LogitTerms, *,
+                    kv_start: torch.Tensor, padded: bool) -> torch.Tensor:
     """Causal attention of dense heads -> [B, Lq, Hq, D] (possibly a non-contiguous view).
 
     query [B, Hq, Lq, D] holds the last Lq of the Lk slots of key/value [B, Hkv, Lk, D] (bottom-right
@@ -23,8 +23,9 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Runs the fastest correct kernel at hand: PyTorch SDPA (cuDNN / flash, ``enable_gqa``, as stock
     Transformers calls it) when nothing is padded; with padding, the Triton kernel on CUDA (fp16/bf16) and
     SDPA with an explicit mask elsewhere (a row that sees no key gets zeros). SDPA has no learned sinks and no
-    soft-capping: with ``sinks`` or ``softcap`` the package's kernel (or its reference) runs.
+    soft-capping: with those ``terms`` the package's kernel (or its reference) runs.
     """
+    scale = terms.scale
     _check_attention_inputs(query, key, value, kv_start)
     batch, num_heads, q_len, _ = query.shape
     k_len = key.shape[2]
@@ -33,11 +34,9 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          "multiple of the KV heads and Lq <= Lk.")
 
     def kernel(query):  # the package's own kernel (or reference) with no streaming head
-        no_stream = torch.zeros(key.shape[1], dtype=torch.bool, device=query.device)
-        return sparse_attention(query, key, value, q_first=k_len - q_len, k_pos=None, kv_start=kv_start,
-                                streaming=no_stream, sink=0, local=1, scale=scale, sinks=sinks, softcap=softcap)
+        return sparse_attention(query, key, value, Visibility(kv_start, q_first=k_len - q_len), terms)
 
-    if dispatch._backend != "auto" or sinks is not None or softcap is not None:  # pinned by tests, or terms SDPA lacks
+    if dispatch._backend != "auto" or not terms.plain:  # pinned by tests, or terms SDPA lacks
         return kernel(query)
     gqa = {"enable_gqa": True} if num_heads != key.shape[1] else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -72,9 +71,9 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if _use_triton(query):
         return kernel(query)
     slots = torch.arange(k_len, device=query.device)
-    visible = (slots[None, :] <= slots[k_len - q_len :, None])[None] & (slots >= kv_start[:, None])[:, None, :]
-    out = sdpa(query, key, value, attn_mask=visible[:, None], scale=scale, **gqa)
-    out = torch.where(visible.any(-1)[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    seen = (slots[None, :] <= slots[k_len - q_len :, None])[None] & (slots >= kv_start[:, None])[:, None, :]
+    out = sdpa(query, key, value, attn_mask=seen[:, None], scale=scale, **gqa)
+    out = torch.where(seen.any(-1)[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2)
 
 

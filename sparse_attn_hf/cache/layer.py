@@ -1,141 +1,18 @@
-"""SparseCache: a Transformers ``Cache`` that stores each KV head the way its label needs.
-
-Per layer:
-
-* **dense KV heads** keep every token in pages of ``page_size`` tokens (64), each split into logical
-  pages of ``logical_page_size`` (16). Pages of one batch row and head are consecutive in one
-  preallocated buffer ``[B, H_dense, capacity, D]`` (``capacity`` a multiple of the page size), so a
-  page is a view and never moves while the cache grows in place. ``generate()`` sizes the buffer for
-  prompt + new tokens up front; past the capacity it doubles (one copy, amortized O(1) per token,
-  never the per-token ``torch.cat`` of ``DynamicCache``). For every logical page the cache keeps the
-  element-wise min and max of its real (non-pad) keys, ``[B, H_dense, capacity / 16, D]``, computed from
-  the stored keys as tokens arrive (+inf / -inf where a page has no real key yet).
-* **streaming KV heads** keep the first ``sink_size`` real tokens of each row and the last
-  ``local_size`` tokens in a ring buffer of constant size; absolute slots are tracked. A hybrid model's
-  native window layer is all streaming heads with no sink and its window as ``local_size`` (no decode
-  shrink): a ring of the window's size, as Transformers' own sliding cache.
-
-Transformers calls ``update()`` before the attention function, without the padding mask. So
-``update()`` returns a :class:`PendingKV` in place of the key tensor; the plugin's attention function,
-which knows the padding, calls :meth:`SparseLayer.append` (prefill) or :meth:`SparseLayer.append_decode`
-(a decode step) and attends to what it returns. A SparseCache therefore only works with a model patched
-by ``patch_model``.
-
-**Prefill or decode.** A forward is a *decode step* (page selection for dense heads, the decode window
-for streaming heads) only inside :meth:`SparseCache.decoding`, which ``generate()`` on a patched model
-enters for its decoding loop, and only for one-token forwards past the prompt. Every other forward
-(a one-token prompt chunk, a one-token ``model()`` call) is prefill: the static rule, exactly as one-shot.
-
-The cache only stores; the attention function decides. Its objects form no reference cycle (layers share
-a :class:`SequenceState`, which points at nothing), so its memory is freed as soon as it is dropped.
-"""
+"""One layer of a SparseCache: paged dense heads with their page statistics, ring-buffered streaming heads, and the
+buffers a decode step writes (see the package docstring for the layout)."""
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from . import ops
-from ._log import warn_once
-from .kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV
-from .padding import left_padding_starts
+from .. import ops
+from .._log import warn_once
+from ..kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV
+from .sequence import SequenceState
+from .views import LayerKV, PendingKV
 
 _STAT_CHUNK_PAGES = 1024  # logical pages whose statistics are computed per step (bounds the temporary memory)
-
-
-@dataclass
-class PendingKV:
-    """New keys/values of one forward, waiting for the attention function to append them."""
-
-    layer: "SparseLayer"
-    key: torch.Tensor  # [B, Hkv, n, D], RoPE applied
-    value: torch.Tensor
-
-
-@dataclass
-class LayerKV:
-    """What one layer attends to in prefill (``None`` for a head kind the layer lacks).
-
-    ``dense_key``/``dense_value``: [B, H_dense, Lk, D], the dense heads only, slots 0..Lk-1.
-    ``stream_key``/``stream_value``: [B, n, n_s, D] with slots ``stream_pos`` [B, n_s] (-1: empty slot;
-    ``None``: slots 0..n_s-1). ``stream_all_heads``: the tensors hold every KV head of the layer (n = Hkv,
-    the streaming heads are picked by index, no copy); otherwise only the streaming heads, in order.
-    ``stream_first`` (with ``stream_pos`` None): the tensors hold each row's sink tokens, then consecutive
-    slots up to the last new token, none of them padding; the first query sits at index ``stream_first``
-    of them. Attention then runs in these coordinates (no padding: every row starts at 0), where the
-    kernel visits only the sink's and the window's key blocks.
-    """
-
-    dense_key: torch.Tensor | None
-    dense_value: torch.Tensor | None
-    stream_key: torch.Tensor | None
-    stream_value: torch.Tensor | None
-    stream_pos: torch.Tensor | None
-    stream_all_heads: bool = False
-    stream_first: int | None = None
-
-    @classmethod
-    def split(cls, key: torch.Tensor, value: torch.Tensor, dense_idx, stream_idx) -> "LayerKV":
-        """Full K/V [B, Hkv, L, D] (slots 0..L-1), as a cache-less layer sees it. Dense heads are copied
-        out only when the layer also has streaming heads; streaming heads are read in place."""
-        dense = (None, None)
-        if len(dense_idx):
-            dense = (key, value) if len(dense_idx) == key.shape[1] else (key[:, dense_idx], value[:, dense_idx])
-        stream = (key, value, None, True) if len(stream_idx) else (None, None, None, False)
-        return cls(*dense, *stream)
-
-
-class SequenceState:
-    """What every layer of one SparseCache shares about the sequence: padding, sizes, where decoding
-    starts. It refers to no layer and no cache (no reference cycle)."""
-
-    def __init__(self, owner, capacity_hint: int | None):
-        self.owner = owner  # the PatchState of the model the cache was made for
-        self.capacity_hint = capacity_hint
-        self.decode_from: int | None = None  # one-token forwards at slot >= this are decode steps
-        self.decoding = False  # inside SparseCache.decoding() (a compiled decode step reads this, not decode_from)
-        self.reset()
-
-    def reset(self) -> None:
-        self.kv_start: torch.Tensor | None = None
-        self.max_kv_start = 0
-        self._mask_seen = None  # the mask object already turned into kv_start in this forward
-        self.steps: dict[str, tuple[int, torch.Tensor]] = {}  # device -> (planning layer, step counters)
-
-    def step_for(self, layer_idx: int, device) -> tuple[torch.Tensor, bool]:
-        """The decode-step counters on ``device`` (int32 [4], ``kernels.layout.STEP_*``; one tensor at a
-        fixed address for the cache's life) and whether ``layer_idx`` plans each step there (the first
-        layer to ask on that device, i.e. the first it runs)."""
-        key = str(device)
-        if key not in self.steps:
-            self.steps[key] = (layer_idx, torch.zeros(4, dtype=torch.int32, device=device))
-        planner, step = self.steps[key]
-        return step, planner == layer_idx
-
-    def is_decode_step(self, seen: int, q_len: int) -> bool:
-        return q_len == 1 and self.decode_from is not None and seen >= self.decode_from
-
-    def resolve_kv_start(self, attention_mask: torch.Tensor | None, batch: int, seen: int, q_len: int,
-                         device) -> torch.Tensor:
-        """First real slot of each row, checked against earlier forwards (once per mask object)."""
-        if self.kv_start is not None and (attention_mask is None or attention_mask is self._mask_seen):
-            return self.kv_start.to(device)
-        starts = left_padding_starts(attention_mask, batch, seen + q_len, device)
-        if self.kv_start is not None:
-            old = self.kv_start.to(device)
-            had_real = old < seen
-            if not torch.equal(starts[had_real], old[had_real]):
-                raise ValueError(
-                    "the padding of the batch changed between calls on one SparseCache: continue with the "
-                    "attention mask of the earlier call extended by ones for the new tokens."
-                )
-        self.kv_start = starts
-        self.max_kv_start = int(starts.max())
-        self._mask_seen = attention_mask
-        return starts
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -211,7 +88,7 @@ class SparseLayer(CacheLayerMixin):
                 ring_value=new(batch, n_stream, self.local_size, head_dim),
                 ring_pos=torch.full((self.local_size,), -1, dtype=torch.long, device=self.device),
             )
-        self.step, self.plans_step = self.sequence.step_for(self.layer_idx, self.device)
+        self.step = self.sequence.counters_on(self.device)
         self.batch, self.head_dim = batch, head_dim
         self.is_initialized = True
 
@@ -356,18 +233,16 @@ class SparseLayer(CacheLayerMixin):
         for tensor in (*self._tensors.values(), self.step):  # written in place by every step: CUDA graphs of a
             torch._dynamo.mark_static_address(tensor)  # compiled step keep their addresses, as for StaticCache
 
-    def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor,
-                      statistics: bool = True) -> DecodeKV:
+    def append_decode(self, key: torch.Tensor, value: torch.Tensor, kv_start: torch.Tensor) -> DecodeKV:
         """Store one new token and return what a decode step reads: the dense heads' buffers (the pages to
         read are chosen by ``methods.page_selection``; see :meth:`selection_buffers`), and for streaming heads
         sink + ring (the ring shrunk to the decode window).
 
-        The step's counters live on the device (``self.step``, advanced before this call by
-        ``methods.page_selection.plan_step``): the append kernel reads the slot there. Once the buffers are
+        The step's counters live on the device (``self.step``, advanced before this call by the decode step's
+        owner, ``methods.decode_step.DecodePlan``): the append kernel reads the slot there. Once the buffers are
         sized (the first decode step after a prefill may grow them) a step does no host work that depends on
         its position. Compiled (``decode_compile``): sized beforehand (:meth:`prepare_decode`), the token
-        stored by the registered append operator, the host length left to catch up. ``statistics`` False: the
-        PyTorch path leaves the page statistics alone (decode steps that select no page never read them)."""
+        stored by the registered append operator, the host length left to catch up."""
         compiled = torch.compiler.is_compiling()
         first = None if compiled else self.seen
         t = self._tensors
@@ -377,13 +252,9 @@ class SparseLayer(CacheLayerMixin):
             if self.stream_heads:
                 self._resize_ring(self.decode_local_size)
         kv = DecodeKV(step=self.step, page_size=self.page_size, head_kind=self.head_kind, head_slot=self.head_slot)
-        if not ops.append_token(key, value, t, seen=self.step[STEP_SEEN : STEP_SEEN + 1], kv_start=kv_start,
-                                head_kind=self.head_kind, head_slot=self.head_slot, sink=self.sink_size,
-                                logical_page_size=self.logical_page_size):
-            if self.dense_heads:
-                self._append_dense(key, value, first, kv_start, statistics)
-            if self.stream_heads:
-                self._append_streaming(key, value, first, kv_start, attend=False)
+        ops.append_token(key, value, t, seen=self.step[STEP_SEEN : STEP_SEEN + 1], kv_start=kv_start,
+                         head_kind=self.head_kind, head_slot=self.head_slot, sink=self.sink_size,
+                         logical_page_size=self.logical_page_size)
         if self.dense_heads:
             kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
         if self.stream_heads:
@@ -422,7 +293,7 @@ class SparseLayer(CacheLayerMixin):
         if not torch.compiler.is_compiling():
             self._tensors["pages"] = pages
 
-    def _append_dense(self, key, value, first: int, kv_start, statistics: bool = True):
+    def _append_dense(self, key, value, first: int, kv_start):
         """Copy the dense heads of ``key``/``value`` [B, Hkv, n, D] into the paged buffers (one copy per run of
         consecutive heads, no gathered temporary) and refresh the statistics of the pages they touch."""
         n = key.shape[2]
@@ -435,8 +306,7 @@ class SparseLayer(CacheLayerMixin):
             for head, end, at in head_runs(self.dense_heads):
                 t["dense_key"][:, at : at + end - head, first : first + n] = key[:, head:end]
                 t["dense_value"][:, at : at + end - head, first : first + n] = value[:, head:end]
-        if statistics:  # the page statistics only serve page selection (``append_decode``'s caller knows)
-            self._refresh_page_statistics(first, first + n, kv_start)
+        self._refresh_page_statistics(first, first + n, kv_start)
         return t["dense_key"][:, :, : first + n], t["dense_value"][:, :, : first + n]
 
     @torch.no_grad()  # statistics for selection, never differentiated (and out= refuses tensors that need grad)
@@ -479,17 +349,16 @@ class SparseLayer(CacheLayerMixin):
             t[name] = torch.where(kept[None, None, :, None], old.index_select(2, source), 0)
         t["ring_pos"] = torch.where(kept, slot, -1)
 
-    def _append_streaming(self, key, value, first: int, kv_start, attend: bool = True):
+    def _append_streaming(self, key, value, first: int, kv_start):
         """Store the streaming heads of ``key``/``value`` [B, Hkv, n, D] in sink and ring; return what they
-        attend to (key, value, slots, all-heads flag), or None when ``attend`` is False."""
+        attend to (key, value, slots, all-heads flag, first query's index)."""
         t = self._tensors
         n = key.shape[2]
         ring_size = t["ring_key"].shape[2]
         idx = self.stream_idx
-        view = None
-        if attend and first == 0:  # nothing cached yet: the new tokens alone, read in place
+        if first == 0:  # nothing cached yet: the new tokens alone, read in place
             view = key, value, None, True, None
-        elif attend and first >= ring_size and first - ring_size >= self.sequence.max_kv_start + self.sink_size:
+        elif first >= ring_size and first - ring_size >= self.sequence.max_kv_start + self.sink_size:
             # the ring holds slots first-R..first-1, all past every row's sinks: sinks, then the ring in slot
             # order, then the chunk are consecutive slots (a later prompt chunk of a long prompt)
             oldest = first % ring_size
@@ -502,7 +371,7 @@ class SparseLayer(CacheLayerMixin):
                 False,
                 self.sink_size + ring_size,
             )
-        elif attend:
+        else:
             batch = key.shape[0]
             new_pos = torch.arange(first, first + n, device=key.device)[None, :].expand(batch, n)
             # ring tokens that are also sink tokens of their row are already in the sink buffer
@@ -536,130 +405,3 @@ class SparseLayer(CacheLayerMixin):
         t["ring_value"].index_copy_(2, index, value[:, :, n - keep :].index_select(1, idx))
         t["ring_pos"].index_copy_(0, index, ring_slots)
         return view
-
-
-class SparseCache(Cache):
-    """The plugin's KV cache for a patched model (see the module docstring for the layout).
-
-    Args:
-        model: a model patched by ``patch_model``; the cache follows its head labels and settings.
-        max_cache_len: tokens to allocate for dense heads up front (``generate()`` passes prompt +
-            new tokens); the buffer doubles past it.
-
-    Example (Transformers 5.24 and newer take ``cache=``, earlier releases ``past_key_values=``;
-    ``sparse_attn_hf.compat.CACHE_ARG`` names the installed one):
-        >>> cache = SparseCache(model)
-        >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)
-        >>> cache.nbytes(), cache.dynamic_cache_nbytes()
-
-    A decoding loop of your own marks its steps with :meth:`decoding`::
-
-        >>> cache = SparseCache(model)
-        >>> logits = model(prompt_ids, cache=cache).logits                   # prefill
-        >>> with cache.decoding():                                           # one-token steps decode
-        ...     for _ in range(32):
-        ...         token = logits[:, -1:].argmax(-1)
-        ...         logits = model(token, cache=cache).logits
-    """
-
-    def __init__(self, model, max_cache_len: int | None = None):
-        state = getattr(model, "_sparse_attn_state", None)
-        if state is None:
-            raise ValueError("SparseCache needs a patched model: call sparse_attn_hf.patch_model(model) first.")
-        settings = state.settings
-        self.sequence = SequenceState(state, max_cache_len)
-        layers = []
-        for layer in range(state.streaming.shape[0]):
-            sink, local, decode_local = state.rule(layer)  # a native window layer: (0, window, window)
-            layers.append(SparseLayer(
-                self.sequence,
-                layer,
-                *state.head_lists(layer),
-                sink_size=sink,
-                local_size=local,
-                page_size=settings.page_size,
-                logical_page_size=settings.logical_page_size,
-                token_budget=settings.token_budget,
-                reuse_interval=settings.reuse_interval,
-                decode_local_size=decode_local,
-                shortlist=settings.shortlist,
-                compiled_decode=settings.decode_compile,
-            ))
-        super().__init__(layers=layers)
-
-    @property
-    def owner(self):
-        return self.sequence.owner
-
-    @contextlib.contextmanager
-    def decoding(self, prompt_end: int | None = None):
-        """Within this block, a one-token forward at slot ``prompt_end`` or later (default: the tokens seen
-        so far) is a decode step: page selection for dense heads, the decode window for streaming heads.
-        Outside it every forward is prefill. ``generate()`` on a patched model enters it by itself."""
-        sequence = self.sequence
-        previous = sequence.decode_from, sequence.decoding
-        sequence.decode_from = self.get_seq_length() if prompt_end is None else prompt_end
-        sequence.decoding = True
-        for layer in self.layers:  # a prefill made before this block: size what compiled steps write now
-            if layer.is_compileable and layer.is_initialized and layer.seen >= sequence.decode_from:
-                layer.prepare_decode()
-        try:
-            yield self
-        finally:
-            sequence.decode_from, sequence.decoding = previous
-
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        super().reorder_cache(beam_idx)
-        seq = self.sequence
-        if seq.kv_start is not None:
-            seq.kv_start = seq.kv_start.index_select(0, beam_idx.to(seq.kv_start.device))
-
-    def batch_repeat_interleave(self, repeats: int):
-        super().batch_repeat_interleave(repeats)
-        seq = self.sequence
-        if seq.kv_start is not None:
-            seq.kv_start = seq.kv_start.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        super().batch_select_indices(indices)
-        seq = self.sequence
-        if seq.kv_start is not None:
-            seq.kv_start = seq.kv_start[indices.to(seq.kv_start.device)]
-
-    def reset(self):
-        super().reset()
-        self.sequence.reset()
-
-    def nbytes(self) -> int:
-        """Bytes allocated by the cache (capacity, page statistics and slot tables included)."""
-        return sum(layer.nbytes() for layer in self.layers)
-
-    # ----------------------------------------------- what a decode graph needs (``decode_graph``)
-    def buffer_addresses(self) -> tuple:
-        """The address of every buffer a decode step reads or writes: a captured step replays only while none moved
-        (beam search reorders them, growth reallocates them)."""
-        return tuple(t.data_ptr() for layer in self.layers for t in layer._tensors.values())
-
-    def lengths(self) -> list[int]:
-        """Each layer's host-side count of stored tokens."""
-        return [layer.seen for layer in self.layers]
-
-    def advance(self) -> None:
-        """Advance each layer's host-side count by the token a replayed step stored on the device (a replay runs
-        no Python)."""
-        for layer in self.layers:
-            layer.seen += 1
-
-    def set_lengths(self, lengths: list[int]) -> None:
-        """Put back the counts of :meth:`lengths` (a capture that failed ran the Python, not the kernels)."""
-        for layer, count in zip(self.layers, lengths):
-            layer.seen = count
-
-    def dynamic_cache_nbytes(self) -> int:
-        """Bytes a ``DynamicCache`` would hold for the same tokens (all heads, all tokens, K and V)."""
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                heads = len(layer.dense_heads) + len(layer.stream_heads)
-                total += 2 * layer.batch * heads * layer.seen * layer.head_dim * layer.dtype.itemsize
-        return total
