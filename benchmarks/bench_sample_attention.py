@@ -36,8 +36,8 @@ from sparse_attn_hf.kernels.prefill import sparse_attention_triton
 from sparse_attn_hf.methods.sample_attention import sample_attention_mask, sample_rows, window_size
 from sparse_attn_hf.stripe_mask import StripeMask
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 HEADS, KV_HEADS, DIM, RW, R_ROW, SINK, LOCAL = 32, 8, 128, 0.08, 0.05, 128, 4096
 SCALE = DIM**-0.5
@@ -250,7 +250,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--crossover", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sample_attention")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sample_attention")
     parser.add_argument("--tune", action="store_true", help="time stage-1 kernel configurations at the first length")
     parser.add_argument("--costs", action="store_true",
                         help="selection cost by r_row and block-or-gather only (results/sample_attention_costs.json)")

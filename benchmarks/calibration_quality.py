@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf.default_model import load_default_model  # noqa: E402
 from sparse_attn_hf.profile import find_profile  # noqa: E402
 from sparse_attn_hf.profile.first_use import calibrate  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

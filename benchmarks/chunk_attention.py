@@ -30,14 +30,13 @@ import torch
 import triton
 from torch.nn.attention.bias import causal_lower_right
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import ops  # noqa: E402
 from sparse_attn_hf.kernels.prefill import sparse_attention_triton  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, SINK, LOCAL = 16, 4, 128, 128, 4096
-RESULTS = Path(__file__).parent / "results"
 
 
 def flops(chunk: int, prefix: int) -> float:

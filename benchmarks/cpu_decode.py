@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import last_call, patch_model, unpatch_model  # noqa: E402
 from sparse_attn_hf.default_model import load_default_model  # noqa: E402
 from sparse_attn_hf.eval.haystack import haystack_text  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Clock(StoppingCriteria):

@@ -23,12 +23,11 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_fresh_")  # bef
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import LSERVE, configure  # noqa: E402
-from llama8b import build  # noqa: E402
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.bench_e2e import LSERVE, configure  # noqa: E402
+from benchmarks.common.llama8b import build  # noqa: E402
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 EVENTS: list[dict] = []
 PHASE = ["start"]
 

@@ -29,11 +29,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
-from timing import StepClock  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, StepClock, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FINE_TUNE = "someone/Llama-3.1-8B-Instruct-medical-sft"
 
 

@@ -63,10 +63,9 @@ from transformers import (  # noqa: E402
     LogitsProcessorList,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama8b import llama8b_config  # noqa: E402
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common.llama8b import llama8b_config  # noqa: E402
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model  # noqa: E402
 
@@ -77,7 +76,7 @@ DRY_SPARSE = dict(streaming_fraction=0.5, sink_size=4, local_size=32, decode_loc
                   logical_page_size=4, token_budget=64, reuse_interval=4)
 LONG, SHORT, NEW_TOKENS, ROUNDS = 4096, 64, 32, 3
 DRY_LONG, DRY_SHORT, DRY_NEW = 160, 16, 8
-RESULTS = Path(__file__).resolve().parent / "results" / "multi_gpu"
+OUT = RESULTS / "multi_gpu"
 
 
 class Steps(LogitsProcessor):
@@ -114,7 +113,7 @@ class Run:
         self.dtype = torch.float32 if self.dry else getattr(torch, args.dtype)
         self.long, self.short, self.new = (DRY_LONG, DRY_SHORT, DRY_NEW) if self.dry else (LONG, SHORT, NEW_TOKENS)
         self.checkpoint = Path(args.checkpoint or ("/tmp/sparse_attn_hf_multi_gpu" + ("_dry" if self.dry else "")))
-        default_out = Path("/tmp/sparse_attn_hf_multi_gpu_dry/multi_gpu") if self.dry else RESULTS
+        default_out = Path("/tmp/sparse_attn_hf_multi_gpu_dry/multi_gpu") if self.dry else OUT
         self.out = Path(args.out) if args.out else default_out
         self.row = {"mode": args.mode, "gpus": 2, "dtype": str(self.dtype).replace("torch.", ""),
                     "layers": LAYERS if not self.dry else 2, "prompt_tokens": self.long,

@@ -33,10 +33,9 @@ from sparse_attn_hf.eval.needle import DEFAULT_NEEDLE, needle_prompt
 from sparse_attn_hf.eval.passkey import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, make_keys
 from sparse_attn_hf.eval.needle import hide
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 PAGE = 64
 
 

@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
-from timing import StepClock  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, StepClock, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, last_call, patch_model, unpatch_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "smollm2-135m-instruct.safetensors"
 
 

@@ -38,8 +38,8 @@ import triton
 from sparse_attn_hf import attention, ops
 from sparse_attn_hf.cache import LayerKV
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 HEADS, KV_HEADS, DIM, SINK, LOCAL = 32, 8, 128, 128, 4096
 GROUPS = HEADS // KV_HEADS
@@ -126,7 +126,7 @@ def run(length: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefill_gathers")
+    parser.add_argument("--out", type=Path, default=RESULTS / "prefill_gathers")
     args = parser.parse_args()
     rows = []
     for length in args.lengths:

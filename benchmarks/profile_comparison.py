@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import meta, write_results  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig  # noqa: E402
 from sparse_attn_hf.default_model import load_default_model  # noqa: E402

@@ -31,10 +31,9 @@ from sparse_attn_hf import Profile, SparseConfig, ops, patched
 from sparse_attn_hf.default_model import load_default_model
 from sparse_attn_hf.eval.heldout import heldout_text
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def set_linear_rope(model, factor: float) -> None:
