@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
-from benchmarks.bench_decode import SPARSE, patch  # noqa: E402
+from benchmarks.kernels.bench_decode import SPARSE, patch  # noqa: E402
 from benchmarks.common.llama8b import build  # noqa: E402
 
 from sparse_attn_hf import SparseCache, unpatch_model  # noqa: E402

@@ -1,9 +1,10 @@
 """What every benchmark shares: where results go, how they are written (JSON as {"meta": {...}, "rows": [...]},
 with the facts needed to trust them), and per-token timestamps inside one ``generate()``.
 
-A script puts the repository root on ``sys.path`` and imports from here:
+A script in ``benchmarks/<group>/`` (``e2e``, ``kernels``, ``fidelity``) puts the repository root on ``sys.path``
+and imports from here:
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
     from benchmarks.common import RESULTS, StepClock, meta, write_results  # noqa: E402
 
 ``benchmarks.common.llama8b`` builds the full-size model shapes (random weights) the GPU benchmarks run.

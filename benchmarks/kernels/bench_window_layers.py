@@ -1,6 +1,6 @@
 """One attention layer of the hybrid families on a GPU: the package's kernels against what stock Transformers runs.
 
-    python benchmarks/bench_window_layers.py [--lengths 8192 32768] [--repeats 10]
+    python benchmarks/kernels/bench_window_layers.py [--lengths 8192 32768] [--repeats 10]
 
 Cases (bf16, batch 1, random inputs; one prefill attention call of one layer; the output is checked against the
 stock computation first, max abs error in the row):
@@ -26,7 +26,7 @@ import torch
 
 from sparse_attn_hf import ops
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 OUT = RESULTS / "window_layers"

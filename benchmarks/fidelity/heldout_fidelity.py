@@ -1,7 +1,8 @@
 """The shipped profile on text it never saw: answers and KL against dense attention (CPU).
 
-    python benchmarks/heldout_fidelity.py [--texts reporting story] [--lengths 1024 2048 4096] [--rows default quarter]
-    python benchmarks/heldout_fidelity.py --rows quarter --selector oracle --quarter-lengths 1024 2048 \
+    python benchmarks/fidelity/heldout_fidelity.py [--texts reporting story] [--lengths 1024 2048 4096] \
+        [--rows default quarter]
+    python benchmarks/fidelity/heldout_fidelity.py --rows quarter --selector oracle --quarter-lengths 1024 2048 \
         --out benchmarks/results/heldout_fidelity_oracle     # what the budget allows: the oracle's pages
 
 The default model with its shipped profile at the profile's default streaming fraction. Cells: passkey and
@@ -44,7 +45,7 @@ from sparse_attn_hf.eval.prose import prose_text
 from sparse_attn_hf.profile import find_profile
 from sparse_attn_hf.profiler.held_out import held_out_cells, measure
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 OUT = RESULTS / "heldout_fidelity"

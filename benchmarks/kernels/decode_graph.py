@@ -1,6 +1,6 @@
 """Can a patched decode step be replayed from a CUDA graph, and what does a step cost then? (GPU)
 
-    python benchmarks/decode_graph.py [--lengths 32768 131072] [--layers 32] [--steps 64]
+    python benchmarks/kernels/decode_graph.py [--lengths 32768 131072] [--layers 32] [--steps 64]
 
 The Llama-3-8B shape (random bf16 weights), half the KV heads streaming (sink 128, local 4096, decode window
 256, budget 4096, reuse 4). A prompt of L tokens is prefilled into a SparseCache sized for L + 256 tokens;
@@ -30,8 +30,8 @@ import torch
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
 from sparse_attn_hf.compat import CACHE_ARG
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
-from benchmarks.bench_e2e import LSERVE  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.e2e.bench_e2e import LSERVE  # noqa: E402
 from benchmarks.common.llama8b import build  # noqa: E402
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Prefill attention of one layer on a GPU: our Triton kernel against SDPA and FlexAttention.
 
-    python benchmarks/bench_prefill.py [--lengths 8192 32768 131072] [--configs]
+    python benchmarks/kernels/bench_prefill.py [--lengths 8192 32768 131072] [--configs]
 
 Llama-3-8B attention shape: 32 query / 8 KV heads, head_dim 128, bf16, batch 1, causal. Cases:
 ``dense`` (every head dense), ``streaming50`` (half the KV heads stream: sink 128 + local 4096),
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf.block_mask import BlockSparseMask  # noqa: E402

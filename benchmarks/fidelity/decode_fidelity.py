@@ -1,6 +1,6 @@
 """Sparse decoding on the default model: passkey answers with page selection at small token budgets (CPU).
 
-    python benchmarks/decode_fidelity.py        # about 20 minutes on 2 cores
+    python benchmarks/fidelity/decode_fidelity.py        # about 20 minutes on 2 cores
 
 The answer's digits are generated in decode steps, where dense heads read only the selected pages
 (budget 512 or 1024 tokens, reuse 4). Settings: every head dense with page selection alone, and the
@@ -25,7 +25,7 @@ from sparse_attn_hf.eval.haystack import haystack_sha256
 from sparse_attn_hf.eval.passkey import make_keys, passkey_cells, passkey_prompt
 from sparse_attn_hf.profile import find_profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Decode in one process after other configurations ran (issue 35): stock, exact all-dense, 50% streaming.
 
-    python benchmarks/decode_sequence.py --lengths 32768,131072 [--profile]
+    python benchmarks/e2e/decode_sequence.py --lengths 32768,131072 [--profile]
 
 One process, the 8B shape (random bf16 weights, ``max_position_embeddings`` 132096), plain ``generate()``; patch
 and unpatch between configurations, in this order:
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, decode_graph, patch_model, unpatch_model  # noqa: E402

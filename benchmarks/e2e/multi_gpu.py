@@ -2,8 +2,8 @@
 
 Commands (a machine with 2 GPUs; nothing is downloaded: the model is random, built from a config):
 
-    python benchmarks/multi_gpu.py --mode device_map
-    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --mode tp
+    python benchmarks/e2e/multi_gpu.py --mode device_map
+    torchrun --nproc_per_node 2 benchmarks/e2e/multi_gpu.py --mode tp
 
 On a copy of the repository whose .git may be stale, set SPARSE_ATTN_HF_COMMIT=<commit> for the JSON's meta.
 Each takes a few minutes (the first one also writes the random checkpoint, about 5.6 GB, to
@@ -12,8 +12,8 @@ replaces its own rows and keeps the other's, so run them one after the other in 
 rewritten after every stage: a run cut short keeps what it measured. The same on a CPU with a tiny model
 (gloo, float32; writes to /tmp/sparse_attn_hf_multi_gpu_dry/ unless --out is given):
 
-    python benchmarks/multi_gpu.py --mode device_map --dry-run
-    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --mode tp --dry-run
+    python benchmarks/e2e/multi_gpu.py --mode device_map --dry-run
+    torchrun --nproc_per_node 2 benchmarks/e2e/multi_gpu.py --mode tp --dry-run
 
 Model: Llama-3-8B shape (32 query / 8 KV heads, head_dim 128, hidden 4096, vocabulary 128256) with 8 layers,
 random bf16 weights, patched with half the KV heads streaming (random scores, seed 1; sink 128, local 1024,
@@ -63,7 +63,7 @@ from transformers import (  # noqa: E402
     LogitsProcessorList,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common.llama8b import llama8b_config  # noqa: E402
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 

@@ -1,8 +1,8 @@
 """Late passkeys on held-out text of three genres: the default model with its shipped profile against dense (CPU).
 
-    python benchmarks/late_keys.py                                   # the standing rows: shipped settings
-    python benchmarks/late_keys.py --variants shipped,local512 --texts alice --lengths 4096
-    python benchmarks/late_keys.py --heads --texts alice --lengths 4096 --depths 0.9,0.95 --seeds 0,1
+    python benchmarks/fidelity/late_keys.py                                   # the standing rows: shipped settings
+    python benchmarks/fidelity/late_keys.py --variants shipped,local512 --texts alice --lengths 4096
+    python benchmarks/fidelity/late_keys.py --heads --texts alice --lengths 4096 --depths 0.9,0.95 --seeds 0,1
 
 Cells: a passkey (``sparse_attn_hf.eval.passkey``'s needle, question and answer prefix) hidden at depths 0.7, 0.8,
 0.9 and 0.95 of 2K and 4K prompts, five key seeds (each seed its own key and its own stretch of filler). At depth
@@ -39,7 +39,7 @@ from sparse_attn_hf.eval.prose import prose_text
 from sparse_attn_hf.profile import find_profile, resolve_profile
 from sparse_attn_hf.profiler.held_out import late_key_prompts
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 OUT = RESULTS / "late_keys"

@@ -1,6 +1,6 @@
 """SampleAttention on the default model: sparse vs dense on real text, crossover forced to 0 (CPU).
 
-    python benchmarks/sample_attention_fidelity.py        # about 30 minutes on 2 cores
+    python benchmarks/fidelity/sample_attention_fidelity.py        # about 30 minutes on 2 cores
 
 Every head dense (no streaming heads, so that the rows measure SampleAttention alone), SampleAttention
 at alpha 0.95 and 0.8 (rw 0.08, r_row 0.05, mean criterion) from the first token on (dense_below 0).
@@ -27,7 +27,7 @@ from sparse_attn_hf.eval.agreement import next_token_agreement
 from sparse_attn_hf.eval.haystack import haystack_sha256, haystack_text
 from sparse_attn_hf.eval.passkey import make_keys, passkey_cells, passkey_prompt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Decoding on a GPU: one layer's decode attention step and generate() tokens/s, against stock Transformers.
 
-    python benchmarks/bench_decode.py [--lengths 32768 131072] [--layer-lengths 32768 131072 262144]
+    python benchmarks/kernels/bench_decode.py [--lengths 32768 131072] [--layer-lengths 32768 131072 262144]
 
 Llama-3-8B shape (32 query / 8 KV heads, head_dim 128, bf16, batch 1), random weights.
 * Step (one layer, as the plugin runs it from Python: the registered attention function with a
@@ -38,7 +38,7 @@ from sparse_attn_hf.kernels.layout import STEP_RESELECT
 from sparse_attn_hf.methods.decode_step import after_prefill
 from sparse_attn_hf.methods.page_selection import select_pages
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common.llama8b import build  # noqa: E402
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 

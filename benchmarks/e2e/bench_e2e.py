@@ -1,10 +1,10 @@
 """What ``model.generate()`` gains: a full-depth Llama-3-8B-shaped model, one GPU, plain ``generate()``, against
 stock Transformers timed in the same run. The project's headline benchmark.
 
-    python benchmarks/bench_e2e.py --part core            # 8K / 32K / 128K at batch 1, 32K at batch 4 and 8
-    python benchmarks/bench_e2e.py --part long            # 512K and 1M tokens with chunked prefill
-    python benchmarks/bench_e2e.py --dry-run              # the bookkeeping on a tiny model, on the CPU
-    python benchmarks/bench_e2e.py --family qwen3-8b --lengths 32768,131072 --batches ""   # another family's shape
+    python benchmarks/e2e/bench_e2e.py --part core            # 8K / 32K / 128K at batch 1, 32K at batch 4 and 8
+    python benchmarks/e2e/bench_e2e.py --part long            # 512K and 1M tokens with chunked prefill
+    python benchmarks/e2e/bench_e2e.py --dry-run              # the bookkeeping on a tiny model, on the CPU
+    python benchmarks/e2e/bench_e2e.py --family qwen3-8b --lengths 32768,131072 --batches ""   # another family's shape
 
 ``--family`` (``qwen3-8b``, ``gemma3-12b``: the text tower, ``gpt-oss-20b``; ``benchmarks/common/llama8b.py``) measures
 that published model's full-size shape instead (its own depth, windows and experts; random weights) and writes
@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, StepClock, meta  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, decode_graph, last_call, patch_model, unpatch_model  # noqa: E402
@@ -482,7 +482,7 @@ def main(argv=None) -> None:
         if config == "patched_sample_pinned" and not DENSITIES.exists():
             for _, length, batch in (p for p in plan if p[0] == config):
                 rows.append({"config": config, "L": length, "batch": batch, "part": args.part, "status": "not_run",
-                             "reason": f"{DENSITIES.name} is missing: run benchmarks/sample_density.py first"})
+                             "reason": f"{DENSITIES.name} is missing: run benchmarks/fidelity/sample_density.py first"})
             continue
         device.sync()
         patching = time.perf_counter()

@@ -1,6 +1,6 @@
 """Fidelity of the shipped profile on the default model: sparse against dense, on the CPU.
 
-    python benchmarks/default_model_fidelity.py            # about 40 minutes on 2 cores
+    python benchmarks/fidelity/default_model_fidelity.py            # about 40 minutes on 2 cores
 
 Passkey retrieval on the evaluation half of the haystack (lengths x depths, keys from seed 0, which
 the profile's calibration never saw) and next-token agreement over plain story text, at streaming
@@ -26,7 +26,7 @@ from sparse_attn_hf.eval.haystack import haystack_sha256, haystack_text
 from sparse_attn_hf.eval.passkey import make_keys, passkey_cells, passkey_prompt
 from sparse_attn_hf.profile import find_profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 OUT = RESULTS / "default_model_fidelity"
