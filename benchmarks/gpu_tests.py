@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_prefill_kernel.py", "tests/test_reference.py", "tests/test_decode.py",
@@ -65,7 +65,7 @@ def main() -> None:
                 extra={"pytest_summary": summary, "tests": tests,
                        "tests_saw": {"transformers": seen[0] if seen else None,
                                      "torch": seen[1] if len(seen) > 1 else None}})
-    write_results(ROOT / "benchmarks" / "results" / "gpu_tests", info, rows)
+    write_results(RESULTS / "gpu_tests", info, rows)
     print(summary)
     failed = [r["case"] for r in rows if r["outcome"] not in ("PASSED", "SKIPPED")]
     print("not passed:", failed if failed else "none")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT))  # benchmarks.fidelity: the summaries two tables share with their scripts
 
 
 def fidelity_table() -> str:
-    from default_model_fidelity import summary
+    from benchmarks.fidelity.default_model_fidelity import summary
 
     data = json.loads((RESULTS / "default_model_fidelity.json").read_text())
     rows, meta = data["rows"], data["meta"]
@@ -217,7 +217,7 @@ def eval_table() -> str:
 
 
 def profile_comparison_table() -> str:
-    from profile_comparison import summarize
+    from benchmarks.fidelity.profile_comparison import summarize
 
     data = json.loads((RESULTS / "profile_comparison.json").read_text())
     rows, meta = data["rows"], data["meta"]
@@ -345,7 +345,7 @@ def decode_sequence_table() -> str:
         f"{meta['device']}, bfloat16, Llama-3-8B shape, random weights, {meta['layers']} layers; torch "
         f"{meta['packages']['torch']}, transformers {meta['packages']['transformers']}, triton "
         f"{meta['packages']['triton']}; commit `{meta['commit'][:10]}`; one process, configurations in this order, "
-        "patched and unpatched between them (`python benchmarks/decode_sequence.py`). Decode: (t65 - t1) / 64 of a "
+        "patched and unpatched between them (`python benchmarks/e2e/decode_sequence.py`). Decode: (t65 - t1) / 64 of a "
         "65-token `generate()`, the first such call of the configuration (first-use kernel compiles and the graph's "
         "warm-up and capture included), then a second call; steady: median step from the 10th on.",
         "",
@@ -454,8 +454,8 @@ def late_keys_table() -> str:
         f"Default model, profile `{Path(meta['profile']).name}` ({settings}); passkeys at depths "
         f"{', '.join(map(str, first['depths']))} of each "
         f"length, {len(first['seeds'])} key seeds; device {meta['device']}, {meta['dtype']}, commits {runs} "
-        "(`python benchmarks/late_keys.py`). Lost: prompts dense attention answers right and the patched model "
-        "does not; key distance: tokens from the key's end to the prompt's end.",
+        "(`python benchmarks/fidelity/late_keys.py`). Lost: prompts dense attention answers right and the patched "
+        "model does not; key distance: tokens from the key's end to the prompt's end.",
         "",
         "| text | setting | length | dense right | lost | lost cells (depth, seed: key distance) | first-token KL | "
         "next-token KL, 4096 tokens |",
@@ -505,7 +505,8 @@ def window_layers_table() -> str:
     data = json.loads((RESULTS / "window_layers.json").read_text())
     rows, meta = data["rows"], data["meta"]
     lines = [f"{meta['device']}, {meta['dtype']}, commit `{meta['commit'][:10]}`, {meta['date'][:10]}; one prefill "
-             f"attention call of one layer, median of {meta['repeats']} (`python benchmarks/bench_window_layers.py`):",
+             f"attention call of one layer, median of {meta['repeats']} "
+             "(`python benchmarks/kernels/bench_window_layers.py`):",
              "", "| layer | prompt | stock | stock, ms | sparse_attn_hf, ms | speed-up | SDPA without the term, ms | "
              "max abs diff |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -529,8 +530,8 @@ def decode_selection_table() -> str:
     reuse = meta["settings"]["reuse_interval"]
     lines = [f"{meta['device']}, {meta['dtype']}, Llama-3-8B shape, batch 1, 4 dense KV heads, budget "
              f"{meta['settings']['token_budget']}; commit `{meta['commit'][:10]}`, {meta['date'][:10]} "
-             "(`python benchmarks/bench_decode.py --lengths 0 --layer-lengths 32768 131072`). Microseconds per layer, "
-             f"GPU only (replayed from a CUDA graph); per token: 32 layers, one selecting step in {reuse}.", "",
+             "(`python benchmarks/kernels/bench_decode.py --lengths 0 --layer-lengths 32768 131072`). Microseconds per "
+             f"layer, GPU only (replayed from a CUDA graph); per token: 32 layers, one selecting step in {reuse}.", "",
              "| L | bound: selecting step, us | bound: reusing step, us | two stages: selecting step, us | two stages: "
              "reusing step, us | per token, bound, ms | per token, two stages, ms |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

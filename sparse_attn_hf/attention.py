@@ -260,7 +260,7 @@ def _prefill(query, kv: LayerKV, dense_runs, stream_idx, call: _Call) -> torch.T
 def _gather_heads(query: torch.Tensor, runs, groups: int) -> torch.Tensor:
     """The query heads of the KV-head ``runs`` ([start, stop), ``groups`` query heads each) of query
     [B, Hq, L, D] -> contiguous [B, n x groups, L, D], the layout of the cache's K/V, which cuDNN wants for
-    all three (benchmarks/prefill_gathers.py: a transposed query costs it more than this copy). One
+    all three (benchmarks/results/prefill_gathers.json: a transposed query costs it more than this copy). One
     concatenation of slices: a single copy, where ``index_select`` on the heads ran at a third of the
     bandwidth."""
     parts = [query[:, a * groups : b * groups] for a, b in runs]

@@ -34,7 +34,7 @@ class SparseConfig:
             always selects anew.
         page_selection: ``"auto"`` (the default): page selection where it pays, on CUDA; on a CPU decode steps read
             every stored token of the dense heads (exact), since gathering the chosen pages costs more there than
-            reading them all (the keys are a few MB against the weights: ``benchmarks/cpu_decode.py``).
+            reading them all (the keys are a few MB against the weights: ``benchmarks/e2e/cpu_decode.py``).
             ``"always"``: select on every device (to evaluate the method on a CPU); ``"never"``: exact everywhere.
         shortlist: page selection's short list, in pages per page selected (>= 1). The bound on each page's
             best key short-lists ``shortlist`` x the pages, whose keys are then read to rank them by exact
@@ -68,7 +68,7 @@ class SparseConfig:
             for inspection.
         decode_graphs: ``generate()`` on one CUDA device replays its decode steps from a CUDA graph after two
             eager ones (``sparse_attn_hf.decode_graph``): on the 8B shape about 8 ms per token at 32K-128K
-            against about 53 ms eager (``benchmarks/bench_e2e.py``). False: every step eager. Steps the graph
+            against about 53 ms eager (``benchmarks/e2e/bench_e2e.py``). False: every step eager. Steps the graph
             would not reproduce run eagerly either way, with the reason logged once.
         decode_compile: a SparseCache reports ``is_compileable``, so that Transformers' own decode compile
             (``generate(..., compile_config=...)``, automatic on CUDA) or your ``torch.compile`` of a decode

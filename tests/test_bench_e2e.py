@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_e2e  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchmarks.e2e
+from benchmarks.e2e import bench_e2e  # noqa: E402
 
 ROW_FIELDS = {"config", "L", "batch", "part", "args", "status", "ttft_s", "ttft_cold_s", "decode_ms_per_token",
               "tokens_per_s", "run"}
@@ -67,11 +67,11 @@ def test_pinned_stripes_reach_each_layers_density_and_restore():
 
 
 def test_first_call_dry_run_runs_each_variant_in_its_own_process(tmp_path):
-    """benchmarks/first_call.py on a tiny CPU model: a process per variant, the ratios and the patch time."""
+    """benchmarks/e2e/first_call.py on a tiny CPU model: a process per variant, the ratios and the patch time."""
     import subprocess
 
     out = tmp_path / "first_call.json"
-    done = subprocess.run([sys.executable, "benchmarks/first_call.py", "--dry-run", "--variants",
+    done = subprocess.run([sys.executable, "benchmarks/e2e/first_call.py", "--dry-run", "--variants",
                            "stock,patched_fresh,patched_cached", "--out", str(out)],
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_a_family_writes_its_own_rows(tmp_path, family):
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_first_use_bookkeeping(tmp_path, monkeypatch):
     """first_use_gpu.py: a fine-tune's name gets a calibrated profile (timed), a second patch reads the cache."""
-    import first_use_gpu
+    from benchmarks.e2e import first_use_gpu
 
     monkeypatch.setenv("SPARSE_ATTN_HF_CACHE", str(tmp_path / "unused"))
     out = tmp_path / "first_use.json"

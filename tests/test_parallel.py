@@ -210,10 +210,10 @@ def test_tensor_parallel_refuses_what_it_cannot_slice(tp_run):
 
 
 def test_multi_gpu_benchmark_dry_run(tmp_path):
-    """benchmarks/multi_gpu.py's CPU path: both modes (tp through torchrun and gloo) merge into one JSON."""
+    """benchmarks/e2e/multi_gpu.py's CPU path: both modes (tp through torchrun and gloo) merge into one JSON."""
     import json
 
-    script = str(REPO / "benchmarks" / "multi_gpu.py")
+    script = str(REPO / "benchmarks" / "e2e" / "multi_gpu.py")
     common = ["--dry-run", "--checkpoint", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "multi_gpu")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))

@@ -37,14 +37,14 @@ def test_the_harness_reads_prose_by_name():
 
 
 def test_late_keys_benchmark_rows_on_the_default_model(default_model, tmp_path, monkeypatch):
-    """benchmarks/late_keys.py at a short length: a row per text, variant and length; the head-mass record names
-    each (layer, KV head)'s share on the key and its label."""
+    """benchmarks/fidelity/late_keys.py at a short length: a row per text, variant and length; the head-mass record
+    names each (layer, KV head)'s share on the key and its label."""
     import json
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import late_keys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchmarks.fidelity
+    from benchmarks.fidelity import late_keys
 
     monkeypatch.setattr(late_keys, "load_default_model", lambda: default_model)
     out = tmp_path / "late_keys"

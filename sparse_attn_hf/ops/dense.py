@@ -42,7 +42,7 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if query.is_cuda and key.stride(2) == key.shape[3] and query.stride(2) != query.shape[3]:
         # q, k, v in one layout ([B, H, L, D], the cache's pages): cuDNN gains about what the copy costs (H200,
-        # 32K, 16 of 32 heads: 7.44 + 0.17 ms against 7.64 ms; benchmarks/prefill_gathers.py)
+        # 32K, 16 of 32 heads: 7.44 + 0.17 ms against 7.64 ms; benchmarks/results/prefill_gathers.json)
         query = query.contiguous()
     if not padded:
         if q_len == k_len:

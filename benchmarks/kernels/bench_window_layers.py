@@ -1,6 +1,6 @@
 """One attention layer of the hybrid families on a GPU: the package's kernels against what stock Transformers runs.
 
-    python benchmarks/bench_window_layers.py [--lengths 8192 32768] [--repeats 10]
+    python benchmarks/kernels/bench_window_layers.py [--lengths 8192 32768] [--repeats 10]
 
 Cases (bf16, batch 1, random inputs; one prefill attention call of one layer; the output is checked against the
 stock computation first, max abs error in the row):
@@ -26,10 +26,10 @@ import torch
 
 from sparse_attn_hf import ops
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "window_layers"
+OUT = RESULTS / "window_layers"
 SHAPES = {"gemma3": (16, 8, 256, 1024), "gpt_oss": (64, 8, 64, 128), "gemma2": (16, 8, 256, 4096)}
 
 
@@ -160,8 +160,8 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name()
     info = meta(device, "bfloat16", {"shapes": {k: dict(zip(("heads", "kv_heads", "head_dim", "window"), v))
                                                 for k, v in SHAPES.items()}, "repeats": args.repeats})
-    write_results(RESULTS, info, rows)
-    plot(RESULTS.with_suffix(".png"), [r for r in rows if "ours_ms" in r], device)
+    write_results(OUT, info, rows)
+    plot(OUT.with_suffix(".png"), [r for r in rows if "ours_ms" in r], device)
 
 
 if __name__ == "__main__":

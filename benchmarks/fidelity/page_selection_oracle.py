@@ -1,6 +1,6 @@
 """Page selection against an oracle on the default model and held-out text (CPU).
 
-    python benchmarks/page_selection_oracle.py [--lengths 2048 4096 8180] [--depths 0.1 0.3 0.5 0.7 0.9]
+    python benchmarks/fidelity/page_selection_oracle.py [--lengths 2048 4096 8180] [--depths 0.1 0.3 0.5 0.7 0.9]
 
 Every head dense (so that only page selection acts), passkey and needle prompts hidden in the reporting half
 of the held-out text (``sparse_attn_hf.eval.heldout``: the Python reference manual, shipped with CPython),
@@ -33,10 +33,9 @@ from sparse_attn_hf.eval.needle import DEFAULT_NEEDLE, needle_prompt
 from sparse_attn_hf.eval.passkey import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, make_keys
 from sparse_attn_hf.eval.needle import hide
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 PAGE = 64
 
 

@@ -1,7 +1,8 @@
 """The shipped profile on text it never saw: answers and KL against dense attention (CPU).
 
-    python benchmarks/heldout_fidelity.py [--texts reporting story] [--lengths 1024 2048 4096] [--rows default quarter]
-    python benchmarks/heldout_fidelity.py --rows quarter --selector oracle --quarter-lengths 1024 2048 \
+    python benchmarks/fidelity/heldout_fidelity.py [--texts reporting story] [--lengths 1024 2048 4096] \
+        [--rows default quarter]
+    python benchmarks/fidelity/heldout_fidelity.py --rows quarter --selector oracle --quarter-lengths 1024 2048 \
         --out benchmarks/results/heldout_fidelity_oracle     # what the budget allows: the oracle's pages
 
 The default model with its shipped profile at the profile's default streaming fraction. Cells: passkey and
@@ -44,10 +45,10 @@ from sparse_attn_hf.eval.prose import prose_text
 from sparse_attn_hf.profile import find_profile
 from sparse_attn_hf.profiler.held_out import held_out_cells, measure
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "heldout_fidelity"
+OUT = RESULTS / "heldout_fidelity"
 TEXTS = {"reporting": lambda: heldout_text("reporting"), "story": lambda: haystack_text("evaluation"),
          "alice": lambda: prose_text("alice"), "lcet10": lambda: prose_text("lcet10")}
 
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
                         help="the budget-1/4 rows with pages (and logical pages) of this many tokens, not the profile's")
     parser.add_argument("--profile", type=Path, default=None,
                         help="a profile file in place of the shipped one (for example one calibrated on first use)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     model, tokenizer = load_default_model()
     profile = find_profile(model) if args.profile is None else resolve_profile(model, str(args.profile))

@@ -1,6 +1,6 @@
 """Can a patched decode step be replayed from a CUDA graph, and what does a step cost then? (GPU)
 
-    python benchmarks/decode_graph.py [--lengths 32768 131072] [--layers 32] [--steps 64]
+    python benchmarks/kernels/decode_graph.py [--lengths 32768 131072] [--layers 32] [--steps 64]
 
 The Llama-3-8B shape (random bf16 weights), half the KV heads streaming (sink 128, local 4096, decode window
 256, budget 4096, reuse 4). A prompt of L tokens is prefilled into a SparseCache sized for L + 256 tokens;
@@ -30,10 +30,10 @@ import torch
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
 from sparse_attn_hf.compat import CACHE_ARG
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import LSERVE  # noqa: E402
-from llama8b import build  # noqa: E402
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.e2e.bench_e2e import LSERVE  # noqa: E402
+from benchmarks.common.llama8b import build  # noqa: E402
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 
 class Stepper:
@@ -158,14 +158,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--check-layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_graph")
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode_graph")
     args = parser.parse_args()
     rows = [check(args.check_layers)]
     model = patched(args.layers, max(args.lengths) + 4 * args.steps + 64)
     for length in args.lengths:
         rows.append(timing(model, length, args.steps))
         info = meta(torch.cuda.get_device_name(), "bfloat16", {
-            "model": "Llama-3-8B shape (benchmarks/llama8b.py), random weights", "settings": LSERVE,
+            "model": "Llama-3-8B shape (benchmarks/common/llama8b.py), random weights", "settings": LSERVE,
             "streaming_fraction": 0.5, "timing": "wall time of N steps, synchronized at the end"})
         write_results(args.out, info, rows)
 

@@ -1,12 +1,12 @@
 """A profile calibrated on first use against the shipped gate-trained one, on the default model (CPU).
 
-    python benchmarks/calibration_quality.py [--count 8] [--length 2048]
+    python benchmarks/fidelity/calibration_quality.py [--count 8] [--length 2048]
 
 Calibrates the default model as ``patch_model`` would with no shipped profile
 (``sparse_attn_hf.profile.first_use.calibrate``), times it, and compares its head scores with the shipped
 profile's DuoAttention gates: the rank correlation of the scores, and at the shipped streaming fraction how many of
 the heads the gates keep dense the calibrated profile keeps dense too. Writes
-benchmarks/results/calibration_quality.json. Answers on held-out text: ``benchmarks/heldout_fidelity.py
+benchmarks/results/calibration_quality.json. Answers on held-out text: ``benchmarks/fidelity/heldout_fidelity.py
 --profile PATH`` with the calibrated profile saved by this script (``--save``).
 """
 
@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf.default_model import load_default_model  # noqa: E402
 from sparse_attn_hf.profile import find_profile  # noqa: E402
 from sparse_attn_hf.profile.first_use import calibrate  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

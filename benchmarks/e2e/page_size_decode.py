@@ -1,7 +1,7 @@
 """The default model's page size, decided by decode speed on a GPU (issue 29): pages of 64 against pages of 16.
 
-    python benchmarks/page_size_decode.py [--lengths 4096,8000] [--new-tokens 64]
-    python benchmarks/page_size_decode.py --dry-run     # the bookkeeping on the CPU (a tiny model)
+    python benchmarks/e2e/page_size_decode.py [--lengths 4096,8000] [--new-tokens 64]
+    python benchmarks/e2e/page_size_decode.py --dry-run     # the bookkeeping on the CPU (a tiny model)
 
 The SmolLM2-135M shape (the default model's configuration, random bf16 weights: decode speed depends on shapes, not
 weights) with the shipped profile's head labels, greedy ``generate()`` on one GPU, the decode graph on:
@@ -26,14 +26,12 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
-from timing import StepClock  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, StepClock, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, last_call, patch_model, unpatch_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "smollm2-135m-instruct.safetensors"
+SHIPPED = Path(__file__).resolve().parents[2] / "profiles" / "smollm2-135m-instruct.safetensors"
 
 
 def smollm2_shape(dry_run: bool) -> LlamaForCausalLM:

@@ -1,7 +1,7 @@
 """A model with no profile given, on one GPU (issue 29): ``patch_model(model)`` and ``generate()``, as a user runs it.
 
-    python benchmarks/first_use_gpu.py [--length 32768]
-    python benchmarks/first_use_gpu.py --dry-run     # the bookkeeping on a tiny model, on the CPU
+    python benchmarks/e2e/first_use_gpu.py [--length 32768]
+    python benchmarks/e2e/first_use_gpu.py --dry-run     # the bookkeeping on a tiny model, on the CPU
 
 The Llama-3.1-8B-Instruct shape (its published configuration: vocabulary, 128K positions, llama3 RoPE; random bf16
 weights) is measured three ways in one process, against stock on the same prompt:
@@ -29,11 +29,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
-from timing import StepClock  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, StepClock, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FINE_TUNE = "someone/Llama-3.1-8B-Instruct-medical-sft"
 
 

@@ -1,6 +1,6 @@
 """Prefill attention of one layer on a GPU: our Triton kernel against SDPA and FlexAttention.
 
-    python benchmarks/bench_prefill.py [--lengths 8192 32768 131072] [--configs]
+    python benchmarks/kernels/bench_prefill.py [--lengths 8192 32768 131072] [--configs]
 
 Llama-3-8B attention shape: 32 query / 8 KV heads, head_dim 128, bf16, batch 1, causal. Cases:
 ``dense`` (every head dense), ``streaming50`` (half the KV heads stream: sink 128 + local 4096),
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf.block_mask import BlockSparseMask  # noqa: E402
 from sparse_attn_hf.kernels.prefill import sparse_attention_triton  # noqa: E402
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--num-warps", type=int, default=None)
     parser.add_argument("--num-stages", type=int, default=None)
     parser.add_argument("--no-flex", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefill")
+    parser.add_argument("--out", type=Path, default=RESULTS / "prefill")
     parser.add_argument("--merge", action="store_true", help="add the rows to an existing result file")
     parser.add_argument("--configs", action="store_true", help="time kernel configurations on the dense case")
     parser.add_argument("--variants", action="store_true", help="time code variants (TMA or pointer loads)")

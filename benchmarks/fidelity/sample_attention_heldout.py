@@ -1,7 +1,7 @@
 """SampleAttention's own fidelity on held-out text: the shipped profile with SampleAttention at several
 alphas against the same profile with it off (CPU).
 
-    python benchmarks/sample_attention_heldout.py [--alphas 0.9 0.95 0.98] [--lengths 2048 4096 8000]
+    python benchmarks/fidelity/sample_attention_heldout.py [--alphas 0.9 0.95 0.98] [--lengths 2048 4096 8000]
 
 The default model with its shipped profile (streaming heads at the profile's fraction), SampleAttention
 from 1024 tokens on (``dense_below=1024``), passkey and needle prompts hidden in the reporting half of the
@@ -28,10 +28,9 @@ from sparse_attn_hf.eval.needle import DEFAULT_NEEDLE, hide, needle_prompt, retr
 from sparse_attn_hf.eval.passkey import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, answer, kl_divergence, make_keys
 from sparse_attn_hf.eval.passkey import PasskeyPrompt
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def cells(tokenizer, text: str, lengths: list[int], depths: list[float]):

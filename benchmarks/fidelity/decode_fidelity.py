@@ -1,6 +1,6 @@
 """Sparse decoding on the default model: passkey answers with page selection at small token budgets (CPU).
 
-    python benchmarks/decode_fidelity.py        # about 20 minutes on 2 cores
+    python benchmarks/fidelity/decode_fidelity.py        # about 20 minutes on 2 cores
 
 The answer's digits are generated in decode steps, where dense heads read only the selected pages
 (budget 512 or 1024 tokens, reuse 4). Settings: every head dense with page selection alone, and the
@@ -25,8 +25,8 @@ from sparse_attn_hf.eval.haystack import haystack_sha256
 from sparse_attn_hf.eval.passkey import make_keys, passkey_cells, passkey_prompt
 from sparse_attn_hf.profile import find_profile
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.5, 0.8])
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_fidelity")
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode_fidelity")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_default_model()

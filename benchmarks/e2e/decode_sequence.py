@@ -1,6 +1,6 @@
 """Decode in one process after other configurations ran (issue 35): stock, exact all-dense, 50% streaming.
 
-    python benchmarks/decode_sequence.py --lengths 32768,131072 [--profile]
+    python benchmarks/e2e/decode_sequence.py --lengths 32768,131072 [--profile]
 
 One process, the 8B shape (random bf16 weights, ``max_position_embeddings`` 132096), plain ``generate()``; patch
 and unpatch between configurations, in this order:
@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, decode_graph, patch_model, unpatch_model  # noqa: E402
 from sparse_attn_hf import last_call  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 
 
@@ -93,7 +92,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("sparse_attn_hf").setLevel(logging.INFO)
-    from llama8b import build
+    from benchmarks.common.llama8b import build
 
     model = build(args.layers, 132096)
     ids_for = {n: torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).cuda()

@@ -1,7 +1,7 @@
 """The first ``generate()`` of a fresh process against a warm one (issue 28: at most 1.5x at 32K).
 
-    python benchmarks/first_call.py [--length 32768] [--new-tokens 16]
-    python benchmarks/first_call.py --dry-run      # the bookkeeping on a tiny model, on the CPU
+    python benchmarks/e2e/first_call.py [--length 32768] [--new-tokens 16]
+    python benchmarks/e2e/first_call.py --dry-run      # the bookkeeping on a tiny model, on the CPU
 
 Every variant runs in a process of its own (the 8B shape, random bf16 weights, one GPU, plain ``generate()``):
 build the model, patch it (timed: ``patch_s``), then three calls on the same prompt: the first (``cold``) and two
@@ -33,10 +33,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, StepClock, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 VARIANTS = {  # name: (patched, warm_up, Triton cache: "fresh" or "shared")
     "stock": (False, False, "fresh"),
@@ -49,7 +48,6 @@ VARIANTS = {  # name: (patched, warm_up, Triton cache: "fresh" or "shared")
 
 def child(args) -> dict:
     """One variant in this process: build, patch, three calls."""
-    from timing import StepClock
     from transformers import StoppingCriteriaList
 
     from sparse_attn_hf import Profile, SparseConfig, patch_model
@@ -60,7 +58,7 @@ def child(args) -> dict:
     patched, warm_up, _ = VARIANTS[args.variant]
     start = time.perf_counter()
     if cuda:
-        from llama8b import build
+        from benchmarks.common.llama8b import build
 
         model = build(args.layers, args.length + 1024)
     else:

@@ -1,6 +1,6 @@
 """Where a patched prefill spends its time, against stock: torch.profiler over one generate() prefill.
 
-    python benchmarks/profile_prefill.py [--length 8192] [--configs stock patched_dense patched_streaming50]
+    python benchmarks/e2e/profile_prefill.py [--length 8192] [--configs stock patched_dense patched_streaming50]
 
 Full-depth Llama-3-8B shape (random bf16 weights), batch 1, ``generate(max_new_tokens=1)`` as bench_e2e
 times TTFT. Per configuration: the median wall time of 3 warm calls, then one profiled call: GPU busy time
@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import LSERVE, PATCHED, configure  # noqa: E402
-from llama8b import build  # noqa: E402
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.e2e.bench_e2e import LSERVE, PATCHED, configure  # noqa: E402
+from benchmarks.common.llama8b import build  # noqa: E402
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def prefill(model, ids):

@@ -2,8 +2,8 @@
 
 Commands (a machine with 2 GPUs; nothing is downloaded: the model is random, built from a config):
 
-    python benchmarks/multi_gpu.py --mode device_map
-    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --mode tp
+    python benchmarks/e2e/multi_gpu.py --mode device_map
+    torchrun --nproc_per_node 2 benchmarks/e2e/multi_gpu.py --mode tp
 
 On a copy of the repository whose .git may be stale, set SPARSE_ATTN_HF_COMMIT=<commit> for the JSON's meta.
 Each takes a few minutes (the first one also writes the random checkpoint, about 5.6 GB, to
@@ -12,8 +12,8 @@ replaces its own rows and keeps the other's, so run them one after the other in 
 rewritten after every stage: a run cut short keeps what it measured. The same on a CPU with a tiny model
 (gloo, float32; writes to /tmp/sparse_attn_hf_multi_gpu_dry/ unless --out is given):
 
-    python benchmarks/multi_gpu.py --mode device_map --dry-run
-    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --mode tp --dry-run
+    python benchmarks/e2e/multi_gpu.py --mode device_map --dry-run
+    torchrun --nproc_per_node 2 benchmarks/e2e/multi_gpu.py --mode tp --dry-run
 
 Model: Llama-3-8B shape (32 query / 8 KV heads, head_dim 128, hidden 4096, vocabulary 128256) with 8 layers,
 random bf16 weights, patched with half the KV heads streaming (random scores, seed 1; sink 128, local 1024,
@@ -63,10 +63,9 @@ from transformers import (  # noqa: E402
     LogitsProcessorList,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama8b import llama8b_config  # noqa: E402
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common.llama8b import llama8b_config  # noqa: E402
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model  # noqa: E402
 
@@ -77,7 +76,7 @@ DRY_SPARSE = dict(streaming_fraction=0.5, sink_size=4, local_size=32, decode_loc
                   logical_page_size=4, token_budget=64, reuse_interval=4)
 LONG, SHORT, NEW_TOKENS, ROUNDS = 4096, 64, 32, 3
 DRY_LONG, DRY_SHORT, DRY_NEW = 160, 16, 8
-RESULTS = Path(__file__).resolve().parent / "results" / "multi_gpu"
+OUT = RESULTS / "multi_gpu"
 
 
 class Steps(LogitsProcessor):
@@ -114,7 +113,7 @@ class Run:
         self.dtype = torch.float32 if self.dry else getattr(torch, args.dtype)
         self.long, self.short, self.new = (DRY_LONG, DRY_SHORT, DRY_NEW) if self.dry else (LONG, SHORT, NEW_TOKENS)
         self.checkpoint = Path(args.checkpoint or ("/tmp/sparse_attn_hf_multi_gpu" + ("_dry" if self.dry else "")))
-        default_out = Path("/tmp/sparse_attn_hf_multi_gpu_dry/multi_gpu") if self.dry else RESULTS
+        default_out = Path("/tmp/sparse_attn_hf_multi_gpu_dry/multi_gpu") if self.dry else OUT
         self.out = Path(args.out) if args.out else default_out
         self.row = {"mode": args.mode, "gpus": 2, "dtype": str(self.dtype).replace("torch.", ""),
                     "layers": LAYERS if not self.dry else 2, "prompt_tokens": self.long,

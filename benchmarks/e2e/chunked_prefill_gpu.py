@@ -1,6 +1,6 @@
 """Chunked prefill on a GPU through generate(): equal to one-shot prefill, and a 128K prompt on an 8B model.
 
-    python benchmarks/chunked_prefill_gpu.py [--length 131072] [--chunk 8192]
+    python benchmarks/e2e/chunked_prefill_gpu.py [--length 131072] [--chunk 8192]
 
 1. Equality: a 2-layer model of the Llama-3-8B shape (random bf16 weights, half the KV heads streaming,
    sink 128 + local 4096) greedily generates 8 tokens after a 12K-token prompt, once with
@@ -24,9 +24,9 @@ import torch
 from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model
 from sparse_attn_hf.compat import cache_of
 
-sys.path.insert(0, str(Path(__file__).parent))
-from llama8b import build  # noqa: E402
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common.llama8b import build  # noqa: E402
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 SETTINGS = SparseConfig(streaming_fraction=0.5, sink_size=128, local_size=4096)
 
@@ -93,7 +93,7 @@ def main() -> None:
     info = meta(device=torch.cuda.get_device_name(), dtype="bfloat16",
                 extra={"settings": {"sink": SETTINGS.sink_size, "local": SETTINGS.local_size},
                        "model": "Llama-3-8B shape, random weights"})
-    write_results(Path(__file__).parent / "results" / "chunked_prefill_gpu", info, rows)
+    write_results(RESULTS / "chunked_prefill_gpu", info, rows)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,14 @@
-"""Benchmark results: JSON as {"meta": {...}, "rows": [...]}, with the facts needed to trust them."""
+"""What every benchmark shares: where results go, how they are written (JSON as {"meta": {...}, "rows": [...]},
+with the facts needed to trust them), and per-token timestamps inside one ``generate()``.
+
+A script in ``benchmarks/<group>/`` (``e2e``, ``kernels``, ``fidelity``) puts the repository root on ``sys.path``
+and imports from here:
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+    from benchmarks.common import RESULTS, StepClock, meta, write_results  # noqa: E402
+
+``benchmarks.common.llama8b`` builds the full-size model shapes (random weights) the GPU benchmarks run.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +18,14 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"  # benchmarks/results: what make_tables.py reads
 
 
 def _version(package: str) -> str | None:
@@ -49,3 +65,16 @@ def write_results(stem: Path, info: dict, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": info, "rows": rows}, indent=1) + "\n")
     return path
+
+
+class StepClock(StoppingCriteria):
+    """Records a device-synchronized timestamp when each new token is out (generate checks its stopping
+    criteria once per token, and synchronizes there anyway). Never stops generation."""
+
+    def __init__(self, sync):
+        self.sync, self.times = sync, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.sync()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

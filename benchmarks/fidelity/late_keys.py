@@ -1,8 +1,8 @@
 """Late passkeys on held-out text of three genres: the default model with its shipped profile against dense (CPU).
 
-    python benchmarks/late_keys.py                                   # the standing rows: shipped settings
-    python benchmarks/late_keys.py --variants shipped,local512 --texts alice --lengths 4096
-    python benchmarks/late_keys.py --heads --texts alice --lengths 4096 --depths 0.9,0.95 --seeds 0,1
+    python benchmarks/fidelity/late_keys.py                                   # the standing rows: shipped settings
+    python benchmarks/fidelity/late_keys.py --variants shipped,local512 --texts alice --lengths 4096
+    python benchmarks/fidelity/late_keys.py --heads --texts alice --lengths 4096 --depths 0.9,0.95 --seeds 0,1
 
 Cells: a passkey (``sparse_attn_hf.eval.passkey``'s needle, question and answer prefix) hidden at depths 0.7, 0.8,
 0.9 and 0.95 of 2K and 4K prompts, five key seeds (each seed its own key and its own stretch of filler). At depth
@@ -39,10 +39,10 @@ from sparse_attn_hf.eval.prose import prose_text
 from sparse_attn_hf.profile import find_profile, resolve_profile
 from sparse_attn_hf.profiler.held_out import late_key_prompts
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "late_keys"
+OUT = RESULTS / "late_keys"
 TEXTS = {"reporting": lambda: heldout_text("reporting"), "alice": lambda: prose_text("alice"),
          "lcet10": lambda: prose_text("lcet10")}
 NEW_TOKENS = 8
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", action="store_true", help="dense attention's mass on the key, per KV head")
     parser.add_argument("--profile", type=Path, default=None,
                         help="a profile file in place of the shipped one (rows named 'PROFILE_STEM: variant')")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_default_model()

@@ -1,6 +1,6 @@
 """SampleAttention on the default model: sparse vs dense on real text, crossover forced to 0 (CPU).
 
-    python benchmarks/sample_attention_fidelity.py        # about 30 minutes on 2 cores
+    python benchmarks/fidelity/sample_attention_fidelity.py        # about 30 minutes on 2 cores
 
 Every head dense (no streaming heads, so that the rows measure SampleAttention alone), SampleAttention
 at alpha 0.95 and 0.8 (rw 0.08, r_row 0.05, mean criterion) from the first token on (dense_below 0).
@@ -27,8 +27,8 @@ from sparse_attn_hf.eval.agreement import next_token_agreement
 from sparse_attn_hf.eval.haystack import haystack_sha256, haystack_text
 from sparse_attn_hf.eval.passkey import make_keys, passkey_cells, passkey_prompt
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.5, 0.8])
     parser.add_argument("--text-lengths", type=int, nargs="+", default=[4096, 8000])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sample_attention_fidelity")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sample_attention_fidelity")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_default_model()

@@ -1,6 +1,6 @@
 """Decoding on a GPU: one layer's decode attention step and generate() tokens/s, against stock Transformers.
 
-    python benchmarks/bench_decode.py [--lengths 32768 131072] [--layer-lengths 32768 131072 262144]
+    python benchmarks/kernels/bench_decode.py [--lengths 32768 131072] [--layer-lengths 32768 131072 262144]
 
 Llama-3-8B shape (32 query / 8 KV heads, head_dim 128, bf16, batch 1), random weights.
 * Step (one layer, as the plugin runs it from Python: the registered attention function with a
@@ -38,9 +38,9 @@ from sparse_attn_hf.kernels.layout import STEP_RESELECT
 from sparse_attn_hf.methods.decode_step import after_prefill
 from sparse_attn_hf.methods.page_selection import select_pages
 
-sys.path.insert(0, str(Path(__file__).parent))
-from llama8b import build  # noqa: E402
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common.llama8b import build  # noqa: E402
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SPARSE = dict(streaming_fraction=0.5, sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096,
@@ -197,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--layer-lengths", type=int, nargs="+", default=[32768, 131072, 262144])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode")
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode")
     args = parser.parse_args()
     args.lengths = [n for n in args.lengths if n > 0]  # --lengths 0: the layer step only
     rows = []

@@ -1,6 +1,6 @@
 """Decoding on a CPU: the default model patched with its shipped profile against stock, in one run.
 
-    python benchmarks/cpu_decode.py [--lengths 2000,6000] [--new-tokens 24] [--repeats 2]
+    python benchmarks/e2e/cpu_decode.py [--lengths 2000,6000] [--new-tokens 24] [--repeats 2]
 
 Greedy ``generate()`` of the default model (SmolLM2-135M-Instruct, float32) on a prompt of the evaluation text
 (never used to fit the profile), stock (sdpa + DynamicCache) and patched (shipped profile, SparseCache), alternating,
@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf import last_call, patch_model, unpatch_model  # noqa: E402
 from sparse_attn_hf.default_model import load_default_model  # noqa: E402
 from sparse_attn_hf.eval.haystack import haystack_text  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Clock(StoppingCriteria):

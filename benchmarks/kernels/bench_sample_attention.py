@@ -1,7 +1,7 @@
 """SampleAttention prefill on a GPU: selection cost, sparse attention time and chosen density vs SDPA.
 
-    python benchmarks/bench_sample_attention.py [--lengths 32768 131072] [--crossover 4096 8192 16384 32768]
-    python benchmarks/bench_sample_attention.py --costs [--lengths 32768 131072]   # selection cost, block-or-gather
+    python benchmarks/kernels/bench_sample_attention.py [--lengths 32768 131072] [--crossover 4096 8192 16384 32768]
+    python benchmarks/kernels/bench_sample_attention.py --costs [--lengths 32768 131072]  # selection cost, block/gather
 
 Llama-3-8B attention shape (32 query / 8 KV heads, head_dim 128, bf16, batch 1). Random Q/K have no
 structure, so the inputs come from a documented synthetic generator (``synthetic``):
@@ -36,8 +36,8 @@ from sparse_attn_hf.kernels.prefill import sparse_attention_triton
 from sparse_attn_hf.methods.sample_attention import sample_attention_mask, sample_rows, window_size
 from sparse_attn_hf.stripe_mask import StripeMask
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 HEADS, KV_HEADS, DIM, RW, R_ROW, SINK, LOCAL = 32, 8, 128, 0.08, 0.05, 128, 4096
 SCALE = DIM**-0.5
@@ -250,7 +250,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--crossover", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sample_attention")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sample_attention")
     parser.add_argument("--tune", action="store_true", help="time stage-1 kernel configurations at the first length")
     parser.add_argument("--costs", action="store_true",
                         help="selection cost by r_row and block-or-gather only (results/sample_attention_costs.json)")

@@ -1,12 +1,12 @@
 """What ``model.generate()`` gains: a full-depth Llama-3-8B-shaped model, one GPU, plain ``generate()``, against
 stock Transformers timed in the same run. The project's headline benchmark.
 
-    python benchmarks/bench_e2e.py --part core            # 8K / 32K / 128K at batch 1, 32K at batch 4 and 8
-    python benchmarks/bench_e2e.py --part long            # 512K and 1M tokens with chunked prefill
-    python benchmarks/bench_e2e.py --dry-run              # the bookkeeping on a tiny model, on the CPU
-    python benchmarks/bench_e2e.py --family qwen3-8b --lengths 32768,131072 --batches ""   # another family's shape
+    python benchmarks/e2e/bench_e2e.py --part core            # 8K / 32K / 128K at batch 1, 32K at batch 4 and 8
+    python benchmarks/e2e/bench_e2e.py --part long            # 512K and 1M tokens with chunked prefill
+    python benchmarks/e2e/bench_e2e.py --dry-run              # the bookkeeping on a tiny model, on the CPU
+    python benchmarks/e2e/bench_e2e.py --family qwen3-8b --lengths 32768,131072 --batches ""   # another family's shape
 
-``--family`` (``qwen3-8b``, ``gemma3-12b``: the text tower, ``gpt-oss-20b``; ``benchmarks/llama8b.py``) measures
+``--family`` (``qwen3-8b``, ``gemma3-12b``: the text tower, ``gpt-oss-20b``; ``benchmarks/common/llama8b.py``) measures
 that published model's full-size shape instead (its own depth, windows and experts; random weights) and writes
 ``benchmarks/results/e2e_families.json``: stock against ``patched_default`` unless ``--configs`` says otherwise.
 ``--structured`` gives the Llama-3-8B shape attention with structure (``llama8b.plant_columns``: every query head
@@ -65,13 +65,11 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta  # noqa: E402
-from timing import StepClock  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, StepClock, meta  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, decode_graph, last_call, patch_model, unpatch_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense",
            "patched_dense_exact", "patched_sample_pinned", "patched_eager", "patched_compile", "patched_bound_only")
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
@@ -224,7 +222,7 @@ def configure(model, config: str, settings: dict, scores: torch.Tensor) -> tuple
 def run_row(model, device: Device, config: str, length: int, batch: int, args, extra: dict) -> dict:
     ids, mask = inputs(batch, length, model.config.vocab_size, "cuda" if device.cuda else "cpu")
     if getattr(args, "structured", False):
-        from llama8b import place_sinks
+        from benchmarks.common.llama8b import place_sinks
 
         ids = place_sinks(ids, mask)
     call_args = dict(extra, **({"prefill_chunk_size": args.chunk} if args.part == "long" else {}))
@@ -390,7 +388,7 @@ def plot(path: Path, rows: list[dict], info: dict) -> None:
 
 def build_model(args, max_len: int):
     if args.dry_run and args.family != "llama3-8b":
-        from llama8b import tiny_family
+        from benchmarks.common.llama8b import tiny_family
 
         return tiny_family(args.family, max_len)
     if args.dry_run:
@@ -400,12 +398,12 @@ def build_model(args, max_len: int):
         config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_len)
         if args.structured:
-            from llama8b import plant_columns
+            from benchmarks.common.llama8b import plant_columns
 
             config.attention_bias = True
             return plant_columns(LlamaForCausalLM(config).eval())
         return LlamaForCausalLM(config).eval()
-    from llama8b import build, build_family
+    from benchmarks.common.llama8b import build, build_family
 
     if args.family != "llama3-8b":
         return build_family(args.family, max_len, args.layers)
@@ -425,7 +423,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=32768, help="prefill_chunk_size of the long part")
     parser.add_argument("--layers", type=int, default=None, help="depth (default: the family's own; Llama 32)")
     parser.add_argument("--family", default="llama3-8b", choices=("llama3-8b", "qwen3-8b", "gemma3-12b", "gpt-oss-20b"),
-                        help="the full-size shape measured (benchmarks/llama8b.py)")
+                        help="the full-size shape measured (benchmarks/common/llama8b.py)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     parser.add_argument("--floor", action="store_true", help="also stock_static_compile at L=1024 (decode floor)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the bookkeeping only")
@@ -467,7 +465,7 @@ def main(argv=None) -> None:
                         generator=torch.Generator().manual_seed(0))
     info = meta(device=device.name, dtype=str(model.dtype).replace("torch.", ""), extra={
         "part": args.part, "layers": model.config.num_hidden_layers,
-        "model": f"{FAMILY_NAMES[args.family]} shape (benchmarks/llama8b.py), random weights"
+        "model": f"{FAMILY_NAMES[args.family]} shape (benchmarks/common/llama8b.py), random weights"
                  + (", planted key columns (llama8b.plant_columns)" if args.structured else ""),
         "stock_attention": model.config._attn_implementation,
         "settings": {},  # the resolved SparseConfig of each patched configuration, below
@@ -484,7 +482,7 @@ def main(argv=None) -> None:
         if config == "patched_sample_pinned" and not DENSITIES.exists():
             for _, length, batch in (p for p in plan if p[0] == config):
                 rows.append({"config": config, "L": length, "batch": batch, "part": args.part, "status": "not_run",
-                             "reason": f"{DENSITIES.name} is missing: run benchmarks/sample_density.py first"})
+                             "reason": f"{DENSITIES.name} is missing: run benchmarks/fidelity/sample_density.py first"})
             continue
         device.sync()
         patching = time.perf_counter()

@@ -1,6 +1,6 @@
 """SampleAttention's chosen density per layer on real weights and real text (CPU).
 
-    python benchmarks/sample_density.py [--lengths 8192 16384 32768] [--r-row 0.025] [--layer-outputs dense]
+    python benchmarks/fidelity/sample_density.py [--lengths 8192 16384 32768] [--r-row 0.025] [--layer-outputs dense]
 
 The default model (SmolLM2-135M-Instruct, 30 layers, trained to 8192 positions), every head dense,
 SampleAttention at the package's defaults (alpha 0.95, rw 0.08, r_row 0.025, mean criterion) from the first
@@ -31,10 +31,9 @@ from sparse_attn_hf import Profile, SparseConfig, ops, patched
 from sparse_attn_hf.default_model import load_default_model
 from sparse_attn_hf.eval.heldout import heldout_text
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def set_linear_rope(model, factor: float) -> None:

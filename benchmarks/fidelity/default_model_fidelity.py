@@ -1,6 +1,6 @@
 """Fidelity of the shipped profile on the default model: sparse against dense, on the CPU.
 
-    python benchmarks/default_model_fidelity.py            # about 40 minutes on 2 cores
+    python benchmarks/fidelity/default_model_fidelity.py            # about 40 minutes on 2 cores
 
 Passkey retrieval on the evaluation half of the haystack (lengths x depths, keys from seed 0, which
 the profile's calibration never saw) and next-token agreement over plain story text, at streaming
@@ -26,10 +26,10 @@ from sparse_attn_hf.eval.haystack import haystack_sha256, haystack_text
 from sparse_attn_hf.eval.passkey import make_keys, passkey_cells, passkey_prompt
 from sparse_attn_hf.profile import find_profile
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "default_model_fidelity"
+OUT = RESULTS / "default_model_fidelity"
 
 
 def main(argv=None) -> None:
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     parser.add_argument("--long-depths", type=float, nargs="+", default=[0.2, 0.5, 0.8],
                         help="depths for lengths above 4096 (each cell costs minutes on a CPU)")
     parser.add_argument("--text-lengths", type=int, nargs="+", default=[4096, 8000])
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_default_model()

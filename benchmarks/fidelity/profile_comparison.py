@@ -1,7 +1,7 @@
 """Compare profiles of the default model on the quickstart task (passkey retrieval) at several
 streaming fractions: how many answers equal the dense model's, and the first answer token's KL.
 
-    python benchmarks/profile_comparison.py --profiles OLD.safetensors NEW.safetensors \
+    python benchmarks/fidelity/profile_comparison.py --profiles OLD.safetensors NEW.safetensors \
         [--fractions 0.25 0.5 0.75] [--lengths 2048 3000 4096 6144] [--depths 0.1 0.3 0.5 0.7 0.9] \
         [--out benchmarks/results/profile_comparison]
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import meta, write_results  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig  # noqa: E402
 from sparse_attn_hf.default_model import load_default_model  # noqa: E402

@@ -1,6 +1,6 @@
 """Which Triton kernels a patched ``generate()`` compiles after ``patch_model``'s warm-up, and in which call.
 
-    python benchmarks/first_decode_compiles.py [--lengths 32768 8192 131072] [--layers 4]
+    python benchmarks/e2e/first_decode_compiles.py [--lengths 32768 8192 131072] [--layers 4]
 
 A fresh Triton cache folder, the Llama-3-8B shape (random bf16 weights, ``--layers`` deep: the kernels and their
 shapes do not depend on the depth), ``patched_default`` as bench_e2e patches it. Triton's JIT cache hook logs
@@ -23,12 +23,11 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_fresh_")  # bef
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import LSERVE, configure  # noqa: E402
-from llama8b import build  # noqa: E402
-from results_io import meta, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.e2e.bench_e2e import LSERVE, configure  # noqa: E402
+from benchmarks.common.llama8b import build  # noqa: E402
+from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 EVENTS: list[dict] = []
 PHASE = ["start"]
 
