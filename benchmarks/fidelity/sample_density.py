@@ -55,8 +55,8 @@ def _layer_outputs(kind: str):
         return
     original = ops.stripe_attention
 
-    def dense(query, key, value, *, mask, scale, tile=256):
-        return ops.dense_attention(query, key, value, kv_start=mask.kv_start, padded=False, scale=scale)
+    def dense(query, key, value, mask, terms, *, tile=256):
+        return ops.dense_attention(query, key, value, terms, kv_start=mask.kv_start, padded=False)
 
     ops.stripe_attention = dense
     try:

@@ -34,9 +34,9 @@ from sparse_attn_hf import Profile, SparseCache, SparseConfig, ops, patch_model,
 from sparse_attn_hf.attention import sparse_attention_forward
 from sparse_attn_hf.cache import PendingKV
 from sparse_attn_hf.compat import CACHE_ARG, cache_of
-from sparse_attn_hf.kernels.layout import STEP_RESELECT
-from sparse_attn_hf.methods.decode_step import after_prefill
-from sparse_attn_hf.methods.page_selection import select_pages
+from sparse_attn_hf.kernels.layout import STEP_RESELECT, LogitTerms, Visibility
+from sparse_attn_hf.methods.decode_step import DecodePlan
+from sparse_attn_hf.methods.page_selection import PageSettings, select_pages
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
 from benchmarks.common.llama8b import build  # noqa: E402
@@ -63,7 +63,7 @@ def fill(model, cache: SparseCache, length: int) -> None:
             k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             layer.update(k, k)
             layer.append(k, torch.randn_like(k), zero)
-            after_prefill(layer)  # as the attention does after storing a prompt: the step counters restart
+            DecodePlan.of(layer).reset(layer)  # as the attention does after storing a prompt: the counters restart
 
 
 @torch.no_grad()
@@ -100,22 +100,25 @@ def layer_step(model, length: int) -> dict:
     selected = torch.full((1, len(layer.dense_heads), 4096 // 64 - 1), -1, dtype=torch.int32, device="cuda")
     listed = torch.full((1, len(layer.dense_heads), 4 * selected.shape[2]), -1, dtype=torch.int32, device="cuda")
 
+    store = dict(key_min=t["key_min"], key_max=t["key_max"], scores=scores, selected=selected, listed=listed,
+                 keys=t["dense_key"])
+    terms = LogitTerms(HEAD_DIM**-0.5)
+
     def select(shortlist=1, step=reselecting):
-        return select_pages(grouped, t["key_min"], t["key_max"], kv_start=zero, step=step, scores=scores,
-                            budget=4096, page_size=64, logical_page_size=16, selected=selected, shortlist=shortlist,
-                            listed=listed, keys=t["dense_key"], scale=HEAD_DIM**-0.5)
+        return select_pages(grouped, store, step, Visibility(zero), terms,
+                            PageSettings(budget=4096, page_size=64, logical_page_size=16, shortlist=shortlist))
 
     selection_ms = triton.testing.do_bench(select, warmup=50, rep=300, return_mode="median")
     # GPU time alone (CUDA-graph replay, no Python launch overhead): our append + decode kernels of one
     # step with a fixed selection, SDPA decode, and one selection
     step = layer.append_decode(k, k, zero)
     step.pages = t["pages"]
+    visible = Visibility(zero, sink=layer.sink_size, local=layer.decode_local_size)
 
     def kernels():
         ops.append_token(k, k, t, seen=layer.step[:1], kv_start=zero, head_kind=layer.head_kind,
                          head_slot=layer.head_slot, sink=layer.sink_size, logical_page_size=16)
-        ops.paged_decode(q[:, :, 0], step, kv_start=zero, sink=layer.sink_size, local=layer.decode_local_size,
-                         scale=HEAD_DIM**-0.5)
+        ops.paged_decode(q[:, :, 0], step, visible, terms)
 
     kernel_ms = triton.testing.do_bench_cudagraph(kernels, rep=100, return_mode="median")
     sdpa_kernel_ms = triton.testing.do_bench_cudagraph(

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 from sparse_attn_hf.block_mask import BlockSparseMask  # noqa: E402
-from sparse_attn_hf.kernels.prefill import sparse_attention_triton  # noqa: E402
+from sparse_attn_hf.kernels.prefill import Launch, sparse_attention_triton  # noqa: E402
+from sparse_attn_hf.ops import LogitTerms, Visibility  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, SINK, LOCAL, BLOCK = 32, 8, 128, 128, 4096, 128
 DENSITIES = (0.10, 0.25, 0.50)
@@ -81,8 +82,9 @@ def run_length(length: int, kernel: dict, flex: bool) -> list[dict]:
     rows = []
 
     def ours(streaming, mask=None):
-        return lambda: sparse_attention_triton(q, k, v, q_first=0, k_pos=None, kv_start=kv_start, streaming=streaming,
-                                               sink=SINK, local=LOCAL, scale=HEAD_DIM**-0.5, block_mask=mask, **kernel)
+        visible = Visibility(kv_start, streaming=streaming, sink=SINK, local=LOCAL, q_first=0, k_pos=None)
+        return lambda: sparse_attention_triton(q, k, v, visible, LogitTerms(HEAD_DIM**-0.5), block_mask=mask,
+                                               launch=Launch(**kernel))
 
     none = torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda")
     half = torch.arange(KV_HEADS, device="cuda") % 2 == 1
@@ -122,9 +124,10 @@ def correctness(length: int = 4096 + 77) -> float:
     v = torch.randn(1, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
                                                            enable_gqa=True).transpose(1, 2)
-    out = sparse_attention_triton(q, k, v, q_first=0, k_pos=None, kv_start=torch.zeros(1, dtype=torch.long, device="cuda"),
-                                  streaming=torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda"), sink=0, local=1,
-                                  scale=HEAD_DIM**-0.5)
+    visible = Visibility(torch.zeros(1, dtype=torch.long, device="cuda"),
+                         streaming=torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda"), sink=0, local=1, q_first=0,
+                         k_pos=None)
+    out = sparse_attention_triton(q, k, v, visible, LogitTerms(HEAD_DIM**-0.5))
     return float((out.float() - ref).abs().max())
 
 
@@ -176,6 +179,7 @@ def sweep(length: int) -> None:
     v = torch.randn(1, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     zero = torch.zeros(1, dtype=torch.long, device="cuda")
     none = torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda")
+    visible = Visibility(zero, streaming=none, sink=0, local=1, q_first=0, k_pos=None)
     sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), 200)
     for block_m in (64, 128):
         for block_n in (32, 64, 128):
@@ -183,9 +187,8 @@ def sweep(length: int) -> None:
                 for stages in (2, 3, 4):
                     try:
                         ms = timed(lambda: sparse_attention_triton(
-                            q, k, v, q_first=0, k_pos=None, kv_start=zero, streaming=none, sink=0, local=1,
-                            scale=HEAD_DIM**-0.5, block_m=block_m, block_n=block_n, num_warps=warps,
-                            num_stages=stages), 200)
+                            q, k, v, visible, LogitTerms(HEAD_DIM**-0.5),
+                            launch=Launch(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)), 200)
                     except Exception as error:  # out of shared memory and the like
                         print(f"config {block_m} {block_n} {warps} {stages}: {type(error).__name__}", flush=True)
                         continue
@@ -213,9 +216,9 @@ def variants(lengths: list[int]) -> None:
             for name in names:
                 for case, streaming in (("dense", torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda")),
                                         ("streaming50", torch.arange(KV_HEADS, device="cuda") % 2 == 1)):
+                    visible = Visibility(zero, streaming=streaming, sink=SINK, local=LOCAL, q_first=0, k_pos=None)
                     ms = timed(lambda: sparse_attention_triton(
-                        q, k, v, q_first=0, k_pos=None, kv_start=zero, streaming=streaming, sink=SINK, local=LOCAL,
-                        scale=HEAD_DIM**-0.5, **VARIANTS[name]), rep)
+                        q, k, v, visible, LogitTerms(HEAD_DIM**-0.5), launch=Launch(**VARIANTS[name])), rep)
                     print(json.dumps({"L": length, "variant": name, "case": case, "round": rnd, "ms": ms,
                                       "sdpa_ms": sdpa, "ratio": ms / sdpa, "device": torch.cuda.get_device_name()}),
                           flush=True)

@@ -33,7 +33,8 @@ import triton
 
 from sparse_attn_hf import ops
 from sparse_attn_hf.kernels.prefill import sparse_attention_triton
-from sparse_attn_hf.methods.sample_attention import sample_attention_mask, sample_rows, window_size
+from sparse_attn_hf.methods.sample_attention import SampleSettings, sample_attention_mask, sample_rows, window_size
+from sparse_attn_hf.ops import LogitTerms, Visibility
 from sparse_attn_hf.stripe_mask import StripeMask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
@@ -41,6 +42,7 @@ from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 HEADS, KV_HEADS, DIM, RW, R_ROW, SINK, LOCAL = 32, 8, 128, 0.08, 0.05, 128, 4096
 SCALE = DIM**-0.5
+TERMS = LogitTerms(SCALE)
 
 
 def synthetic(length: int, seed: int = 0):
@@ -98,24 +100,24 @@ def run_length(length: int) -> list[dict]:
     none = torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda")
     rep = 200 if length <= 32768 else 1000
     sdpa_ms = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), rep)
-    dense_ms = timed(lambda: sparse_attention_triton(q, k, v, q_first=0, k_pos=None, kv_start=zero, streaming=none,
-                                                     sink=0, local=1, scale=SCALE), rep)
+    visible = Visibility(zero, streaming=none, sink=0, local=1, q_first=0, k_pos=None)
+    dense_ms = timed(lambda: sparse_attention_triton(q, k, v, visible, TERMS), rep)
     rows = []
     base = {"L": length, "sdpa_ms": sdpa_ms, "dense_ms": dense_ms, "device": torch.cuda.get_device_name()}
 
     def select(alpha, qq=q, kk=k):
-        return sample_attention_mask(qq, kk, q_first=0, kv_start=zero, alpha=alpha, rw=RW, r_row=R_ROW, scale=SCALE)
+        return sample_attention_mask(qq, kk, Visibility(zero, q_first=0), TERMS, SampleSettings(alpha, RW, R_ROW))
 
     for alpha in (0.95, 0.8):
         mask = select(alpha)
         selection_ms = timed(lambda: select(alpha), rep)
-        ms = timed(lambda: ops.stripe_attention(q, k, v, mask=select(alpha), scale=SCALE), rep)
+        ms = timed(lambda: ops.stripe_attention(q, k, v, select(alpha), TERMS), rep)
         rows.append({**base, "case": f"sample_alpha_{alpha}", "alpha": alpha, "ms": ms, "selection_ms": selection_ms,
                      "density": mask.density(), "stripes_mean": float(mask.counts.float().mean())})
         print(json.dumps(rows[-1]), flush=True)
     for density in (0.1, 0.2, 0.4):
         mask = pinned_mask(length, KV_HEADS, density)
-        ms = timed(lambda: ops.stripe_attention(q, k, v, mask=mask, scale=SCALE), rep)
+        ms = timed(lambda: ops.stripe_attention(q, k, v, mask, TERMS), rep)
         rows.append({**base, "case": f"pinned_{density}", "alpha": None, "ms": ms, "selection_ms": 0.0,
                      "density": mask.density()})
         print(json.dumps(rows[-1]), flush=True)
@@ -126,13 +128,13 @@ def run_length(length: int) -> list[dict]:
     k_s, k_d, v_s, v_d = k[:, :half], k[:, half:], v[:, :half], v[:, half:]
     mask = pinned_mask(length, half, 0.2, seed=1)
     stream = torch.ones(half, dtype=torch.bool, device="cuda")
-    rows_sel = timed(lambda: sample_attention_mask(q_d, k_d, q_first=0, kv_start=zero, alpha=0.95, rw=RW, r_row=R_ROW,
-                                                   scale=SCALE), rep)
+    rows_sel = timed(lambda: sample_attention_mask(q_d, k_d, Visibility(zero, q_first=0), TERMS,
+                                                   SampleSettings(0.95, RW, R_ROW)), rep)
+    streaming = Visibility(zero, streaming=stream, sink=SINK, local=LOCAL, q_first=0, k_pos=None)
 
     def combined():
-        sparse_attention_triton(q_s, k_s, v_s, q_first=0, k_pos=None, kv_start=zero, streaming=stream, sink=SINK,
-                                local=LOCAL, scale=SCALE)
-        ops.stripe_attention(q_d, k_d, v_d, mask=mask, scale=SCALE)
+        sparse_attention_triton(q_s, k_s, v_s, streaming, TERMS)
+        ops.stripe_attention(q_d, k_d, v_d, mask, TERMS)
 
     ms = timed(combined, rep) + rows_sel  # the selection a real call makes on the dense half
     pos = torch.arange(length, dtype=torch.float64)
@@ -150,12 +152,12 @@ def crossover(lengths: list[int]) -> list[dict]:
         q, k, v = synthetic(length, seed=2)
         zero = torch.zeros(1, dtype=torch.long, device="cuda")
         none = torch.zeros(KV_HEADS, dtype=torch.bool, device="cuda")
-        dense = timed(lambda: sparse_attention_triton(q, k, v, q_first=0, k_pos=None, kv_start=zero, streaming=none,
-                                                      sink=0, local=1, scale=SCALE), 200)
+        visible = Visibility(zero, streaming=none, sink=0, local=1, q_first=0, k_pos=None)
+        dense = timed(lambda: sparse_attention_triton(q, k, v, visible, TERMS), 200)
 
         def sample():
-            mask = sample_attention_mask(q, k, q_first=0, kv_start=zero, alpha=0.95, rw=RW, r_row=R_ROW, scale=SCALE)
-            return ops.stripe_attention(q, k, v, mask=mask, scale=SCALE)
+            mask = sample_attention_mask(q, k, Visibility(zero, q_first=0), TERMS, SampleSettings(0.95, RW, R_ROW))
+            return ops.stripe_attention(q, k, v, mask, TERMS)
 
         rows.append({"L": length, "case": "crossover", "dense_ms": dense, "ms": timed(sample, 200),
                      "device": torch.cuda.get_device_name()})
@@ -178,7 +180,7 @@ def tune(length: int) -> None:
             for warps in (4, 8):
                 try:
                     ms = timed(lambda: sampled_column_scores_triton(
-                        q, k, rows=rows, q_first=0, kv_start=zero, window=window, scale=SCALE, block_n=block_n,
+                        q, k, Visibility(zero, q_first=0), TERMS, rows=rows, window=window, block_n=block_n,
                         packed_rows=packed, num_warps=warps), 500)
                 except Exception as error:  # out of resources
                     print(f"config {block_n} {packed} {warps}: {type(error).__name__}", flush=True)
@@ -216,30 +218,29 @@ def costs(lengths: list[int]) -> list[dict]:
         base = {"L": length, "sdpa_ms": sdpa_ms, "device": torch.cuda.get_device_name()}
         for r_row in (0.05, 0.025):
             def select():
-                return sample_attention_mask(q, k, q_first=0, kv_start=zero, alpha=0.95, rw=RW, r_row=r_row,
-                                             scale=SCALE)
+                return sample_attention_mask(q, k, Visibility(zero, q_first=0), TERMS,
+                                             SampleSettings(0.95, RW, r_row))
             sampled = sample_rows(length, r_row, device="cuda")
             window = torch.full((1, KV_HEADS), window_size(RW, length), dtype=torch.long, device="cuda")
             mask = select()
             ms = timed(select, 1000)
-            stage1 = timed(lambda: ops.sampled_column_scores(q, k, rows=sampled, q_first=0, kv_start=zero,
-                                                             window=window, scale=SCALE), 1000)
+            stage1 = timed(lambda: ops.sampled_column_scores(q, k, Visibility(zero, q_first=0), TERMS, rows=sampled,
+                                                             window=window), 1000)
             rows.append({**base, "case": "selection", "r_row": r_row, "selection_ms": ms, "stage1_ms": stage1,
                          "share": ms / sdpa_ms, "density": mask.density()})
             print(json.dumps(rows[-1]), flush=True)
         for per_block, blocks in ((128, 64), (112, 64), (96, 64), (64, 64), (96, 256)):
             mask = clustered_mask(length, KV_HEADS, per_block, blocks)
-            common = dict(q_first=0, k_pos=None, kv_start=zero, streaming=none, sink=0, local=1, scale=SCALE,
-                          stripe_mask=mask)
-            gathered = sparse_attention_triton(q, k, v, whole_block_share=None, **common)
+            common = (Visibility(zero, streaming=none, sink=0, local=1, q_first=0, k_pos=None), TERMS)
+            gathered = sparse_attention_triton(q, k, v, *common, stripe_mask=mask, whole_block_share=None)
             row = {**base, "case": "block_or_gather", "stripes_per_block": per_block, "blocks": blocks,
                    "density": mask.density(),
-                   "gathered_ms": timed(lambda: sparse_attention_triton(q, k, v, whole_block_share=None, **common),
-                                        1000)}
+                   "gathered_ms": timed(lambda: sparse_attention_triton(q, k, v, *common, stripe_mask=mask,
+                                                                        whole_block_share=None), 1000)}
             for share in (0.5, 0.75, 0.9):
-                whole = sparse_attention_triton(q, k, v, whole_block_share=share, **common)
+                whole = sparse_attention_triton(q, k, v, *common, stripe_mask=mask, whole_block_share=share)
                 row[f"whole_from_{share}_ms"] = timed(
-                    lambda: sparse_attention_triton(q, k, v, whole_block_share=share, **common), 1000)
+                    lambda: sparse_attention_triton(q, k, v, *common, stripe_mask=mask, whole_block_share=share), 1000)
                 row[f"whole_from_{share}_max_diff"] = float((gathered.float() - whole.float()).abs().max())
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)

@@ -84,9 +84,10 @@ def window_row(name, length, repeats):
         return sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).transpose(1, 2)
 
     def ours():
-        return ops.sparse_attention(q, k, v, q_first=0, k_pos=None, kv_start=torch.zeros(1, dtype=torch.long,
-                                    device="cuda"), streaming=torch.ones(kv_heads, dtype=torch.bool, device="cuda"),
-                                    sink=0, local=window, scale=scale)
+        visible = ops.Visibility(torch.zeros(1, dtype=torch.long, device="cuda"),
+                                 streaming=torch.ones(kv_heads, dtype=torch.bool, device="cuda"), sink=0, local=window,
+                                 q_first=0, k_pos=None)
+        return ops.sparse_attention(q, k, v, visible, ops.LogitTerms(scale))
 
     error = (ours().float() - stock().float()).abs().max().item()
     stock_ms, ours_ms = timed(stock, repeats), timed(ours, repeats)
@@ -101,13 +102,14 @@ def term_row(name, length, repeats):
     terms = {"sinks": torch.randn(heads, device="cuda")} if name == "gpt_oss" else {"softcap": 50.0}
     kv_start = torch.zeros(1, dtype=torch.long, device="cuda")
     row = {"case": f"{'sinks' if name == 'gpt_oss' else 'softcap'} ({name})", "L": length, "stock": "eager"}
-    row["ours_ms"] = timed(lambda: ops.dense_attention(q, k, v, kv_start=kv_start, padded=False, scale=scale,
-                                                       **terms), repeats)
+    logit_terms = ops.LogitTerms(scale, **terms)
+    row["ours_ms"] = timed(lambda: ops.dense_attention(q, k, v, logit_terms, kv_start=kv_start, padded=False),
+                           repeats)
     row["sdpa_ms"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, enable_gqa=True), repeats)
     try:
         reference = stock_eager(q, k, v, scale, **terms)
-        row["max_abs_error"] = (ops.dense_attention(q, k, v, kv_start=kv_start, padded=False, scale=scale, **terms)
+        row["max_abs_error"] = (ops.dense_attention(q, k, v, logit_terms, kv_start=kv_start, padded=False)
                                 .float() - reference.float()).abs().max().item()
         del reference
         row["stock_ms"] = timed(lambda: stock_eager(q, k, v, scale, **terms), repeats)

@@ -4,19 +4,15 @@ what one layer attends to (``LayerKV``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .layer import SparseLayer
 
 
 @dataclass
 class PendingKV:
     """New keys/values of one forward, waiting for the attention function to append them."""
 
-    layer: "SparseLayer"
+    layer: object  # the SparseLayer that stores them (``cache.layer``, which builds this view)
     key: torch.Tensor  # [B, Hkv, n, D], RoPE applied
     value: torch.Tensor
 
