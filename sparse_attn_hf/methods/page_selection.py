@@ -160,7 +160,9 @@ def quest_pages(query, key_min, key_max, *, kv_start, seen: int, budget: int, pa
     scores = torch.empty(batch, heads, n_pages - 1, dtype=torch.float32, device=query.device)
     step = torch.zeros(4, dtype=torch.int32, device=query.device)
     step[STEP_SEEN], step[STEP_RESELECT] = seen, 1  # a reselecting step
+    if shortlist > 1 and scale is None:
+        raise ValueError("quest_pages with shortlist > 1 ranks pages by attention mass: pass the layer's scale.")
     store = dict(key_min=key_min, key_max=key_max, keys=keys, scores=scores)
     settings = PageSettings(budget, page_size, logical_page_size, shortlist)
-    pages = _choose(query, store, step, kv_start, LogitTerms(scale or 1.0, softcap), settings)
+    pages = _choose(query, store, step, kv_start, LogitTerms(1.0 if scale is None else scale, softcap), settings)
     return pages, n_pages - 1

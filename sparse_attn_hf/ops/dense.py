@@ -34,7 +34,8 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          "multiple of the KV heads and Lq <= Lk.")
 
     def kernel(query):  # the package's own kernel (or reference) with no streaming head
-        return sparse_attention(query, key, value, Visibility(kv_start, q_first=k_len - q_len), terms)
+        # local=1 as every dense call before: Triton specialises an integer argument equal to 1 (one compiled variant)
+        return sparse_attention(query, key, value, Visibility(kv_start, local=1, q_first=k_len - q_len), terms)
 
     if dispatch._backend != "auto" or not terms.plain:  # pinned by tests, or terms SDPA lacks
         return kernel(query)

@@ -121,7 +121,7 @@ def stripe_attention(query, key, value, mask, terms: LogitTerms, *, tile: int = 
     if _use_triton(query):
         from ..kernels.prefill import sparse_attention_triton
 
-        visible = Visibility(mask.kv_start, q_first=key.shape[2] - query.shape[2])
+        visible = Visibility(mask.kv_start, local=1, q_first=key.shape[2] - query.shape[2])  # as the dense calls
         with _on_device(query):
             return sparse_attention_triton(query, key, value, visible, terms, stripe_mask=mask,
                                            whole_block_share=cost.WHOLE_BLOCK_SHARE)
