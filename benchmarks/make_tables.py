@@ -551,7 +551,7 @@ def sample_attention_heldout_table() -> str:
     lengths = sorted({r["L"] for r in meta["records"]})
     lines = [f"Default model, the shipped profile's streaming heads, SampleAttention from {meta['dense_below']} tokens, "
              f"against the same model with it off; {meta['text']}; prompts of {', '.join(map(str, lengths))} tokens; "
-             f"device {meta['device']}, commit `{meta['commit'][:10]}` (`python {meta['command']}`).", "",
+             f"device {meta['device']}, commit `{meta['commit'][:10]}` ({_command(meta['command'])}).", "",
              "| alpha | prompts | right with it off | of those kept | same answers | first-token KL, mean | "
              "next-token KL, mean over the text |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -561,10 +561,23 @@ def sample_attention_heldout_table() -> str:
     return "\n".join(lines)
 
 
+def _command(recorded: str) -> str:
+    """A result's recorded command, in backticks, and where its script lives now if it has moved since (the record
+    stays as it ran: benchmarks/ was regrouped into e2e/, kernels/, fidelity/, NOTES.md maps the paths)."""
+    text = f"`python {recorded}`"
+    script = recorded.split()[0] if recorded else ""
+    root = Path(__file__).resolve().parent.parent
+    if script.startswith("benchmarks/") and not (root / script).exists():
+        moved = sorted((root / "benchmarks").glob(f"*/{Path(script).name}"))
+        if moved:
+            text += f", now `{moved[0].relative_to(root).as_posix()}`"
+    return text
+
+
 def _run_line(meta: dict, what: str) -> str:
     packages = meta.get("packages", {})
     return (f"{meta['device']}, {what}; torch {packages.get('torch')}, transformers {packages.get('transformers')}, "
-            f"triton {packages.get('triton')}; commit `{str(meta['commit'])[:10]}` (`python {meta['command']}`).")
+            f"triton {packages.get('triton')}; commit `{str(meta['commit'])[:10]}` ({_command(meta['command'])}).")
 
 
 def first_call_table() -> str:
@@ -594,7 +607,7 @@ def families_table() -> str:
     data = json.loads((RESULTS / "e2e_families.json").read_text())
     runs = data["meta"]["runs"]
     first = next(iter(runs.values()))
-    commands = "; ".join(f"`python {run['command']}` at `{str(run['commit'])[:10]}`" for run in runs.values())
+    commands = "; ".join(f"{_command(run['command'])} at `{str(run['commit'])[:10]}`" for run in runs.values())
     lines = [_run_line(first, "bfloat16, random weights at each model's full size, plain `generate()`; stock on "
                               "SDPA (FlexAttention where the family has no SDPA path: GPT-OSS)").split("; commit")[0]
              + f"; runs: {commands}.", "",
