@@ -37,6 +37,10 @@ class Visibility:
         """This visibility with some fields changed."""
         return replace(self, **changes)
 
+    def streaming_flags(self, n: int, device) -> torch.Tensor:
+        """``streaming``, or n False flags (every head dense) where it is None."""
+        return torch.zeros(n, dtype=torch.bool, device=device) if self.streaming is None else self.streaming
+
 
 @dataclass(frozen=True)
 class LogitTerms:

@@ -394,13 +394,11 @@ def sparse_attention_triton(
     order, or every KV head when ``visible.key_all_heads`` (then head ``heads[i]`` is read in place). ``sinks``
     are indexed by query head of ``query``.
     """
-    q_first, k_pos, kv_start, streaming = visible.q_first, visible.k_pos, visible.kv_start, visible.streaming
+    q_first, k_pos, kv_start = visible.q_first, visible.k_pos, visible.kv_start
     sink, local, heads, groups = visible.sink, visible.local, visible.heads, visible.groups
     scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
     block_m, block_n, num_warps, num_stages = launch.block_m, launch.block_n, launch.num_warps, launch.num_stages
-    if streaming is None:
-        n = key.shape[1] if heads is None else heads.shape[0]
-        streaming = torch.zeros(n, dtype=torch.bool, device=query.device)
+    streaming = visible.streaming_flags(key.shape[1] if heads is None else heads.shape[0], query.device)
     if block_mask is not None and stripe_mask is not None:
         raise ValueError("pass block_mask or stripe_mask, not both: each lists keys to visit, and together "
                          "they would count a key twice.")

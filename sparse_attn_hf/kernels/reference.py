@@ -94,9 +94,7 @@ def sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     kv_start, sink, local = visible.kv_start, visible.sink, visible.local
     scale, softcap, sinks = terms.scale, terms.softcap, terms.sinks
-    streaming = visible.streaming
-    if streaming is None:
-        streaming = torch.zeros(num_kv_heads, dtype=torch.bool, device=query.device)
+    streaming = visible.streaming_flags(num_kv_heads, query.device)
     q_pos = torch.arange(visible.q_first, visible.q_first + q_len, device=query.device).expand(batch, -1)
     k_pos = torch.arange(k_len, device=query.device).expand(batch, -1) if visible.k_pos is None else visible.k_pos
     groups = num_heads // num_kv_heads

@@ -9,9 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..kernels.layout import DecodeKV, LogitTerms, Visibility
-from ..kernels.reference import append_token_reference
-from .decode import DECODE_KV_FIELDS, _append_triton, _paged_decode, _physical_page_scores, _shortlist_pages, _top_pages
-from .dispatch import _use_triton
+from .decode import DECODE_KV_FIELDS, _append_token, _paged_decode, _physical_page_scores, _shortlist_pages, _top_pages
 
 Tensor = torch.Tensor
 OptTensor = Optional[torch.Tensor]
@@ -70,13 +68,8 @@ def _(*args):
 @torch.library.custom_op("sparse_attn_hf::append_token", mutates_args=("buffers",))
 def _append_token_op(key: Tensor, value: Tensor, buffers: Sequence[Tensor], names: str, seen: Tensor, kv_start: Tensor,
                      head_kind: Tensor, head_slot: Tensor, sink: int, logical_page_size: int) -> None:
-    tensors = dict(zip(names.split(","), buffers))
-    common = dict(kv_start=kv_start, head_kind=head_kind, head_slot=head_slot, sink=sink,
-                  logical_page_size=logical_page_size)
-    if _use_triton(key):
-        _append_triton(key, value, tensors, seen=seen, **common)
-    else:  # the kernel's reference (the CPU under torch.compile)
-        append_token_reference(key, value, tensors, seen=int(seen), **common)
+    _append_token(key, value, dict(zip(names.split(","), buffers)), seen, kv_start, head_kind, head_slot, sink,
+                  logical_page_size)
 
 
 @_append_token_op.register_fake

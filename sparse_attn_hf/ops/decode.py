@@ -152,16 +152,17 @@ def append_token(key: torch.Tensor, value: torch.Tensor, tensors: dict, *, seen:
         torch.ops.sparse_attn_hf.append_token(key, value, [tensors[name] for name in names], ",".join(names), seen,
                                               kv_start, head_kind, head_slot, sink, logical_page_size)
         return
+    _append_token(key, value, tensors, seen, kv_start, head_kind, head_slot, sink, logical_page_size)
+
+
+def _append_token(key, value, tensors: dict, seen, kv_start, head_kind, head_slot, sink: int,
+                  logical_page_size: int) -> None:
     common = dict(kv_start=kv_start, head_kind=head_kind, head_slot=head_slot, sink=sink,
                   logical_page_size=logical_page_size)
     if _use_triton(key):
-        _append_triton(key, value, tensors, seen=seen, **common)
-    else:
+        from ..kernels.append import append_token_triton
+
+        with _on_device(key):
+            append_token_triton(key, value, tensors, seen=seen, **common)
+    else:  # the kernel's reference (the CPU, also under torch.compile)
         append_token_reference(key, value, tensors, seen=int(seen), **common)
-
-
-def _append_triton(key, value, tensors: dict, *, seen, **common) -> None:
-    from ..kernels.append import append_token_triton
-
-    with _on_device(key):
-        append_token_triton(key, value, tensors, seen=seen, **common)

@@ -64,9 +64,8 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 or (visible.key_all_heads and key.shape[1] * groups != num_heads)):
             raise ValueError("with Visibility.heads, pass out [B, Lq, Hq, D] and key/value holding those heads "
                              "(or every KV head with key_all_heads=True).")
-    streaming = visible.streaming
-    if streaming is None:
-        streaming = torch.zeros(n, dtype=torch.bool, device=query.device)
+    streaming = visible.streaming_flags(n, query.device)
+    if visible.streaming is None:
         visible = visible.but(streaming=streaming)
     if streaming.shape != (n,):
         raise ValueError(f"streaming must be [{n}] (one flag per attended KV head), got {tuple(streaming.shape)}.")
