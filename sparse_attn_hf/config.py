@@ -84,6 +84,11 @@ class SparseConfig:
             ring buffer shrinks to it when decoding starts (LServe: prefill 4096, decode 256). Capped
             at ``local_size``. A continuation after decoding sees the decode window's tokens of the
             earlier text (plus sink).
+        kv_dtype: how dense heads store their sealed pages. ``"auto"`` (the default): in the model's dtype.
+            ``"fp8"``: in e4m3 with a float32 scale per page and KV head (``sparse_attn_hf.kernels.fp8``), half the
+            bytes of bfloat16 pages, read back in the kernels' registers; the open page, the streaming heads and the
+            page statistics stay in the model's dtype. Each element keeps ``max(|x| 2^-4, scale 2^-10)``. CUDA needs
+            compute capability 8.9 or newer (H100, L4, RTX 40xx); a CPU runs the reference.
 
     Example:
         >>> patch_model(model, config=SparseConfig(streaming_fraction=0.25, local_size=512))
@@ -111,6 +116,7 @@ class SparseConfig:
     decode_graphs: bool = True
     decode_compile: bool = False
     warm_up: bool = True
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.streaming_fraction is not None and not 0.0 <= float(self.streaming_fraction) <= 1.0:
@@ -138,6 +144,8 @@ class SparseConfig:
         _check_int("streaming_from", self.streaming_from, minimum=0)
         if self.page_selection not in ("auto", "always", "never"):
             raise ValueError(f"SparseConfig.page_selection={self.page_selection!r} must be 'auto', 'always' or 'never'.")
+        if self.kv_dtype not in ("auto", "fp8"):
+            raise ValueError(f"SparseConfig.kv_dtype={self.kv_dtype!r} must be 'auto' (the model's dtype) or 'fp8'.")
         if self.cra_criterion not in ("mean", "min"):
             raise ValueError(f"SparseConfig.cra_criterion={self.cra_criterion!r} must be 'mean' or 'min'.")
         if self.token_budget is not None and self.page_size is not None and self.token_budget != UNLIMITED_BUDGET:

@@ -396,14 +396,15 @@ def test_reference_sees_exactly_the_chosen_tokens():
 
 
 # ---------------------------------------------------------------- generate
-def _patched(family="llama", budget=4096, reuse=4, fraction=0.5, decode_local=None, shortlist=4, **shape):
+def _patched(family="llama", budget=4096, reuse=4, fraction=0.5, decode_local=None, shortlist=4, kv_dtype="auto",
+             **shape):
     model = tiny_model(family, **shape).to(DEVICE)
     scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
                         generator=torch.Generator().manual_seed(5))
     patch_model(model, Profile.from_scores(model, scores), SparseConfig(
         streaming_fraction=fraction, sink_size=4, local_size=24, page_size=16, logical_page_size=4,
         token_budget=budget, reuse_interval=reuse, decode_local_size=decode_local, shortlist=shortlist,
-        page_selection="always"))  # selection on a CPU too: these tests are about it
+        page_selection="always", kv_dtype=kv_dtype))  # selection on a CPU too: these tests are about it
     return model
 
 

@@ -99,3 +99,209 @@ def test_triton_reads_every_e4m3_code_as_torch_does():
     finite = ~torch.isnan(expected)
     assert int(finite.sum()) == 254
     assert torch.equal(out[finite], expected[finite])
+
+
+# ------------------------------------------------------------------ FP8 pages in the cache and the kernels
+import copy  # noqa: E402
+
+from helpers import assert_close_by_rule, left_padded, random_ids  # noqa: E402
+from test_decode import KERNEL_CASES, _decode_case, _decode_token, _patched, _shortlist_case  # noqa: E402
+
+from sparse_attn_hf import SparseCache, SparseConfig, ops  # noqa: E402
+from sparse_attn_hf.compat import CACHE_ARG  # noqa: E402
+from sparse_attn_hf.kernels.decode import paged_decode_triton  # noqa: E402
+from sparse_attn_hf.kernels.decode_sdpa import paged_decode_sdpa  # noqa: E402
+from sparse_attn_hf.kernels.fp8 import stored_tokens  # noqa: E402
+from sparse_attn_hf.kernels.layout import DecodeKV, LogitTerms, Visibility  # noqa: E402
+from sparse_attn_hf.kernels.reference import (  # noqa: E402
+    paged_decode_reference,
+    shortlist_page_scores_reference,
+    shortlist_pages_reference,
+)
+from sparse_attn_hf.kernels.selection import shortlist_pages_triton  # noqa: E402
+from sparse_attn_hf.methods.decode_step import DecodePlan  # noqa: E402
+
+
+def _as_fp8(kv: DecodeKV) -> DecodeKV:
+    """The same decode state with the dense heads' pages stored in FP8: the sealed pages quantized, the open page
+    (slots seen // page * page ..) in the tail buffer."""
+    page, seen = kv.page_size, kv.seen
+    fp8 = copy.copy(kv)
+    fp8.dense_key, fp8.key_scale = quantize_pages(kv.dense_key, page)
+    fp8.dense_value, fp8.value_scale = quantize_pages(kv.dense_value, page)
+    sealed = seen // page * page
+    fp8.tail_key = kv.dense_key[:, :, sealed : sealed + page].clone()
+    fp8.tail_value = kv.dense_value[:, :, sealed : sealed + page].clone()
+    return fp8
+
+
+def _read_back(kv: DecodeKV, dtype) -> DecodeKV:
+    """The FP8 state as plain pages of ``dtype`` holding what it stores (the reference's reading)."""
+    plain = copy.copy(kv)
+    cap = kv.dense_key.shape[2]
+    for name in ("key", "value"):
+        stored = stored_tokens(getattr(kv, "dense_" + name), getattr(kv, name + "_scale"), getattr(kv, "tail_" + name),
+                               kv.seen, dtype)
+        setattr(plain, "dense_" + name, torch.nn.functional.pad(stored, (0, 0, 0, cap - kv.seen)))
+    plain.key_scale = plain.value_scale = plain.tail_key = plain.tail_value = None
+    for name in ("sink_key", "sink_value", "ring_key", "ring_value"):
+        if getattr(kv, name) is not None:
+            setattr(plain, name, getattr(kv, name).to(dtype))
+    return plain
+
+
+@pytest.mark.parametrize("splits", [1, None])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in KERNEL_CASES if 0 in c[5]], ids=["gqa1", "gqa3-pad", "dense-only",
+                                                                               "d80-mostly-pad"])
+def test_decode_kernel_reads_fp8_pages_as_the_reference(case, dtype, splits):
+    """The decode kernel on FP8 pages (codes read as the query's dtype, the scales on scores and weighted values,
+    the open page from the tail) against the reference (dequantize, then attend), awkward shapes included."""
+    seed = KERNEL_CASES.index(case) + 11
+    query, kv, kv_start, sink, local = _decode_case(case, dtype, seed)
+    kv = _as_fp8(kv)
+    visible, terms = Visibility(kv_start, sink=sink, local=local), LogitTerms(query.shape[-1] ** -0.5)
+    out = paged_decode_triton(query, kv, visible, terms, num_splits=splits)
+    golden = paged_decode_reference(query.double(), _read_back(kv, torch.float64), visible, terms)
+    baseline = paged_decode_reference(query, kv, visible, terms)
+    assert_close_by_rule(out, golden, baseline, slack=4e-3 if dtype == torch.bfloat16 else 5e-4)
+    # the reading differs from the unquantized pages by the documented error, not by a wrong page
+    unquantized = paged_decode_reference(query, _decode_case(case, dtype, seed)[1], visible, terms)
+    assert (out.float() - unquantized.float()).abs().max() < 0.15
+
+
+@pytest.mark.parametrize("case", [KERNEL_CASES[1], KERNEL_CASES[2]], ids=["gqa3-pad", "dense-only"])
+def test_host_decode_reads_fp8_pages_as_the_reference(case):
+    query, kv, kv_start, sink, local = _decode_case(case, torch.float32, 3)
+    query, kv_start = query.cpu(), kv_start.cpu()
+    kv = DecodeKV(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in _as_fp8(kv).__dict__.items()})
+    visible, scale = Visibility(kv_start, sink=sink, local=local), query.shape[-1] ** -0.5
+    expected = paged_decode_reference(query, _read_back(kv, torch.float32), visible, LogitTerms(scale))
+    torch.testing.assert_close(paged_decode_reference(query, kv, visible, LogitTerms(scale)), expected)
+    torch.testing.assert_close(paged_decode_sdpa(query, kv, visible, scale), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shortlist_reads_fp8_pages_as_the_reference(dtype):
+    """Page selection's second stage on FP8 keys: the kernel against the reference, and the reference against
+    the same ranking on the keys read back."""
+    batch, heads, groups, dim, page, pads = 2, 3, 4, 64, 64, [0, 300]
+    q, keys, bound, listed, kv_start, seen = _shortlist_case(batch, heads, groups, dim, page, pads, seed=8, dtype=dtype)
+    codes, scales = quantize_pages(keys, page)
+    common = dict(kv_start=kv_start, page_size=page, scale=dim ** -0.5, softcap=None)
+    read = dequantize_pages(codes, scales, page)
+    mass = shortlist_page_scores_reference(q, codes, bound, listed, seen=seen, key_scale=scales, **common)
+    torch.testing.assert_close(mass, shortlist_page_scores_reference(q, read, bound, listed, seen=seen, **common))
+    expected = shortlist_pages_reference(q, codes, bound, listed, seen=seen, k=3, key_scale=scales, **common)
+    one = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    out = torch.full((batch, heads, 3), 99, dtype=torch.int32, device=DEVICE)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    got = shortlist_pages_triton(on(q), on(codes), on(bound), on(listed).int(), seen=one * seen, out=out,
+                                 reselect=one, key_scale=on(scales), **{**common, "kv_start": on(kv_start)})
+    chosen = lambda pages: mass.gather(2, pages.cpu().long().clamp(min=0)).sort(-1).values  # noqa: E731
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chosen(got).nan_to_num(posinf=9), chosen(expected).nan_to_num(posinf=9), **tol)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decode_steps_seal_pages_as_a_prefill_does(dtype):
+    """A prompt stored in FP8 then decoded token by token, through the append kernel and through its reference:
+    the same bytes; and the pages the steps sealed hold exactly the codes and scales a one-shot prefill of the
+    same tokens stores (page statistics too, from the unquantized keys); padding is stored as zeros."""
+    model = _patched(layers=1, fraction=0.5, heads=6, kv_heads=3, kv_dtype="fp8").to(dtype)  # pages of 16
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randn(2, 3, 41, 16, generator=gen).to(DEVICE, dtype)
+    mask = torch.tensor([[1] * 41, [0] * 5 + [1] * 36], device=DEVICE)
+    states = {}
+    for backend in ("reference", "triton", "one shot"):
+        cache = SparseCache(model, max_cache_len=64)
+        layer = cache.layers[0]
+        prompt = 41 if backend == "one shot" else 7  # decode steps seal pages 0..1 (slots 15, 31)
+        layer.update(tokens[:, :, :prompt], tokens[:, :, :prompt])
+        kv_start = cache.sequence.resolve_kv_start(mask[:, :prompt], layer.batch, 0, prompt, DEVICE)
+        layer.append(tokens[:, :, :prompt], -tokens[:, :, :prompt], kv_start)
+        DecodePlan.of(layer).reset(layer)
+        try:
+            ops.set_backend("reference" if backend == "one shot" else backend)
+            for i in range(prompt, 41):
+                _decode_token(layer, tokens[:, :, i : i + 1], -tokens[:, :, i : i + 1], kv_start)
+        finally:
+            ops.set_backend("auto")
+        states[backend] = {k: v.view(torch.uint8) if v.dtype == FP8 else v for k, v in layer._tensors.items()}
+        assert layer.seen == 41
+    for name in ("dense_key", "dense_value", "key_scale", "value_scale", "key_min", "key_max"):
+        assert torch.equal(states["reference"][name], states["triton"][name]), name
+        assert torch.equal(states["reference"][name], states["one shot"][name]), name
+    for name in ("tail_key", "tail_value"):  # the open page: slots 32..40
+        for other in ("triton", "one shot"):
+            assert torch.equal(states["reference"][name][:, :, :9], states[other][name][:, :, :9]), (other, name)
+    dense = layer.dense_idx
+    expected, _ = quantize_pages(tokens.index_select(1, dense)[:, :, :32].masked_fill(
+        (torch.arange(32, device=DEVICE) < 5)[None, :, None] & (torch.arange(2, device=DEVICE) == 1)[:, None, None, None],
+        0), 16)
+    assert torch.equal(states["one shot"]["dense_key"][:, :, :32], expected.view(torch.uint8))
+
+
+@torch.no_grad()
+def test_chunked_prefill_reads_back_what_it_stored():
+    """A prompt stored in chunks that start inside a page: each later chunk attends to the stored past read back
+    (sealed pages dequantized, the open page as it came), and the pages hold what a one-shot prefill stores."""
+    model = _patched(layers=1, fraction=0.0, heads=4, kv_heads=2, kv_dtype="fp8")
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(1, 2, 50, 16, generator=gen).to(DEVICE)
+    kv_start = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    one_shot = SparseCache(model).layers[0]
+    one_shot.update(tokens, tokens)
+    one_shot.append(tokens, tokens, kv_start)
+    chunked = SparseCache(model).layers[0]
+    for lo, hi in ((0, 10), (10, 37), (37, 50)):
+        chunked.update(tokens[:, :, lo:hi], tokens[:, :, lo:hi])
+        view = chunked.append(tokens[:, :, lo:hi], tokens[:, :, lo:hi], kv_start)
+        assert view.dense_key.shape[2] == hi and view.dense_key.dtype == tokens.dtype
+        torch.testing.assert_close(view.dense_key[:, :, lo:], tokens[:, :, lo:hi], rtol=0, atol=0)  # new: as came
+        sealed = lo // 16 * 16
+        read = dequantize_pages(*quantize_pages(tokens[:, :, :sealed], 16), 16) if sealed else tokens[:, :, :0]
+        torch.testing.assert_close(view.dense_key[:, :, :sealed], read, rtol=0, atol=0)
+        torch.testing.assert_close(view.dense_key[:, :, sealed:lo], tokens[:, :, sealed:lo], rtol=0, atol=0)
+    for name, sealed in (("dense_key", 48), ("key_scale", 3), ("key_min", 12), ("key_max", 12)):  # 3 pages of 16
+        a, b = one_shot._tensors[name][:, :, :sealed], chunked._tensors[name][:, :, :sealed]  # capacities differ
+        assert torch.equal(a.view(torch.uint8) if a.dtype == FP8 else a, b.view(torch.uint8) if b.dtype == FP8 else b)
+
+
+@torch.no_grad()
+def test_fp8_pages_follow_model_dtype_pages_through_prefill_decode_and_a_continuation():
+    """A padded batch prefilled, decoded 20 steps with page selection (teacher-forced: the same tokens for both), then
+    continued by 3 tokens on the same cache (a chunk that starts inside a page, reading the stored pages back): the
+    logits with FP8 pages stay within 3% of those with model-dtype pages (measured: at most 0.9%), and the pages take
+    a quarter of the float32 bytes."""
+    ids, mask = left_padded(random_ids(2, 150, seed=6), [0, 21])
+    forced = random_ids(2, 23, seed=7)
+    runs, caches = {}, {}
+    for kv_dtype in ("auto", "fp8"):
+        # the bound alone selects (statistics of unquantized keys: the same pages), so what differs is the reading
+        model = _patched(budget=64, layers=2, heads=4, kv_heads=2, kv_dtype=kv_dtype, shortlist=1)
+        cache = SparseCache(model)
+        seen_mask = mask.to(DEVICE)
+        logits = [model(ids.to(DEVICE), attention_mask=seen_mask, **{CACHE_ARG: cache}).logits[:, -1]]
+        with cache.decoding():
+            for i in range(20):
+                seen_mask = torch.cat([seen_mask, torch.ones_like(seen_mask[:, :1])], dim=1)
+                logits.append(model(forced[:, i : i + 1].to(DEVICE), attention_mask=seen_mask,
+                                    **{CACHE_ARG: cache}).logits[:, -1])
+        seen_mask = torch.cat([seen_mask, torch.ones_like(seen_mask[:, :3])], dim=1)
+        logits.append(model(forced[:, 20:].to(DEVICE), attention_mask=seen_mask, **{CACHE_ARG: cache}).logits[:, -1])
+        runs[kv_dtype], caches[kv_dtype] = torch.stack(logits, 1), cache
+    a, b = runs["auto"], runs["fp8"]
+    torch.testing.assert_close(a[:, 0], b[:, 0], rtol=0, atol=0)  # a one-shot prefill attends in the model's dtype
+    error = (a - b).abs().amax(-1) / a.abs().amax(-1)  # per row and step, relative to the largest logit
+    assert float(error.max()) < 0.03, error
+    assert not torch.equal(a[:, 1:], b[:, 1:])  # decode steps and the continuation read FP8 pages
+    assert int(caches["fp8"].layers[0].step[0]) == 173
+    pages = lambda cache: sum(cache.layers[0]._tensors[n].nbytes for n in ("dense_key", "dense_value"))  # noqa: E731
+    assert pages(caches["fp8"]) * 4 == pages(caches["auto"])  # float32 tiny model: 4 bytes -> 1
+
+
+def test_kv_dtype_is_validated():
+    with pytest.raises(ValueError, match="kv_dtype"):
+        SparseConfig(kv_dtype="int4")

@@ -38,7 +38,9 @@ published operating point for Llama-3-8B, not something measured here):
 * ``patched_compile``: ``patched_default`` with Transformers' own decode compile in place of the CUDA graph
   (``SparseConfig(decode_compile=True)``; ``compile_s`` as for stock's compiled path);
 * ``patched_bound_only``: ``patched_default`` with page selection by Quest's bound alone
-  (``SparseConfig(shortlist=1)``): what the default's second stage (exact mass over a 4x short list) costs.
+  (``SparseConfig(shortlist=1)``): what the default's second stage (exact mass over a 4x short list) costs;
+* ``patched_default_fp8``, ``patched_streaming50_fp8``: those configurations with the dense heads' sealed pages in
+  FP8 (``SparseConfig(kv_dtype="fp8")``, issue 32).
 
 Patched rows record SampleAttention's choices (``sample``: mean density, layers it ran sparse).
 
@@ -71,7 +73,8 @@ from benchmarks.common import RESULTS, StepClock, meta  # noqa: E402
 from sparse_attn_hf import Profile, SparseConfig, decode_graph, last_call, patch_model, unpatch_model  # noqa: E402
 
 CONFIGS = ("stock", "stock_static_compile", "patched_default", "patched_streaming50", "patched_dense",
-           "patched_dense_exact", "patched_sample_pinned", "patched_eager", "patched_compile", "patched_bound_only")
+           "patched_dense_exact", "patched_sample_pinned", "patched_eager", "patched_compile", "patched_bound_only",
+           "patched_default_fp8", "patched_streaming50_fp8")
 LSERVE = dict(sink_size=128, local_size=4096, decode_local_size=256, token_budget=4096, reuse_interval=4)
 PATCHED = {
     "patched_default": dict(streaming_fraction=0.5),
@@ -82,6 +85,8 @@ PATCHED = {
     "patched_eager": dict(streaming_fraction=0.5, decode_graphs=False),
     "patched_compile": dict(streaming_fraction=0.5, decode_compile=True),
     "patched_bound_only": dict(streaming_fraction=0.5, shortlist=1),
+    "patched_default_fp8": dict(streaming_fraction=0.5, kv_dtype="fp8"),
+    "patched_streaming50_fp8": dict(streaming_fraction=0.5, alpha=1.0, kv_dtype="fp8"),
 }
 DENSITIES = RESULTS / "sample_density.json"
 FAMILY_NAMES = {"llama3-8b": "Llama-3-8B", "qwen3-8b": "Qwen3-8B", "gemma3-12b": "Gemma-3-12B (text)",
@@ -160,7 +165,7 @@ def inputs(batch: int, length: int, vocab: int, device: str):
 
 SETTING_FIELDS = ("streaming_fraction", "sink_size", "local_size", "decode_local_size", "token_budget",
                   "reuse_interval", "alpha", "dense_below", "rw", "r_row", "page_size", "logical_page_size",
-                  "decode_graphs", "decode_compile", "shortlist")
+                  "decode_graphs", "decode_compile", "shortlist", "kv_dtype")
 
 
 def pinned_densities(num_layers: int, path: Path = DENSITIES) -> list[float]:
@@ -322,7 +327,8 @@ STYLE = {"stock": ("tab:blue", "o", "-"), "stock_static_compile": ("tab:cyan", "
          "patched_default": ("tab:green", "s", "-"), "patched_streaming50": ("tab:olive", "D", "--"),
          "patched_dense": ("tab:purple", "P", ":"), "patched_dense_exact": ("tab:red", "^", ":"),
          "patched_sample_pinned": ("tab:orange", "X", "-."), "patched_eager": ("tab:brown", "<", "-."),
-         "patched_compile": ("tab:pink", ">", "-."), "patched_bound_only": ("tab:gray", "*", "-.")}
+         "patched_compile": ("tab:pink", ">", "-."), "patched_bound_only": ("tab:gray", "*", "-."),
+         "patched_default_fp8": ("darkgreen", "h", ":"), "patched_streaming50_fp8": ("darkolivegreen", "H", ":")}
 
 
 def plot(path: Path, rows: list[dict], info: dict) -> None:

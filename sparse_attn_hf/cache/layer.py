@@ -8,11 +8,13 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .. import ops
 from .._log import warn_once
+from ..kernels.fp8 import FP8, quantize_pages
 from ..kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV
 from .sequence import SequenceState
 from .views import LayerKV, PendingKV
 
 _STAT_CHUNK_PAGES = 1024  # logical pages whose statistics are computed per step (bounds the temporary memory)
+_FP8_CHUNK = 1 << 16  # tokens quantized or read back per step (bounds the float32 temporaries)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -53,6 +55,7 @@ class SparseLayer(CacheLayerMixin):
         decode_local_size: int,
         shortlist: int = 1,
         compiled_decode: bool = False,
+        kv_dtype: str = "auto",
     ):
         super().__init__()
         self.sequence = sequence
@@ -62,6 +65,7 @@ class SparseLayer(CacheLayerMixin):
         self.decode_local_size = min(decode_local_size, local_size)
         self.page_size, self.logical_page_size = page_size, logical_page_size
         self.token_budget, self.reuse_interval, self.shortlist = token_budget, reuse_interval, shortlist
+        self.fp8 = kv_dtype == "fp8"  # sealed dense pages in e4m3 + a scale per page and head (kernels.fp8)
         # Transformers' own decode compile (SparseConfig(decode_compile=True)): a compiled step reads no host
         # value that changes per step or per prompt, so buffers are sized in powers of two before decoding and
         # the tokens stored advance on the device only (``seen`` catches up when read on the host)
@@ -74,6 +78,10 @@ class SparseLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, _, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.fp8 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            name = torch.cuda.get_device_name(self.device)
+            raise ValueError(f"SparseConfig(kv_dtype='fp8') needs a GPU of compute capability 8.9 or newer (H100, L4, "
+                             f"RTX 40xx) for its e4m3 kernels; {name} is older: use kv_dtype='auto'.")
         # index tables of the model's head labels, on this device (shared, built once per model)
         self.dense_idx, self.stream_idx, self.head_kind, self.head_slot = self.sequence.owner.head_tables(
             self.layer_idx, self.device)
@@ -190,12 +198,20 @@ class SparseLayer(CacheLayerMixin):
         n_dense = len(self.dense_heads)
         shape = (self.batch, n_dense, capacity, self.head_dim)
         stat_shape = (self.batch, n_dense, capacity // self.logical_page_size, self.head_dim)
+        stored = FP8 if self.fp8 else self.dtype
         grown = {
-            "dense_key": torch.zeros(shape, dtype=self.dtype, device=self.device),
-            "dense_value": torch.zeros(shape, dtype=self.dtype, device=self.device),
+            "dense_key": torch.zeros(shape, dtype=stored, device=self.device),
+            "dense_value": torch.zeros(shape, dtype=stored, device=self.device),
             "key_min": torch.full(stat_shape, float("inf"), dtype=self.dtype, device=self.device),
             "key_max": torch.full(stat_shape, float("-inf"), dtype=self.dtype, device=self.device),
         }
+        if self.fp8:
+            pages = (self.batch, n_dense, capacity // self.page_size)
+            grown.update(key_scale=torch.zeros(pages, dtype=torch.float32, device=self.device),
+                         value_scale=torch.zeros(pages, dtype=torch.float32, device=self.device))
+            for name in ("tail_key", "tail_value"):  # the open page, in the model's dtype
+                self._tensors.setdefault(name, torch.zeros(self.batch, n_dense, self.page_size, self.head_dim,
+                                                           dtype=self.dtype, device=self.device))
         for name, tensor in grown.items():
             if name in self._tensors:
                 old = self._tensors.pop(name)  # dropped before the next buffer grows: one old buffer at a time
@@ -257,6 +273,9 @@ class SparseLayer(CacheLayerMixin):
                          logical_page_size=self.logical_page_size)
         if self.dense_heads:
             kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
+            if self.fp8:
+                kv.key_scale, kv.value_scale = t["key_scale"], t["value_scale"]
+                kv.tail_key, kv.tail_value = t["tail_key"], t["tail_value"]
         if self.stream_heads:
             kv.sink_key, kv.sink_value, kv.sink_pos = t["sink_key"], t["sink_value"], t["sink_pos"]
             kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
@@ -284,8 +303,8 @@ class SparseLayer(CacheLayerMixin):
                     t[name] = torch.full((self.batch, len(self.dense_heads), n), -1, dtype=torch.int32,
                                          device=self.device)
         return {"key_min": t["key_min"], "key_max": t["key_max"], "keys": t["dense_key"],
-                "scores": t["page_scores"], "selected": t["selected"], "listed": t.get("listed"),
-                "pages": t.get("pages")}
+                "key_scale": t.get("key_scale"), "tail_key": t.get("tail_key"), "scores": t["page_scores"],
+                "selected": t["selected"], "listed": t.get("listed"), "pages": t.get("pages")}
 
     def keep_pages(self, pages: torch.Tensor) -> None:
         """Store the pages a decode step reads (int32 [B, Hd, n]; for evaluation hooks); a prefill drops them.
@@ -298,6 +317,8 @@ class SparseLayer(CacheLayerMixin):
         consecutive heads, no gathered temporary) and refresh the statistics of the pages they touch."""
         n = key.shape[2]
         self._ensure_capacity(first + n)
+        if self.fp8:
+            return self._append_dense_fp8(key, value, first, kv_start)
         t = self._tensors
         if len(self.dense_heads) == key.shape[1]:
             t["dense_key"][:, :, first : first + n] = key
@@ -309,19 +330,70 @@ class SparseLayer(CacheLayerMixin):
         self._refresh_page_statistics(first, first + n, kv_start)
         return t["dense_key"][:, :, : first + n], t["dense_value"][:, :, : first + n]
 
+    def _dense_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense heads of x [B, Hkv, n, D] (x itself when every head is dense)."""
+        return x if len(self.dense_heads) == x.shape[1] else x.index_select(1, self.dense_idx)
+
+    @torch.no_grad()
+    def _append_dense_fp8(self, key, value, first: int, kv_start):
+        """``_append_dense`` for FP8 pages: the open page's earlier tokens and the new ones, padding zeroed, give
+        the statistics (unquantized keys); the pages they fill are quantized into the e4m3 buffers with their
+        scales, the rest becomes the open page. Returns what the prefill attends to in the model's dtype: the new
+        tokens as they came (a first chunk), else the stored past read back, then the new tokens."""
+        t, page = self._tensors, self.page_size
+        n = key.shape[2]
+        base, end = first // page * page, first + n  # the open page's first slot; the tokens stored after this
+        sealed, width = end // page * page, _round_up(end, page) - base
+        new_key, new_value = self._dense_of(key), self._dense_of(value)
+        parts = []
+        for new, tail in ((new_key, t["tail_key"]), (new_value, t["tail_value"])):
+            part = new.new_zeros(*new.shape[:2], width, new.shape[3])
+            part[:, :, : first - base] = tail[:, :, : first - base]
+            part[:, :, first - base : end - base] = new
+            if base < self.sequence.max_kv_start:  # a row's padding: stored as zeros, out of every page's scale
+                slots = torch.arange(base, base + width, device=part.device)
+                part.masked_fill_((slots[None, :] < kv_start[:, None])[:, None, :, None], 0)
+            parts.append(part)
+        self._refresh_page_statistics(first, end, kv_start, source=parts[0], base=base)
+        for part, name in zip(parts, ("key", "value")):
+            codes, scales = t["dense_" + name], t[name + "_scale"]
+            for lo in range(base, sealed, _FP8_CHUNK):
+                hi = min(lo + _FP8_CHUNK, sealed)
+                codes[:, :, lo:hi], scales[:, :, lo // page : hi // page] = quantize_pages(
+                    part[:, :, lo - base : hi - base], page)
+            t["tail_" + name][:, :, : end - sealed] = part[:, :, sealed - base : end - base]
+        if first == 0:
+            return new_key, new_value
+        return tuple(self._read_back(name, base, part[:, :, : end - base]) for name, part in zip(("key", "value"), parts))
+
+    def _read_back(self, name: str, base: int, rest: torch.Tensor) -> torch.Tensor:
+        """The pages sealed before slot ``base`` of an FP8 layer's ``name`` buffers read back in the model's dtype,
+        then ``rest`` (the slots from ``base`` on, as they came): what a later prompt chunk attends to (one
+        temporary of the layer's dense heads; the float32 work chunked)."""
+        t, page = self._tensors, self.page_size
+        out = rest.new_empty(*rest.shape[:2], base + rest.shape[2], rest.shape[3])
+        for lo in range(0, base, _FP8_CHUNK):  # codes (exact in the model's dtype) times scales, one pass each
+            hi = min(lo + _FP8_CHUNK, base)
+            codes = t["dense_" + name][:, :, lo:hi].to(self.dtype).unflatten(2, (-1, page))
+            torch.mul(codes, t[name + "_scale"][:, :, lo // page : hi // page, None, None],
+                      out=out[:, :, lo:hi].unflatten(2, (-1, page)))
+        out[:, :, base:] = rest
+        return out
+
     @torch.no_grad()  # statistics for selection, never differentiated (and out= refuses tensors that need grad)
-    def _refresh_page_statistics(self, first: int, end: int, kv_start: torch.Tensor) -> None:
-        """Key min/max of the logical pages overlapping slots [first, end), from the stored keys: real tokens
+    def _refresh_page_statistics(self, first: int, end: int, kv_start: torch.Tensor, source=None, base: int = 0):
+        """Key min/max of the logical pages overlapping slots [first, end), from the stored keys (or from
+        ``source``, the keys of slots ``base ..`` through whole pages: FP8 pages' unquantized keys): real tokens
         below ``end`` only. Reshaped views, no index tensors; a temporary only where a chunk of pages holds
         padding or unwritten slots."""
         t = self._tensors
-        keys, lp = t["dense_key"], self.logical_page_size
+        keys, lp = t["dense_key"] if source is None else source, self.logical_page_size
         batch, heads, _, dim = keys.shape
         first_page, end_page = first // lp, -(-end // lp)
         for c0 in range(first_page, end_page, _STAT_CHUNK_PAGES):
             c1 = min(c0 + _STAT_CHUNK_PAGES, end_page)
             lo, hi = c0 * lp, c1 * lp
-            region = keys[:, :, lo:hi]
+            region = keys[:, :, lo - base : hi - base]
             low = high = region
             if hi > end or lo < self.sequence.max_kv_start:  # unwritten slots or (some row's) padding inside
                 slots = torch.arange(lo, hi, device=keys.device)

@@ -58,6 +58,7 @@ class SparseCache(Cache):
                 decode_local_size=decode_local,
                 shortlist=settings.shortlist,
                 compiled_decode=settings.decode_compile,
+                kv_dtype=settings.kv_dtype,
             ))
         super().__init__(layers=layers)
 

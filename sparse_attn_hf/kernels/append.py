@@ -5,7 +5,10 @@ The token's slot is read from the device (``SEEN`` holds the tokens stored once 
 buffer at that slot and the token's key into its logical page's min/max
 (unless the token is padding). Streaming heads: K/V into the ring at ``slot % ring_size`` (and the ring's
 slot table), and into the sink buffer when the token is one of its row's first ``sink`` real tokens.
-Its contract is the PyTorch path of ``SparseLayer.append`` for one token (tests compare the two).
+FP8 pages (``kernels.fp8``): a dense head's token goes to the open page (the tail buffer, at ``slot % PAGE``); the
+token that completes a page seals it: the page is quantized in registers (the codes PyTorch's ``quantize_pages``
+gives) into the e4m3 buffers and its scale stored.
+Its contract is ``kernels.reference.append_token_reference`` (tests compare the two).
 """
 
 from __future__ import annotations
@@ -14,17 +17,38 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import MIN_SCALE, _quantize_page
+
+
+@triton.jit
+def _seal(T, D, S, stride_tn, stride_td, stride_dn, stride_dd, new, last, offs_d, d_ok, PAGE: tl.constexpr,
+          MIN_SCALE: tl.constexpr):
+    """The open page of one head (its first PAGE - 1 tokens in the tail T, its last one ``new``) quantized into
+    the e4m3 buffer D at the page whose last slot is ``last``, and its scale into S."""
+    offs_p = tl.arange(0, PAGE)
+    earlier = offs_p[:, None] < PAGE - 1
+    page = tl.load(T + offs_p[:, None] * stride_tn + offs_d[None, :] * stride_td, mask=earlier & d_ok[None, :],
+                   other=0.0)
+    page = tl.where(earlier, page, new[None, :]).to(tl.float32)
+    page = tl.where(d_ok[None, :], page, 0.0)
+    codes, scale = _quantize_page(page, MIN_SCALE)
+    slots = last - (PAGE - 1) + offs_p
+    tl.store(D + slots[:, None] * stride_dn + offs_d[None, :] * stride_dd, codes, mask=d_ok[None, :])
+    tl.store(S + last // PAGE, scale)
+
 
 @triton.jit
 def _append_kernel(
-    K, V, DK, DV, KMIN, KMAX, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT, SEEN,
+    K, V, DK, DV, KMIN, KMAX, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT, SEEN, KS, VS, TK, TV,
     stride_kb, stride_kh, stride_kd, stride_vb, stride_vh, stride_vd,
     stride_db, stride_dh, stride_dn, stride_dd,
     stride_mb, stride_mh, stride_ml, stride_md,
     stride_sb, stride_sh, stride_sn, stride_sd, stride_spb, stride_spn,
     stride_rb, stride_rh, stride_rn, stride_rd,
+    stride_scb, stride_sch, stride_tb, stride_th, stride_tn, stride_td,
     num_kv_heads, sink, ring_size,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, LOGICAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, LOGICAL: tl.constexpr, FP8: tl.constexpr, PAGE: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_kv_heads
@@ -38,9 +62,23 @@ def _append_kernel(
     start = tl.load(KV_START + b).to(tl.int32)
     slot_new = tl.load(SEEN).to(tl.int32) - 1
     if kind == 0:
-        row = b * stride_db + slot * stride_dh + slot_new * stride_dn + offs_d * stride_dd
-        tl.store(DK + row, k, mask=d_ok)
-        tl.store(DV + row, v, mask=d_ok)
+        if FP8:
+            at = b * stride_tb + slot * stride_th
+            if slot_new % PAGE == PAGE - 1:  # the page's last token: seal it (its scale is that of the codes)
+                head = b * stride_db + slot * stride_dh
+                scales = b * stride_scb + slot * stride_sch
+                _seal(TK + at, DK + head, KS + scales, stride_tn, stride_td, stride_dn, stride_dd, k, slot_new,
+                      offs_d, d_ok, PAGE, MIN_SCALE)
+                _seal(TV + at, DV + head, VS + scales, stride_tn, stride_td, stride_dn, stride_dd, v, slot_new,
+                      offs_d, d_ok, PAGE, MIN_SCALE)
+            else:
+                tail = at + (slot_new % PAGE) * stride_tn + offs_d * stride_td
+                tl.store(TK + tail, k, mask=d_ok)
+                tl.store(TV + tail, v, mask=d_ok)
+        else:
+            row = b * stride_db + slot * stride_dh + slot_new * stride_dn + offs_d * stride_dd
+            tl.store(DK + row, k, mask=d_ok)
+            tl.store(DV + row, v, mask=d_ok)
         if slot_new >= start:  # statistics cover real tokens only
             page = b * stride_mb + slot * stride_mh + (slot_new // LOGICAL) * stride_ml + offs_d * stride_md
             tl.store(KMIN + page, tl.minimum(tl.load(KMIN + page, mask=d_ok), k), mask=d_ok)
@@ -77,10 +115,19 @@ def append_token_triton(key: torch.Tensor, value: torch.Tensor, tensors: dict, *
     if sk.shape[2] == 0:  # sink 0: zero-size buffer, never written
         sk = sv = spare
         spos = pos_spare
+    fp8 = tensors.get("key_scale") is not None
+    if fp8:
+        ks, vs, tk, tv = tensors["key_scale"], tensors["value_scale"], tensors["tail_key"], tensors["tail_value"]
+        if ks.stride() != vs.stride() or tk.stride() != tv.stride() or dk.stride() != dv.stride():
+            raise ValueError("FP8 pages: keys and values (codes, scales, tails) must share one layout.")
+    else:  # stand-ins, never read
+        ks = vs = pos_spare
+        tk = tv = spare
     _append_kernel[(batch * num_kv,)](
-        k, v, dk, dv, kmin, kmax, sk, sv, spos, rk, rv, rpos, kv_start, head_kind, head_slot, seen,
+        k, v, dk, dv, kmin, kmax, sk, sv, spos, rk, rv, rpos, kv_start, head_kind, head_slot, seen, ks, vs, tk, tv,
         *k.stride(), *v.stride(), *dk.stride(), *kmin.stride(), *sk.stride(), *spos.stride(), *rk.stride(),
+        *(ks.stride()[:2] if fp8 else (0, 0)), *(tk.stride() if fp8 else (0, 0, 0, 0)),
         num_kv, sink, rk.shape[2],
         HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), LOGICAL=logical_page_size,
-        num_warps=1,
+        FP8=fp8, PAGE=tk.shape[2] if fp8 else 16, MIN_SCALE=MIN_SCALE, num_warps=1 if not fp8 else 4,
     )

@@ -9,6 +9,10 @@ values); a second small kernel combines the splits. Entries are 64-token pages:
   no selected page is read;
 * streaming head: the blocks of the sink buffer, then the blocks of the ring buffer.
 
+FP8 pages (``DecodeKV.key_scale`` set): a sealed page's e4m3 codes are read as the query's dtype (exact) and its
+scales multiply its scores and its weighted values (scalars per page and head); the open page is read from the tail
+buffer in the model's dtype.
+
 The query heads of a GQA group are the rows of one program, so every K/V page is loaded once per group.
 
 The token count and the tail are read from the device (``DecodeKV.step``); the page table has a fixed
@@ -40,9 +44,31 @@ def _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap_log2, UPCA
     return _softmax_step(acc, m_i, l_i, scores, v, UPCAST, PRECISION, True)
 
 
+@triton.jit
+def _scaled_page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap_log2, k_scale, v_scale,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``_page_update`` for a page stored as codes times scales: k's scale joins the logits' scale, v's multiplies
+    the page's weighted values."""
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    scores = _logits(q, k, scale_log2 * k_scale, softcap_log2, PRECISION)
+    scores = tl.where(visible[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    if UPCAST:
+        pv = tl.dot(p, v, input_precision=PRECISION)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc * alpha[:, None] + pv * v_scale, m_new, l_i * alpha + tl.sum(p, 1)
+
+
 @triton.jit(do_not_specialize=["n_sel", "sink_cap", "ring_cap", "num_splits"])
 def _decode_split_kernel(
     Q, DK, DV, PAGES, SK, SV, SPOS, RK, RV, RPOS, KV_START, HEAD_KIND, HEAD_SLOT, STEP, M_OUT, L_OUT, ACC_OUT,
+    KS, VS, TK, TV,
     stride_qb, stride_qh, stride_qd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -52,10 +78,11 @@ def _decode_split_kernel(
     stride_spb, stride_spn,
     stride_rkb, stride_rkh, stride_rkn, stride_rkd,
     stride_rvb, stride_rvh, stride_rvn, stride_rvd,
+    stride_sclb, stride_sclh, stride_scln, stride_tb, stride_th, stride_tn, stride_td,
     n_sel, sink_cap, ring_cap, sink, local, num_kv_heads, num_splits, scale_log2, softcap_log2,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STEP_SEEN: tl.constexpr,
-    STEP_TAIL: tl.constexpr,
+    STEP_TAIL: tl.constexpr, FP8: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -82,6 +109,11 @@ def _decode_split_kernel(
     if kind == 0:  # dense head: selected pages, then the tail
         DK += b * stride_dkb + slot * stride_dkh
         DV += b * stride_dvb + slot * stride_dvh
+        if FP8:
+            KS += b * stride_sclb + slot * stride_sclh
+            VS += b * stride_sclb + slot * stride_sclh
+            TK += b * stride_tb + slot * stride_th
+            TV += b * stride_tb + slot * stride_th
         tail_first = tl.load(STEP + STEP_TAIL).to(tl.int32)
         n_sel = tl.where(tail_first == 0, 0, n_sel)  # tail 0: every page, no selection
         total = n_sel + tl.cdiv(seen, PAGE) - tail_first
@@ -93,11 +125,30 @@ def _decode_split_kernel(
                 page = tail_first + e - n_sel
             offs = page * PAGE + offs_p
             visible = (offs >= start) & (offs < seen) & (offs >= 0)  # page -1: nothing
-            k = tl.load(DK + offs[None, :] * stride_dkn + offs_d[:, None] * stride_dkd,
-                        mask=visible[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(DV + offs[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-                        mask=visible[:, None] & d_ok[None, :], other=0.0)
-            acc, m_i, l_i = _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap_log2, UPCAST, PRECISION)
+            if FP8:
+                if page * PAGE + PAGE > seen:  # the open page: the tail buffer, in the model's dtype
+                    k = tl.load(TK + offs_p[None, :] * stride_tn + offs_d[:, None] * stride_td,
+                                mask=visible[None, :] & d_ok[:, None], other=0.0)
+                    v = tl.load(TV + offs_p[:, None] * stride_tn + offs_d[None, :] * stride_td,
+                                mask=visible[:, None] & d_ok[None, :], other=0.0)
+                    k_scale = tl.full([], 1.0, tl.float32)
+                    v_scale = tl.full([], 1.0, tl.float32)
+                else:  # a sealed page: e4m3 codes, exact in the query's dtype, and the page's scales
+                    k = tl.load(DK + offs[None, :] * stride_dkn + offs_d[:, None] * stride_dkd,
+                                mask=visible[None, :] & d_ok[:, None], other=0.0).to(Q.dtype.element_ty)
+                    v = tl.load(DV + offs[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                                mask=visible[:, None] & d_ok[None, :], other=0.0).to(Q.dtype.element_ty)
+                    k_scale = tl.load(KS + page * stride_scln, mask=page >= 0, other=1.0)
+                    v_scale = tl.load(VS + page * stride_scln, mask=page >= 0, other=1.0)
+                acc, m_i, l_i = _scaled_page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap_log2,
+                                                    k_scale, v_scale, UPCAST, PRECISION)
+            else:
+                k = tl.load(DK + offs[None, :] * stride_dkn + offs_d[:, None] * stride_dkd,
+                            mask=visible[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(DV + offs[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                            mask=visible[:, None] & d_ok[None, :], other=0.0)
+                acc, m_i, l_i = _page_update(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap_log2, UPCAST,
+                                             PRECISION)
     else:  # streaming head: sink blocks, then ring blocks
         SK += b * stride_skb + slot * stride_skh
         SV += b * stride_svb + slot * stride_svh
@@ -200,6 +251,16 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, visible: Visibility, 
         sk = sv = rk = rv = query[:, :1, None]
         spos = torch.full((batch, 1), -1, dtype=torch.long, device=query.device)
         rpos = spos[0]
+    fp8 = kv.key_scale is not None and kv.dense_key is not None
+    if fp8:
+        ks, vs, tk, tv = kv.key_scale, kv.value_scale, kv.tail_key, kv.tail_value
+        if ks.stride() != vs.stride() or tk.stride() != tv.stride():
+            raise ValueError("FP8 pages: the key and value scales (and tails) must share one layout.")
+    else:  # stand-ins, never read
+        ks = vs = pages
+        tk = tv = dk
+    scale_strides = ks.stride() if fp8 else (0, 0, 0)
+    tail_strides = tk.stride() if fp8 else (0, 0, 0, 0)
     splits = num_splits or _num_splits(batch * num_kv, entries, query.device)
     d_pad = max(16, triton.next_power_of_2(head_dim))
     m_part = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
@@ -207,14 +268,14 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, visible: Visibility, 
     acc_part = torch.empty(batch, num_heads, splits, d_pad, dtype=torch.float32, device=query.device)
     _decode_split_kernel[(batch * num_kv, splits)](
         query, dk, dv, pages, sk, sv, spos, rk, rv, rpos, kv_start, kv.head_kind, kv.head_slot, kv.step,
-        m_part, l_part, acc_part,
+        m_part, l_part, acc_part, ks, vs, tk, tv,
         *query.stride(), *dk.stride(), *dv.stride(), *pages.stride(), *sk.stride(), *sv.stride(),
-        *spos.stride(), *rk.stride(), *rv.stride(),
+        *spos.stride(), *rk.stride(), *rv.stride(), *scale_strides, *tail_strides,
         n_sel, sink_cap, ring_cap, sink, local, num_kv, splits, scale * LOG2E, (softcap or 0.0) * LOG2E,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), PAGE=page, HEAD_DIM=head_dim, D_PAD=d_pad,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 (tests): exact, not tf32
-        STEP_SEEN=STEP_SEEN, STEP_TAIL=STEP_TAIL, num_warps=4, num_stages=2,
+        STEP_SEEN=STEP_SEEN, STEP_TAIL=STEP_TAIL, FP8=fp8, num_warps=4, num_stages=2,
     )
     out = torch.empty_like(query)
     _combine_kernel[(batch * num_heads,)](

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .layout import DecodeKV, Visibility
-from .reference import decode_visible_tokens
+from .reference import decode_visible_tokens, dense_tokens
 
 
 def paged_decode_sdpa(query, kv: DecodeKV, visible: Visibility, scale: float) -> torch.Tensor:
@@ -21,11 +21,12 @@ def paged_decode_sdpa(query, kv: DecodeKV, visible: Visibility, scale: float) ->
     q = query.view(batch, num_kv, num_heads // num_kv, head_dim)
     out = torch.empty_like(q)
     # no page chosen, the tail from page 0 and no row padded: the dense heads see every stored token, read in place
+    # (FP8 pages: read back in the query's dtype, then the same)
     every = (kv.dense_key is not None and (kv.pages is None or not kv.pages.numel()) and kv.tail_first == 0
              and not bool(kv_start.any()))
-    parts = decode_visible_tokens(kv, kv_start, visible.sink, visible.local, dense=not every)
+    parts = decode_visible_tokens(kv, kv_start, visible.sink, visible.local, dense=not every, dtype=query.dtype)
     if every:
-        parts["dense"] = (kv.dense_key[:, :, : kv.seen], kv.dense_value[:, :, : kv.seen], None)
+        parts["dense"] = (*dense_tokens(kv, query.dtype), None)
     for kind, (keys, values, seen) in parts.items():
         heads = torch.nonzero(kv.head_kind == (0 if kind == "dense" else 1)).flatten()
         mask = None if seen is None or bool(seen.all()) else seen[:, :, None, :]

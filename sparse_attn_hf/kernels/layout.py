@@ -91,6 +91,9 @@ class DecodeKV:
     sink (slot - kv_start < sink) counts once, from the sink buffer.
     ``head_kind`` [Hkv] int32 (0 dense, 1 streaming) and ``head_slot`` [Hkv] int32 (index in its
     kind's buffers) map KV heads to buffers.
+    FP8 pages (``key_scale`` not None, ``kernels.fp8``): ``dense_key``/``dense_value`` hold e4m3 codes of the sealed
+    pages, ``key_scale``/``value_scale`` float32 [B, Hd, capacity / page_size] their scales, and the open page (slots
+    ``seen // page_size * page_size`` on) is in ``tail_key``/``tail_value`` [B, Hd, page_size, D], the model's dtype.
     """
 
     step: torch.Tensor
@@ -106,6 +109,10 @@ class DecodeKV:
     ring_key: torch.Tensor | None = None
     ring_value: torch.Tensor | None = None
     ring_pos: torch.Tensor | None = None
+    key_scale: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+    tail_key: torch.Tensor | None = None
+    tail_value: torch.Tensor | None = None
 
     @property
     def seen(self) -> int:

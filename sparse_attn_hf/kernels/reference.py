@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .fp8 import quantize_pages, stored_tokens
 from .layout import DecodeKV, LogitTerms, Visibility
 
 
@@ -145,9 +146,22 @@ def block_sparse_attention_reference(query, key, value, *, mask, kv_start, scale
     return out.reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
 
 
-def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local: int, dense: bool = True):
+def dense_tokens(kv: DecodeKV, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense heads' keys and values of slots 0..seen-1 [B, Hd, seen, D]: views of the buffers, or FP8 pages read
+    back (dequantized, then the open page) as ``dtype`` (default float32)."""
+    seen = kv.seen
+    if kv.key_scale is None:
+        return kv.dense_key[:, :, :seen], kv.dense_value[:, :, :seen]
+    dtype = dtype or torch.float32
+    return (stored_tokens(kv.dense_key, kv.key_scale, kv.tail_key, seen, dtype),
+            stored_tokens(kv.dense_value, kv.value_scale, kv.tail_value, seen, dtype))
+
+
+def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local: int, dense: bool = True,
+                          dtype: torch.dtype | None = None):
     """Per head kind: (keys, values, visible) with keys [B, H_kind, n, D] and visible bool [B, H_kind, n]
-    for the query at slot ``seen - 1`` (``dense`` False: the streaming heads' only)."""
+    for the query at slot ``seen - 1`` (``dense`` False: the streaming heads' only; FP8 pages read back as ``dtype``,
+    see :func:`dense_tokens`)."""
     parts = {}
     if kv.dense_key is not None and dense:
         batch, n_dense = kv.dense_key.shape[:2]
@@ -159,7 +173,7 @@ def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local
         chosen[:, :, kv.tail_first :] = True
         slots = torch.arange(kv.seen, device=chosen.device)
         visible = chosen[:, :, slots // kv.page_size] & (slots[None, :] >= kv_start[:, None])[:, None]
-        parts["dense"] = (kv.dense_key[:, :, : kv.seen], kv.dense_value[:, :, : kv.seen], visible)
+        parts["dense"] = (*dense_tokens(kv, dtype), visible)
     if kv.sink_key is not None:
         query_slot = kv.seen - 1
         start = kv_start[:, None]
@@ -241,7 +255,8 @@ def top_pages_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, seen: int, page_size: int,
-                                    scale: float, softcap: float | None = None) -> torch.Tensor:
+                                    scale: float, softcap: float | None = None,
+                                    key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Page selection's second stage: the short-listed pages scored by their exact attention mass, float32
     [B, Hd, width] (the shape of ``bound``).
 
@@ -250,7 +265,8 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
     the bound ranks first (-1: none). Each query head takes a softmax over the real keys (slots ``kv_start ..
     seen - 1``) of the listed pages whose bound is not -inf; a page scores the mass that the group's query heads
     put on it. A page whose bound is +inf (the sink page) keeps +inf; a page off the list, or listed with a bound
-    of -inf, scores -inf."""
+    of -inf, scores -inf. FP8 pages: ``keys`` are e4m3 codes and ``key_scale`` [B, Hd, pages] their scales (a
+    listed page is always sealed: the newest page is never a candidate)."""
     batch, heads, groups, dim = query.shape
     width = bound.shape[2]
     listed_max = max(int((shortlist >= 0).sum(-1).max()), 1)  # the places a row fills: the rest are -1
@@ -258,7 +274,12 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
     pages = shortlist.long().clamp(min=0)
     listed = torch.where(shortlist >= 0, bound.gather(2, pages), float("-inf"))  # [B, Hd, n]
     slots = pages[..., None] * page_size + torch.arange(page_size, device=query.device)  # [B, Hd, n, P]
-    picked = keys.gather(2, slots.flatten(2)[..., None].clamp(max=keys.shape[2] - 1).expand(-1, -1, -1, dim))
+    index = slots.flatten(2)[..., None].clamp(max=keys.shape[2] - 1).expand(-1, -1, -1, dim)
+    if key_scale is None:
+        picked = keys.gather(2, index)
+    else:  # dequantized: each listed page's codes (gathered as bytes: no CPU gather of e4m3) times its scale
+        picked = keys.view(torch.uint8).gather(2, index).view(keys.dtype).float()
+        picked = picked * key_scale.gather(2, pages).repeat_interleave(page_size, dim=2)[..., None]
     logits = capped(torch.einsum("bhgd,bhnd->bhgn", query.float(), picked.float()) * scale, softcap)
     real = (slots >= kv_start.view(batch, 1, 1, 1)) & (slots < seen) & (listed > float("-inf"))[..., None]
     probs = torch.softmax(logits.masked_fill(~real.flatten(2)[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
@@ -269,11 +290,12 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
 
 
 def shortlist_pages_reference(query, keys, bound, shortlist, *, kv_start, seen: int, k: int, page_size: int,
-                              scale: float, softcap: float | None = None) -> torch.Tensor:
+                              scale: float, softcap: float | None = None,
+                              key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The ``k`` listed pages of highest exact mass (``shortlist_page_scores_reference``), as
     ``top_pages_reference`` chooses them: int32 [B, Hd, k]."""
     scores = shortlist_page_scores_reference(query, keys, bound, shortlist, kv_start=kv_start, seen=seen,
-                                             page_size=page_size, scale=scale, softcap=softcap)
+                                             page_size=page_size, scale=scale, softcap=softcap, key_scale=key_scale)
     return top_pages_reference(scores, k)
 
 
@@ -340,15 +362,27 @@ def append_token_reference(key: torch.Tensor, value: torch.Tensor, tensors: dict
     """Store one decode token [B, Hkv, 1, D] of every KV head at slot ``seen - 1``, in place (the contract of
     ``kernels.append``): dense heads into ``dense_key``/``dense_value`` and, for a real token, into its logical
     page's ``key_min``/``key_max``; streaming heads into the ring at ``slot % ring size`` (and ``ring_pos``), and
-    into the sink when the token is one of its row's first ``sink`` real tokens."""
+    into the sink when the token is one of its row's first ``sink`` real tokens. FP8 pages (``key_scale`` among the
+    buffers): a dense head's token goes to the open page (``tail_*`` at ``slot % page_size``), and the token that
+    completes a page seals it (``kernels.fp8.quantize_pages`` into the codes and scales)."""
     slot = seen - 1
     k, v = key[:, :, 0], value[:, :, 0]  # [B, Hkv, D]
     real = (slot >= kv_start)[:, None, None]  # [B, 1, 1]
     dense = torch.nonzero(head_kind == 0).flatten()
     if dense.numel():
         at = head_slot[dense].long()  # each dense head's row in its kind's buffers
-        tensors["dense_key"][:, at, slot] = k[:, dense]
-        tensors["dense_value"][:, at, slot] = v[:, dense]
+        if tensors.get("key_scale") is not None:
+            page = tensors["tail_key"].shape[2]
+            for name, x in (("key", k), ("value", v)):
+                tail = tensors["tail_" + name]
+                tail[:, at, slot % page] = x[:, dense]
+                if seen % page == 0:  # the page is complete: sealed
+                    codes, scales = quantize_pages(tail[:, at], page)
+                    tensors["dense_" + name][:, at, seen - page : seen] = codes
+                    tensors[name + "_scale"][:, at, slot // page] = scales[:, :, 0]
+        else:
+            tensors["dense_key"][:, at, slot] = k[:, dense]
+            tensors["dense_value"][:, at, slot] = v[:, dense]
         page = slot // logical_page_size
         for name, fn in (("key_min", torch.minimum), ("key_max", torch.maximum)):
             stat = tensors[name][:, at, page]
