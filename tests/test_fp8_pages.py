@@ -111,8 +111,9 @@ from sparse_attn_hf import SparseCache, SparseConfig, ops  # noqa: E402
 from sparse_attn_hf.compat import CACHE_ARG  # noqa: E402
 from sparse_attn_hf.kernels.decode import paged_decode_triton  # noqa: E402
 from sparse_attn_hf.kernels.decode_sdpa import paged_decode_sdpa  # noqa: E402
-from sparse_attn_hf.kernels.fp8 import stored_tokens  # noqa: E402
-from sparse_attn_hf.kernels.layout import DecodeKV, LogitTerms, Visibility  # noqa: E402
+from sparse_attn_hf.kernels import fp8 as fp8_format  # noqa: E402
+from sparse_attn_hf.kernels.fp8 import first_recent_page, stored_tokens  # noqa: E402
+from sparse_attn_hf.kernels.layout import DecodeKV, LogitTerms, Visibility, step_counters  # noqa: E402
 from sparse_attn_hf.kernels.reference import (  # noqa: E402
     paged_decode_reference,
     shortlist_page_scores_reference,
@@ -122,16 +123,22 @@ from sparse_attn_hf.kernels.selection import shortlist_pages_triton  # noqa: E40
 from sparse_attn_hf.methods.decode_step import DecodePlan  # noqa: E402
 
 
-def _as_fp8(kv: DecodeKV) -> DecodeKV:
-    """The same decode state with the dense heads' pages stored in FP8: the sealed pages quantized, the open page
-    (slots seen // page * page ..) in the tail buffer."""
+def _as_fp8(kv: DecodeKV, recent_pages: int = 2) -> DecodeKV:
+    """The same decode state with the dense heads' pages stored in FP8: the sealed pages quantized, the newest
+    ``recent_pages`` pages in the ring of recent tokens (slot p at index p % ring size); the ring's other places hold
+    garbage that must never be read."""
     page, seen = kv.page_size, kv.seen
+    size = recent_pages * page
     fp8 = copy.copy(kv)
     fp8.dense_key, fp8.key_scale = quantize_pages(kv.dense_key, page)
     fp8.dense_value, fp8.value_scale = quantize_pages(kv.dense_value, page)
-    sealed = seen // page * page
-    fp8.tail_key = kv.dense_key[:, :, sealed : sealed + page].clone()
-    fp8.tail_value = kv.dense_value[:, :, sealed : sealed + page].clone()
+    sealed = first_recent_page(seen, page, size) * page
+    slots = torch.arange(sealed, seen, device=kv.dense_key.device)
+    for name in ("key", "value"):
+        ring = torch.full((*kv.dense_key.shape[:2], size, kv.dense_key.shape[3]), 1e4, dtype=kv.dense_key.dtype,
+                          device=kv.dense_key.device)
+        ring[:, :, slots % size] = getattr(kv, "dense_" + name)[:, :, slots]
+        setattr(fp8, "recent_" + name, ring)
     return fp8
 
 
@@ -140,10 +147,10 @@ def _read_back(kv: DecodeKV, dtype) -> DecodeKV:
     plain = copy.copy(kv)
     cap = kv.dense_key.shape[2]
     for name in ("key", "value"):
-        stored = stored_tokens(getattr(kv, "dense_" + name), getattr(kv, name + "_scale"), getattr(kv, "tail_" + name),
-                               kv.seen, dtype)
+        stored = stored_tokens(getattr(kv, "dense_" + name), getattr(kv, name + "_scale"),
+                               getattr(kv, "recent_" + name), kv.seen, kv.page_size, dtype)
         setattr(plain, "dense_" + name, torch.nn.functional.pad(stored, (0, 0, 0, cap - kv.seen)))
-    plain.key_scale = plain.value_scale = plain.tail_key = plain.tail_value = None
+    plain.key_scale = plain.value_scale = plain.recent_key = plain.recent_value = None
     for name in ("sink_key", "sink_value", "ring_key", "ring_value"):
         if getattr(kv, name) is not None:
             setattr(plain, name, getattr(kv, name).to(dtype))
@@ -187,17 +194,22 @@ def test_shortlist_reads_fp8_pages_as_the_reference(dtype):
     the same ranking on the keys read back."""
     batch, heads, groups, dim, page, pads = 2, 3, 4, 64, 64, [0, 300]
     q, keys, bound, listed, kv_start, seen = _shortlist_case(batch, heads, groups, dim, page, pads, seed=8, dtype=dtype)
-    codes, scales = quantize_pages(keys, page)
+    listed[:, :, 0] = (seen - 1) // page - 1  # a listed page still in the ring (the ring holds the newest two)
+    stored = _as_fp8(DecodeKV(step=step_counters(seen), page_size=page, head_kind=None, head_slot=None,
+                              dense_key=keys, dense_value=keys))
+    codes, scales, recent = stored.dense_key, stored.key_scale, stored.recent_key
     common = dict(kv_start=kv_start, page_size=page, scale=dim ** -0.5, softcap=None)
-    read = dequantize_pages(codes, scales, page)
-    mass = shortlist_page_scores_reference(q, codes, bound, listed, seen=seen, key_scale=scales, **common)
+    read = stored_tokens(codes, scales, recent, seen, page)
+    mass = shortlist_page_scores_reference(q, codes, bound, listed, seen=seen, key_scale=scales, recent=recent, **common)
     torch.testing.assert_close(mass, shortlist_page_scores_reference(q, read, bound, listed, seen=seen, **common))
-    expected = shortlist_pages_reference(q, codes, bound, listed, seen=seen, k=3, key_scale=scales, **common)
+    expected = shortlist_pages_reference(q, codes, bound, listed, seen=seen, k=3, key_scale=scales, recent=recent,
+                                         **common)
     one = torch.ones(1, dtype=torch.int32, device=DEVICE)
     out = torch.full((batch, heads, 3), 99, dtype=torch.int32, device=DEVICE)
     on = lambda t: t.to(DEVICE)  # noqa: E731
     got = shortlist_pages_triton(on(q), on(codes), on(bound), on(listed).int(), seen=one * seen, out=out,
-                                 reselect=one, key_scale=on(scales), **{**common, "kv_start": on(kv_start)})
+                                 reselect=one, key_scale=on(scales), recent=on(recent),
+                                 **{**common, "kv_start": on(kv_start)})
     chosen = lambda pages: mass.gather(2, pages.cpu().long().clamp(min=0)).sort(-1).values  # noqa: E731
     tol = dict(rtol=2e-2, atol=2e-3) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(chosen(got).nan_to_num(posinf=9), chosen(expected).nan_to_num(posinf=9), **tol)
@@ -205,37 +217,39 @@ def test_shortlist_reads_fp8_pages_as_the_reference(dtype):
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_decode_steps_seal_pages_as_a_prefill_does(dtype):
+def test_decode_steps_seal_pages_as_a_prefill_does(dtype, monkeypatch):
     """A prompt stored in FP8 then decoded token by token, through the append kernel and through its reference:
     the same bytes; and the pages the steps sealed hold exactly the codes and scales a one-shot prefill of the
     same tokens stores (page statistics too, from the unquantized keys); padding is stored as zeros."""
-    model = _patched(layers=1, fraction=0.5, heads=6, kv_heads=3, kv_dtype="fp8").to(dtype)  # pages of 16
+    monkeypatch.setattr(fp8_format, "RECENT", 32)  # a ring of two pages of 16: 60 tokens seal pages 0 and 1
+    model = _patched(layers=1, fraction=0.5, heads=6, kv_heads=3, kv_dtype="fp8").to(dtype)
     gen = torch.Generator().manual_seed(4)
-    tokens = torch.randn(2, 3, 41, 16, generator=gen).to(DEVICE, dtype)
-    mask = torch.tensor([[1] * 41, [0] * 5 + [1] * 36], device=DEVICE)
+    tokens = torch.randn(2, 3, 60, 16, generator=gen).to(DEVICE, dtype)
+    mask = torch.tensor([[1] * 60, [0] * 5 + [1] * 55], device=DEVICE)
     states = {}
     for backend in ("reference", "triton", "one shot"):
         cache = SparseCache(model, max_cache_len=64)
         layer = cache.layers[0]
-        prompt = 41 if backend == "one shot" else 7  # decode steps seal pages 0..1 (slots 15, 31)
+        prompt = 60 if backend == "one shot" else 7  # decode steps seal pages 0 and 1 (at slots 32 and 48)
         layer.update(tokens[:, :, :prompt], tokens[:, :, :prompt])
         kv_start = cache.sequence.resolve_kv_start(mask[:, :prompt], layer.batch, 0, prompt, DEVICE)
         layer.append(tokens[:, :, :prompt], -tokens[:, :, :prompt], kv_start)
         DecodePlan.of(layer).reset(layer)
         try:
             ops.set_backend("reference" if backend == "one shot" else backend)
-            for i in range(prompt, 41):
+            for i in range(prompt, 60):
                 _decode_token(layer, tokens[:, :, i : i + 1], -tokens[:, :, i : i + 1], kv_start)
         finally:
             ops.set_backend("auto")
         states[backend] = {k: v.view(torch.uint8) if v.dtype == FP8 else v for k, v in layer._tensors.items()}
-        assert layer.seen == 41
+        assert layer.seen == 60
     for name in ("dense_key", "dense_value", "key_scale", "value_scale", "key_min", "key_max"):
         assert torch.equal(states["reference"][name], states["triton"][name]), name
         assert torch.equal(states["reference"][name], states["one shot"][name]), name
-    for name in ("tail_key", "tail_value"):  # the open page: slots 32..40
+    ring = torch.arange(32, 60, device=DEVICE) % 32  # the ring's places of slots 32..59
+    for name in ("recent_key", "recent_value"):
         for other in ("triton", "one shot"):
-            assert torch.equal(states["reference"][name][:, :, :9], states[other][name][:, :, :9]), (other, name)
+            assert torch.equal(states["reference"][name][:, :, ring], states[other][name][:, :, ring]), (other, name)
     dense = layer.dense_idx
     expected, _ = quantize_pages(tokens.index_select(1, dense)[:, :, :32].masked_fill(
         (torch.arange(32, device=DEVICE) < 5)[None, :, None] & (torch.arange(2, device=DEVICE) == 1)[:, None, None, None],
@@ -244,9 +258,11 @@ def test_decode_steps_seal_pages_as_a_prefill_does(dtype):
 
 
 @torch.no_grad()
-def test_chunked_prefill_reads_back_what_it_stored():
+def test_chunked_prefill_reads_back_what_it_stored(monkeypatch):
     """A prompt stored in chunks that start inside a page: each later chunk attends to the stored past read back
-    (sealed pages dequantized, the open page as it came), and the pages hold what a one-shot prefill stores."""
+    (sealed pages dequantized, the ring's newest pages as they came), and the pages hold what a one-shot prefill
+    stores."""
+    monkeypatch.setattr(fp8_format, "RECENT", 32)  # a ring of two pages of 16
     model = _patched(layers=1, fraction=0.0, heads=4, kv_heads=2, kv_dtype="fp8")
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randn(1, 2, 50, 16, generator=gen).to(DEVICE)
@@ -260,21 +276,22 @@ def test_chunked_prefill_reads_back_what_it_stored():
         view = chunked.append(tokens[:, :, lo:hi], tokens[:, :, lo:hi], kv_start)
         assert view.dense_key.shape[2] == hi and view.dense_key.dtype == tokens.dtype
         torch.testing.assert_close(view.dense_key[:, :, lo:], tokens[:, :, lo:hi], rtol=0, atol=0)  # new: as came
-        sealed = lo // 16 * 16
+        sealed = first_recent_page(lo, 16, 32) * 16
         read = dequantize_pages(*quantize_pages(tokens[:, :, :sealed], 16), 16) if sealed else tokens[:, :, :0]
         torch.testing.assert_close(view.dense_key[:, :, :sealed], read, rtol=0, atol=0)
         torch.testing.assert_close(view.dense_key[:, :, sealed:lo], tokens[:, :, sealed:lo], rtol=0, atol=0)
-    for name, sealed in (("dense_key", 48), ("key_scale", 3), ("key_min", 12), ("key_max", 12)):  # 3 pages of 16
+    for name, sealed in (("dense_key", 32), ("key_scale", 2), ("key_min", 12), ("key_max", 12)):  # 2 pages sealed
         a, b = one_shot._tensors[name][:, :, :sealed], chunked._tensors[name][:, :, :sealed]  # capacities differ
         assert torch.equal(a.view(torch.uint8) if a.dtype == FP8 else a, b.view(torch.uint8) if b.dtype == FP8 else b)
 
 
 @torch.no_grad()
-def test_fp8_pages_follow_model_dtype_pages_through_prefill_decode_and_a_continuation():
+def test_fp8_pages_follow_model_dtype_pages_through_prefill_decode_and_a_continuation(monkeypatch):
     """A padded batch prefilled, decoded 20 steps with page selection (teacher-forced: the same tokens for both), then
     continued by 3 tokens on the same cache (a chunk that starts inside a page, reading the stored pages back): the
     logits with FP8 pages stay within 3% of those with model-dtype pages (measured: at most 0.9%), and the pages take
     a quarter of the float32 bytes."""
+    monkeypatch.setattr(fp8_format, "RECENT", 32)  # a ring of two pages of 16: most pages are sealed
     ids, mask = left_padded(random_ids(2, 150, seed=6), [0, 21])
     forced = random_ids(2, 23, seed=7)
     runs, caches = {}, {}

@@ -4,6 +4,7 @@
         [--rows default quarter]
     python benchmarks/fidelity/heldout_fidelity.py --rows quarter --selector oracle --quarter-lengths 1024 2048 \
         --out benchmarks/results/heldout_fidelity_oracle     # what the budget allows: the oracle's pages
+    python benchmarks/fidelity/heldout_fidelity.py --kv-dtype fp8 --rows default quarter decode   # FP8 pages
 
 The default model with its shipped profile at the profile's default streaming fraction. Cells: passkey and
 needle prompts hidden in the text at ``--lengths`` x 5 depths x 2 offsets (60 by default,
@@ -20,6 +21,11 @@ evaluation half of the package's own story, the genre the profile was fitted on 
   1024 tokens at 1K, 2K and 4K), the share of dense-correct cells kept. With ``--selector oracle`` decode steps
   read the pages of highest true attention mass instead (``sparse_attn_hf.eval.page_oracle``): what a perfect
   page choice keeps at that budget.
+* ``decode`` (``--rows decode``): what decode steps read, teacher-forced: the first ``--decode-prefix`` tokens of
+  the text prefilled, the next ``--decode-steps`` fed one per decode step (each step reads the stored pages), at the
+  default budget (exact while the context fits it) and at a quarter of the prefix. Next-token KL of ``--kv-dtype``'s
+  pages against model-dtype pages and against dense attention (a DynamicCache), and the perplexity of each.
+With ``--kv-dtype fp8`` every row stores the dense heads' pages in FP8 (rows carry ``kv_dtype``).
 Rows carry their page ``selection`` (``two-stage``, the default since ``SparseConfig.shortlist``; ``bound``, Quest's
 alone, rows from before; ``oracle``). Merges into benchmarks/results/heldout_fidelity.json (``meta.runs``: each
 run's commit).
@@ -59,8 +65,8 @@ def main(argv=None) -> None:
     parser.add_argument("--texts", nargs="+", choices=list(TEXTS), default=["reporting"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--text-tokens", type=int, default=4096)
-    parser.add_argument("--rows", nargs="+", choices=["default", "quarter"], default=["default", "quarter"],
-                        help="the default-budget row, the budget-1/4 rows, or both")
+    parser.add_argument("--rows", nargs="+", choices=["default", "quarter", "decode"], default=["default", "quarter"],
+                        help="the default-budget row, the budget-1/4 rows, the teacher-forced decode rows")
     parser.add_argument("--selector", choices=["package", "oracle"], default="package",
                         help="the budget-1/4 rows' page choice: the package's, or the oracle's (slow)")
     parser.add_argument("--quarter-lengths", type=int, nargs="+", default=None,
@@ -69,6 +75,10 @@ def main(argv=None) -> None:
                         help="the budget-1/4 rows with pages (and logical pages) of this many tokens, not the profile's")
     parser.add_argument("--profile", type=Path, default=None,
                         help="a profile file in place of the shipped one (for example one calibrated on first use)")
+    parser.add_argument("--kv-dtype", choices=["auto", "fp8"], default="auto",
+                        help="how dense heads store their pages (SparseConfig.kv_dtype)")
+    parser.add_argument("--decode-prefix", type=int, default=3072)
+    parser.add_argument("--decode-steps", type=int, default=256)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     model, tokenizer = load_default_model()
@@ -81,10 +91,12 @@ def main(argv=None) -> None:
     pages = {} if args.page_size is None else {"page_size": args.page_size, "logical_page_size": args.page_size}
     if pages:
         selection += f", pages of {args.page_size}"
+    storage = {} if args.kv_dtype == "auto" else {"kv_dtype": args.kv_dtype}
 
     def done(row: dict) -> None:
         """Print the row and merge it into the results (rows of other texts, settings and selections stay; a
         stopped run keeps what it measured)."""
+        row = {**row, **storage}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "cell_lost"}), flush=True)
         info = meta("cpu", "float32", {"model": "SmolLM2-135M-Instruct", "profile": str(profile.source),
@@ -94,7 +106,8 @@ def main(argv=None) -> None:
         earlier = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
         mine = {_key(r) for r in rows}
         runs = dict(earlier["meta"].get("runs", {}))
-        label = f"{', '.join(args.texts)}: {', '.join(args.rows)} rows, {selection} selection"
+        label = f"{', '.join(args.texts)}: {', '.join(args.rows)} rows, {selection} selection" + (
+            f", {args.kv_dtype} pages" if storage else "")
         runs[label] = {k: info[k] for k in ("commit", "dirty", "date", "command") if k in info}
         info["runs"] = runs
         write_results(args.out, info, [r for r in earlier["rows"] if _key(r) not in mine] + rows)
@@ -104,8 +117,14 @@ def main(argv=None) -> None:
         text_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.text_tokens]
         started = time.time()
         cells = held_out_cells(tokenizer, text, lengths=args.lengths)
+        if "decode" in args.rows:
+            for budget in (profile.token_budget, args.decode_prefix // 4 // profile.page_size * profile.page_size):
+                done({"text": name, "setting": f"decode, budget {budget}", "selection": selection,
+                      **decode_kl(model, profile, text_ids, args.decode_prefix, args.decode_steps,
+                                  {"token_budget": budget}, args.kv_dtype)})
         if "default" in args.rows:
-            [row] = measure(model, tokenizer, profile, cells, [fraction], text_ids, stop_at_lost=None)
+            [row] = measure(model, tokenizer, profile, cells, [fraction], text_ids, stop_at_lost=None,
+                            settings=storage)
             done({"text": name, "setting": "default budget", "lengths": args.lengths, **row,
                   "seconds": time.time() - started})
         if "quarter" not in args.rows:
@@ -120,7 +139,7 @@ def main(argv=None) -> None:
             subset = cells[i * per_length : (i + 1) * per_length]
             with selector(args.selector, model) as recalls:
                 [part] = measure(model, tokenizer, profile, subset, [fraction], text_ids[:, :16], stop_at_lost=None,
-                                 settings={"token_budget": budget, **pages})
+                                 settings={"token_budget": budget, **pages, **storage})
             dense_correct += part["dense_correct"]
             kept += part["dense_correct"] - part["lost"]
             if recalls:
@@ -132,9 +151,47 @@ def main(argv=None) -> None:
 
 
 def _key(row: dict) -> tuple:
-    """Rows of one text, setting, length and page selection replace each other (rows from before the two-stage
-    selection carry no ``selection``: the bound alone)."""
-    return row["text"], row["setting"], row.get("L"), row.get("selection", "bound")
+    """Rows of one text, setting, length, page selection and page storage replace each other (rows from before the
+    two-stage selection carry no ``selection``: the bound alone)."""
+    return row["text"], row["setting"], row.get("L"), row.get("selection", "bound"), row.get("kv_dtype", "auto")
+
+
+@torch.no_grad()
+def decode_kl(model, profile, text_ids, prefix: int, steps: int, settings: dict, kv_dtype: str) -> dict:
+    """Teacher-forced decoding of ``text_ids[prefix : prefix + steps]`` after a prefill of the first ``prefix``
+    tokens: next-token KL of ``kv_dtype`` pages against model-dtype pages and against dense attention, and each
+    one's perplexity on those tokens (see the module docstring)."""
+    import torch.nn.functional as F
+
+    from sparse_attn_hf import SparseCache, patched
+    from sparse_attn_hf.compat import CACHE_ARG
+    from transformers import DynamicCache
+
+    ids = text_ids[:, : prefix + steps].to(model.device)
+
+    def run(cache, decoding):
+        logits = [model(ids[:, :prefix], **{CACHE_ARG: cache}).logits[:, -1]]
+        with decoding:
+            for i in range(prefix, prefix + steps - 1):
+                logits.append(model(ids[:, i : i + 1], **{CACHE_ARG: cache}).logits[:, -1])
+        return F.log_softmax(torch.cat(logits).float(), dim=-1)  # [steps, V]: the prediction of token prefix + i
+
+    logp = {"dense": run(DynamicCache(), contextlib.nullcontext())}
+    for storage in ("auto", kv_dtype) if kv_dtype != "auto" else ("auto",):
+        config = SparseConfig(streaming_fraction=profile.streaming_fraction, page_selection="always",
+                              kv_dtype=storage, **settings)
+        with patched(model, profile, config):
+            cache = SparseCache(model)
+            logp[storage] = run(cache, cache.decoding())
+    target = ids[0, prefix : prefix + steps]
+    kl = lambda p, q: float((p.exp() * (p - q)).sum(-1).mean())  # noqa: E731
+    ppl = {name: float(torch.exp(-lp.gather(1, target[:, None]).mean())) for name, lp in logp.items()}
+    row = {"prefix": prefix, "steps": steps, "kl_vs_dense": kl(logp["dense"], logp[kv_dtype]),
+           "ppl": ppl[kv_dtype], "ppl_dense": ppl["dense"]}
+    if kv_dtype != "auto":
+        row.update(kl_vs_model_dtype_pages=kl(logp["auto"], logp[kv_dtype]), kl_model_dtype_pages_vs_dense=kl(
+            logp["dense"], logp["auto"]), ppl_model_dtype_pages=ppl["auto"])
+    return row
 
 
 def selector(kind: str, model):

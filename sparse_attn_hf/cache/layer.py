@@ -8,7 +8,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .. import ops
 from .._log import warn_once
-from ..kernels.fp8 import FP8, quantize_pages
+from ..kernels.fp8 import FP8, first_recent_page, quantize_pages, recent_tokens
 from ..kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV
 from .sequence import SequenceState
 from .views import LayerKV, PendingKV
@@ -209,9 +209,9 @@ class SparseLayer(CacheLayerMixin):
             pages = (self.batch, n_dense, capacity // self.page_size)
             grown.update(key_scale=torch.zeros(pages, dtype=torch.float32, device=self.device),
                          value_scale=torch.zeros(pages, dtype=torch.float32, device=self.device))
-            for name in ("tail_key", "tail_value"):  # the open page, in the model's dtype
-                self._tensors.setdefault(name, torch.zeros(self.batch, n_dense, self.page_size, self.head_dim,
-                                                           dtype=self.dtype, device=self.device))
+            for name in ("recent_key", "recent_value"):  # the newest pages, in the model's dtype (kernels.fp8)
+                self._tensors.setdefault(name, torch.zeros(self.batch, n_dense, recent_tokens(self.page_size),
+                                                           self.head_dim, dtype=self.dtype, device=self.device))
         for name, tensor in grown.items():
             if name in self._tensors:
                 old = self._tensors.pop(name)  # dropped before the next buffer grows: one old buffer at a time
@@ -275,7 +275,7 @@ class SparseLayer(CacheLayerMixin):
             kv.dense_key, kv.dense_value = t["dense_key"], t["dense_value"]  # whole buffers: strides stay fixed
             if self.fp8:
                 kv.key_scale, kv.value_scale = t["key_scale"], t["value_scale"]
-                kv.tail_key, kv.tail_value = t["tail_key"], t["tail_value"]
+                kv.recent_key, kv.recent_value = t["recent_key"], t["recent_value"]
         if self.stream_heads:
             kv.sink_key, kv.sink_value, kv.sink_pos = t["sink_key"], t["sink_value"], t["sink_pos"]
             kv.ring_key, kv.ring_value, kv.ring_pos = t["ring_key"], t["ring_value"], t["ring_pos"]
@@ -303,7 +303,7 @@ class SparseLayer(CacheLayerMixin):
                     t[name] = torch.full((self.batch, len(self.dense_heads), n), -1, dtype=torch.int32,
                                          device=self.device)
         return {"key_min": t["key_min"], "key_max": t["key_max"], "keys": t["dense_key"],
-                "key_scale": t.get("key_scale"), "tail_key": t.get("tail_key"), "scores": t["page_scores"],
+                "key_scale": t.get("key_scale"), "recent_key": t.get("recent_key"), "scores": t["page_scores"],
                 "selected": t["selected"], "listed": t.get("listed"), "pages": t.get("pages")}
 
     def keep_pages(self, pages: torch.Tensor) -> None:
@@ -336,35 +336,37 @@ class SparseLayer(CacheLayerMixin):
 
     @torch.no_grad()
     def _append_dense_fp8(self, key, value, first: int, kv_start):
-        """``_append_dense`` for FP8 pages: the open page's earlier tokens and the new ones, padding zeroed, give
-        the statistics (unquantized keys); the pages they fill are quantized into the e4m3 buffers with their
-        scales, the rest becomes the open page. Returns what the prefill attends to in the model's dtype: the new
-        tokens as they came (a first chunk), else the stored past read back, then the new tokens."""
+        """``_append_dense`` for FP8 pages (``kernels.fp8``): the ring's tokens and the new ones, padding zeroed,
+        give the statistics (unquantized keys); the pages that leave the ring are quantized into the e4m3 buffers
+        with their scales, the newest pages go to the ring. Returns what the prefill attends to in the model's
+        dtype: the new tokens as they came (a first chunk), else the stored past read back, then the new tokens."""
         t, page = self._tensors, self.page_size
+        recent = t["recent_key"].shape[2]
         n = key.shape[2]
-        base, end = first // page * page, first + n  # the open page's first slot; the tokens stored after this
-        sealed, width = end // page * page, _round_up(end, page) - base
+        end = first + n
+        base = first_recent_page(first, page, recent) * page  # the ring's first slot before this chunk
+        sealed = first_recent_page(end, page, recent) * page  # ... and after it: pages before it are sealed
         new_key, new_value = self._dense_of(key), self._dense_of(value)
+        ring = torch.arange(base, first, device=key.device) % recent  # the ring's tokens, in slot order
         parts = []
-        for new, tail in ((new_key, t["tail_key"]), (new_value, t["tail_value"])):
-            part = new.new_zeros(*new.shape[:2], width, new.shape[3])
-            part[:, :, : first - base] = tail[:, :, : first - base]
-            part[:, :, first - base : end - base] = new
+        for new, name in ((new_key, "key"), (new_value, "value")):
+            part = torch.cat([t["recent_" + name].index_select(2, ring), new], dim=2) if first > base else new
             if base < self.sequence.max_kv_start:  # a row's padding: stored as zeros, out of every page's scale
-                slots = torch.arange(base, base + width, device=part.device)
-                part.masked_fill_((slots[None, :] < kv_start[:, None])[:, None, :, None], 0)
+                slots = torch.arange(base, end, device=part.device)
+                part = part.masked_fill((slots[None, :] < kv_start[:, None])[:, None, :, None], 0)
             parts.append(part)
         self._refresh_page_statistics(first, end, kv_start, source=parts[0], base=base)
+        kept = torch.arange(max(sealed, base), end, device=key.device)  # the newest pages: into the ring
         for part, name in zip(parts, ("key", "value")):
             codes, scales = t["dense_" + name], t[name + "_scale"]
             for lo in range(base, sealed, _FP8_CHUNK):
                 hi = min(lo + _FP8_CHUNK, sealed)
                 codes[:, :, lo:hi], scales[:, :, lo // page : hi // page] = quantize_pages(
                     part[:, :, lo - base : hi - base], page)
-            t["tail_" + name][:, :, : end - sealed] = part[:, :, sealed - base : end - base]
+            t["recent_" + name].index_copy_(2, kept % recent, part[:, :, kept[0] - base :])  # end > sealed: not empty
         if first == 0:
             return new_key, new_value
-        return tuple(self._read_back(name, base, part[:, :, : end - base]) for name, part in zip(("key", "value"), parts))
+        return tuple(self._read_back(name, base, part) for name, part in zip(("key", "value"), parts))
 
     def _read_back(self, name: str, base: int, rest: torch.Tensor) -> torch.Tensor:
         """The pages sealed before slot ``base`` of an FP8 layer's ``name`` buffers read back in the model's dtype,
@@ -394,6 +396,8 @@ class SparseLayer(CacheLayerMixin):
             c1 = min(c0 + _STAT_CHUNK_PAGES, end_page)
             lo, hi = c0 * lp, c1 * lp
             region = keys[:, :, lo - base : hi - base]
+            if region.shape[2] < hi - lo:  # a source that ends inside its last logical page: the rest is masked
+                region = torch.nn.functional.pad(region, (0, 0, 0, hi - lo - region.shape[2]))
             low = high = region
             if hi > end or lo < self.sequence.max_kv_start:  # unwritten slots or (some row's) padding inside
                 slots = torch.arange(lo, hi, device=keys.device)

@@ -5,9 +5,9 @@ The token's slot is read from the device (``SEEN`` holds the tokens stored once 
 buffer at that slot and the token's key into its logical page's min/max
 (unless the token is padding). Streaming heads: K/V into the ring at ``slot % ring_size`` (and the ring's
 slot table), and into the sink buffer when the token is one of its row's first ``sink`` real tokens.
-FP8 pages (``kernels.fp8``): a dense head's token goes to the open page (the tail buffer, at ``slot % PAGE``); the
-token that completes a page seals it: the page is quantized in registers (the codes PyTorch's ``quantize_pages``
-gives) into the e4m3 buffers and its scale stored.
+FP8 pages (``kernels.fp8``): a dense head's token goes to the ring of recent tokens (at ``slot % RECENT``); the first
+token of a page first seals the ring's oldest page, whose place it takes: quantized in registers (the codes
+PyTorch's ``quantize_pages`` gives) into the e4m3 buffers, its scale stored.
 Its contract is ``kernels.reference.append_token_reference`` (tests compare the two).
 """
 
@@ -21,20 +21,16 @@ from .fp8 import MIN_SCALE, _quantize_page
 
 
 @triton.jit
-def _seal(T, D, S, stride_tn, stride_td, stride_dn, stride_dd, new, last, offs_d, d_ok, PAGE: tl.constexpr,
+def _seal(T, D, S, stride_tn, stride_td, stride_dn, stride_dd, at, first, offs_d, d_ok, PAGE: tl.constexpr,
           MIN_SCALE: tl.constexpr):
-    """The open page of one head (its first PAGE - 1 tokens in the tail T, its last one ``new``) quantized into
-    the e4m3 buffer D at the page whose last slot is ``last``, and its scale into S."""
+    """The page of one head at ring index ``at`` (its tokens in the ring T) quantized into the e4m3 buffer D at
+    slots ``first ..`` and its scale into S."""
     offs_p = tl.arange(0, PAGE)
-    earlier = offs_p[:, None] < PAGE - 1
-    page = tl.load(T + offs_p[:, None] * stride_tn + offs_d[None, :] * stride_td, mask=earlier & d_ok[None, :],
-                   other=0.0)
-    page = tl.where(earlier, page, new[None, :]).to(tl.float32)
-    page = tl.where(d_ok[None, :], page, 0.0)
+    page = tl.load(T + (at + offs_p[:, None]) * stride_tn + offs_d[None, :] * stride_td, mask=d_ok[None, :],
+                   other=0.0).to(tl.float32)
     codes, scale = _quantize_page(page, MIN_SCALE)
-    slots = last - (PAGE - 1) + offs_p
-    tl.store(D + slots[:, None] * stride_dn + offs_d[None, :] * stride_dd, codes, mask=d_ok[None, :])
-    tl.store(S + last // PAGE, scale)
+    tl.store(D + (first + offs_p[:, None]) * stride_dn + offs_d[None, :] * stride_dd, codes, mask=d_ok[None, :])
+    tl.store(S + first // PAGE, scale)
 
 
 @triton.jit
@@ -48,7 +44,7 @@ def _append_kernel(
     stride_scb, stride_sch, stride_tb, stride_th, stride_tn, stride_td,
     num_kv_heads, sink, ring_size,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, LOGICAL: tl.constexpr, FP8: tl.constexpr, PAGE: tl.constexpr,
-    MIN_SCALE: tl.constexpr,
+    RECENT: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_kv_heads
@@ -63,18 +59,19 @@ def _append_kernel(
     slot_new = tl.load(SEEN).to(tl.int32) - 1
     if kind == 0:
         if FP8:
-            at = b * stride_tb + slot * stride_th
-            if slot_new % PAGE == PAGE - 1:  # the page's last token: seal it (its scale is that of the codes)
+            ring = b * stride_tb + slot * stride_th
+            index = slot_new % RECENT
+            if (slot_new % PAGE == 0) & (slot_new >= RECENT):  # the ring's oldest page leaves it: sealed first
                 head = b * stride_db + slot * stride_dh
                 scales = b * stride_scb + slot * stride_sch
-                _seal(TK + at, DK + head, KS + scales, stride_tn, stride_td, stride_dn, stride_dd, k, slot_new,
-                      offs_d, d_ok, PAGE, MIN_SCALE)
-                _seal(TV + at, DV + head, VS + scales, stride_tn, stride_td, stride_dn, stride_dd, v, slot_new,
-                      offs_d, d_ok, PAGE, MIN_SCALE)
-            else:
-                tail = at + (slot_new % PAGE) * stride_tn + offs_d * stride_td
-                tl.store(TK + tail, k, mask=d_ok)
-                tl.store(TV + tail, v, mask=d_ok)
+                _seal(TK + ring, DK + head, KS + scales, stride_tn, stride_td, stride_dn, stride_dd, index,
+                      slot_new - RECENT, offs_d, d_ok, PAGE, MIN_SCALE)
+                _seal(TV + ring, DV + head, VS + scales, stride_tn, stride_td, stride_dn, stride_dd, index,
+                      slot_new - RECENT, offs_d, d_ok, PAGE, MIN_SCALE)
+                tl.debug_barrier()  # the page is read before the new token takes its first place
+            at = ring + index * stride_tn + offs_d * stride_td
+            tl.store(TK + at, k, mask=d_ok)
+            tl.store(TV + at, v, mask=d_ok)
         else:
             row = b * stride_db + slot * stride_dh + slot_new * stride_dn + offs_d * stride_dd
             tl.store(DK + row, k, mask=d_ok)
@@ -117,7 +114,7 @@ def append_token_triton(key: torch.Tensor, value: torch.Tensor, tensors: dict, *
         spos = pos_spare
     fp8 = tensors.get("key_scale") is not None
     if fp8:
-        ks, vs, tk, tv = tensors["key_scale"], tensors["value_scale"], tensors["tail_key"], tensors["tail_value"]
+        ks, vs, tk, tv = tensors["key_scale"], tensors["value_scale"], tensors["recent_key"], tensors["recent_value"]
         if ks.stride() != vs.stride() or tk.stride() != tv.stride() or dk.stride() != dv.stride():
             raise ValueError("FP8 pages: keys and values (codes, scales, tails) must share one layout.")
     else:  # stand-ins, never read
@@ -129,5 +126,6 @@ def append_token_triton(key: torch.Tensor, value: torch.Tensor, tensors: dict, *
         *(ks.stride()[:2] if fp8 else (0, 0)), *(tk.stride() if fp8 else (0, 0, 0, 0)),
         num_kv, sink, rk.shape[2],
         HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), LOGICAL=logical_page_size,
-        FP8=fp8, PAGE=tk.shape[2] if fp8 else 16, MIN_SCALE=MIN_SCALE, num_warps=1 if not fp8 else 4,
+        FP8=fp8, PAGE=dk.shape[2] // ks.shape[2] if fp8 else 16, RECENT=tk.shape[2] if fp8 else 16,
+        MIN_SCALE=MIN_SCALE, num_warps=1 if not fp8 else 4,
     )

@@ -9,9 +9,9 @@ values); a second small kernel combines the splits. Entries are 64-token pages:
   no selected page is read;
 * streaming head: the blocks of the sink buffer, then the blocks of the ring buffer.
 
-FP8 pages (``DecodeKV.key_scale`` set): a sealed page's e4m3 codes are read as the query's dtype (exact) and its
-scales multiply its scores and its weighted values (scalars per page and head); the open page is read from the tail
-buffer in the model's dtype.
+FP8 pages (``DecodeKV.key_scale`` set, ``kernels.fp8``): a sealed page's e4m3 codes are read as the query's dtype
+(exact) and its scales multiply its scores and its weighted values (scalars per page and head); the newest pages
+are read from the ring of recent tokens, in the model's dtype.
 
 The query heads of a GQA group are the rows of one program, so every K/V page is loaded once per group.
 
@@ -82,7 +82,7 @@ def _decode_split_kernel(
     n_sel, sink_cap, ring_cap, sink, local, num_kv_heads, num_splits, scale_log2, softcap_log2,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STEP_SEEN: tl.constexpr,
-    STEP_TAIL: tl.constexpr, FP8: tl.constexpr,
+    STEP_TAIL: tl.constexpr, FP8: tl.constexpr, RECENT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -116,6 +116,7 @@ def _decode_split_kernel(
             TV += b * stride_tb + slot * stride_th
         tail_first = tl.load(STEP + STEP_TAIL).to(tl.int32)
         n_sel = tl.where(tail_first == 0, 0, n_sel)  # tail 0: every page, no selection
+        open_first = tl.maximum((seen - 1) // PAGE - RECENT // PAGE + 1, 0)  # FP8: pages from here are in the ring
         total = n_sel + tl.cdiv(seen, PAGE) - tail_first
         per = tl.cdiv(total, num_splits)
         for e in range(split * per, tl.minimum(split * per + per, total)):
@@ -126,10 +127,11 @@ def _decode_split_kernel(
             offs = page * PAGE + offs_p
             visible = (offs >= start) & (offs < seen) & (offs >= 0)  # page -1: nothing
             if FP8:
-                if page * PAGE + PAGE > seen:  # the open page: the tail buffer, in the model's dtype
-                    k = tl.load(TK + offs_p[None, :] * stride_tn + offs_d[:, None] * stride_td,
+                if page >= open_first:  # one of the newest pages: the ring, in the model's dtype
+                    ring = (page * PAGE) % RECENT + offs_p
+                    k = tl.load(TK + ring[None, :] * stride_tn + offs_d[:, None] * stride_td,
                                 mask=visible[None, :] & d_ok[:, None], other=0.0)
-                    v = tl.load(TV + offs_p[:, None] * stride_tn + offs_d[None, :] * stride_td,
+                    v = tl.load(TV + ring[:, None] * stride_tn + offs_d[None, :] * stride_td,
                                 mask=visible[:, None] & d_ok[None, :], other=0.0)
                     k_scale = tl.full([], 1.0, tl.float32)
                     v_scale = tl.full([], 1.0, tl.float32)
@@ -253,7 +255,7 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, visible: Visibility, 
         rpos = spos[0]
     fp8 = kv.key_scale is not None and kv.dense_key is not None
     if fp8:
-        ks, vs, tk, tv = kv.key_scale, kv.value_scale, kv.tail_key, kv.tail_value
+        ks, vs, tk, tv = kv.key_scale, kv.value_scale, kv.recent_key, kv.recent_value
         if ks.stride() != vs.stride() or tk.stride() != tv.stride():
             raise ValueError("FP8 pages: the key and value scales (and tails) must share one layout.")
     else:  # stand-ins, never read
@@ -275,7 +277,8 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, visible: Visibility, 
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), PAGE=page, HEAD_DIM=head_dim, D_PAD=d_pad,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 (tests): exact, not tf32
-        STEP_SEEN=STEP_SEEN, STEP_TAIL=STEP_TAIL, FP8=fp8, num_warps=4, num_stages=2,
+        STEP_SEEN=STEP_SEEN, STEP_TAIL=STEP_TAIL, FP8=fp8, RECENT=tk.shape[2] if fp8 else page, num_warps=4,
+        num_stages=2,
     )
     out = torch.empty_like(query)
     _combine_kernel[(batch * num_heads,)](

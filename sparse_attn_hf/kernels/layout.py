@@ -93,7 +93,7 @@ class DecodeKV:
     kind's buffers) map KV heads to buffers.
     FP8 pages (``key_scale`` not None, ``kernels.fp8``): ``dense_key``/``dense_value`` hold e4m3 codes of the sealed
     pages, ``key_scale``/``value_scale`` float32 [B, Hd, capacity / page_size] their scales, and the open page (slots
-    ``seen // page_size * page_size`` on) is in ``tail_key``/``tail_value`` [B, Hd, page_size, D], the model's dtype.
+    ``seen // page_size * page_size`` on) is in ``recent_key``/``recent_value`` [B, Hd, page_size, D], the model's dtype.
     """
 
     step: torch.Tensor
@@ -111,8 +111,8 @@ class DecodeKV:
     ring_pos: torch.Tensor | None = None
     key_scale: torch.Tensor | None = None
     value_scale: torch.Tensor | None = None
-    tail_key: torch.Tensor | None = None
-    tail_value: torch.Tensor | None = None
+    recent_key: torch.Tensor | None = None
+    recent_value: torch.Tensor | None = None
 
     @property
     def seen(self) -> int:

@@ -153,8 +153,8 @@ def dense_tokens(kv: DecodeKV, dtype: torch.dtype | None = None) -> tuple[torch.
     if kv.key_scale is None:
         return kv.dense_key[:, :, :seen], kv.dense_value[:, :, :seen]
     dtype = dtype or torch.float32
-    return (stored_tokens(kv.dense_key, kv.key_scale, kv.tail_key, seen, dtype),
-            stored_tokens(kv.dense_value, kv.value_scale, kv.tail_value, seen, dtype))
+    return (stored_tokens(kv.dense_key, kv.key_scale, kv.recent_key, seen, kv.page_size, dtype),
+            stored_tokens(kv.dense_value, kv.value_scale, kv.recent_value, seen, kv.page_size, dtype))
 
 
 def decode_visible_tokens(kv: DecodeKV, kv_start: torch.Tensor, sink: int, local: int, dense: bool = True,
@@ -255,8 +255,8 @@ def top_pages_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, seen: int, page_size: int,
-                                    scale: float, softcap: float | None = None,
-                                    key_scale: torch.Tensor | None = None) -> torch.Tensor:
+                                    scale: float, softcap: float | None = None, key_scale: torch.Tensor | None = None,
+                                    recent: torch.Tensor | None = None) -> torch.Tensor:
     """Page selection's second stage: the short-listed pages scored by their exact attention mass, float32
     [B, Hd, width] (the shape of ``bound``).
 
@@ -265,8 +265,10 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
     the bound ranks first (-1: none). Each query head takes a softmax over the real keys (slots ``kv_start ..
     seen - 1``) of the listed pages whose bound is not -inf; a page scores the mass that the group's query heads
     put on it. A page whose bound is +inf (the sink page) keeps +inf; a page off the list, or listed with a bound
-    of -inf, scores -inf. FP8 pages: ``keys`` are e4m3 codes and ``key_scale`` [B, Hd, pages] their scales (a
-    listed page is always sealed: the newest page is never a candidate)."""
+    of -inf, scores -inf. FP8 pages: ``keys`` are e4m3 codes, ``key_scale`` [B, Hd, pages] their scales and
+    ``recent`` the ring of the newest tokens (``kernels.fp8``); the keys are read back first."""
+    if key_scale is not None:
+        keys = stored_tokens(keys, key_scale, recent, seen, page_size)
     batch, heads, groups, dim = query.shape
     width = bound.shape[2]
     listed_max = max(int((shortlist >= 0).sum(-1).max()), 1)  # the places a row fills: the rest are -1
@@ -274,12 +276,7 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
     pages = shortlist.long().clamp(min=0)
     listed = torch.where(shortlist >= 0, bound.gather(2, pages), float("-inf"))  # [B, Hd, n]
     slots = pages[..., None] * page_size + torch.arange(page_size, device=query.device)  # [B, Hd, n, P]
-    index = slots.flatten(2)[..., None].clamp(max=keys.shape[2] - 1).expand(-1, -1, -1, dim)
-    if key_scale is None:
-        picked = keys.gather(2, index)
-    else:  # dequantized: each listed page's codes (gathered as bytes: no CPU gather of e4m3) times its scale
-        picked = keys.view(torch.uint8).gather(2, index).view(keys.dtype).float()
-        picked = picked * key_scale.gather(2, pages).repeat_interleave(page_size, dim=2)[..., None]
+    picked = keys.gather(2, slots.flatten(2)[..., None].clamp(max=keys.shape[2] - 1).expand(-1, -1, -1, dim))
     logits = capped(torch.einsum("bhgd,bhnd->bhgn", query.float(), picked.float()) * scale, softcap)
     real = (slots >= kv_start.view(batch, 1, 1, 1)) & (slots < seen) & (listed > float("-inf"))[..., None]
     probs = torch.softmax(logits.masked_fill(~real.flatten(2)[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
@@ -290,12 +287,13 @@ def shortlist_page_scores_reference(query, keys, bound, shortlist, *, kv_start, 
 
 
 def shortlist_pages_reference(query, keys, bound, shortlist, *, kv_start, seen: int, k: int, page_size: int,
-                              scale: float, softcap: float | None = None,
-                              key_scale: torch.Tensor | None = None) -> torch.Tensor:
+                              scale: float, softcap: float | None = None, key_scale: torch.Tensor | None = None,
+                              recent: torch.Tensor | None = None) -> torch.Tensor:
     """The ``k`` listed pages of highest exact mass (``shortlist_page_scores_reference``), as
     ``top_pages_reference`` chooses them: int32 [B, Hd, k]."""
     scores = shortlist_page_scores_reference(query, keys, bound, shortlist, kv_start=kv_start, seen=seen,
-                                             page_size=page_size, scale=scale, softcap=softcap, key_scale=key_scale)
+                                             page_size=page_size, scale=scale, softcap=softcap, key_scale=key_scale,
+                                             recent=recent)
     return top_pages_reference(scores, k)
 
 
@@ -363,8 +361,8 @@ def append_token_reference(key: torch.Tensor, value: torch.Tensor, tensors: dict
     ``kernels.append``): dense heads into ``dense_key``/``dense_value`` and, for a real token, into its logical
     page's ``key_min``/``key_max``; streaming heads into the ring at ``slot % ring size`` (and ``ring_pos``), and
     into the sink when the token is one of its row's first ``sink`` real tokens. FP8 pages (``key_scale`` among the
-    buffers): a dense head's token goes to the open page (``tail_*`` at ``slot % page_size``), and the token that
-    completes a page seals it (``kernels.fp8.quantize_pages`` into the codes and scales)."""
+    buffers, ``kernels.fp8``): a dense head's token goes to the ring of recent tokens (``recent_*`` at ``slot %
+    R``); the first token of a page seals the ring's oldest page, whose place it takes (``quantize_pages``)."""
     slot = seen - 1
     k, v = key[:, :, 0], value[:, :, 0]  # [B, Hkv, D]
     real = (slot >= kv_start)[:, None, None]  # [B, 1, 1]
@@ -372,14 +370,16 @@ def append_token_reference(key: torch.Tensor, value: torch.Tensor, tensors: dict
     if dense.numel():
         at = head_slot[dense].long()  # each dense head's row in its kind's buffers
         if tensors.get("key_scale") is not None:
-            page = tensors["tail_key"].shape[2]
+            page = tensors["dense_key"].shape[2] // tensors["key_scale"].shape[2]
             for name, x in (("key", k), ("value", v)):
-                tail = tensors["tail_" + name]
-                tail[:, at, slot % page] = x[:, dense]
-                if seen % page == 0:  # the page is complete: sealed
-                    codes, scales = quantize_pages(tail[:, at], page)
-                    tensors["dense_" + name][:, at, seen - page : seen] = codes
-                    tensors[name + "_scale"][:, at, slot // page] = scales[:, :, 0]
+                ring = tensors["recent_" + name]
+                size = ring.shape[2]
+                if slot % page == 0 and slot >= size:  # the ring's oldest page leaves it: sealed first
+                    leaving = torch.arange(slot - size, slot - size + page, device=ring.device)
+                    codes, scales = quantize_pages(ring[:, at][:, :, leaving % size], page)
+                    tensors["dense_" + name][:, at, slot - size : slot - size + page] = codes
+                    tensors[name + "_scale"][:, at, (slot - size) // page] = scales[:, :, 0]
+                ring[:, at, slot % size] = x[:, dense]
         else:
             tensors["dense_key"][:, at, slot] = k[:, dense]
             tensors["dense_value"][:, at, slot] = v[:, dense]

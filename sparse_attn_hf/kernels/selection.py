@@ -233,13 +233,14 @@ def top_pages_triton(scores: torch.Tensor, *, out: torch.Tensor, reselect: torch
 
 @triton.jit(do_not_specialize=["width"])
 def _shortlist_page_kernel(
-    Q, K, BOUND, LIST, KV_START, SEEN, RESELECT, M_OUT, L_OUT, KS,
+    Q, K, BOUND, LIST, KV_START, SEEN, RESELECT, M_OUT, L_OUT, KS, RK,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_sb, stride_sh, stride_sn,
+    stride_rb, stride_rh, stride_rn, stride_rd,
     num_heads, width, n_list, scale_log2, softcap_log2,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, RECENT: tl.constexpr,
 ):
     """Per query head: the maximum logit of one listed page and the sum of exp2(logit - maximum) (log2 units)."""
     if tl.load(RESELECT) == 0:
@@ -258,12 +259,21 @@ def _shortlist_page_kernel(
                 mask=(g[:, None] < GROUPS) & d_ok[None, :], other=0.0)
     slots = page * PAGE + tl.arange(0, PAGE)
     real = (slots >= tl.load(KV_START + b).to(tl.int32)) & (slots < end)
-    k = tl.load(K + b * stride_kb + h * stride_kh + slots[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=real[None, :] & d_ok[:, None], other=0.0)
-    if FP8:  # e4m3 codes, exact in the query's dtype; the page's scale joins the logits' (a listed page is sealed)
-        k = k.to(Q.dtype.element_ty)
-        scale_log2 = scale_log2 * tl.load(KS + b * stride_sb + h * stride_sh + page * stride_sn, mask=page >= 0,
-                                          other=1.0)
+    if FP8:  # a sealed page: e4m3 codes, exact in the query's dtype, its scale joining the logits'; a newer one: ring
+        seen = tl.load(SEEN).to(tl.int32)
+        if page >= tl.maximum((seen - 1) // PAGE - RECENT // PAGE + 1, 0):
+            ring = (page * PAGE) % RECENT + tl.arange(0, PAGE)
+            k = tl.load(RK + b * stride_rb + h * stride_rh + ring[None, :] * stride_rn + offs_d[:, None] * stride_rd,
+                        mask=real[None, :] & d_ok[:, None], other=0.0)
+            k_scale = tl.full([], 1.0, tl.float32)
+        else:
+            k = tl.load(K + b * stride_kb + h * stride_kh + slots[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=real[None, :] & d_ok[:, None], other=0.0).to(Q.dtype.element_ty)
+            k_scale = tl.load(KS + b * stride_sb + h * stride_sh + page * stride_sn, mask=page >= 0, other=1.0)
+        scale_log2 = scale_log2 * k_scale
+    else:
+        k = tl.load(K + b * stride_kb + h * stride_kh + slots[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=real[None, :] & d_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         k = k.to(tl.float32)
@@ -309,10 +319,12 @@ def _shortlist_select_kernel(
 
 def shortlist_pages_triton(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
                            reselect: torch.Tensor, page_size: int, scale: float,
-                           softcap: float | None = None, key_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           softcap: float | None = None, key_scale: torch.Tensor | None = None,
+                           recent: torch.Tensor | None = None) -> torch.Tensor:
     """Stage 2 into ``out`` (int32 [B, Hd, k], contiguous) when ``reselect`` (int32 [1], on the device) is set;
     ``bound`` [B, Hd, width] float32 and ``shortlist`` int32 [B, Hd, n] contiguous (-1: no page); ``seen`` int32 [1]
-    on the device; FP8 pages: ``keys`` e4m3 codes and ``key_scale`` [B, Hd, pages] their scales. Fixed launch
+    on the device; FP8 pages: ``keys`` e4m3 codes, ``key_scale`` [B, Hd, pages] their scales, ``recent`` the ring
+    of the newest tokens (``kernels.fp8``). Fixed launch
     arguments for a given cache: a CUDA graph can replay it."""
     batch, heads, groups, head_dim = query.shape
     width, n_list = bound.shape[2], shortlist.shape[2]
@@ -322,11 +334,13 @@ def shortlist_pages_triton(query, keys, bound, shortlist, *, kv_start, seen: tor
     mass = torch.empty(batch * heads * n_list, dtype=torch.float32, device=query.device)
     _shortlist_page_kernel[(batch * heads, n_list)](
         query, keys, bound, shortlist, kv_start, seen, reselect, m_part, l_part,
-        key_scale if key_scale is not None else bound,
-        *query.stride(), *keys.stride(), *(key_scale if key_scale is not None else bound).stride(), heads, width, n_list, scale * LOG2E, (softcap or 0.0) * LOG2E,
+        key_scale if key_scale is not None else bound, recent if recent is not None else keys,
+        *query.stride(), *keys.stride(), *(key_scale if key_scale is not None else bound).stride(),
+        *(recent if recent is not None else keys).stride(), heads, width, n_list, scale * LOG2E, (softcap or 0.0) * LOG2E,
         GROUPS=groups, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         PAGE=page_size, UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", FP8=key_scale is not None, num_warps=4,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", FP8=key_scale is not None,
+        RECENT=recent.shape[2] if recent is not None else page_size, num_warps=4,
     )
     n_pad = max(16, triton.next_power_of_2(n_list))
     block, one_block, _ = _block(n_list, buckets=False)  # fixed by the settings: compiled once

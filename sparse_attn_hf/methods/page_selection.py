@@ -112,7 +112,8 @@ def select_pages(query: torch.Tensor, store: dict, step: torch.Tensor, visible: 
         if store.get("pages") is not None and not int(step[STEP_RESELECT]):
             return store["pages"]
         if store.get("key_scale") is not None:  # FP8 pages: the hook reads the keys back
-            keys = stored_tokens(keys, store["key_scale"], store["tail_key"], int(step[STEP_SEEN]), query.dtype)
+            keys = stored_tokens(keys, store["key_scale"], store["recent_key"], int(step[STEP_SEEN]), settings.page_size,
+                                 query.dtype)
         chosen, _ = _selector(query, keys, key_min, key_max, quest=quest_pages, kv_start=visible.kv_start,
                               seen=int(step[STEP_SEEN]), budget=settings.budget, page_size=settings.page_size,
                               logical_page_size=settings.logical_page_size)
@@ -138,7 +139,8 @@ def _choose(query, store: dict, step, kv_start, terms: LogitTerms, settings: Pag
         listed = torch.full((*query.shape[:2], settings.shortlist * width), -1, dtype=torch.int32, device=query.device)
     ops.top_pages(scores, out=listed, reselect=reselect)
     return ops.shortlist_pages(query, store["keys"], scores, listed, out=selected, scale=terms.scale,
-                               softcap=terms.softcap, key_scale=store.get("key_scale"), **common)
+                               softcap=terms.softcap, key_scale=store.get("key_scale"), recent=store.get("recent_key"),
+                               **common)
 
 
 def _to_width(pages: torch.Tensor, width: int) -> torch.Tensor:

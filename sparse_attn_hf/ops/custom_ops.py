@@ -54,9 +54,10 @@ def _(*args):
 @torch.library.custom_op("sparse_attn_hf::shortlist_pages", mutates_args=("out",))
 def _shortlist_pages_op(query: Tensor, keys: Tensor, bound: Tensor, shortlist: Tensor, kv_start: Tensor, seen: Tensor,
                         out: Tensor, reselect: Tensor, page_size: int, scale: float,
-                        softcap: Optional[float] = None, key_scale: OptTensor = None) -> None:
+                        softcap: Optional[float] = None, key_scale: OptTensor = None,
+                        recent: OptTensor = None) -> None:
     _shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size, scale, softcap,
-                     key_scale)
+                     key_scale, recent)
 
 
 @_shortlist_pages_op.register_fake

@@ -20,10 +20,10 @@ from . import dispatch
 from .dispatch import KERNEL_DTYPES, _decode_kernel_takes, _on_device, _selection_kernel_takes, _use_triton, check_dtype
 
 DECODE_KV_FIELDS = ("head_kind", "head_slot", "dense_key", "dense_value", "pages", "sink_key", "sink_value",
-                    "sink_pos", "ring_key", "ring_value", "ring_pos", "key_scale", "value_scale", "tail_key",
-                    "tail_value")
+                    "sink_pos", "ring_key", "ring_value", "ring_pos", "key_scale", "value_scale", "recent_key",
+                    "recent_value")
 _APPEND_BUFFERS = ("dense_key", "dense_value", "key_min", "key_max", "sink_key", "sink_value", "sink_pos",
-                   "ring_key", "ring_value", "ring_pos", "key_scale", "value_scale", "tail_key", "tail_value")
+                   "ring_key", "ring_value", "ring_pos", "key_scale", "value_scale", "recent_key", "recent_value")
 
 
 def paged_decode(query: torch.Tensor, kv: DecodeKV, visible: Visibility, terms: LogitTerms) -> torch.Tensor:
@@ -118,23 +118,26 @@ def compile_top_pages(max_width: int, device: torch.device) -> None:
 
 def shortlist_pages(query, keys, bound, shortlist, *, kv_start, seen: torch.Tensor, out: torch.Tensor,
                     reselect: torch.Tensor, page_size: int, scale: float, softcap: float | None = None,
-                    key_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    key_scale: torch.Tensor | None = None, recent: torch.Tensor | None = None) -> torch.Tensor:
     """Page selection's second stage: the ``out.shape[2]`` pages of ``shortlist`` of highest exact attention mass
     written into ``out`` (int32) when ``reselect`` (int32 [1]) is set, else ``out`` is left as it is; ``seen``
     int32 [1]. Both live on the device. Contract: ``kernels.reference.shortlist_pages_reference`` with
-    ``seen=int(seen)``, ``k=out.shape[2]``. FP8 pages: ``keys`` hold e4m3 codes, ``key_scale`` their scales."""
+    ``seen=int(seen)``, ``k=out.shape[2]``. FP8 pages: ``keys`` hold e4m3 codes, ``key_scale`` their scales, ``recent`` the ring
+    of the newest tokens (``kernels.fp8``)."""
     if torch.compiler.is_compiling():
         torch.ops.sparse_attn_hf.shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect,
-                                                 page_size, scale, softcap, key_scale)
+                                                 page_size, scale, softcap, key_scale, recent)
         return out
     _shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size, scale, softcap,
-                     key_scale)
+                     key_scale, recent)
     return out
 
 
 def _shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect, page_size: int, scale: float,
-                     softcap: float | None, key_scale: torch.Tensor | None = None) -> None:
-    common = dict(kv_start=kv_start, page_size=page_size, scale=scale, softcap=softcap, key_scale=key_scale)
+                     softcap: float | None, key_scale: torch.Tensor | None = None,
+                     recent: torch.Tensor | None = None) -> None:
+    common = dict(kv_start=kv_start, page_size=page_size, scale=scale, softcap=softcap, key_scale=key_scale,
+                  recent=recent)
     if _use_triton(query) and _decode_kernel_takes(page_size) and query.shape[-1] >= 16:
         from ..kernels.selection import shortlist_pages_triton
 
