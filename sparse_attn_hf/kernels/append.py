@@ -59,17 +59,17 @@ def _append_kernel(
     slot_new = tl.load(SEEN).to(tl.int32) - 1
     if kind == 0:
         if FP8:
-            ring = b * stride_tb + slot * stride_th
+            ring_at = b * stride_tb + slot * stride_th
             index = slot_new % RECENT
             if (slot_new % PAGE == 0) & (slot_new >= RECENT):  # the ring's oldest page leaves it: sealed first
                 head = b * stride_db + slot * stride_dh
                 scales = b * stride_scb + slot * stride_sch
-                _seal(TK + ring, DK + head, KS + scales, stride_tn, stride_td, stride_dn, stride_dd, index,
+                _seal(TK + ring_at, DK + head, KS + scales, stride_tn, stride_td, stride_dn, stride_dd, index,
                       slot_new - RECENT, offs_d, d_ok, PAGE, MIN_SCALE)
-                _seal(TV + ring, DV + head, VS + scales, stride_tn, stride_td, stride_dn, stride_dd, index,
+                _seal(TV + ring_at, DV + head, VS + scales, stride_tn, stride_td, stride_dn, stride_dd, index,
                       slot_new - RECENT, offs_d, d_ok, PAGE, MIN_SCALE)
                 tl.debug_barrier()  # the page is read before the new token takes its first place
-            at = ring + index * stride_tn + offs_d * stride_td
+            at = ring_at + index * stride_tn + offs_d * stride_td
             tl.store(TK + at, k, mask=d_ok)
             tl.store(TV + at, v, mask=d_ok)
         else:
