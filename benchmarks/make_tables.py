@@ -672,7 +672,7 @@ def page_size_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"e2e": e2e_table, "e2e_pinned": lambda: e2e_table("e2e_pinned.json"),
+TABLES = {"e2e": e2e_table, "e2e_pinned": lambda: e2e_table("e2e_pinned.json"), "e2e_fp8": lambda: e2e_table("e2e_fp8.json"),
           "decode_sequence": decode_sequence_table, "fidelity": fidelity_table, "sample_attention_fidelity": sample_attention_fidelity_table, "sample_attention": sample_attention_table, "decode_fidelity": decode_fidelity_table, "prefill": prefill_table,
           "decode": decode_table, "eval": eval_table, "profile_comparison": profile_comparison_table,
           "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table, "late_keys": late_keys_table,

@@ -322,3 +322,24 @@ def test_fp8_pages_follow_model_dtype_pages_through_prefill_decode_and_a_continu
 def test_kv_dtype_is_validated():
     with pytest.raises(ValueError, match="kv_dtype"):
         SparseConfig(kv_dtype="int4")
+
+
+@torch.no_grad()
+def test_beam_reordering_moves_fp8_pages_as_bytes(monkeypatch):
+    """Beam search reorders the cache's rows: FP8 pages, their scales and the ring move with their row (as bytes:
+    indexing of e4m3 tensors is missing from some PyTorch builds)."""
+    monkeypatch.setattr(fp8_format, "RECENT", 32)
+    model = _patched(layers=1, fraction=0.0, heads=4, kv_heads=2, kv_dtype="fp8")
+    layer = SparseCache(model).layers[0]
+    tokens = torch.randn(2, 2, 50, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    layer.update(tokens, tokens)
+    layer.append(tokens, -tokens, torch.zeros(2, dtype=torch.long, device=DEVICE))
+    before = {k: v.clone() for k, v in layer._tensors.items()}
+    layer.reorder_cache(torch.tensor([1, 0], device=DEVICE))
+    for name in ("dense_key", "dense_value", "key_scale", "recent_key", "key_min"):
+        assert layer._tensors[name].dtype == before[name].dtype
+        swapped = before[name].view(torch.uint8) if before[name].dtype == FP8 else before[name]
+        now = layer._tensors[name].view(torch.uint8) if layer._tensors[name].dtype == FP8 else layer._tensors[name]
+        assert torch.equal(now, swapped.flip(0)), name
+    layer.batch_repeat_interleave(2)
+    assert layer._tensors["dense_key"].shape[0] == 4 and layer._tensors["dense_key"].dtype == FP8
