@@ -326,8 +326,8 @@ def test_kv_dtype_is_validated():
 
 @torch.no_grad()
 def test_beam_reordering_moves_fp8_pages_as_bytes(monkeypatch):
-    """Beam search reorders the cache's rows: FP8 pages, their scales and the ring move with their row (as bytes:
-    indexing of e4m3 tensors is missing from some PyTorch builds)."""
+    """Beam search reorders the cache's rows: FP8 pages, their scales and the ring move with their row, the pages
+    still e4m3."""
     monkeypatch.setattr(fp8_format, "RECENT", 32)
     model = _patched(layers=1, fraction=0.0, heads=4, kv_heads=2, kv_dtype="fp8")
     layer = SparseCache(model).layers[0]

@@ -166,11 +166,7 @@ class SparseLayer(CacheLayerMixin):
 
     def _map_batch(self, fn) -> None:
         for name, tensor in self._tensors.items():
-            if name == "ring_pos":  # ring slots are shared by all rows
-                continue
-            if tensor.dtype == FP8:  # as bytes: index_select of e4m3 is missing from some PyTorch builds
-                self._tensors[name] = fn(tensor.view(torch.uint8)).view(FP8)
-            else:
+            if name != "ring_pos":  # ring slots are shared by all rows
                 self._tensors[name] = fn(tensor)
         if self.is_initialized:
             self.batch = len(fn(torch.arange(self.batch, device=self.device)))

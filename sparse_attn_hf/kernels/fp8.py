@@ -48,7 +48,9 @@ def page_scales(x: torch.Tensor, page_size: int) -> torch.Tensor:
     if length % page_size:
         raise ValueError(f"{length} tokens are not whole pages of {page_size}: quantize sealed pages only.")
     amax = x.detach().abs().reshape(batch, heads, length // page_size, page_size * dim).amax(-1).float()
-    return (amax / E4M3_MAX).clamp_min(MIN_SCALE)
+    # a tensor divisor: PyTorch's CUDA kernels divide by a Python number as a multiplication by its reciprocal (one
+    # ulp off IEEE division, which the append kernel and the CPU do)
+    return torch.div(amax, torch.full_like(amax, E4M3_MAX)).clamp_min(MIN_SCALE)
 
 
 def quantize_pages(x: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:

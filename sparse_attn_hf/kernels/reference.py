@@ -377,9 +377,7 @@ def append_token_reference(key: torch.Tensor, value: torch.Tensor, tensors: dict
                 if slot % page == 0 and slot >= size:  # the ring's oldest page leaves it: sealed first
                     leaving = torch.arange(slot - size, slot - size + page, device=ring.device)
                     codes, scales = quantize_pages(ring[:, at][:, :, leaving % size], page)
-                    # stored as bytes: indexed writes of e4m3 are missing from some PyTorch builds (CUDA 2.11)
-                    tensors["dense_" + name].view(torch.uint8)[:, at, slot - size : slot - size + page] = codes.view(
-                        torch.uint8)
+                    tensors["dense_" + name][:, at, slot - size : slot - size + page] = codes
                     tensors[name + "_scale"][:, at, (slot - size) // page] = scales[:, :, 0]
                 ring[:, at, slot % size] = x[:, dense]
         else:
