@@ -82,6 +82,10 @@ class SparseLayer(CacheLayerMixin):
             name = torch.cuda.get_device_name(self.device)
             raise ValueError(f"SparseConfig(kv_dtype='fp8') needs a GPU of compute capability 8.9 or newer (H100, L4, "
                              f"RTX 40xx) for its e4m3 kernels; {name} is older: use kv_dtype='auto'.")
+        if self.fp8 and self.device.type != "cuda":
+            warn_once("sparse_attn_hf: kv_dtype='fp8' on a CPU stores e4m3 pages but has no kernel to read them: each "
+                      "decode step reads the pages back in the model's dtype (the reference), slower than "
+                      "kv_dtype='auto' and with a temporary of their size. FP8 pages pay on CUDA.")
         # index tables of the model's head labels, on this device (shared, built once per model)
         self.dense_idx, self.stream_idx, self.head_kind, self.head_slot = self.sequence.owner.head_tables(
             self.layer_idx, self.device)
