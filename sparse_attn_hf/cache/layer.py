@@ -360,14 +360,15 @@ class SparseLayer(CacheLayerMixin):
                 part = part.masked_fill((slots[None, :] < kv_start[:, None])[:, None, :, None], 0)
             parts.append(part)
         self._refresh_page_statistics(first, end, kv_start, source=parts[0], base=base)
-        kept = torch.arange(max(sealed, base), end, device=key.device)  # the newest pages: into the ring
+        kept = max(sealed, base)  # slots kept..end-1, the newest pages, go to the ring
+        places = torch.arange(kept, end, device=key.device) % recent
         for part, name in zip(parts, ("key", "value")):
             codes, scales = t["dense_" + name], t[name + "_scale"]
             for lo in range(base, sealed, _FP8_CHUNK):
                 hi = min(lo + _FP8_CHUNK, sealed)
                 codes[:, :, lo:hi], scales[:, :, lo // page : hi // page] = quantize_pages(
                     part[:, :, lo - base : hi - base], page)
-            t["recent_" + name].index_copy_(2, kept % recent, part[:, :, kept[0] - base :])  # end > sealed: not empty
+            t["recent_" + name].index_copy_(2, places, part[:, :, kept - base :])
         if first == 0:
             return new_key, new_value
         return tuple(self._read_back(name, base, part) for name, part in zip(("key", "value"), parts))

@@ -257,12 +257,12 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, visible: Visibility, 
     if fp8:
         ks, vs, tk, tv = kv.key_scale, kv.value_scale, kv.recent_key, kv.recent_value
         if ks.stride() != vs.stride() or tk.stride() != tv.stride():
-            raise ValueError("FP8 pages: the key and value scales (and tails) must share one layout.")
+            raise ValueError("FP8 pages: the key and value scales (and rings) must share one layout.")
     else:  # stand-ins, never read
         ks = vs = pages
         tk = tv = dk
     scale_strides = ks.stride() if fp8 else (0, 0, 0)
-    tail_strides = tk.stride() if fp8 else (0, 0, 0, 0)
+    recent_strides = tk.stride() if fp8 else (0, 0, 0, 0)
     splits = num_splits or _num_splits(batch * num_kv, entries, query.device)
     d_pad = max(16, triton.next_power_of_2(head_dim))
     m_part = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
@@ -272,7 +272,7 @@ def paged_decode_triton(query: torch.Tensor, kv: DecodeKV, visible: Visibility, 
         query, dk, dv, pages, sk, sv, spos, rk, rv, rpos, kv_start, kv.head_kind, kv.head_slot, kv.step,
         m_part, l_part, acc_part, ks, vs, tk, tv,
         *query.stride(), *dk.stride(), *dv.stride(), *pages.stride(), *sk.stride(), *sv.stride(),
-        *spos.stride(), *rk.stride(), *rv.stride(), *scale_strides, *tail_strides,
+        *spos.stride(), *rk.stride(), *rv.stride(), *scale_strides, *recent_strides,
         n_sel, sink_cap, ring_cap, sink, local, num_kv, splits, scale * LOG2E, (softcap or 0.0) * LOG2E,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), PAGE=page, HEAD_DIM=head_dim, D_PAD=d_pad,
         UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
