@@ -416,7 +416,7 @@ def heldout_table() -> str:
              "reporting": "held out: the reporting half of CPython's reference manual",
              "alice": "held out: Alice's Adventures in Wonderland (public-domain fiction)",
              "lcet10": "held out: the LC workshop proceedings of 1992 (public-domain discussion)"}
-    selections = [s for s in SELECTIONS if any(r.get("selection") == s for r in rows)]
+    selections = [s for s in SELECTIONS if any(_selection(r) == s for r in rows)]
     lines = [
         f"Default model, profile `{Path(meta['profile']).name}` at its default streaming fraction "
         f"{meta['streaming_fraction']}; {meta['cells_per_text']} passkey and needle prompts per text (1K, 2K and "
@@ -433,7 +433,7 @@ def heldout_table() -> str:
         main = next(r for r in rows if r["text"] == text and r["setting"] == "default budget")
         per = len(main["cell_lost"]) // len(main["lengths"])
         by_length = " / ".join(str(sum(main["cell_lost"][i * per:(i + 1) * per])) for i in range(len(main["lengths"])))
-        kept = [_quarter_kept([r for r in rows if r["text"] == text and r.get("selection", "bound") == s])
+        kept = [_quarter_kept([r for r in rows if r["text"] == text and _selection(r) == s])
                 for s in selections]
         lines.append(f"| {roles.get(text, text)} | {main['dense_correct']}/{main['cells']} | {main['lost']} | "
                      f"{by_length} | {main['first_token_kl']:.4f} | {main['text_kl']:.4f} | " + " | ".join(kept) + " |")
@@ -486,7 +486,13 @@ def late_keys_table() -> str:
 
 
 SELECTIONS = {"bound": "Quest's bound alone", "two-stage": "two stages (default)", "oracle": "oracle pages",
-              "two-stage, pages of 16": "two stages, pages of 16"}
+              "two-stage, pages of 16": "two stages, pages of 16", "two-stage, fp8": "two stages, FP8 pages"}
+
+
+def _selection(row: dict) -> str:
+    """A heldout row's column: its page selection, and its page storage where that is not the model's dtype."""
+    storage = row.get("kv_dtype", "auto")
+    return row.get("selection", "bound") + ("" if storage == "auto" else f", {storage}")
 
 
 def _quarter_kept(rows: list[dict]) -> str:
