@@ -22,12 +22,14 @@ from .ops import check_dtype
 from .parallel import kv_head_slice
 from .profile import model_shape, resolve_profile
 from .routing import ForwardRouter, SparseGenerate
+from .batching import keep_sparse_attention
 from .state import ATTENTION_NAME, PatchState
 
 
 def _register() -> None:
     AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sparse_attention_mask)
+    keep_sparse_attention()  # model.generate_batch / the continuous-batching manager keep it (batching)
 
 
 def patch_model(model, profile=None, config: SparseConfig | None = None):

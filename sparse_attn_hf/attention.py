@@ -21,6 +21,7 @@ from transformers.masking_utils import flash_attention_mask
 from . import ops
 from .ops import LogitTerms, Visibility
 from ._log import log_once
+from .batching import packed_requests
 from .cache import LayerKV, PendingKV, SparseLayer
 from .methods.decode_step import DecodePlan
 from .methods.sample_attention import SampleSettings, choose_mask, window_size
@@ -52,6 +53,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError("sparse_attn_hf is for inference: call model.eval() (attention dropout is not supported).")
     if query.shape[2] == 0:
         raise ValueError("empty input (0 tokens): pass at least one token.")
+    if kwargs.get("cu_seq_lens_q") is not None and not isinstance(key, PendingKV):
+        # Transformers' continuous batching: requests packed in one row, each attended on its own
+        return packed_requests(sparse_attention_forward, module, query, key, value, scaling, kwargs)
+    request = kwargs.pop("request", None)  # one request of a packed call (batching.Request)
     batch, q_len = query.shape[0], query.shape[2]
     kv_heads = (key.key if isinstance(key, PendingKV) else key).shape[1]
     if kv_heads != state.streaming.shape[1] or query.shape[1] != kv_heads * module.num_key_value_groups:
@@ -81,7 +86,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         if sequence.is_decode_step(first, q_len):  # page selection for dense heads, decode window for streaming
             return DecodePlan.of(layer).run(layer, query, key, Visibility(kv_start), terms).unsqueeze(1), None
         dense_idx, stream_idx = layer.dense_idx, layer.stream_idx
-        dense_prompt = _dense_prompt(state, window_layer, len(stream_idx), first, q_len)
+        dense_prompt = _dense_prompt(state, window_layer, len(stream_idx), first, q_len, state.prompt_total)
         # a prompt run dense keeps all of it for its streaming heads until it ends (a later chunk attends to it)
         kv = layer.append(key.key, key.value, kv_start, ring=dense_prompt or None)
         DecodePlan.of(layer).reset(layer)  # new prompt tokens: the next decode step selects anew
@@ -92,18 +97,24 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         k_len = key.shape[2]
         # a native window layer may get only its window's keys (Transformers' sliding cache layers): the rule is
         # the same in the keys' own slots, so its positions are not checked against the keys
-        if not window_layer and attention_mask is None and kwargs.get("position_ids") is not state.checked_positions:
+        if (not window_layer and attention_mask is None and request is None
+                and kwargs.get("position_ids") is not state.checked_positions):
             _check_positions(kwargs.get("position_ids"), k_len)  # once per forward, not per layer
             state.checked_positions = kwargs.get("position_ids")
         first = k_len - q_len
         kv_start = state.kv_start_for(attention_mask, batch, k_len, query.device)
         dense_idx, stream_idx = state.head_split(module.layer_idx, query.device)
-        dense_prompt = _dense_prompt(state, window_layer, len(stream_idx), first, q_len)
+        # a request of a packed call: its prompt whole (first 0) decides as a forward without a cache does
+        total = state.prompt_total if request is None else (None if request.first == 0 else 0)
+        dense_prompt = 0 if request is not None and request.decode else _dense_prompt(
+            state, window_layer, len(stream_idx), first, q_len, total)
         kv = None  # split below, unless every head runs dense
         padded = attention_mask is not None
         whole, every_key, every_value = True, key, value
     settings = state.settings
-    sink, local, _ = state.rule(module.layer_idx)
+    sink, local, decode_local = state.rule(module.layer_idx)
+    if request is not None and request.decode:  # a decode step of a packed call: streaming heads' decode window
+        local = decode_local
     visible = Visibility(kv_start, sink=sink, local=local, q_first=first)
     sample, sample_note = _sample_settings(state, module.layer_idx, q_len, first + q_len)
     if window_layer:  # its window must bind somewhere for the streaming kernel to be needed; else dense is exact
@@ -144,10 +155,11 @@ def _layer_record(state, layer: int, streaming: int, dense: int, sample, note: s
     return entry
 
 
-def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: int) -> int:
-    """``methods.streaming.dense_prompt`` with this model's settings and the prompt this forward belongs to."""
+def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: int, total: int | None = 0) -> int:
+    """``methods.streaming.dense_prompt`` with this model's settings and the prompt this forward belongs to (``total``,
+    as ``PatchState.prompt_total``)."""
     settings = state.settings
-    return dense_prompt(state.prompt_total, streaming_from=settings.streaming_from, sink=settings.sink_size,
+    return dense_prompt(total, streaming_from=settings.streaming_from, sink=settings.sink_size,
                         local=settings.local_size, window_layer=window_layer, n_stream=n_stream, first=first,
                         q_len=q_len)
 

@@ -46,6 +46,8 @@ def why_stock_forward(state, args, kwargs) -> str | None:
     cache = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
     if kwargs.get("output_attentions") or getattr(state.config, "output_attentions", False):
         return "attention weights were requested (output_attentions=True); the package's kernels never form them"
+    if kwargs.get("cu_seq_lens_q") is not None:  # continuous batching: packed requests the attention splits (batching)
+        return None
     mask = kwargs.get("attention_mask")
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if isinstance(mask, torch.Tensor) and mask.ndim == 4:

@@ -1,0 +1,79 @@
+"""Transformers' continuous batching (``model.generate_batch``, the ``ContinuousBatchingManager``) on a patched model:
+the first step of issue 33, on the CPU.
+
+The manager accepts only its own attention implementations (``paged|eager``, ``sdpa``, flash ones) and switches a
+model to one of them; a name containing "flash" cannot be registered (Transformers looks for a hub kernel of that
+name). :func:`keep_sparse_attention` lets a model patched by this package keep its attention; every other model is
+switched as before. The manager then passes the attention function all scheduled requests packed in one row, with no
+mask: queries [1, Hq, sum of new tokens, D], keys and values [1, Hkv, sum of (past + new), D] read back from its
+paged cache, and ``cu_seq_lens_q`` / ``cu_seq_lens_k`` marking each request. :func:`packed_requests` attends each
+request on its own, by the package's rule for a forward that holds the request's whole sequence: a request's
+prompt is a prefill (every head dense while the window would cover most of it, as ``generate()`` decides), a
+one-token step with a past is a decode step (streaming heads: sink + the decode window; dense heads: every stored
+token).
+
+Not yet (issue 33): page selection in decode steps (the paged cache keeps no page statistics: dense heads attend to
+every token, exact), giving back the streaming heads' blocks, a loop without host reads (``cu_seq_lens`` are read on
+the host once per layer) for the manager's CUDA graphs, the serving entry point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+_BATCHING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
+                  "block_table", "logits_indices", "logits_processor_args", "position_ids")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a packed continuous-batching call: a decode step (one new token after a past) or a prefill
+    (its prompt, whole when ``first`` is 0)."""
+
+    decode: bool
+    first: int
+
+
+def keep_sparse_attention() -> None:
+    """Let ``ContinuousBatchingManager`` keep the attention of a model patched by this package (idempotent; other
+    models are switched as Transformers does). A no-op where Transformers has no continuous batching."""
+    try:
+        from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+    except ImportError:
+        return
+    original = ContinuousBatchingManager.switch_to_cb_friendly_attn
+    if getattr(original, "_sparse_attn_hf", False):
+        return
+
+    def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
+        state = getattr(model, "_sparse_attn_state", None)
+        if state is not None and state.active:
+            return  # the package's attention serves packed requests (packed_requests)
+        original(self, model, auto_switch_to_flash)
+
+    switch_to_cb_friendly_attn._sparse_attn_hf = True
+    ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
+
+
+def packed_requests(attend, module, query, key, value, scaling, kwargs: dict):
+    """The attention of a packed continuous-batching call: each request attended on its own by ``attend`` (the
+    package's attention function, given ``request=Request(...)``), written into its rows. Returns (output [1,
+    sum of new tokens, Hq, D], None)."""
+    if query.shape[0] != 1:
+        raise ValueError(f"a continuous-batching call packs its requests in one row, got a batch of {query.shape[0]}.")
+    cu_q = kwargs["cu_seq_lens_q"].tolist()  # host reads, once per layer (issue 33: none for the manager's graphs)
+    cu_k = kwargs["cu_seq_lens_k"].tolist()
+    positions = kwargs.get("position_ids")
+    rest = {name: item for name, item in kwargs.items() if name not in _BATCHING_KEYS}
+    out = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
+    for r in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[r], cu_q[r + 1], cu_k[r], cu_k[r + 1]
+        if q1 == q0:  # a place the manager pads its request count with
+            continue
+        first = (k1 - k0) - (q1 - q0)
+        request = Request(decode=q1 - q0 == 1 and first > 0, first=first)
+        request_positions = None if positions is None else positions[:, q0:q1]
+        out[:, q0:q1] = attend(module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], None, scaling,
+                               position_ids=request_positions, request=request, **rest)[0]
+    return out, None

@@ -1,0 +1,68 @@
+"""Transformers' continuous batching (``model.generate_batch``) on a patched model: the package's attention serves the
+packed requests, each by the rule a single ``generate()`` applies (issue 33's first step, on the CPU)."""
+
+import pytest
+import torch
+from helpers import random_ids, tiny_model
+
+from sparse_attn_hf import Profile, SparseConfig, batching, patch_model, unpatch_model
+
+pytest.importorskip("transformers.generation.continuous_batching")
+from transformers import GenerationConfig  # noqa: E402
+
+GREEDY = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+def _patched(streaming_from):
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16, logical_page_size=4, decode_local_size=8,
+        streaming_from=streaming_from))
+    return model
+
+
+def _batch(model, prompts):
+    out = model.generate_batch(inputs=prompts, generation_config=GREEDY)
+    return [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("streaming_from", [0, None], ids=["window", "cost-model"])
+def test_generate_batch_gives_each_request_what_generate_gives_it(streaming_from, monkeypatch):
+    """Requests of 9, 40 and 70 tokens batched together: each request's greedy tokens equal the patched model's own
+    generate() of its prompt (streaming heads: sink 4 + window 24 in prefill, the decode window 8 after; dense
+    heads exact), and the package's attention served every packed call."""
+    model = _patched(streaming_from)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (9, 40, 70)]
+    served = []
+    packed = batching.packed_requests
+    monkeypatch.setattr("sparse_attn_hf.attention.packed_requests",
+                        lambda *args: served.append(1) or packed(*args))
+    got = _batch(model, prompts)
+    assert served, "the packed calls did not reach the package's attention"
+    for prompt, tokens in zip(prompts, got):
+        alone = model.generate(torch.tensor([prompt]), generation_config=GREEDY)[0, len(prompt):].tolist()
+        assert tokens == alone
+    unpatch_model(model)
+    stock = _batch(model, prompts)  # the same model unpatched: the manager switches it as before (sdpa)
+    assert stock != got, "the streaming heads' window should change some answer of these random weights"
+
+
+def test_requests_of_a_packed_call_are_told_apart():
+    """The manager's packing: a prompt (no past), a decode step (one token after a past), a prompt chunk after a
+    past, and an empty place (its request count padded) are attended as such."""
+    calls = []
+
+    def attend(module, q, k, v, mask, scaling, position_ids=None, request=None, **kwargs):
+        calls.append((q.shape[2], k.shape[2], request))
+        return q.transpose(1, 2) * 0 + len(calls), None
+
+    q = torch.randn(1, 2, 1 + 1 + 3, 4)
+    k = torch.randn(1, 1, 5 + 8 + 6, 4)
+    cu_q, cu_k = torch.tensor([0, 1, 2, 5, 5]), torch.tensor([0, 5, 13, 19, 19])
+    out, _ = batching.packed_requests(attend, None, q, k, k, 0.5, {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k,
+                                                                   "position_ids": torch.arange(5)[None]})
+    assert [(n_q, n_k) for n_q, n_k, _ in calls] == [(1, 5), (1, 8), (3, 6)]
+    assert [c[2] for c in calls] == [batching.Request(True, 4), batching.Request(True, 7), batching.Request(False, 3)]
+    assert out.shape == (1, 5, 2, 4) and out[0, :, 0, 0].tolist() == [1, 2, 3, 3, 3]
