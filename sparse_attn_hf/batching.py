@@ -37,13 +37,13 @@ class Request:
 
 def keep_sparse_attention() -> None:
     """Let ``ContinuousBatchingManager`` keep the attention of a model patched by this package (idempotent; other
-    models are switched as Transformers does). A no-op where Transformers has no continuous batching."""
+    models are switched as Transformers does). A no-op where Transformers has no such switch (releases before it)."""
     try:
         from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
     except ImportError:
         return
-    original = ContinuousBatchingManager.switch_to_cb_friendly_attn
-    if getattr(original, "_sparse_attn_hf", False):
+    original = getattr(ContinuousBatchingManager, "switch_to_cb_friendly_attn", None)
+    if original is None or getattr(original, "_sparse_attn_hf", False):  # an older release, or done already
         return
 
     def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:

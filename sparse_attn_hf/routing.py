@@ -8,7 +8,9 @@ user is told once, as a WARNING, why; ``last_call(model)`` records it too. Serve
 
 * attention weights requested (``output_attentions``): the package's kernels never form them;
 * a 4D attention mask, or a 2D mask whose padding is not on the left (right padding, a gap inside a row);
-* packed rows: ``position_ids`` that restart inside a row (several sequences back to back);
+* packed rows: ``position_ids`` that restart inside a row (several sequences back to back), except the packed calls
+  of Transformers' continuous batching, which carry each request's bounds (``cu_seq_lens_q``) and are served
+  sparsely (``batching``);
 * a cache that returns stored slots rather than every token in order (``StaticCache`` and its kin);
 * in ``generate()``: assisted decoding and prompt lookup (they roll the cache back, which a ring buffer cannot), a
   ``cache_implementation`` the package cannot honour (``offloaded``, ``quantized``, ``offloaded_static``, ...), a

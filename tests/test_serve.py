@@ -1,0 +1,60 @@
+"""``python -m sparse_attn_hf.serve``: the default model behind continuous batching, reached through a real HTTP client
+on loopback; every answer is the patched model's own greedy ``generate()`` of the same prompt."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("transformers.generation.continuous_batching")
+
+from sparse_attn_hf import patched  # noqa: E402
+from sparse_attn_hf.serve import BatchingServer  # noqa: E402
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@torch.no_grad()
+def test_concurrent_requests_get_what_generate_gives(default_model):
+    model, tokenizer = default_model
+    prompts = [("The capital of France is", 6), ("def fibonacci(n):", 9), ("Once upon a time, in a small village,", 4)]
+    with patched(model):
+        server = BatchingServer(model, tokenizer, name="default", max_tokens=16)
+        try:
+            url = server.address + "/v1"
+            with urllib.request.urlopen(url + "/models", timeout=30) as response:
+                assert json.loads(response.read())["data"][0]["id"] == "default"
+            answers = [None] * len(prompts)
+
+            def ask(i):  # the requests arrive together and join one batch
+                answers[i] = _post(url + "/completions", {"prompt": prompts[i][0], "max_tokens": prompts[i][1]})
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            chat = _post(url + "/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
+                                                     "max_tokens": 5})
+            refused = _post(url + "/completions", {"prompt": "Hi", "temperature": 0.7})
+        finally:
+            server.close()
+        for (prompt, limit), (status, body) in zip(prompts, answers):
+            assert status == 200, body
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            alone = model.generate(ids, max_new_tokens=limit, do_sample=False, eos_token_id=server.eos,
+                                   pad_token_id=server.eos)[0, ids.shape[1]:]
+            assert body["choices"][0]["text"] == tokenizer.decode(alone, skip_special_tokens=True)
+            assert body["usage"]["completion_tokens"] == len(alone) <= limit
+    assert chat[0] == 200 and chat[1]["choices"][0]["message"]["role"] == "assistant"
+    assert refused[0] == 400 and "greedy" in refused[1]["error"]["message"]
