@@ -716,25 +716,29 @@ def test_decode_graph_replays_only_the_calls_it_captured():
     assert not _same_arguments({"x": torch.ones(1)}, {"x": torch.ones(1)})  # another tensor: not the same call
 
 
-def _compile_mode_model():
+def _compile_mode_model(kv_dtype="auto"):
     model = tiny_model("llama", heads=4, kv_heads=2, layers=2).to(DEVICE)
     scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
     patch_model(model, Profile.from_scores(model, scores), SparseConfig(
         streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16, logical_page_size=4, token_budget=32,
-        reuse_interval=4, decode_compile=True))
+        reuse_interval=4, decode_compile=True, kv_dtype=kv_dtype))
     return model
 
 
 @torch.no_grad()
-def test_compiled_decode_steps_compile_once_for_every_step_and_prompt_of_a_bucket():
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_compiled_decode_steps_compile_once_for_every_step_and_prompt_of_a_bucket(kv_dtype, monkeypatch):
     """SparseConfig(decode_compile=True): torch.compile(fullgraph=True) traces a decode step whole (the decode
     ops are registered operators) and, since the step reads no host value that changes per step or per prompt,
     16 steps and then a prompt of another length in the same capacity bucket (128) compile one graph in all.
     The compiled steps, with page selection and reuse active, give the eager logits; the host length catches
-    up from the device."""
+    up from the device. With FP8 pages too (a ring of two pages: steps seal pages)."""
     from torch._dynamo.utils import counters
 
-    model = _compile_mode_model()
+    from sparse_attn_hf.kernels import fp8
+
+    monkeypatch.setattr(fp8, "RECENT", 32)
+    model = _compile_mode_model(kv_dtype)
 
     def step(token, position, cache):
         return model(token, position_ids=position, **{CACHE_ARG: cache}).logits
