@@ -3,8 +3,9 @@ the first step of issue 33, on the CPU.
 
 The manager accepts only its own attention implementations (``paged|eager``, ``sdpa``, flash ones) and switches a
 model to one of them; a name containing "flash" cannot be registered (Transformers looks for a hub kernel of that
-name). :func:`keep_sparse_attention` lets a model patched by this package keep its attention; every other model is
-switched as before. The manager then passes the attention function all scheduled requests packed in one row, with no
+name). :func:`keep_sparse_attention` lets a model patched by this package keep its attention on the CPU (on a GPU the
+manager switches it as any model, with a WARNING: the path below is not yet measured there, and its host reads would
+stall the GPU); every other model is switched as before. The manager then passes the attention function all scheduled requests packed in one row, with no
 mask: queries [1, Hq, sum of new tokens, D], keys and values [1, Hkv, sum of (past + new), D] read back from its
 paged cache, and ``cu_seq_lens_q`` / ``cu_seq_lens_k`` marking each request. :func:`packed_requests` attends each
 request on its own, by the package's rule for a forward that holds the request's whole sequence: a request's
@@ -20,6 +21,8 @@ the host once per layer) for the manager's CUDA graphs, the serving entry point.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ._log import warn_once
 
 
 _BATCHING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
@@ -49,7 +52,11 @@ def keep_sparse_attention() -> None:
     def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
         state = getattr(model, "_sparse_attn_state", None)
         if state is not None and state.active:
-            return  # the package's attention serves packed requests (packed_requests)
+            if model.device.type != "cuda":
+                return  # the package's attention serves packed requests (packed_requests)
+            warn_once("sparse_attn_hf: continuous batching on a GPU runs Transformers' own attention for now: the "
+                      "package's per-request path is not measured there yet and reads the host once per layer "
+                      "(issue 33); generate() keeps the sparse path.")
         original(self, model, auto_switch_to_flash)
 
     switch_to_cb_friendly_attn._sparse_attn_hf = True

@@ -66,3 +66,36 @@ def test_requests_of_a_packed_call_are_told_apart():
     assert [(n_q, n_k) for n_q, n_k, _ in calls] == [(1, 5), (1, 8), (3, 6)]
     assert [c[2] for c in calls] == [batching.Request(True, 4), batching.Request(True, 7), batching.Request(False, 3)]
     assert out.shape == (1, 5, 2, 4) and out[0, :, 0, 0].tolist() == [1, 2, 3, 3, 3]
+
+
+@torch.no_grad()
+def test_requests_joining_and_leaving_a_running_batch_keep_their_answers():
+    """A request that arrives while others decode, and one cancelled among them: every request that finishes gets
+    what generate() gives its prompt alone."""
+    import time
+
+    model = _patched(0)
+    prompts = {name: random_ids(1, n, seed=n)[0].tolist() for name, n in (("long", 70), ("short", 20), ("late", 33),
+                                                                            ("cancelled", 45))}
+    limits = {"long": 40, "short": 6, "late": 10, "cancelled": 40}
+    manager = model.init_continuous_batching(generation_config=GREEDY)
+    manager.start()
+    try:
+        for name in ("long", "short", "cancelled"):
+            manager.add_request(prompts[name], request_id=name, max_new_tokens=limits[name], eos_token_id=-1)
+        first = manager.get_result(timeout=60)  # the batch is decoding: "short" finishes first
+        assert first is not None
+        manager.cancel_request("cancelled")
+        manager.add_request(prompts["late"], request_id="late", max_new_tokens=limits["late"], eos_token_id=-1)
+        results = {first.request_id: first}
+        deadline = time.time() + 120
+        while not {"long", "short", "late"} <= results.keys() and time.time() < deadline:
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                results[result.request_id] = result
+    finally:
+        manager.stop(block=True)
+    for name in ("long", "short", "late"):
+        alone = model.generate(torch.tensor([prompts[name]]), generation_config=GREEDY,
+                               max_new_tokens=limits[name])[0, len(prompts[name]):].tolist()
+        assert results[name].generated_tokens == alone, name
