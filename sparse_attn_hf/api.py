@@ -18,7 +18,7 @@ from . import models, warm_up
 from ._log import log_once, logger
 from .attention import sparse_attention_forward, sparse_attention_mask
 from .config import SparseConfig
-from .ops import check_dtype
+from .ops import check_dtype, check_fp8_device
 from .parallel import kv_head_slice
 from .profile import model_shape, resolve_profile
 from .routing import ForwardRouter, SparseGenerate
@@ -57,6 +57,9 @@ def patch_model(model, profile=None, config: SparseConfig | None = None):
     heads = kv_head_slice(model, model_shape(model)["num_kv_heads"])  # tensor parallelism: this rank's heads
     profile = resolve_profile(model, profile)
     settings = (config or SparseConfig()).resolve(profile)
+    if settings.kv_dtype == "fp8":  # every device the model lives on can hold e4m3 pages
+        for device in {p.device for p in model.parameters()}:
+            check_fp8_device(device)
     modules = models.attention_modules(model)
     if len(modules) != profile.num_layers:
         raise ValueError(f"found {len(modules)} attention modules, the profile has {profile.num_layers} layers.")

@@ -343,3 +343,13 @@ def test_beam_reordering_moves_fp8_pages_as_bytes(monkeypatch):
         assert torch.equal(now, swapped.flip(0)), name
     layer.batch_repeat_interleave(2)
     assert layer._tensors["dense_key"].shape[0] == 4 and layer._tensors["dense_key"].dtype == FP8
+
+
+def test_fp8_pages_on_a_gpu_older_than_ada_are_refused_at_patch_time(monkeypatch):
+    """e4m3 in Triton needs compute capability 8.9: an A100 gets a clear error from patch_model, not a compile
+    failure in the first decode step."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match="compute capability 8.9.*A100.*kv_dtype='auto'"):
+        fp8_format.check_device(torch.device("cuda", 0))
+    fp8_format.check_device(torch.device("cpu"))  # the references run there

@@ -8,7 +8,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .. import ops
 from .._log import warn_once
-from ..kernels.fp8 import FP8, first_recent_page, quantize_pages, recent_tokens
+from ..kernels.fp8 import FP8, check_device, first_recent_page, quantize_pages, recent_tokens
 from ..kernels.layout import STEP_SEEN, STEP_TAIL, DecodeKV
 from .sequence import SequenceState
 from .views import LayerKV, PendingKV
@@ -78,10 +78,8 @@ class SparseLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, _, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        if self.fp8 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
-            name = torch.cuda.get_device_name(self.device)
-            raise ValueError(f"SparseConfig(kv_dtype='fp8') needs a GPU of compute capability 8.9 or newer (H100, L4, "
-                             f"RTX 40xx) for its e4m3 kernels; {name} is older: use kv_dtype='auto'.")
+        if self.fp8:
+            check_device(self.device)  # the model may have moved since patch_model checked
         if self.fp8 and self.device.type != "cuda":
             warn_once("sparse_attn_hf: kv_dtype='fp8' on a CPU stores e4m3 pages but has no kernel to read them: each "
                       "decode step reads the pages back in the model's dtype (the reference), slower than "

@@ -31,6 +31,15 @@ FP8 = torch.float8_e4m3fn
 RECENT = 256  # the newest tokens a dense head keeps in the model's dtype (at least one page)
 
 
+def check_device(device: torch.device) -> None:
+    """FP8 pages on ``device``: e4m3 in Triton needs compute capability 8.9 or newer on a GPU (a clear error, not a
+    compile failure in the first decode step); a CPU runs the references."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"SparseConfig(kv_dtype='fp8') needs a GPU of compute capability 8.9 or newer (H100, L4, "
+                         f"RTX 40xx) for its e4m3 kernels; {torch.cuda.get_device_name(device)} is older: use "
+                         "kv_dtype='auto'.")
+
+
 def recent_tokens(page_size: int) -> int:
     """The ring's size for pages of ``page_size``: :data:`RECENT` tokens in whole pages, at least one page."""
     return max(RECENT // page_size, 1) * page_size

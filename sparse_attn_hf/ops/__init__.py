@@ -7,6 +7,7 @@ and ``dense`` hold the prefill ops, ``decode`` the decode step's, ``custom_ops``
 
 from . import custom_ops  # noqa: F401 - registers the decode ops with torch.library
 from .decode import append_token, compile_top_pages, paged_decode, physical_page_scores, shortlist_pages, top_pages
+from ..kernels.fp8 import check_device as check_fp8_device
 from ..kernels.layout import LogitTerms, Visibility
 from .dense import dense_attention, split_causal_attention
 from .dispatch import KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM, SUPPORTED_DTYPES, check_dtype, decode_on_host, set_backend
@@ -14,7 +15,7 @@ from .prefill import sampled_column_scores, sparse_attention, stripe_attention
 
 __all__ = [
     "KERNEL_DTYPES", "KERNEL_MAX_HEAD_DIM", "LogitTerms", "SUPPORTED_DTYPES", "Visibility", "append_token",
-    "check_dtype", "compile_top_pages",
+    "check_dtype", "check_fp8_device", "compile_top_pages",
     "decode_on_host", "dense_attention", "paged_decode", "physical_page_scores", "sampled_column_scores",
     "set_backend", "shortlist_pages", "sparse_attention", "split_causal_attention", "stripe_attention", "top_pages",
 ]
