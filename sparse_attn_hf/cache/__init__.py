@@ -30,7 +30,7 @@ The cache only stores; the attention function decides. Its objects form no refer
 a :class:`SequenceState`, which points at nothing), so its memory is freed as soon as it is dropped.
 
 The package: ``views`` (what a prefill reads), ``sequence`` (what the layers share), ``layer`` (one layer's
-storage), ``sparse_cache`` (the Transformers adapter).
+storage), ``fp8_pages`` (its FP8 pages, ``SparseConfig(kv_dtype="fp8")``), ``sparse_cache`` (the Transformers adapter).
 """
 
 from .layer import SparseLayer, head_runs
