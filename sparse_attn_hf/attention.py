@@ -155,7 +155,7 @@ def _layer_record(state, layer: int, streaming: int, dense: int, sample, note: s
     return entry
 
 
-def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: int, total: int | None = 0) -> int:
+def _dense_prompt(state, window_layer: bool, n_stream: int, first: int, q_len: int, total: int | None) -> int:
     """``methods.streaming.dense_prompt`` with this model's settings and the prompt this forward belongs to (``total``,
     as ``PatchState.prompt_total``)."""
     settings = state.settings

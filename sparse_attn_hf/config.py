@@ -86,8 +86,8 @@ class SparseConfig:
             earlier text (plus sink).
         kv_dtype: how dense heads store their sealed pages. ``"auto"`` (the default): in the model's dtype.
             ``"fp8"``: in e4m3 with a float32 scale per page and KV head (``sparse_attn_hf.kernels.fp8``), half the
-            bytes of bfloat16 pages, read back in the kernels' registers; the open page, the streaming heads and the
-            page statistics stay in the model's dtype. Each element keeps ``max(|x| 2^-4, scale 2^-10)``. CUDA needs
+            bytes of bfloat16 pages, read back in the kernels' registers; the newest 256 tokens, the streaming heads
+            and the page statistics stay in the model's dtype. Each element keeps ``max(|x| 2^-4, scale 2^-10)``. CUDA needs
             compute capability 8.9 or newer (H100, L4, RTX 40xx); a CPU runs the reference.
 
     Example:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.fp8 import first_recent_page, quantize_pages
+from ..kernels.fp8 import dequantize_pages, first_recent_page, quantize_pages
 
 _FP8_CHUNK = 1 << 16  # tokens quantized or read back per step (bounds the float32 temporaries)
 
@@ -60,10 +60,9 @@ class FP8Pages:
         temporary of the layer's dense heads; the float32 work chunked)."""
         t, page = self._tensors, self.page_size
         out = rest.new_empty(*rest.shape[:2], base + rest.shape[2], rest.shape[3])
-        for lo in range(0, base, _FP8_CHUNK):  # codes (exact in the model's dtype) times scales, one pass each
+        for lo in range(0, base, _FP8_CHUNK):
             hi = min(lo + _FP8_CHUNK, base)
-            codes = t["dense_" + name][:, :, lo:hi].to(self.dtype).unflatten(2, (-1, page))
-            torch.mul(codes, t[name + "_scale"][:, :, lo // page : hi // page, None, None],
-                      out=out[:, :, lo:hi].unflatten(2, (-1, page)))
+            dequantize_pages(t["dense_" + name][:, :, lo:hi], t[name + "_scale"][:, :, lo // page : hi // page], page,
+                             out=out[:, :, lo:hi])
         out[:, :, base:] = rest
         return out

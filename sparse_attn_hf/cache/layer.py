@@ -80,10 +80,10 @@ class SparseLayer(FP8Pages, CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.fp8:
             check_device(self.device)  # the model may have moved since patch_model checked
-        if self.fp8 and self.device.type != "cuda":
-            warn_once("sparse_attn_hf: kv_dtype='fp8' on a CPU stores e4m3 pages but has no kernel to read them: each "
-                      "decode step reads the pages back in the model's dtype (the reference), slower than "
-                      "kv_dtype='auto' and with a temporary of their size. FP8 pages pay on CUDA.")
+            if self.device.type != "cuda":
+                warn_once("sparse_attn_hf: kv_dtype='fp8' on a CPU stores e4m3 pages but has no kernel to read them: "
+                          "each decode step reads the pages back in the model's dtype (the reference), slower than "
+                          "kv_dtype='auto' and with a temporary of their size. FP8 pages pay on CUDA.")
         # index tables of the model's head labels, on this device (shared, built once per model)
         self.dense_idx, self.stream_idx, self.head_kind, self.head_slot = self.sequence.owner.head_tables(
             self.layer_idx, self.device)

@@ -116,7 +116,7 @@ def append_token_triton(key: torch.Tensor, value: torch.Tensor, tensors: dict, *
     if fp8:
         ks, vs, tk, tv = tensors["key_scale"], tensors["value_scale"], tensors["recent_key"], tensors["recent_value"]
         if ks.stride() != vs.stride() or tk.stride() != tv.stride() or dk.stride() != dv.stride():
-            raise ValueError("FP8 pages: keys and values (codes, scales, tails) must share one layout.")
+            raise ValueError("FP8 pages: keys and values (codes, scales, rings) must share one layout.")
     else:  # stand-ins, never read
         ks = vs = pos_spare
         tk = tv = spare

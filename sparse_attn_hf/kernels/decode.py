@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import _first_recent_page
 from .layout import STEP_SEEN, STEP_TAIL, DecodeKV, LogitTerms, Visibility
 from .online_softmax import LOG2E, _logits, _softmax_step
 
@@ -116,7 +117,7 @@ def _decode_split_kernel(
             TV += b * stride_tb + slot * stride_th
         tail_first = tl.load(STEP + STEP_TAIL).to(tl.int32)
         n_sel = tl.where(tail_first == 0, 0, n_sel)  # tail 0: every page, no selection
-        open_first = tl.maximum((seen - 1) // PAGE - RECENT // PAGE + 1, 0)  # FP8: pages from here are in the ring
+        open_first = _first_recent_page(seen, PAGE, RECENT)  # FP8: pages from here are in the ring
         total = n_sel + tl.cdiv(seen, PAGE) - tail_first
         per = tl.cdiv(total, num_splits)
         for e in range(split * per, tl.minimum(split * per + per, total)):

@@ -46,8 +46,15 @@ def recent_tokens(page_size: int) -> int:
 
 
 def first_recent_page(seen: int, page_size: int, recent: int) -> int:
-    """The first page still in the ring once ``seen`` tokens are stored (pages before it are sealed)."""
+    """The first page still in the ring once ``seen`` tokens are stored (pages before it are sealed); the kernels'
+    twin is :func:`_first_recent_page`."""
     return max((seen - 1) // page_size - recent // page_size + 1, 0) if seen else 0
+
+
+@triton.jit
+def _first_recent_page(seen, PAGE: tl.constexpr, RECENT: tl.constexpr):
+    """:func:`first_recent_page` in a kernel (``seen`` >= 1: a decode step has stored its token)."""
+    return tl.maximum((seen - 1) // PAGE - RECENT // PAGE + 1, 0)
 
 
 def page_scales(x: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -70,12 +77,16 @@ def quantize_pages(x: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
     return scaled.to(FP8), scales
 
 
-def dequantize_pages(q: torch.Tensor, scales: torch.Tensor, page_size: int,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_pages(q: torch.Tensor, scales: torch.Tensor, page_size: int, dtype: torch.dtype = torch.float32,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`quantize_pages` up to rounding: e4m3 [B, H, n x page_size, D] and scales [B, H, n] ->
-    ``dtype`` [B, H, n x page_size, D]."""
-    per_token = scales.repeat_interleave(page_size, dim=2)[..., None]
-    return (q.float() * per_token).to(dtype)
+    ``dtype`` [B, H, n x page_size, D] (or into ``out``). One pass: the codes, exact in any float dtype, times the
+    scales, computed in float32 and rounded once to the output's dtype."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    codes = q.to(out.dtype if out.dtype in (torch.float16, torch.bfloat16) else torch.float32)
+    torch.mul(codes.unflatten(2, (-1, page_size)), scales[..., None, None], out=out.unflatten(2, (-1, page_size)))
+    return out
 
 
 def error_bound(x: torch.Tensor, scales: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -92,8 +103,7 @@ def stored_tokens(codes: torch.Tensor, scales: torch.Tensor, recent: torch.Tenso
     sealed = first_recent_page(seen, page_size, recent.shape[2]) * page_size
     out = torch.empty(*codes.shape[:2], seen, codes.shape[3], dtype=dtype, device=codes.device)
     if sealed:
-        out[:, :, :sealed] = dequantize_pages(codes[:, :, :sealed], scales[:, :, : sealed // page_size], page_size,
-                                              dtype)
+        dequantize_pages(codes[:, :, :sealed], scales[:, :, : sealed // page_size], page_size, out=out[:, :, :sealed])
     slots = torch.arange(sealed, seen, device=codes.device)
     out[:, :, sealed:] = recent.index_select(2, slots % recent.shape[2])
     return out

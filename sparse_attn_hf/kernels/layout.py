@@ -92,8 +92,8 @@ class DecodeKV:
     ``head_kind`` [Hkv] int32 (0 dense, 1 streaming) and ``head_slot`` [Hkv] int32 (index in its
     kind's buffers) map KV heads to buffers.
     FP8 pages (``key_scale`` not None, ``kernels.fp8``): ``dense_key``/``dense_value`` hold e4m3 codes of the sealed
-    pages, ``key_scale``/``value_scale`` float32 [B, Hd, capacity / page_size] their scales, and the open page (slots
-    ``seen // page_size * page_size`` on) is in ``recent_key``/``recent_value`` [B, Hd, page_size, D], the model's dtype.
+    pages, ``key_scale``/``value_scale`` float32 [B, Hd, capacity / page_size] their scales, and the newest pages are
+    in the ring ``recent_key``/``recent_value`` [B, Hd, R, D] (slot ``p`` at ``p % R``), the model's dtype.
     """
 
     step: torch.Tensor

@@ -148,7 +148,7 @@ def block_sparse_attention_reference(query, key, value, *, mask, kv_start, scale
 
 def dense_tokens(kv: DecodeKV, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense heads' keys and values of slots 0..seen-1 [B, Hd, seen, D]: views of the buffers, or FP8 pages read
-    back (dequantized, then the open page) as ``dtype`` (default float32)."""
+    back (dequantized, then the ring's newest pages) as ``dtype`` (default float32)."""
     seen = kv.seen
     if kv.key_scale is None:
         return kv.dense_key[:, :, :seen], kv.dense_value[:, :, :seen]

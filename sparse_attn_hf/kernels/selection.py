@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import _first_recent_page
 from .online_softmax import LOG2E, _logits
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -260,8 +261,7 @@ def _shortlist_page_kernel(
     slots = page * PAGE + tl.arange(0, PAGE)
     real = (slots >= tl.load(KV_START + b).to(tl.int32)) & (slots < end)
     if FP8:  # a sealed page: e4m3 codes, exact in the query's dtype, its scale joining the logits'; a newer one: ring
-        seen = tl.load(SEEN).to(tl.int32)
-        if page >= tl.maximum((seen - 1) // PAGE - RECENT // PAGE + 1, 0):
+        if page >= _first_recent_page(tl.load(SEEN).to(tl.int32), PAGE, RECENT):
             ring = (page * PAGE) % RECENT + tl.arange(0, PAGE)
             k = tl.load(RK + b * stride_rb + h * stride_rh + ring[None, :] * stride_rn + offs_d[:, None] * stride_rd,
                         mask=real[None, :] & d_ok[:, None], other=0.0)
@@ -324,8 +324,7 @@ def shortlist_pages_triton(query, keys, bound, shortlist, *, kv_start, seen: tor
     """Stage 2 into ``out`` (int32 [B, Hd, k], contiguous) when ``reselect`` (int32 [1], on the device) is set;
     ``bound`` [B, Hd, width] float32 and ``shortlist`` int32 [B, Hd, n] contiguous (-1: no page); ``seen`` int32 [1]
     on the device; FP8 pages: ``keys`` e4m3 codes, ``key_scale`` [B, Hd, pages] their scales, ``recent`` the ring
-    of the newest tokens (``kernels.fp8``). Fixed launch
-    arguments for a given cache: a CUDA graph can replay it."""
+    of the newest tokens (``kernels.fp8``). Fixed launch arguments for a given cache: a CUDA graph can replay it."""
     batch, heads, groups, head_dim = query.shape
     width, n_list = bound.shape[2], shortlist.shape[2]
     g_pad = max(16, triton.next_power_of_2(groups))

@@ -122,8 +122,8 @@ def shortlist_pages(query, keys, bound, shortlist, *, kv_start, seen: torch.Tens
     """Page selection's second stage: the ``out.shape[2]`` pages of ``shortlist`` of highest exact attention mass
     written into ``out`` (int32) when ``reselect`` (int32 [1]) is set, else ``out`` is left as it is; ``seen``
     int32 [1]. Both live on the device. Contract: ``kernels.reference.shortlist_pages_reference`` with
-    ``seen=int(seen)``, ``k=out.shape[2]``. FP8 pages: ``keys`` hold e4m3 codes, ``key_scale`` their scales, ``recent`` the ring
-    of the newest tokens (``kernels.fp8``)."""
+    ``seen=int(seen)``, ``k=out.shape[2]``. FP8 pages: ``keys`` hold e4m3 codes, ``key_scale`` their scales,
+    ``recent`` the ring of the newest tokens (``kernels.fp8``)."""
     if torch.compiler.is_compiling():
         torch.ops.sparse_attn_hf.shortlist_pages(query, keys, bound, shortlist, kv_start, seen, out, reselect,
                                                  page_size, scale, softcap, key_scale, recent)
