@@ -1,9 +1,12 @@
 """Where a patched prefill spends its time, against stock: torch.profiler over one generate() prefill.
 
-    python benchmarks/e2e/profile_prefill.py [--length 8192] [--configs stock patched_dense patched_streaming50]
+    python benchmarks/e2e/profile_prefill.py [--lengths 8192] [--configs stock patched_dense patched_streaming50]
+    python benchmarks/e2e/profile_prefill.py --lengths 262144 --chunk 32768 --layers 4 \
+        --configs patched_streaming50 patched_streaming50_fp8      # a chunked prefill: FP8 pages read back
 
 Full-depth Llama-3-8B shape (random bf16 weights), batch 1, ``generate(max_new_tokens=1)`` as bench_e2e
-times TTFT. Per configuration: the median wall time of 3 warm calls, then one profiled call: GPU busy time
+times TTFT (``--chunk``: with ``prefill_chunk_size``, as bench_e2e's long part). Per configuration: the median
+wall time of 3 warm calls, then one profiled call: GPU busy time
 (sum of kernel times), and the top operators by GPU and by CPU time. Writes
 benchmarks/results/profile_prefill.json (and the operator tables as text beside it).
 """
@@ -25,8 +28,9 @@ from benchmarks.common import RESULTS, meta, write_results  # noqa: E402
 
 
 
-def prefill(model, ids):
-    return model.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0)
+def prefill(model, ids, chunk=None):
+    extra = {"prefill_chunk_size": chunk} if chunk else {}
+    return model.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0, **extra)
 
 
 def main() -> None:
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--configs", nargs="+", default=["stock", "patched_dense", "patched_streaming50"])
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=None, help="prefill_chunk_size (default: one-shot)")
     parser.add_argument("--out", type=Path, default=RESULTS / "profile_prefill")
     args = parser.parse_args()
     model = build(args.layers, max(args.lengths) + 64)
@@ -47,22 +52,22 @@ def main() -> None:
         for length in args.lengths:
             ids = torch.randint(3, model.config.vocab_size, (1, length), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(length))
-            prefill(model, ids)  # warm-up: compiles, plans
+            prefill(model, ids, args.chunk)  # warm-up: compiles, plans
             times = []
             for _ in range(3):
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                prefill(model, ids)
+                prefill(model, ids, args.chunk)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
-                prefill(model, ids)
+                prefill(model, ids, args.chunk)
                 torch.cuda.synchronize()
             events = prof.key_averages()
             gpu_us = sum(e.self_device_time_total for e in events)
             launches = sum(e.count for e in events if e.self_device_time_total > 0)
-            row = {"config": config, "L": length, "wall_s": statistics.median(times), "gpu_busy_s": gpu_us / 1e6,
+            row = {"config": config, "L": length, "chunk": args.chunk, "wall_s": statistics.median(times), "gpu_busy_s": gpu_us / 1e6,
                    "ops_with_gpu_time": launches,
                    "top_gpu": [(e.key, round(e.self_device_time_total / 1e3, 2), e.count)
                                for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]}
