@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from ._log import warn_once
 
 
+ON_GPU = False  # for measurement (benchmarks/e2e/bench_serving.py): the per-request path on a GPU too, no warning
+
 _BATCHING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
                   "block_table", "logits_indices", "logits_processor_args", "position_ids")
 
@@ -52,7 +54,7 @@ def keep_sparse_attention() -> None:
     def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
         state = getattr(model, "_sparse_attn_state", None)
         if state is not None and state.active:
-            if model.device.type != "cuda":
+            if model.device.type != "cuda" or ON_GPU:
                 return  # the package's attention serves packed requests (packed_requests)
             warn_once("sparse_attn_hf: continuous batching on a GPU runs Transformers' own attention for now: the "
                       "package's per-request path is not measured there yet and reads the host once per layer "

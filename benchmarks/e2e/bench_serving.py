@@ -1,0 +1,232 @@
+"""Serving through Transformers' continuous batching on one GPU (issue 33): the manager with the package's attention
+against the manager with its own (``sdpa`` over the packed requests), a full-depth Llama-3-8B shape, random weights.
+
+    python benchmarks/e2e/bench_serving.py --requests 16 --length 32768 --new-tokens 256     # together, staggered
+    python benchmarks/e2e/bench_serving.py --requests 4 --length 131072 --arrivals together
+    python benchmarks/e2e/bench_serving.py --dry-run        # the bookkeeping on a tiny model, on the CPU
+
+Per configuration and arrival pattern, one ``ContinuousBatchingManager`` (started, fed, stopped): ``together`` submits
+every request at once, ``staggered`` one every ``--gap`` seconds, after a first small manager of the configuration (its
+one-time costs apart). Figures: total generated tokens per second (from
+the first submission to the last token), each request's time to first token (from its submission to its first
+token's timestamp: mean and p95), peak allocated memory, and allocated memory after the manager stops against before
+it started. ``--check N``: the first N requests' tokens against the patched model's own ``generate()`` of the same
+prompt (greedy). Configurations: ``stock`` (Transformers' manager as shipped) and ``patched`` (``patch_model`` with
+50% streaming heads, LServe's settings; on a GPU the package's per-request path is switched on for this measurement,
+``sparse_attn_hf.batching.ON_GPU``: by default a patched model's manager runs Transformers' attention there).
+Writes benchmarks/results/serving.json (rows of other shapes kept) with a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
+from benchmarks.common import RESULTS, meta  # noqa: E402
+from benchmarks.e2e.bench_e2e import LSERVE  # noqa: E402
+
+from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model  # noqa: E402
+from sparse_attn_hf import batching  # noqa: E402
+
+GIB = 2**30
+
+
+def prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(count)]
+
+
+def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: bool) -> dict:
+    """One manager: submit ``inputs`` (one every ``gap`` seconds, or all at once), wait for every result, stop."""
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else None
+    manager = model.init_continuous_batching(generation_config=config,
+                                             continuous_batching_config=ContinuousBatchingConfig())
+    manager.start()
+    submitted: dict[str, float] = {}
+
+    def feed():
+        for i, ids in enumerate(inputs):
+            if gap and i:
+                time.sleep(gap)
+            submitted[f"r{i}"] = time.perf_counter()
+            manager.add_request(ids, request_id=f"r{i}", max_new_tokens=new_tokens, record_timestamps=True)
+
+    start = time.perf_counter()
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    results = {}
+    while len(results) < len(inputs):
+        out = manager.get_result(timeout=600)
+        if out is None:
+            raise RuntimeError(f"the manager stopped with {len(results)} of {len(inputs)} requests answered")
+        if out.error:
+            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        results[out.request_id] = out
+    feeder.join()
+    manager.stop(block=True)
+    end = max(r.timestamps[-1] for r in results.values())
+    gc.collect()
+    row = {"seconds": end - start, "tokens": sum(len(r.generated_tokens) for r in results.values())}
+    row["tokens_per_s"] = row["tokens"] / row["seconds"]
+    ttft = sorted(r.timestamps[0] - submitted[key] for key, r in results.items())
+    row.update(ttft_mean_s=statistics.mean(ttft), ttft_p95_s=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+               ttft_max_s=ttft[-1])
+    if cuda:
+        torch.cuda.synchronize()
+        row.update(peak_gib=torch.cuda.max_memory_allocated() / GIB,
+                   after_stop_gib=(torch.cuda.memory_allocated() - before) / GIB)
+    row["tokens_of"] = {key: results[key].generated_tokens for key in sorted(results)}
+    return row
+
+
+def configure(model, config: str, settings: dict) -> None:
+    if getattr(model, "_sparse_attn_state", None) is not None:
+        unpatch_model(model)
+    batching.ON_GPU = config == "patched"
+    if config == "patched":
+        scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
+                            generator=torch.Generator().manual_seed(0))
+        patch_model(model, Profile.from_scores(model, scores), SparseConfig(streaming_fraction=0.5, **settings))
+
+
+def check(model, inputs, rows_tokens: dict, count: int, new_tokens: int) -> int:
+    """How many of the first ``count`` requests got the patched generate()'s greedy tokens."""
+    same = 0
+    for i, ids in enumerate(inputs[:count]):
+        x = torch.tensor([ids], device=model.device)
+        out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        same += out[0, x.shape[1]:].tolist() == rows_tokens[f"r{i}"]
+    return same
+
+
+def plot(path: Path, rows: list[dict], info: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    shapes = sorted({(r["requests"], r["L"], r["arrival"]) for r in rows if r["status"] == "ok"})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, config in enumerate(("stock", "patched")):
+        tps = [next((r["tokens_per_s"] for r in rows if (r["requests"], r["L"], r["arrival"]) == s
+                     and r["config"] == config and r["status"] == "ok"), 0) for s in shapes]
+        ttft = [next((r["ttft_mean_s"] for r in rows if (r["requests"], r["L"], r["arrival"]) == s
+                      and r["config"] == config and r["status"] == "ok"), 0) for s in shapes]
+        x = [j + 0.4 * i for j in range(len(shapes))]
+        axes[0].bar(x, tps, width=0.4, label=config)
+        axes[1].bar(x, ttft, width=0.4, label=config)
+    labels = [f"{n} x {length // 1024}K\n{arrival}" for n, length, arrival in shapes]
+    for ax, title in zip(axes, ("generated tokens per second", "mean time to first token, s")):
+        ax.set_xticks([j + 0.2 for j in range(len(shapes))], labels, fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"continuous batching, {info['model']}, {info['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--arrivals", type=lambda s: s.split(","), default=["together", "staggered"])
+    parser.add_argument("--gap", type=float, default=0.5, help="seconds between staggered submissions")
+    parser.add_argument("--configs", type=lambda s: s.split(","), default=["stock", "patched"])
+    parser.add_argument("--check", type=int, default=2, help="requests compared with the patched generate()")
+    parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: the bookkeeping only")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    args = parser.parse_args(argv)
+    cuda = not args.dry_run
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench_serving.py measures a GPU; use --dry-run on a CPU.")
+    if args.dry_run:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        args.requests, args.length, args.new_tokens, args.gap = 3, 96, 6, 0.05
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, max_position_embeddings=1024)).eval()
+        settings = dict(sink_size=4, local_size=32, decode_local_size=8, token_budget=128, reuse_interval=4)
+        label = "tiny Llama (2 layers), random weights"
+    else:
+        from benchmarks.common.llama8b import build
+
+        model = build(32, args.length + args.new_tokens + 64)
+        settings, label = LSERVE, "Llama-3-8B shape (benchmarks/common/llama8b.py), random weights"
+    inputs = prompts(args.requests, args.length, model.config.vocab_size)
+    info = meta(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(model.dtype).replace("torch.", ""),
+                extra={"model": label, "new_tokens": args.new_tokens, "gap_s": args.gap, "settings": settings,
+                       "patched": "streaming_fraction 0.5 (Profile.from_scores, seeded)"})
+    rows = []
+    for config in args.configs:
+        configure(model, config, settings)
+        serve(model, [ids[:1024] for ids in inputs[:2]], 4, 0.0, cuda)  # a first manager: its one-time costs
+        for arrival in args.arrivals:
+            row = {"config": config, "requests": args.requests, "L": args.length, "arrival": arrival, "status": "ok",
+                   "attention": None}
+            try:
+                row.update(serve(model, inputs, args.new_tokens, args.gap if arrival == "staggered" else 0.0, cuda))
+                row["attention"] = model.config._attn_implementation
+                if config == "patched" and args.check:
+                    row["checked"] = min(args.check, args.requests)
+                    row["same_as_generate"] = check(model, inputs, row["tokens_of"], args.check, args.new_tokens)
+            except torch.OutOfMemoryError as error:
+                row.update(status="oom", error=str(error).splitlines()[0][:200])
+            row.pop("tokens_of", None)
+            rows.append(row)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+    for row in rows:
+        base = next((r for r in rows if r["config"] == "stock" and r["arrival"] == row["arrival"]
+                     and r["status"] == "ok"), None)
+        if row["config"] != "stock" and base and row["status"] == "ok":
+            row.update(tokens_per_s_x_stock=row["tokens_per_s"] / base["tokens_per_s"],
+                       ttft_mean_x_stock=row["ttft_mean_s"] / base["ttft_mean_s"],
+                       ttft_p95_x_stock=row["ttft_p95_s"] / base["ttft_p95_s"])
+    if getattr(model, "_sparse_attn_state", None) is not None:
+        unpatch_model(model)
+    batching.ON_GPU = False
+    write(args.out, info, rows)
+    print("wrote", args.out)
+
+
+def write(path: Path, info: dict, rows: list[dict]) -> None:
+    """Merge into ``path``: rows of the same (configuration, requests, length, arrival) are replaced."""
+    key = lambda r: (r["config"], r["requests"], r["L"], r["arrival"])  # noqa: E731
+    old = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+    run_id = f"{info['date']} {info['commit'][:10]}"
+    runs = {**old["meta"].get("runs", {}), run_id: {k: v for k, v in info.items() if k != "runs"}}
+    new = {key(r) for r in rows}
+    merged = [r for r in old["rows"] if key(r) not in new] + [dict(r, run=run_id) for r in rows]
+    runs = {k: v for k, v in runs.items() if any(r.get("run") == k for r in merged)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": {**info, "runs": runs}, "rows": merged}, indent=1) + "\n")
+    plot(path, merged, info)
+
+
+if __name__ == "__main__":
+    main()
