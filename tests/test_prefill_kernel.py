@@ -202,3 +202,27 @@ def test_kernel_at_real_size(dtype, q_len, tma):
     mask = visibility_mask(slots[:, 2125 - q_len :], slots, kv_start, streaming, 64, 512)
     golden = masked_sdpa(q.double(), k.double(), v.double(), mask, 128**-0.5)
     assert_close_by_rule(out, golden, masked_sdpa(q, k, v, mask, 128**-0.5))
+
+
+def test_every_thread_gets_the_descriptor_allocator():
+    """Triton keeps its allocator in a context variable that a new thread starts without: the continuous-batching
+    loop and a server's workers launch the prefill kernel from their own threads (on a GPU, a missing allocator
+    fails the bulk-copy launch)."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    from sparse_attn_hf.kernels.prefill import ensure_allocator
+
+    seen = []
+
+    def worker():
+        before = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+        ensure_allocator()
+        seen.append((before, _allocation._allocator.get() is _allocation._NULL_ALLOCATOR))
+
+    ensure_allocator()  # this thread first: another thread must still get its own
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [(True, False)]

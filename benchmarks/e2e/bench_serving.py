@@ -195,22 +195,21 @@ def main(argv=None) -> None:
             except torch.OutOfMemoryError as error:
                 row.update(status="oom", error=str(error).splitlines()[0][:200])
             row.pop("tokens_of", None)
+            base = next((r for r in rows if r["config"] == "stock" and r["arrival"] == arrival
+                         and r["status"] == "ok"), None)
+            if config != "stock" and base and row["status"] == "ok":
+                row.update(tokens_per_s_x_stock=row["tokens_per_s"] / base["tokens_per_s"],
+                           ttft_mean_x_stock=row["ttft_mean_s"] / base["ttft_mean_s"],
+                           ttft_p95_x_stock=row["ttft_p95_s"] / base["ttft_p95_s"])
             rows.append(row)
+            write(args.out, info, rows)  # after every row: a run stopped by a time limit keeps what finished
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
             if cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
-    for row in rows:
-        base = next((r for r in rows if r["config"] == "stock" and r["arrival"] == row["arrival"]
-                     and r["status"] == "ok"), None)
-        if row["config"] != "stock" and base and row["status"] == "ok":
-            row.update(tokens_per_s_x_stock=row["tokens_per_s"] / base["tokens_per_s"],
-                       ttft_mean_x_stock=row["ttft_mean_s"] / base["ttft_mean_s"],
-                       ttft_p95_x_stock=row["ttft_p95_s"] / base["ttft_p95_s"])
     if getattr(model, "_sparse_attn_state", None) is not None:
         unpatch_model(model)
     batching.ON_GPU = False
-    write(args.out, info, rows)
     print("wrote", args.out)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -305,14 +306,19 @@ def _tma_ok(key: torch.Tensor, value: torch.Tensor, head_dim: int) -> bool:
             return False
         if any((st * t.element_size()) % 16 for st in t.stride()[:2]):
             return False
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    ensure_allocator()
     return True
 
 
-_ALLOCATOR_SET = False
+_THREAD = threading.local()
+
+
+def ensure_allocator() -> None:
+    """Give Triton an allocator for the descriptors it builds on the device, once per thread: Triton keeps it in a
+    context variable, which a new thread (Transformers' continuous-batching loop, a server's workers) starts without."""
+    if not getattr(_THREAD, "allocator_set", False):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _THREAD.allocator_set = True
 
 
 def _stripe_arguments(mask, q_first: int, q_len: int, block_q: int, block_n: int,
