@@ -195,13 +195,8 @@ def main(argv=None) -> None:
             except torch.OutOfMemoryError as error:
                 row.update(status="oom", error=str(error).splitlines()[0][:200])
             row.pop("tokens_of", None)
-            base = next((r for r in rows if r["config"] == "stock" and r["arrival"] == arrival
-                         and r["status"] == "ok"), None)
-            if config != "stock" and base and row["status"] == "ok":
-                row.update(tokens_per_s_x_stock=row["tokens_per_s"] / base["tokens_per_s"],
-                           ttft_mean_x_stock=row["ttft_mean_s"] / base["ttft_mean_s"],
-                           ttft_p95_x_stock=row["ttft_p95_s"] / base["ttft_p95_s"])
             rows.append(row)
+            ratios(rows)
             write(args.out, info, rows)  # after every row: a run stopped by a time limit keeps what finished
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
             if cuda:
@@ -211,6 +206,17 @@ def main(argv=None) -> None:
         unpatch_model(model)
     batching.ON_GPU = False
     print("wrote", args.out)
+
+
+def ratios(rows: list[dict]) -> None:
+    """Each patched row against stock's of the same arrival pattern in this run."""
+    for row in rows:
+        base = next((r for r in rows if r["config"] == "stock" and r["arrival"] == row["arrival"]
+                     and r["status"] == "ok"), None)
+        if row["config"] != "stock" and base and row["status"] == "ok":
+            row.update(tokens_per_s_x_stock=row["tokens_per_s"] / base["tokens_per_s"],
+                       ttft_mean_x_stock=row["ttft_mean_s"] / base["ttft_mean_s"],
+                       ttft_p95_x_stock=row["ttft_p95_s"] / base["ttft_p95_s"])
 
 
 def write(path: Path, info: dict, rows: list[dict]) -> None:
