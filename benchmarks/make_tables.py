@@ -417,6 +417,7 @@ def heldout_table() -> str:
              "alice": "held out: Alice's Adventures in Wonderland (public-domain fiction)",
              "lcet10": "held out: the LC workshop proceedings of 1992 (public-domain discussion)"}
     selections = [s for s in SELECTIONS if any(_selection(r) == s for r in rows)]
+    fp8 = any(r.get("kv_dtype") == "fp8" and r["setting"] == "default budget" for r in rows)
     lines = [
         f"Default model, profile `{Path(meta['profile']).name}` at its default streaming fraction "
         f"{meta['streaming_fraction']}; {meta['cells_per_text']} passkey and needle prompts per text (1K, 2K and "
@@ -426,17 +427,25 @@ def heldout_table() -> str:
         + ". Lost: prompts dense attention answers right and the patched model does not.",
         "",
         "| text | dense right | lost, default budget | lost at 1K / 2K / 4K | first-token KL | next-token KL, 4096 "
-        "tokens | " + " | ".join(f"budget 1/4, {SELECTIONS[s]}: dense-right kept" for s in selections) + " |",
-        "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in selections) + " |",
+        "tokens | " + ("lost, default budget, FP8 pages | " if fp8 else "")
+        + " | ".join(f"budget 1/4, {SELECTIONS[s]}: dense-right kept" for s in selections) + " |",
+        "| --- | --- | --- | --- | --- | --- | " + ("--- | " if fp8 else "") + " | ".join("---" for _ in selections) + " |",
     ]
     for text in dict.fromkeys(r["text"] for r in rows):
-        main = next(r for r in rows if r["text"] == text and r["setting"] == "default budget")
+        main = next(r for r in rows if r["text"] == text and r["setting"] == "default budget"
+                    and r.get("kv_dtype", "auto") == "auto")
+        fp8_row = next((r for r in rows if r["text"] == text and r["setting"] == "default budget"
+                        and r.get("kv_dtype") == "fp8"), None)
+        fp8_cell = ("" if fp8_row is None else
+                    f"{fp8_row['lost']} (lost where model-dtype pages keep: "
+                    f"{sum(f and not a for f, a in zip(fp8_row['cell_lost'], main['cell_lost']))}) | ") if fp8 else ""
         per = len(main["cell_lost"]) // len(main["lengths"])
         by_length = " / ".join(str(sum(main["cell_lost"][i * per:(i + 1) * per])) for i in range(len(main["lengths"])))
         kept = [_quarter_kept([r for r in rows if r["text"] == text and _selection(r) == s])
                 for s in selections]
         lines.append(f"| {roles.get(text, text)} | {main['dense_correct']}/{main['cells']} | {main['lost']} | "
-                     f"{by_length} | {main['first_token_kl']:.4f} | {main['text_kl']:.4f} | " + " | ".join(kept) + " |")
+                     f"{by_length} | {main['first_token_kl']:.4f} | {main['text_kl']:.4f} | " + fp8_cell
+                     + " | ".join(kept) + " |")
     return "\n".join(lines)
 
 
