@@ -47,8 +47,9 @@ def prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int
     return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: bool) -> dict:
-    """One manager: submit ``inputs`` (one every ``gap`` seconds, or all at once), wait for every result, stop."""
+def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: bool, profiles: list | None = None) -> dict:
+    """One manager: submit ``inputs`` (one every ``gap`` seconds, or all at once), wait for every result, stop.
+    ``profiles``: run the manager's loop under torch.profiler (in its own thread, where the work is) and append it."""
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     if cuda:
         torch.cuda.synchronize()
@@ -56,6 +57,16 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
     before = torch.cuda.memory_allocated() if cuda else None
     manager = model.init_continuous_batching(generation_config=config,
                                              continuous_batching_config=ContinuousBatchingConfig())
+    if profiles is not None:
+        loop = manager._run_generation_loop
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+
+        def profiled(**kwargs):
+            with torch.profiler.profile(activities=activities) as prof:
+                loop(**kwargs)
+            profiles.append(prof)
+
+        manager._run_generation_loop = profiled
     manager.start()
     submitted: dict[str, float] = {}
 
@@ -154,6 +165,8 @@ def main(argv=None) -> None:
     parser.add_argument("--gap", type=float, default=0.5, help="seconds between staggered submissions")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=["stock", "patched"])
     parser.add_argument("--check", type=int, default=2, help="requests compared with the patched generate()")
+    parser.add_argument("--profile", action="store_true",
+                        help="each measured manager under torch.profiler: operator tables beside --out (.txt)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: the bookkeeping only")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
     args = parser.parse_args(argv)
@@ -179,7 +192,7 @@ def main(argv=None) -> None:
     info = meta(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(model.dtype).replace("torch.", ""),
                 extra={"model": label, "new_tokens": args.new_tokens, "gap_s": args.gap, "settings": settings,
                        "patched": "streaming_fraction 0.5 (Profile.from_scores, seeded)"})
-    rows = []
+    rows, tables = [], []
     for config in args.configs:
         configure(model, config, settings)
         serve(model, [ids[:1024] for ids in inputs[:2]], 4, 0.0, cuda)  # a first manager: its one-time costs
@@ -187,7 +200,20 @@ def main(argv=None) -> None:
             row = {"config": config, "requests": args.requests, "L": args.length, "arrival": arrival, "status": "ok",
                    "attention": None}
             try:
-                row.update(serve(model, inputs, args.new_tokens, args.gap if arrival == "staggered" else 0.0, cuda))
+                gap = args.gap if arrival == "staggered" else 0.0
+                if args.profile:
+                    profiles = []
+                    row.update(serve(model, inputs, args.new_tokens, gap, cuda, profiles))
+                    events = profiles[0].key_averages()
+                    row.update(gpu_busy_s=sum(e.self_device_time_total for e in events) / 1e6,
+                               ops_with_gpu_time=sum(e.count for e in events if e.self_device_time_total > 0))
+                    tables.append(f"### {config}, {arrival}: {row['seconds']:.2f} s\n"
+                                  + events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                                 row_limit=30)
+                                  + events.table(sort_by="self_cpu_time_total", row_limit=30))
+                    args.out.with_suffix(".txt").write_text("\n".join(tables))
+                else:
+                    row.update(serve(model, inputs, args.new_tokens, gap, cuda))
                 row["attention"] = model.config._attn_implementation
                 if config == "patched" and args.check:
                     row["checked"] = min(args.check, args.requests)
