@@ -130,12 +130,13 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             0, kv_heads, note=sample_note if not len(stream_idx) else
             "a short prompt ran every head dense (exact): the window would cover most of it (sparse_attn_hf.cost; "
             "SparseConfig(streaming_from=0) forces the window)")
-        return ops.dense_attention(query, every_key, every_value, terms, kv_start=kv_start, padded=padded), None
+        return ops.dense_attention(query, every_key, every_value, terms, kv_start=kv_start, padded=padded,
+                                   shapes_vary=request is not None), None
     if kv is None:
         kv = LayerKV.split(key, value, dense_idx, stream_idx)
     stream_flags = state.all_streaming(len(stream_idx), query.device)
     runs = state.dense_runs(module.layer_idx)
-    call = _Call(visible.but(streaming=stream_flags), terms, settings.query_tile, padded, sample)
+    call = _Call(visible.but(streaming=stream_flags), terms, settings.query_tile, padded, sample, request is not None)
     out = _prefill(query, kv, runs, stream_idx, call)
     record[module.layer_idx] = _layer_record(state, module.layer_idx, 0 if dense_prompt else len(stream_idx),
                                              kv_heads - len(stream_idx), sample, sample_note)
@@ -204,13 +205,15 @@ def _check_positions(position_ids, k_len: int) -> None:
 class _Call:
     """What one prefill forward of a layer attends with: what each query sees (``streaming`` one flag per streaming
     head), the logit terms, the query tile of the PyTorch paths, whether any row is padded, SampleAttention's
-    settings for the dense heads (None: they run dense)."""
+    settings for the dense heads (None: they run dense), whether each call has its own lengths (a request of a
+    continuous-batching step: ``ops.dense_attention``'s ``shapes_vary``)."""
 
     visible: Visibility
     terms: LogitTerms
     tile: int
     padded: bool
     sample: dict | None
+    shapes_vary: bool = False
 
 
 def _dense_heads(query, key, value, call: _Call, terms: LogitTerms) -> torch.Tensor:
@@ -232,7 +235,8 @@ def _dense_heads(query, key, value, call: _Call, terms: LogitTerms) -> torch.Ten
         log_once(f"sparse_attn_hf: SampleAttention chose masks too dense to pay (layer {layer}: density "
                  f"{choice.density:.2f}, predicted {choice.predicted_cost:.2f}x dense attention's cost); such layers "
                  "run dense (sparse_attn_hf.cost; state.sample_choices holds every layer's choice).")
-    return ops.dense_attention(query, key, value, terms, kv_start=kv_start, padded=call.padded)
+    return ops.dense_attention(query, key, value, terms, kv_start=kv_start, padded=call.padded,
+                               shapes_vary=call.shapes_vary)
 
 
 def _prefill(query, kv: LayerKV, dense_runs, stream_idx, call: _Call) -> torch.Tensor:

@@ -21,16 +21,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("shapes_vary", [False, True], ids=["fixed_shapes", "shapes_vary"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_dense_route_matches_the_rule(case, dtype):
+def test_dense_route_matches_the_rule(case, dtype, shapes_vary):
     batch, heads, kv_heads, q_len, k_len, head_dim, pads = case
     gen = torch.Generator().manual_seed(CASES.index(case) + 7 * (dtype == torch.bfloat16))
     q, k, v = (torch.randn(batch, h, n, head_dim, generator=gen, dtype=torch.float64)
                for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
     kv_start = torch.tensor(pads)
     got = ops.dense_attention(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype), LogitTerms(head_dim**-0.5),
-                              kv_start=kv_start.to(DEVICE), padded=any(pads))
+                              kv_start=kv_start.to(DEVICE), padded=any(pads), shapes_vary=shapes_vary)
     assert got.shape == (batch, q_len, heads, head_dim)
     slots = torch.arange(k_len).expand(batch, -1)
     mask = loop_mask(slots[:, k_len - q_len :], slots, kv_start, torch.zeros(kv_heads, dtype=torch.bool), 0, 1)
@@ -39,6 +40,26 @@ def test_dense_route_matches_the_rule(case, dtype):
     real = (slots[:, k_len - q_len :] >= kv_start[:, None])  # rows of pads: zeros (checked below)
     assert_close_by_rule(got.cpu()[real], golden[real], baseline[real])
     assert (got.cpu()[~real] == 0).all()
+
+
+def test_cudnn_only_where_its_plans_pay():
+    """cuDNN's per-shape plans cost milliseconds of host time: never for one query or for calls whose shapes vary
+    (continuous batching), and its absence changes nothing on a CPU."""
+    from sparse_attn_hf.ops.dense import plans_pay
+
+    assert plans_pay(True, 4096, False)
+    assert not plans_pay(True, 1, False)
+    assert not plans_pay(True, 4096, True)
+    assert plans_pay(False, 1, True)
+
+
+def test_sdpa_without_cudnn_is_sdpa():
+    from sparse_attn_hf.ops.dense import _sdpa_without_cudnn
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, n, 16, generator=gen) for h, n in ((4, 1), (2, 37), (2, 37)))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.testing.assert_close(_sdpa_without_cudnn(q, k, v, enable_gqa=True), sdpa(q, k, v, enable_gqa=True))
 
 
 def _math_attention_with_lse(query, key, value, causal, scale):

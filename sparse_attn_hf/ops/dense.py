@@ -4,6 +4,7 @@ chunk, the package's kernel where rows are padded or the family has logit terms 
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._log import log_once
 from ..kernels.layout import LogitTerms, Visibility
@@ -13,7 +14,7 @@ from .prefill import _check_attention_inputs, sparse_attention
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, terms: LogitTerms, *,
-                    kv_start: torch.Tensor, padded: bool) -> torch.Tensor:
+                    kv_start: torch.Tensor, padded: bool, shapes_vary: bool = False) -> torch.Tensor:
     """Causal attention of dense heads -> [B, Lq, Hq, D] (possibly a non-contiguous view).
 
     query [B, Hq, Lq, D] holds the last Lq of the Lk slots of key/value [B, Hkv, Lk, D] (bottom-right
@@ -24,6 +25,10 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Transformers calls it) when nothing is padded; with padding, the Triton kernel on CUDA (fp16/bf16) and
     SDPA with an explicit mask elsewhere (a row that sees no key gets zeros). SDPA has no learned sinks and no
     soft-capping: with those ``terms`` the package's kernel (or its reference) runs.
+
+    cuDNN builds an execution plan per shape, milliseconds of host time each: a single query (a decode step outside
+    the package's cache) and ``shapes_vary`` calls (continuous batching's requests, each call its own lengths) run
+    SDPA without cuDNN, and a chunk of such a call the Triton kernel (:func:`plans_pay`).
     """
     scale = terms.scale
     _check_attention_inputs(query, key, value, kv_start)
@@ -41,6 +46,9 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return kernel(query)
     gqa = {"enable_gqa": True} if num_heads != key.shape[1] else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    plans = plans_pay(query.is_cuda, q_len, shapes_vary)
+    if not plans:
+        sdpa = _sdpa_without_cudnn
     if query.is_cuda and key.stride(2) == key.shape[3] and query.stride(2) != query.shape[3]:
         # q, k, v in one layout ([B, H, L, D], the cache's pages): cuDNN gains about what the copy costs (H200,
         # 32K, 16 of 32 heads: 7.44 + 0.17 ms against 7.64 ms; benchmarks/results/prefill_gathers.json)
@@ -50,7 +58,7 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             return sdpa(query, key, value, is_causal=True, scale=scale, **gqa).transpose(1, 2)
         if q_len == 1:
             return sdpa(query, key, value, scale=scale, **gqa).transpose(1, 2)
-        if query.is_cuda and query.dtype in KERNEL_DTYPES and _SPLIT_CUDNN.get(str(query.device), True):
+        if plans and query.is_cuda and query.dtype in KERNEL_DTYPES and _SPLIT_CUDNN.get(str(query.device), True):
             try:
                 return split_causal_attention(_cudnn_with_lse, query, key, value, scale).transpose(1, 2)
             except (RuntimeError, AttributeError, NotImplementedError) as error:  # no cuDNN op for this shape
@@ -80,6 +88,22 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 _LOWER_RIGHT_SDPA: dict[str, bool] = {}
 _SPLIT_CUDNN: dict[str, bool] = {}
+
+
+def plans_pay(is_cuda: bool, q_len: int, shapes_vary: bool) -> bool:
+    """Whether cuDNN's attention may run: its plan per shape costs milliseconds of host time (measured in continuous
+    batching on an H100: 8.3 ms per call, 2240 calls, against 1.8 s of GPU work in all; benchmarks/NOTES.md, session
+    16), paid back only by a long query over a shape that repeats (a prompt, a chunk of a fixed size)."""
+    return not is_cuda or (q_len > 1 and not shapes_vary)
+
+
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_without_cudnn(*args, **kwargs):
+    """SDPA restricted to flash, memory-efficient and math kernels (no per-shape plans)."""
+    with sdpa_kernel(_NO_CUDNN):
+        return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
 
 
 def _cudnn_with_lse(query, key, value, causal: bool, scale: float):
