@@ -6,14 +6,16 @@ against the manager with its own (``sdpa`` over the packed requests), a full-dep
     python benchmarks/e2e/bench_serving.py --dry-run        # the bookkeeping on a tiny model, on the CPU
 
 Per configuration and arrival pattern, one ``ContinuousBatchingManager`` (started, fed, stopped): ``together`` submits
-every request at once, ``staggered`` one every ``--gap`` seconds, after a first small manager of the configuration (its
-one-time costs apart). Figures: total generated tokens per second (from
-the first submission to the last token), each request's time to first token (from its submission to its first
-token's timestamp: mean and p95), peak allocated memory, and allocated memory after the manager stops against before
-it started. ``--check N``: the first N requests' tokens against the patched model's own ``generate()`` of the same
-prompt (greedy). Configurations: ``stock`` (Transformers' manager as shipped) and ``patched`` (``patch_model`` with
-50% streaming heads, LServe's settings; on a GPU the package's per-request path is switched on for this measurement,
-``sparse_attn_hf.batching.ON_GPU``: by default a patched model's manager runs Transformers' attention there).
+every request at once, ``staggered`` one every ``--gap`` seconds, after a first small manager of the configuration
+(its one-time costs apart). Figures: total generated tokens per second (from the first submission to the last
+token), each request's time to first token (from its submission to its first token's timestamp: mean and p95), peak
+allocated memory, and allocated memory after the manager stops against before it started. ``--check N``: the first N
+requests' tokens against the patched model's own ``generate()`` of the same prompt (greedy): ``same_prefix``, each
+one's first tokens that agree, ``same_as_generate``, how many agree throughout. ``--profile``: the manager's loop
+under torch.profiler, operator tables beside the results. Configurations: ``stock`` (Transformers' manager as
+shipped) and ``patched`` (``patch_model`` with 50% streaming heads, LServe's settings; on a GPU the package's
+per-request path is switched on for this measurement, ``sparse_attn_hf.batching.ON_GPU``: by default a patched
+model's manager runs Transformers' attention there).
 Writes benchmarks/results/serving.json (rows of other shapes kept) with a PNG beside it.
 """
 
@@ -115,15 +117,18 @@ def configure(model, config: str, settings: dict) -> None:
         patch_model(model, Profile.from_scores(model, scores), SparseConfig(streaming_fraction=0.5, **settings))
 
 
-def check(model, inputs, rows_tokens: dict, count: int, new_tokens: int) -> int:
-    """How many of the first ``count`` requests got the patched generate()'s greedy tokens."""
-    same = 0
+def check(model, inputs, rows_tokens: dict, count: int, new_tokens: int) -> list[int]:
+    """For each of the first ``count`` requests, how many of its first tokens equal the patched generate()'s greedy
+    ones (all of them on a CPU in float32; in bfloat16 on a GPU the kernels differ in rounding from generate()'s and
+    a near-tie may go the other way, after which the continuations differ)."""
+    prefixes = []
     for i, ids in enumerate(inputs[:count]):
         x = torch.tensor([ids], device=model.device)
         out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        same += out[0, x.shape[1]:].tolist() == rows_tokens[f"r{i}"]
-    return same
+                             eos_token_id=None, pad_token_id=0)[0, x.shape[1]:].tolist()
+        got = rows_tokens[f"r{i}"]
+        prefixes.append(next((j for j, (a, b) in enumerate(zip(out, got)) if a != b), min(len(out), len(got))))
+    return prefixes
 
 
 def plot(path: Path, rows: list[dict], info: dict) -> None:
@@ -216,8 +221,8 @@ def main(argv=None) -> None:
                     row.update(serve(model, inputs, args.new_tokens, gap, cuda))
                 row["attention"] = model.config._attn_implementation
                 if config == "patched" and args.check:
-                    row["checked"] = min(args.check, args.requests)
-                    row["same_as_generate"] = check(model, inputs, row["tokens_of"], args.check, args.new_tokens)
+                    row["same_prefix"] = check(model, inputs, row["tokens_of"], args.check, args.new_tokens)
+                    row["same_as_generate"] = sum(n == args.new_tokens for n in row["same_prefix"])
             except torch.OutOfMemoryError as error:
                 row.update(status="oom", error=str(error).splitlines()[0][:200])
             row.pop("tokens_of", None)
