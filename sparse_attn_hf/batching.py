@@ -4,22 +4,24 @@ the first step of issue 33, on the CPU.
 The manager accepts only its own attention implementations (``paged|eager``, ``sdpa``, flash ones) and switches a
 model to one of them; a name containing "flash" cannot be registered (Transformers looks for a hub kernel of that
 name). :func:`keep_sparse_attention` lets a model patched by this package keep its attention on the CPU (on a GPU the
-manager switches it as any model, with a WARNING: the path below is not yet measured there, and its host reads would
-stall the GPU); every other model is switched as before. The manager then passes the attention function all scheduled requests packed in one row, with no
-mask: queries [1, Hq, sum of new tokens, D], keys and values [1, Hkv, sum of (past + new), D] read back from its
-paged cache, and ``cu_seq_lens_q`` / ``cu_seq_lens_k`` marking each request. :func:`packed_requests` attends each
-request on its own, by the package's rule for a forward that holds the request's whole sequence: a request's
-prompt is a prefill (every head dense while the window would cover most of it, as ``generate()`` decides), a
-one-token step with a past is a decode step (streaming heads: sink + the decode window; dense heads: every stored
-token).
+manager switches it as any model, with a WARNING: there the path below measured 0.69x stock's throughput, host-bound
+on cuDNN's per-shape plans, since avoided, and is not yet measured again; ``ON_GPU`` switches it on for benchmarks);
+every other model is switched as before. The manager then passes the attention function all scheduled requests
+packed in one row, with no mask: queries [1, Hq, sum of new tokens, D], keys and values [1, Hkv, sum of (past +
+new), D] read back from its paged cache, and ``cu_seq_lens_q`` / ``cu_seq_lens_k`` marking each request.
+:func:`packed_requests` attends each request on its own, by the package's rule for a forward that holds the
+request's whole sequence: a request's prompt is a prefill (every head dense while the window would cover most of it,
+as ``generate()`` decides), a one-token step with a past is a decode step (streaming heads: sink + the decode window;
+dense heads: every stored token).
 
 Not yet (issue 33): page selection in decode steps (the paged cache keeps no page statistics: dense heads attend to
-every token, exact), giving back the streaming heads' blocks, a loop without host reads (``cu_seq_lens`` are read on
-the host once per layer) for the manager's CUDA graphs, the serving entry point.
+every token, exact), giving back the streaming heads' blocks, one launch per layer with no host reads (``cu_seq_lens``
+are read on the host once per forward) for the manager's CUDA graphs.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from ._log import warn_once
@@ -65,14 +67,36 @@ def keep_sparse_attention() -> None:
     ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
 
 
+_READ = threading.local()  # per thread: each manager runs its own loop
+
+
+def _on_host(layer: int | None, lengths) -> list[int]:
+    """``lengths`` (the forward's ``cu_seq_lens``) as a host list, read once per forward and tensor: a forward calls
+    its layers in order with the same tensors (a hybrid model has one per layer type), so a layer index that does
+    not grow starts a new forward and the lists read before are dropped (no layer index: read every time)."""
+    if layer is None:
+        return lengths.tolist()
+    if layer <= getattr(_READ, "layer", -1):
+        _READ.lists = {}
+    _READ.layer = layer
+    lists = getattr(_READ, "lists", None)
+    if lists is None:
+        lists = _READ.lists = {}
+    seen = lists.get(id(lengths))
+    if seen is None or seen[0] is not lengths:
+        seen = lists[id(lengths)] = (lengths, lengths.tolist())
+    return seen[1]
+
+
 def packed_requests(attend, module, query, key, value, scaling, kwargs: dict):
     """The attention of a packed continuous-batching call: each request attended on its own by ``attend`` (the
     package's attention function, given ``request=Request(...)``), written into its rows. Returns (output [1,
     sum of new tokens, Hq, D], None)."""
     if query.shape[0] != 1:
         raise ValueError(f"a continuous-batching call packs its requests in one row, got a batch of {query.shape[0]}.")
-    cu_q = kwargs["cu_seq_lens_q"].tolist()  # host reads, once per layer (issue 33: none for the manager's graphs)
-    cu_k = kwargs["cu_seq_lens_k"].tolist()
+    layer = getattr(module, "layer_idx", None)
+    cu_q = _on_host(layer, kwargs["cu_seq_lens_q"])  # host reads, once per forward (issue 33: none for the
+    cu_k = _on_host(layer, kwargs["cu_seq_lens_k"])  # manager's CUDA graphs)
     positions = kwargs.get("position_ids")
     rest = {name: item for name, item in kwargs.items() if name not in _BATCHING_KEYS}
     out = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])

@@ -99,3 +99,35 @@ def test_requests_joining_and_leaving_a_running_batch_keep_their_answers():
         alone = model.generate(torch.tensor([prompts[name]]), generation_config=GREEDY,
                                max_new_tokens=limits[name])[0, len(prompts[name]):].tolist()
         assert results[name].generated_tokens == alone, name
+
+
+def test_lengths_read_on_the_host_once_per_forward():
+    """cu_seq_lens are read once per forward and tensor (layers in order share them), again when a forward starts
+    (the layer index does not grow) or another tensor comes, and per thread."""
+    import threading
+
+    import torch
+
+    from sparse_attn_hf.batching import _on_host
+
+    reads = []
+
+    class Lengths:
+        def __init__(self, values):
+            self.values = values
+
+        def tolist(self):
+            reads.append(self.values)
+            return list(self.values)
+
+    first, window = Lengths([0, 3, 5]), Lengths([0, 2, 4])  # full-attention layers and sliding ones, alternating
+    assert [_on_host(layer, (first, window)[layer % 2]) for layer in range(6)] == [[0, 3, 5], [0, 2, 4]] * 3
+    assert reads == [[0, 3, 5], [0, 2, 4]]
+    first.values = [0, 1, 9]  # the manager's static buffer, refilled for the next step
+    assert _on_host(0, first) == [0, 1, 9] and len(reads) == 3  # a new forward reads again
+    other = []
+    thread = threading.Thread(target=lambda: other.append(_on_host(1, first)))
+    thread.start()
+    thread.join()
+    assert other == [[0, 1, 9]] and len(reads) == 4  # another thread keeps its own
+    assert _on_host(1, torch.tensor([0, 7])) == [0, 7]
