@@ -101,6 +101,42 @@ def test_triton_reads_every_e4m3_code_as_torch_does():
     assert torch.equal(out[finite], expected[finite])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, heads, pages, page, dim", [(1, 1, 1, 16, 16), (2, 3, 9, 16, 64), (1, 2, 17, 64, 96),
+                                                             (2, 1, 5, 32, 128)])
+def test_read_back_kernel_matches_the_reference(batch, heads, pages, page, dim, dtype):
+    """The one-pass read-back of a prompt chunk (``ops.read_fp8_pages``'s kernel) against ``dequantize_pages`` on
+    fresh codes and scales (pages past a program's share, a head_dim below its power of two, a view of a wider
+    buffer as the cache passes it). The interpreter rounds float32 -> 16-bit by truncation: 1 ulp there."""
+    from sparse_attn_hf.kernels.fp8 import read_pages_triton
+
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 loads need sm89 or newer")
+    codes, scales = quantize_pages(_keys(batch, heads, pages + 3, page, dim, seed=pages + dim), page)
+    codes, scales = codes[:, :, : pages * page], scales[:, :, :pages]  # the sealed part of a longer buffer
+    out = torch.full((batch, heads, pages * page + 5, dim), float("nan"), dtype=dtype, device=DEVICE)
+    got = read_pages_triton(codes, scales, page, out[:, :, : pages * page])
+    expected = dequantize_pages(codes, scales, page, dtype=dtype)
+    ulp = torch.finfo(dtype).eps * expected.float().abs()
+    assert torch.all((got.float() - expected.float()).abs() <= (0 if DEVICE == "cuda" else 1) * ulp)
+    assert torch.isnan(out[:, :, pages * page :]).all()  # nothing written past the pages
+
+
+def test_read_fp8_pages_runs_the_kernel_or_the_reference():
+    """``ops.read_fp8_pages``: the kernel where the backend says so, else the reference in chunks: the same values."""
+    from sparse_attn_hf.ops import dispatch
+
+    codes, scales = quantize_pages(_keys(1, 2, 6, 16, 32, seed=9), 16)
+    expected = dequantize_pages(codes, scales, 16, dtype=torch.bfloat16)
+    for backend in ("reference", "triton"):
+        dispatch.set_backend(backend)
+        try:
+            got = ops.read_fp8_pages(codes, scales, 16, torch.empty_like(expected))
+        finally:
+            dispatch.set_backend("auto")
+        assert torch.allclose(got.float(), expected.float(), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=0)
+
+
 # ------------------------------------------------------------------ FP8 pages in the cache and the kernels
 import copy  # noqa: E402
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.fp8 import dequantize_pages, first_recent_page, quantize_pages
+from .. import ops
+from ..kernels.fp8 import first_recent_page, quantize_pages
 
-_FP8_CHUNK = 1 << 16  # tokens quantized or read back per step (bounds the float32 temporaries)
+_FP8_CHUNK = 1 << 16  # tokens quantized per step (bounds the float32 temporaries)
 
 
 class FP8Pages:
@@ -57,12 +58,10 @@ class FP8Pages:
     def _read_back(self, name: str, base: int, rest: torch.Tensor) -> torch.Tensor:
         """The pages sealed before slot ``base`` of an FP8 layer's ``name`` buffers read back in the model's dtype,
         then ``rest`` (the slots from ``base`` on, as they came): what a later prompt chunk attends to (one
-        temporary of the layer's dense heads; the float32 work chunked)."""
+        temporary of the layer's dense heads; ``ops.read_fp8_pages``)."""
         t, page = self._tensors, self.page_size
         out = rest.new_empty(*rest.shape[:2], base + rest.shape[2], rest.shape[3])
-        for lo in range(0, base, _FP8_CHUNK):
-            hi = min(lo + _FP8_CHUNK, base)
-            dequantize_pages(t["dense_" + name][:, :, lo:hi], t[name + "_scale"][:, :, lo // page : hi // page], page,
-                             out=out[:, :, lo:hi])
+        ops.read_fp8_pages(t["dense_" + name][:, :, :base], t[name + "_scale"][:, :, : base // page], page,
+                           out[:, :, :base])
         out[:, :, base:] = rest
         return out

@@ -130,3 +130,41 @@ def _quantize_page(x, MIN_SCALE: tl.constexpr):
     scale = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), MIN_SCALE)
     # IEEE divisions (Triton's plain "/" is approximate on the GPU): the codes PyTorch's quantize_pages gives
     return _e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, tl.broadcast_to(scale, x.shape)), -448.0), 448.0)), scale
+
+
+@triton.jit
+def _read_pages_kernel(Q, S, O, pages, stride_qh, stride_qn, stride_sh, stride_oh, stride_on,
+                       PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGES_PER_PROGRAM: tl.constexpr):
+    """``PAGES_PER_PROGRAM`` pages of one (row, head): codes times the page's scale, in float32, rounded once to O's
+    dtype (as :func:`dequantize_pages`)."""
+    head = tl.program_id(0)
+    tokens = tl.arange(0, PAGE)
+    dims = tl.arange(0, D_PAD)
+    d_ok = dims[None, :] < D
+    for i in range(PAGES_PER_PROGRAM):
+        page = tl.program_id(1) * PAGES_PER_PROGRAM + i
+        if page < pages:
+            slots = page * PAGE + tokens
+            codes = tl.load(Q + head * stride_qh + slots[:, None] * stride_qn + dims[None, :], mask=d_ok, other=0.0)
+            scale = tl.load(S + head * stride_sh + page)
+            values = codes.to(tl.float32) * scale
+            tl.store(O + head * stride_oh + slots[:, None] * stride_on + dims[None, :],
+                     values.to(O.dtype.element_ty), mask=d_ok)
+
+
+def read_pages_triton(q: torch.Tensor, scales: torch.Tensor, page_size: int, out: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantize_pages` into ``out`` in one pass (the codes read once, ``out`` written once: no temporaries).
+    q e4m3 [B, H, n x page_size, D], scales float32 [B, H, n], out [B, H, n x page_size, D]."""
+    batch, heads, length, dim = q.shape
+    if length == 0:
+        return out
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or q.stride(0) != heads * q.stride(1) or (
+            out.stride(0) != heads * out.stride(1) or scales.stride(0) != heads * scales.stride(1)):
+        raise ValueError("read_pages needs rows and heads laid out as one [B*H] axis, unit stride in D.")
+    pages = length // page_size
+    per_program = 8
+    grid = (batch * heads, triton.cdiv(pages, per_program))
+    _read_pages_kernel[grid](q, scales, out, pages, q.stride(1), q.stride(2), scales.stride(1), out.stride(1),
+                             out.stride(2), PAGE=page_size, D=dim, D_PAD=triton.next_power_of_2(dim),
+                             PAGES_PER_PROGRAM=per_program)
+    return out

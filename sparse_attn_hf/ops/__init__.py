@@ -11,11 +11,11 @@ from ..kernels.fp8 import check_device as check_fp8_device
 from ..kernels.layout import LogitTerms, Visibility
 from .dense import dense_attention, split_causal_attention
 from .dispatch import KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM, SUPPORTED_DTYPES, check_dtype, decode_on_host, set_backend
-from .prefill import sampled_column_scores, sparse_attention, stripe_attention
+from .prefill import read_fp8_pages, sampled_column_scores, sparse_attention, stripe_attention
 
 __all__ = [
     "KERNEL_DTYPES", "KERNEL_MAX_HEAD_DIM", "LogitTerms", "SUPPORTED_DTYPES", "Visibility", "append_token",
     "check_dtype", "check_fp8_device", "compile_top_pages",
-    "decode_on_host", "dense_attention", "paged_decode", "physical_page_scores", "sampled_column_scores",
+    "decode_on_host", "dense_attention", "paged_decode", "physical_page_scores", "read_fp8_pages", "sampled_column_scores",
     "set_backend", "shortlist_pages", "sparse_attention", "split_causal_attention", "stripe_attention", "top_pages",
 ]

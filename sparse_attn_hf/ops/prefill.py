@@ -1,11 +1,13 @@
 """Prefill attention ops: streaming + dense heads of one layer (``sparse_attention``), SampleAttention's two stages
-(``sampled_column_scores``, ``stripe_attention``). Contracts: ``kernels.reference``."""
+(``sampled_column_scores``, ``stripe_attention``), FP8 pages read back for a prompt chunk (``read_fp8_pages``).
+Contracts: ``kernels.reference`` (``kernels.fp8`` for the pages)."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import cost
+from ..kernels.fp8 import dequantize_pages, read_pages_triton
 from ..kernels.layout import LogitTerms, Visibility
 from ..kernels.reference import (
     sampled_column_scores_reference,
@@ -125,3 +127,21 @@ def stripe_attention(query, key, value, mask, terms: LogitTerms, *, tile: int = 
             return sparse_attention_triton(query, key, value, visible, terms, stripe_mask=mask,
                                            whole_block_share=cost.WHOLE_BLOCK_SHARE)
     return stripe_attention_reference(query, key, value, mask, terms, tile=tile)
+
+
+def read_fp8_pages(codes: torch.Tensor, scales: torch.Tensor, page_size: int, out: torch.Tensor) -> torch.Tensor:
+    """Sealed FP8 pages (e4m3 codes [B, H, n x page_size, D], float32 scales [B, H, n]) read back into ``out`` [B, H,
+    n x page_size, D], as a later prompt chunk attends to them: the one-pass Triton kernel on CUDA (fp16/bf16), the
+    reference (``kernels.fp8.dequantize_pages``) elsewhere, 64K tokens at a time (its float32 work bounded)."""
+    if _use_triton(out):
+        with _on_device(out):
+            return read_pages_triton(codes, scales, page_size, out)
+    step = max(_READ_CHUNK // page_size, 1) * page_size
+    for lo in range(0, codes.shape[2], step):
+        hi = min(lo + step, codes.shape[2])
+        dequantize_pages(codes[:, :, lo:hi], scales[:, :, lo // page_size : hi // page_size], page_size,
+                         out=out[:, :, lo:hi])
+    return out
+
+
+_READ_CHUNK = 1 << 16
