@@ -281,15 +281,18 @@ def test_run_time_head_check():
         check_heads(heads, module, query_heads=4, kv_heads=2)
 
 
-def test_cache_layers_allocate_on_their_own_device(monkeypatch):
+@pytest.mark.filterwarnings("ignore:.*kv_dtype='fp8' on a CPU")
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_cache_layers_allocate_on_their_own_device(monkeypatch, kv_dtype):
     """device_map puts layers on several devices: each SparseCache layer allocates where its keys arrive
-    (here layer 0 on the CPU, layer 1 on the meta device, the one second device a CPU machine has)."""
+    (here layer 0 on the CPU, layer 1 on the meta device, the one second device a CPU machine has), FP8 pages'
+    scales and ring of recent tokens included."""
     from helpers import tiny_model
 
-    from sparse_attn_hf import Profile, SparseCache, patch_model
+    from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
 
     model = tiny_model(heads=4, kv_heads=2, layers=2)
-    patch_model(model, Profile.from_scores(model, torch.tensor(SCORES), **SETTINGS))
+    patch_model(model, Profile.from_scores(model, torch.tensor(SCORES), **SETTINGS), SparseConfig(kv_dtype=kv_dtype))
     cache = SparseCache(model, max_cache_len=40)
     for layer, device in zip(cache.layers, ("cpu", "meta")):
         key = torch.randn(1, 2, 5, 16, device=device)
@@ -297,6 +300,8 @@ def test_cache_layers_allocate_on_their_own_device(monkeypatch):
         layer._ensure_capacity(5)
         assert layer.device == torch.device(device)
         assert {t.device for t in layer._tensors.values()} == {torch.device(device)}
+        if kv_dtype == "fp8":
+            assert {"key_scale", "value_scale", "recent_key", "recent_value"} <= layer._tensors.keys()
         assert layer.dense_idx.device == layer.stream_idx.device == torch.device(device)
     # the padding starts of a cache-less forward are kept per device, not handed to a layer elsewhere
     # (left_padding_starts itself cannot run on meta tensors: a stand-in that only places its result)
