@@ -6,9 +6,9 @@
 model is patched (its shipped or calibrated profile, or ``--profile``), and one ``ContinuousBatchingManager`` serves
 every request: a request arriving while others decode joins the running batch (``batching``). Endpoints:
 ``GET /v1/models``, ``POST /v1/completions`` (``prompt``: text or token ids) and ``POST /v1/chat/completions``
-(``messages``, through the tokenizer's chat template), with ``max_tokens``. Greedy decoding only: ``temperature``
-above 0, ``n`` above 1 and streaming are refused with a 400 that says so. Loopback by default: the server has no
-authentication.
+(``messages``, through the tokenizer's chat template), with ``max_tokens``; ``"stream": true`` sends the answer as
+server-sent events while it is decoded (OpenAI's chunks, then ``data: [DONE]``). Greedy decoding only: ``temperature``
+above 0 and ``n`` above 1 are refused with a 400 that says so. Loopback by default: the server has no authentication.
 
 Transformers' own ``transformers serve`` cannot load the package (it checks ``--attn-implementation`` against a fixed
 list and loads the model in another process).
@@ -60,31 +60,44 @@ class BatchingServer:
 
     def generate(self, ids: list[int], max_tokens: int) -> tuple[list[int], str]:
         """Greedy tokens for the prompt ``ids`` (at most ``max_tokens``) and the finish reason ("stop" or "length")."""
+        for tokens, finish in self.stream(ids, max_tokens, streaming=False):
+            pass
+        return tokens, finish
+
+    def stream(self, ids: list[int], max_tokens: int, streaming: bool = True):
+        """Yield (the greedy tokens so far, None) as the batch decodes them (``streaming``), then (every token, the
+        finish reason: "stop" or "length")."""
         request_id = uuid.uuid4().hex
-        waiting: queue.Queue = queue.Queue(maxsize=1)
+        waiting: queue.Queue = queue.Queue()
         with self._lock:
             self._waiting[request_id] = waiting
-        self.manager.add_request(ids, request_id=request_id, max_new_tokens=max_tokens, eos_token_id=self.eos)
-        result = waiting.get()
-        if result.error:
-            raise RuntimeError(f"the request failed in the batch: {result.error}")
-        tokens = list(result.generated_tokens)
-        stopped = bool(tokens) and tokens[-1] == self.eos and len(tokens) <= max_tokens
-        return tokens, "stop" if stopped else "length"
+        self.manager.add_request(ids, request_id=request_id, max_new_tokens=max_tokens, eos_token_id=self.eos,
+                                 streaming=streaming)
+        while True:
+            result = waiting.get()
+            if result.error:
+                raise RuntimeError(f"the request failed in the batch: {result.error}")
+            tokens = list(result.generated_tokens)
+            if not result.is_finished():
+                yield tokens, None
+                continue
+            stopped = bool(tokens) and tokens[-1] == self.eos and len(tokens) <= max_tokens
+            yield tokens, "stop" if stopped else "length"
+            return
 
     def _route_results(self) -> None:
-        """Hand each finished request's result to the thread waiting for it (one reader of the manager's queue)."""
+        """Hand each result (a streamed request's partial ones too) to the thread waiting for it (one reader of the
+        manager's queue)."""
         while self._running:
             result = self.manager.get_result(timeout=0.1)
             if result is None:
                 if not self.manager.is_running():
                     time.sleep(0.1)
                 continue
-            if result.is_finished():
-                with self._lock:
-                    waiting = self._waiting.pop(result.request_id, None)
-                if waiting is not None:
-                    waiting.put(result)
+            with self._lock:
+                waiting = (self._waiting.pop if result.is_finished() else self._waiting.get)(result.request_id, None)
+            if waiting is not None:
+                waiting.put(result)
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -123,6 +136,8 @@ def _handler(server: BatchingServer):
                 ids, max_tokens = _request(server, body, chat)
             except (ValueError, KeyError, TypeError) as error:
                 return self._reply(400, {"error": {"message": str(error), "type": "invalid_request_error"}})
+            if body.get("stream"):
+                return self._stream(ids, max_tokens, chat)
             try:
                 tokens, finish = server.generate(ids, max_tokens)
             except RuntimeError as error:  # the batch failed this request: the client hears why
@@ -135,6 +150,46 @@ def _handler(server: BatchingServer):
                               "choices": [choice], "usage": {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
                                                              "total_tokens": len(ids) + len(tokens)}})
 
+        def _stream(self, ids: list[int], max_tokens: int, chat: bool) -> None:
+            """Server-sent events: a chunk per step that adds text (held back while it ends inside a character), the
+            finish reason in the last, then ``[DONE]``."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            head = {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion.chunk" if chat else
+                    "text_completion", "created": int(time.time()), "model": server.name}
+
+            def send(delta: str | None, finish: str | None) -> None:
+                if chat:
+                    choice = {"index": 0, "delta": {} if delta is None else {"content": delta},
+                              "finish_reason": finish}
+                else:
+                    choice = {"index": 0, "text": delta or "", "finish_reason": finish}
+                self.wfile.write(b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n")
+                self.wfile.flush()
+
+            if chat:
+                self.wfile.write(b"data: " + json.dumps({**head, "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}).encode()
+                    + b"\n\n")
+            sent = ""
+            try:
+                for tokens, finish in server.stream(ids, max_tokens):
+                    text = server.tokenizer.decode(tokens, skip_special_tokens=True)
+                    if finish is None and text.endswith("\ufffd"):  # a character split across tokens: wait for it
+                        continue
+                    if len(text) > len(sent) and text.startswith(sent):
+                        send(text[len(sent):], None)
+                        sent = text
+                    if finish is not None:
+                        send(None, finish)
+            except RuntimeError as error:  # the batch failed this request mid-stream: the client hears why
+                self.wfile.write(b"data: " + json.dumps({"error": {"message": str(error), "type": "server_error"}})
+                                 .encode() + b"\n\n")
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+
     return Handler
 
 
@@ -142,8 +197,8 @@ def _request(server: BatchingServer, body: dict, chat: bool) -> tuple[list[int],
     """(prompt token ids, max new tokens) of a request body; ValueError for what is not served."""
     if float(body.get("temperature", 0) or 0) > 0:
         raise ValueError("only greedy decoding is served: pass temperature 0 (or leave it out).")
-    if int(body.get("n", 1)) != 1 or body.get("stream"):
-        raise ValueError("one completion per request, not streamed: leave out n and stream.")
+    if int(body.get("n", 1)) != 1:
+        raise ValueError("one completion per request: leave out n.")
     max_tokens = int(body.get("max_tokens", body.get("max_completion_tokens", server.max_tokens)))
     if not 1 <= max_tokens <= server.max_tokens:
         raise ValueError(f"max_tokens must be between 1 and {server.max_tokens} (the server's --max-tokens).")

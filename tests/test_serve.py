@@ -15,6 +15,16 @@ from sparse_attn_hf import patched  # noqa: E402
 from sparse_attn_hf.serve import BatchingServer  # noqa: E402
 
 
+def _events(url: str, body: dict) -> list:
+    """A streamed request's server-sent events, in order (``[DONE]`` as the string)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        lines = [line.decode().rstrip("\n") for line in response]
+    return [line[len("data: "):] if line == "data: [DONE]" else json.loads(line[len("data: "):])
+            for line in lines if line.startswith("data: ")]
+
+
 def _post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -47,6 +57,10 @@ def test_concurrent_requests_get_what_generate_gives(default_model):
             chat = _post(url + "/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
                                                      "max_tokens": 5})
             refused = _post(url + "/completions", {"prompt": "Hi", "temperature": 0.7})
+            streamed = _events(url + "/completions", {"prompt": prompts[1][0], "max_tokens": prompts[1][1],
+                                                      "stream": True})
+            streamed_chat = _events(url + "/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
+                                                                "max_tokens": 5, "stream": True})
         finally:
             server.close()
         for (prompt, limit), (status, body) in zip(prompts, answers):
@@ -58,3 +72,11 @@ def test_concurrent_requests_get_what_generate_gives(default_model):
             assert body["usage"]["completion_tokens"] == len(alone) <= limit
     assert chat[0] == 200 and chat[1]["choices"][0]["message"]["role"] == "assistant"
     assert refused[0] == 400 and "greedy" in refused[1]["error"]["message"]
+    # streamed: the chunks add up to the same answer, the last names why it ended, then [DONE]
+    assert streamed[-1] == "[DONE]" and len(streamed) > 3  # a chunk per step, not one at the end
+    assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == answers[1][1]["choices"][0]["text"]
+    assert streamed[-2]["choices"][0]["finish_reason"] == answers[1][1]["choices"][0]["finish_reason"]
+    assert streamed_chat[0]["choices"][0]["delta"]["role"] == "assistant" and streamed_chat[-1] == "[DONE]"
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in streamed_chat[:-1])
+    assert content == chat[1]["choices"][0]["message"]["content"]
+    assert streamed_chat[-2]["choices"][0]["finish_reason"] == chat[1]["choices"][0]["finish_reason"]
