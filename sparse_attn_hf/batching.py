@@ -59,8 +59,8 @@ def keep_sparse_attention() -> None:
             if model.device.type != "cuda" or ON_GPU:
                 return  # the package's attention serves packed requests (packed_requests)
             warn_once("sparse_attn_hf: continuous batching on a GPU runs Transformers' own attention for now: the "
-                      "package's per-request path is not measured there yet and reads the host once per layer "
-                      "(issue 33); generate() keeps the sparse path.")
+                      "package's per-request path has not yet been measured ahead of it there (issue 33); "
+                      "generate() keeps the sparse path.")
         original(self, model, auto_switch_to_flash)
 
     switch_to_cb_friendly_attn._sparse_attn_hf = True

@@ -160,7 +160,7 @@ def read_pages_triton(q: torch.Tensor, scales: torch.Tensor, page_size: int, out
         return out
     if q.stride(-1) != 1 or out.stride(-1) != 1 or q.stride(0) != heads * q.stride(1) or (
             out.stride(0) != heads * out.stride(1) or scales.stride(0) != heads * scales.stride(1)):
-        raise ValueError("read_pages needs rows and heads laid out as one [B*H] axis, unit stride in D.")
+        raise ValueError("read_pages_triton needs rows and heads laid out as one [B*H] axis, unit stride in D.")
     pages = length // page_size
     per_program = 8
     grid = (batch * heads, triton.cdiv(pages, per_program))
