@@ -73,17 +73,26 @@ class BatchingServer:
             self._waiting[request_id] = waiting
         self.manager.add_request(ids, request_id=request_id, max_new_tokens=max_tokens, eos_token_id=self.eos,
                                  streaming=streaming)
-        while True:
-            result = waiting.get()
-            if result.error:
-                raise RuntimeError(f"the request failed in the batch: {result.error}")
-            tokens = list(result.generated_tokens)
-            if not result.is_finished():
-                yield tokens, None
-                continue
-            stopped = bool(tokens) and tokens[-1] == self.eos and len(tokens) <= max_tokens
-            yield tokens, "stop" if stopped else "length"
-            return
+        finished = False
+        try:
+            while True:
+                result = waiting.get()
+                if result.error:
+                    finished = True
+                    raise RuntimeError(f"the request failed in the batch: {result.error}")
+                tokens = list(result.generated_tokens)
+                if not result.is_finished():
+                    yield tokens, None
+                    continue
+                finished = True
+                stopped = bool(tokens) and tokens[-1] == self.eos and len(tokens) <= max_tokens
+                yield tokens, "stop" if stopped else "length"
+                return
+        finally:
+            if not finished:  # the reader left (a client that hung up): the batch stops decoding for it
+                with self._lock:
+                    self._waiting.pop(request_id, None)
+                self.manager.cancel_request(request_id)
 
     def _route_results(self) -> None:
         """Hand each result (a streamed request's partial ones too) to the thread waiting for it (one reader of the
@@ -173,9 +182,9 @@ def _handler(server: BatchingServer):
                 self.wfile.write(b"data: " + json.dumps({**head, "choices": [
                     {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}).encode()
                     + b"\n\n")
-            sent = ""
+            sent, answer = "", server.stream(ids, max_tokens)
             try:
-                for tokens, finish in server.stream(ids, max_tokens):
+                for tokens, finish in answer:
                     text = server.tokenizer.decode(tokens, skip_special_tokens=True)
                     if finish is None and text.endswith("\ufffd"):  # a character split across tokens: wait for it
                         continue
@@ -187,6 +196,9 @@ def _handler(server: BatchingServer):
             except RuntimeError as error:  # the batch failed this request mid-stream: the client hears why
                 self.wfile.write(b"data: " + json.dumps({"error": {"message": str(error), "type": "server_error"}})
                                  .encode() + b"\n\n")
+            except (BrokenPipeError, ConnectionResetError):  # the client hung up: cancel its request
+                answer.close()
+                return
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 

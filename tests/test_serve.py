@@ -80,3 +80,36 @@ def test_concurrent_requests_get_what_generate_gives(default_model):
     content = "".join(e["choices"][0]["delta"].get("content", "") for e in streamed_chat[:-1])
     assert content == chat[1]["choices"][0]["message"]["content"]
     assert streamed_chat[-2]["choices"][0]["finish_reason"] == chat[1]["choices"][0]["finish_reason"]
+
+
+@torch.no_grad()
+def test_a_client_that_hangs_up_mid_stream_is_cancelled(default_model):
+    """A streamed request whose client disconnects is cancelled in the batch (it stops decoding for nobody), and
+    the server goes on serving."""
+    import socket
+    import time
+
+    model, tokenizer = default_model
+    with patched(model):
+        server = BatchingServer(model, tokenizer, name="default", max_tokens=200)
+        server.eos = -1  # no early end: the request is still decoding when its client leaves
+        cancelled = []
+        cancel = server.manager.cancel_request
+        server.manager.cancel_request = lambda request_id: (cancelled.append(request_id), cancel(request_id))
+        try:
+            host, port = server.httpd.server_address[:2]
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 200, "stream": True}).encode()
+            with socket.create_connection((host, port), timeout=120) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                seen = b""
+                while seen.count(b"data: ") < 2:  # decoding has begun
+                    seen += sock.recv(4096)
+            deadline = time.time() + 120
+            while not cancelled and time.time() < deadline:
+                time.sleep(0.05)
+            assert len(cancelled) == 1 and not server._waiting
+            status, answer = _post(server.address + "/v1/completions", {"prompt": "Hi", "max_tokens": 3})
+            assert status == 200 and answer["usage"]["completion_tokens"] == 3
+        finally:
+            server.close()
