@@ -45,6 +45,9 @@ class LayerKV:
         out only when the layer also has streaming heads; streaming heads are read in place."""
         dense = (None, None)
         if len(dense_idx):
-            dense = (key, value) if len(dense_idx) == key.shape[1] else (key[:, dense_idx], value[:, dense_idx])
+            # index_select, not key[:, dense_idx]: on a strided view (a request of a packed batch) advanced indexing
+            # took 6 ms per call on the CPU, index_select 4 us
+            dense = (key, value) if len(dense_idx) == key.shape[1] else (key.index_select(1, dense_idx),
+                                                                         value.index_select(1, dense_idx))
         stream = (key, value, None, True) if len(stream_idx) else (None, None, None, False)
         return cls(*dense, *stream)
