@@ -169,19 +169,21 @@ def _handler(server: BatchingServer):
             head = {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion.chunk" if chat else
                     "text_completion", "created": int(time.time()), "model": server.name}
 
+            def event(body) -> None:
+                self.wfile.write(b"data: " + (body if isinstance(body, bytes) else json.dumps(body).encode()) + b"\n\n")
+                self.wfile.flush()
+
             def send(delta: str | None, finish: str | None) -> None:
                 if chat:
                     choice = {"index": 0, "delta": {} if delta is None else {"content": delta},
                               "finish_reason": finish}
                 else:
                     choice = {"index": 0, "text": delta or "", "finish_reason": finish}
-                self.wfile.write(b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n")
-                self.wfile.flush()
+                event({**head, "choices": [choice]})
 
             if chat:
-                self.wfile.write(b"data: " + json.dumps({**head, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}).encode()
-                    + b"\n\n")
+                event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]})
             sent, answer = "", server.stream(ids, max_tokens)
             try:
                 for tokens, finish in answer:
@@ -194,13 +196,11 @@ def _handler(server: BatchingServer):
                     if finish is not None:
                         send(None, finish)
             except RuntimeError as error:  # the batch failed this request mid-stream: the client hears why
-                self.wfile.write(b"data: " + json.dumps({"error": {"message": str(error), "type": "server_error"}})
-                                 .encode() + b"\n\n")
+                event({"error": {"message": str(error), "type": "server_error"}})
             except (BrokenPipeError, ConnectionResetError):  # the client hung up: cancel its request
                 answer.close()
                 return
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            event(b"[DONE]")
 
     return Handler
 
