@@ -170,6 +170,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gap", type=float, default=0.5, help="seconds between staggered submissions")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=["stock", "patched"])
     parser.add_argument("--check", type=int, default=2, help="requests compared with the patched generate()")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     parser.add_argument("--profile", action="store_true",
                         help="each measured manager under torch.profiler: operator tables beside --out (.txt)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: the bookkeeping only")
@@ -198,12 +199,24 @@ def main(argv=None) -> None:
                 extra={"model": label, "new_tokens": args.new_tokens, "gap_s": args.gap, "settings": settings,
                        "patched": "streaming_fraction 0.5 (Profile.from_scores, seeded)"})
     rows, tables = [], []
+    started = time.perf_counter()
+    spent = lambda: args.budget_s is not None and time.perf_counter() - started > args.budget_s  # noqa: E731
     for config in args.configs:
+        if spent():  # no row of this configuration can start: no patching, no first manager
+            rows += [{"config": config, "requests": args.requests, "L": args.length, "arrival": arrival,
+                      "status": "not_run", "reason": f"time budget of the run ({args.budget_s:.0f} s) spent"}
+                     for arrival in args.arrivals]
+            write(args.out, info, rows)
+            continue
         configure(model, config, settings)
         serve(model, [ids[:1024] for ids in inputs[:2]], 4, 0.0, cuda)  # a first manager: its one-time costs
         for arrival in args.arrivals:
             row = {"config": config, "requests": args.requests, "L": args.length, "arrival": arrival, "status": "ok",
                    "attention": None}
+            if spent():
+                rows.append(dict(row, status="not_run", reason=f"time budget of the run ({args.budget_s:.0f} s) spent"))
+                write(args.out, info, rows)
+                continue
             try:
                 gap = args.gap if arrival == "staggered" else 0.0
                 if args.profile:
