@@ -269,6 +269,8 @@ def write(path: Path, info: dict, rows: list[dict]) -> None:
     old = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
     run_id = f"{info['date']} {info['commit'][:10]}"
     runs = {**old["meta"].get("runs", {}), run_id: {k: v for k, v in info.items() if k != "runs"}}
+    kept = {key(r) for r in old["rows"]}
+    rows = [r for r in rows if r["status"] != "not_run" or key(r) not in kept]  # a skipped row keeps a measured one
     new = {key(r) for r in rows}
     merged = [r for r in old["rows"] if key(r) not in new] + [dict(r, run=run_id) for r in rows]
     runs = {k: v for k, v in runs.items() if any(r.get("run") == k for r in merged)}
