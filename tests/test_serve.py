@@ -104,7 +104,9 @@ def test_a_client_that_hangs_up_mid_stream_is_cancelled(default_model):
                              b"Content-Length: %d\r\n\r\n" % len(body) + body)
                 seen = b""
                 while seen.count(b"data: ") < 2:  # decoding has begun
-                    seen += sock.recv(4096)
+                    chunk = sock.recv(4096)
+                    assert chunk, f"the server closed the stream early: {seen!r}"
+                    seen += chunk
             deadline = time.time() + 120
             while not cancelled and time.time() < deadline:
                 time.sleep(0.05)
