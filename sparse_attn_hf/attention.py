@@ -21,7 +21,7 @@ from transformers.masking_utils import flash_attention_mask
 from . import ops
 from .ops import LogitTerms, Visibility
 from ._log import log_once
-from .batching import packed_requests
+from .batching import decode_only, packed_decode_step, packed_requests
 from .cache import LayerKV, PendingKV, SparseLayer
 from .methods.decode_step import DecodePlan
 from .methods.sample_attention import SampleSettings, choose_mask, window_size
@@ -54,7 +54,14 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if query.shape[2] == 0:
         raise ValueError("empty input (0 tokens): pass at least one token.")
     if kwargs.get("cu_seq_lens_q") is not None and not isinstance(key, PendingKV):
-        # Transformers' continuous batching: requests packed in one row, each attended on its own
+        # Transformers' continuous batching: requests packed in one row; a decode step of all of them in a few
+        # variable-length launches where flash's kernel runs (CUDA), else each request attended on its own
+        if ops.varlen_available(query) and decode_only(query, kwargs):
+            terms = LogitTerms(scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs.get("softcap"),
+                               kwargs.get("s_aux"))
+            out = packed_decode_step(state, module, query, key, value, terms, kwargs)
+            if out is not None:
+                return out, None
         return packed_requests(sparse_attention_forward, module, query, key, value, scaling, kwargs)
     request = kwargs.pop("request", None)  # one request of a packed call (batching.Request)
     batch, q_len = query.shape[0], query.shape[2]

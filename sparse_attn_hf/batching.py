@@ -14,9 +14,13 @@ request's whole sequence: a request's prompt is a prefill (every head dense whil
 as ``generate()`` decides), a one-token step with a past is a decode step (streaming heads: sink + the decode window;
 dense heads: every stored token).
 
+A step where every request decodes runs, where flash's variable-length kernel does (CUDA), as
+:func:`packed_decode_step`: three launches per layer for all requests, no host read (implemented and tested against
+the per-request path with the kernel's reference on the CPU; **not yet run on a GPU**).
+
 Not yet (issue 33): page selection in decode steps (the paged cache keeps no page statistics: dense heads attend to
-every token, exact), giving back the streaming heads' blocks, one launch per layer with no host reads (``cu_seq_lens``
-are read on the host once per forward) for the manager's CUDA graphs.
+every token, exact), giving back the streaming heads' blocks, prompt chunks without the per-request loop
+(``cu_seq_lens`` are read on the host once per forward there).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import torch
+
+from . import ops
 from ._log import warn_once
 
 
@@ -110,3 +117,45 @@ def packed_requests(attend, module, query, key, value, scaling, kwargs: dict):
         out[:, q0:q1] = attend(module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], None, scaling,
                                position_ids=request_positions, request=request, **rest)[0]
     return out, None
+
+
+def decode_only(query, kwargs: dict) -> bool:
+    """Whether a packed call holds one query per request (every request a decode step; a one-token prompt attends
+    to its one key either way), known from shapes alone."""
+    return query.shape[2] == kwargs["cu_seq_lens_q"].shape[0] - 1 and kwargs.get("max_length_k") is not None
+
+
+def packed_decode_step(state, module, query, key, value, terms, kwargs: dict) -> torch.Tensor | None:
+    """A decode step of every packed request in three variable-length launches, no host read (the lengths stay on
+    the device; the longest is the manager's ``max_length_k``): every head over all its request's keys, the
+    streaming heads again over the decode window and over the sink keys before it, merged by log-sum-exp, each
+    head kind's rows taken from its own result. The rule of :func:`packed_requests`' decode steps (streaming heads:
+    sink + decode window; dense heads: every token). Returns [1, R, Hq, D], or None where it does not apply (a
+    native window layer, logit terms flash lacks)."""
+    layer = module.layer_idx
+    if state.window(layer) is not None or not terms.plain:
+        return None
+    cu_k = kwargs["cu_seq_lens_k"]
+    requests, max_k = query.shape[2], int(kwargs["max_length_k"])
+    q = query[0].transpose(0, 1)  # [R, Hq, D]
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T_k, Hkv, D]: the manager's own layout, no copy
+    cu_q = torch.arange(requests + 1, device=q.device, dtype=cu_k.dtype)
+    out, _ = ops.varlen_attention(q, k, v, cu_q, cu_k, 1, max_k, scale=terms.scale)
+    _, stream_idx = state.head_split(layer, q.device)
+    if not len(stream_idx):
+        return out.unsqueeze(0)
+    sink, _, window = state.rule(layer)
+    near, near_lse = ops.varlen_attention(q, k, v, cu_q, cu_k, 1, max_k, scale=terms.scale, window=(window - 1, 0))
+    if sink:
+        # each request's first min(sink, length - window) keys: those the window does not hold
+        lengths = cu_k[1:] - cu_k[:-1]
+        used = (lengths - window).clamp(0, sink)
+        slots = (cu_k[:-1, None] + torch.arange(sink, device=q.device)).clamp(max=k.shape[0] - 1).flatten()
+        cu_sink = torch.arange(requests + 1, device=q.device, dtype=cu_k.dtype) * sink
+        far, far_lse = ops.varlen_attention(q, k.index_select(0, slots), v.index_select(0, slots), cu_q, cu_sink, 1,
+                                            sink, scale=terms.scale, used_k=used)
+        weight = torch.where((used > 0)[:, None], torch.sigmoid(far_lse - near_lse), 0.0)  # [R, Hq]
+        near = torch.lerp(near.float(), far.float(), weight[..., None]).to(out.dtype)
+    groups = q.shape[1] // k.shape[1]
+    streaming = torch.zeros(k.shape[1], dtype=torch.bool, device=q.device).index_fill_(0, stream_idx, True)
+    return torch.where(streaming.repeat_interleave(groups)[None, :, None], near, out).unsqueeze(0)

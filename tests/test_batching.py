@@ -131,3 +131,51 @@ def test_lengths_read_on_the_host_once_per_forward():
     thread.join()
     assert other == [[0, 1, 9]] and len(reads) == 4  # another thread keeps its own
     assert _on_host(1, torch.tensor([0, 7])) == [0, 7]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_decode_step_matches_each_request_attended_alone(dtype):
+    """A decode step of every packed request in variable-length launches (``batching.packed_decode_step``: all
+    keys, the decode window and the sink keys before it, merged by log-sum-exp) equals the per-request path, for
+    lengths below the window, between it and sink + window, past it, and a one-token request. On the CPU the
+    variable-length op runs its reference; on a GPU flash's kernel."""
+    from conftest import DEVICE
+
+    from helpers import assert_close_by_rule
+
+    from sparse_attn_hf import ops
+    from sparse_attn_hf.attention import sparse_attention_forward
+    from sparse_attn_hf.kernels.layout import LogitTerms
+
+    model = _patched(0).to(DEVICE, dtype)  # sink 4, decode window 8; one streaming KV head per layer
+    gen = torch.Generator().manual_seed(11)
+    lengths = [1, 6, 10, 12, 40]
+    for layer in (0, 1):
+        module = model.model.layers[layer].self_attn
+        state = module._sparse_attn_state
+        cu_k = torch.tensor([0] + lengths).cumsum(0).to(DEVICE)
+        q = torch.randn(1, 4, len(lengths), 16, generator=gen).to(DEVICE, dtype)
+        kv = torch.randn(2, sum(lengths), 2, 16, generator=gen).to(DEVICE, dtype)  # the manager's [T, Hkv, D]
+        k, v = (x.transpose(0, 1).unsqueeze(0) for x in kv)
+        kwargs = {"cu_seq_lens_q": torch.arange(len(lengths) + 1, device=DEVICE), "cu_seq_lens_k": cu_k,
+                  "max_length_q": 1, "max_length_k": max(lengths)}
+        assert batching.decode_only(q, kwargs)
+        got = batching.packed_decode_step(state, module, q, k, v, LogitTerms(0.25), kwargs)
+        alone, _ = batching.packed_requests(sparse_attention_forward, module, q, k, v, 0.25, dict(kwargs))
+        golden = torch.empty(1, len(lengths), 4, 16, dtype=torch.float64)  # the rule, in float64, by hand
+        _, streaming = state.head_lists(layer)
+        for r, n in enumerate(lengths):
+            start = int(cu_k[r])
+            for head in range(4):
+                slots = torch.arange(n)
+                seen = (slots < 4) | (slots >= n - 8) if head // 2 in streaming else torch.ones(n, dtype=torch.bool)
+                keys, values = (x[start : start + n, head // 2].double().cpu()[seen] for x in kv)
+                probs = torch.softmax(keys @ q[0, head, r].double().cpu() * 0.25, 0)
+                golden[0, r, head] = probs @ values
+        assert got.shape == alone.shape == (1, len(lengths), 4, 16)
+        assert_close_by_rule(got.float().cpu(), golden.float().cpu(), alone.float().cpu())
+        # the streaming heads' rows differ from every head's full attention past sink + window: the merge is used
+        full, _ = ops.varlen_attention(q[0].transpose(0, 1), kv[0], kv[1], kwargs["cu_seq_lens_q"], cu_k, 1, 40,
+                                       scale=0.25)
+        assert not torch.allclose(got[0, -1].float(), full[-1].float(), atol=1e-3)

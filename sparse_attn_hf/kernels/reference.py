@@ -401,3 +401,41 @@ def append_token_reference(key: torch.Tensor, value: torch.Tensor, tensors: dict
             tensors["sink_key"][rows[:, None], at[None, :], rank[:, None]] = k[rows][:, stream]
             tensors["sink_value"][rows[:, None], at[None, :], rank[:, None]] = v[rows][:, stream]
             tensors["sink_pos"][rows, rank] = slot
+
+
+def varlen_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
+                               cu_k: torch.Tensor, *, scale: float, window: tuple[int, int] = (-1, -1),
+                               used_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed requests as flash's variable-length attention takes them (``torch.nn.attention.varlen.varlen_attn``):
+    query [T_q, Hq, D], key/value [T_k, Hkv, D] (GQA: query head h reads key head h // (Hq / Hkv)), request r's rows
+    ``cu_q[r]:cu_q[r+1]`` and keys ``cu_k[r]:cu_k[r+1]``, of which the first ``used_k[r]`` only (when given).
+    ``window`` (left, right), -1 for unbounded: with (left, 0) the queries are the last rows of the request's keys
+    (bottom-right) and query position p sees keys p - left .. p. Returns (out [T_q, Hq, D], natural-log LSE [T_q,
+    Hq], -inf where a row sees no key (its out is 0))."""
+    out = torch.zeros_like(query)
+    lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
+    group = query.shape[1] // key.shape[1]
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    used = None if used_k is None else used_k.tolist()
+    for r in range(len(starts_q) - 1):
+        q0, q1, k0 = starts_q[r], starts_q[r + 1], starts_k[r]
+        n_k = starts_k[r + 1] - k0 if used is None else used[r]
+        if q1 == q0 or n_k <= 0:
+            continue
+        q = query[q0:q1].transpose(0, 1).float()  # [Hq, n_q, D]
+        k = key[k0 : k0 + n_k].transpose(0, 1).float().repeat_interleave(group, 0)
+        v = value[k0 : k0 + n_k].transpose(0, 1).float().repeat_interleave(group, 0)
+        scores = q @ k.transpose(-1, -2) * scale
+        pos = torch.arange(n_k - (q1 - q0), n_k, device=query.device)[:, None]  # bottom-right
+        slot = torch.arange(n_k, device=query.device)[None, :]
+        seen = torch.ones_like(scores[0], dtype=torch.bool)
+        if window[0] >= 0:
+            seen &= slot >= pos - window[0]
+        if window[1] >= 0:
+            seen &= slot <= pos + window[1]
+        scores = scores.masked_fill(~seen, float("-inf"))
+        row_lse = torch.logsumexp(scores, -1)  # [Hq, n_q]
+        probs = torch.where(seen, (scores - row_lse[..., None]).exp(), 0.0)
+        out[q0:q1] = (probs @ v).transpose(0, 1).to(query.dtype)
+        lse[q0:q1] = row_lse.transpose(0, 1)
+    return out, lse
