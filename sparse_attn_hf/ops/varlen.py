@@ -32,6 +32,6 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                            return_aux=AuxRequest(lse=True), scale=scale, window_size=window,
                            enable_gqa=query.shape[1] != key.shape[1],
                            seqused_k=None if used_k is None else used_k.to(torch.int32))
-    if lse.shape[0] != query.shape[0]:  # flash keeps it [Hq, T_q]
+    if lse.shape[0] == query.shape[1]:  # flash's variable-length forward returns it [Hq, T_q]
         lse = lse.transpose(0, 1)
     return out, lse.float()
