@@ -179,3 +179,29 @@ def test_packed_decode_step_matches_each_request_attended_alone(dtype):
         full, _ = ops.varlen_attention(q[0].transpose(0, 1), kv[0], kv[1], kwargs["cu_seq_lens_q"], cu_k, 1, 40,
                                        scale=0.25)
         assert not torch.allclose(got[0, -1].float(), full[-1].float(), atol=1e-3)
+
+
+@torch.no_grad()
+def test_packed_decode_step_of_dense_heads_is_full_attention_and_softcap_declines():
+    """Every head dense: the packed decode step is each request's full attention over its keys (one launch). A model
+    whose layer has logit terms flash lacks (soft-capping) gets None: the per-request path serves it."""
+    from sparse_attn_hf.kernels.layout import LogitTerms
+
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    patch_model(model, Profile.all_dense(model))
+    module = model.model.layers[1].self_attn
+    state = module._sparse_attn_state
+    gen = torch.Generator().manual_seed(3)
+    lengths = [3, 17]
+    cu_k = torch.tensor([0] + lengths).cumsum(0)
+    q = torch.randn(1, 4, 2, 16, generator=gen)
+    kv = torch.randn(2, 20, 2, 16, generator=gen)
+    k, v = (x.transpose(0, 1).unsqueeze(0) for x in kv)
+    kwargs = {"cu_seq_lens_q": torch.arange(3), "cu_seq_lens_k": cu_k, "max_length_q": 1, "max_length_k": 17}
+    got = batching.packed_decode_step(state, module, q, k, v, LogitTerms(0.25), kwargs)
+    for r, n in enumerate(lengths):
+        start = int(cu_k[r])
+        keys, values = (x[start : start + n].transpose(0, 1).repeat_interleave(2, 0) for x in kv)
+        expected = torch.softmax(q[0, :, r, None] @ keys.transpose(-1, -2) * 0.25, -1) @ values  # [4, 1, 16]
+        torch.testing.assert_close(got[0, r], expected[:, 0], rtol=1e-5, atol=1e-5)
+    assert batching.packed_decode_step(state, module, q, k, v, LogitTerms(0.25, 30.0), kwargs) is None
