@@ -53,12 +53,14 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError("sparse_attn_hf is for inference: call model.eval() (attention dropout is not supported).")
     if query.shape[2] == 0:
         raise ValueError("empty input (0 tokens): pass at least one token.")
+    # the scale, and terms of some families that SDPA lacks: learned sinks (GPT-OSS passes s_aux, float [Hq]) and
+    # soft-capped logits (Gemma 2 passes softcap); the package's kernels compute both
+    terms = LogitTerms(scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs.get("softcap"),
+                       kwargs.get("s_aux"))
     if kwargs.get("cu_seq_lens_q") is not None and not isinstance(key, PendingKV):
         # Transformers' continuous batching: requests packed in one row; a decode step of all of them in a few
         # variable-length launches where flash's kernel runs (CUDA), else each request attended on its own
         if ops.varlen_available(query) and decode_only(query, kwargs):
-            terms = LogitTerms(scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs.get("softcap"),
-                               kwargs.get("s_aux"))
             out = packed_decode_step(state, module, query, key, value, terms, kwargs)
             if out is not None:
                 return out, None
@@ -68,10 +70,6 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     kv_heads = (key.key if isinstance(key, PendingKV) else key).shape[1]
     if kv_heads != state.streaming.shape[1] or query.shape[1] != kv_heads * module.num_key_value_groups:
         check_heads(state.heads, module, query.shape[1], kv_heads)  # raises: labels would land on wrong heads
-    # the scale, and terms of some families that SDPA lacks: learned sinks (GPT-OSS passes s_aux, float [Hq]) and
-    # soft-capped logits (Gemma 2 passes softcap); the package's kernels compute both
-    terms = LogitTerms(scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs.get("softcap"),
-                       kwargs.get("s_aux"))
     window_layer = state.window(module.layer_idx) is not None  # a hybrid model's native window layer
     if isinstance(key, PendingKV):
         layer: SparseLayer = key.layer

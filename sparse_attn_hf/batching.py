@@ -135,13 +135,12 @@ def packed_decode_step(state, module, query, key, value, terms, kwargs: dict) ->
     layer = module.layer_idx
     if state.window(layer) is not None or not terms.plain:
         return None
-    cu_k = kwargs["cu_seq_lens_k"]
-    requests, max_k = query.shape[2], int(kwargs["max_length_k"])
+    cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]  # cu_q: 0, 1, ..., R (one query each)
+    max_k = int(kwargs["max_length_k"])
     q = query[0].transpose(0, 1)  # [R, Hq, D]
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T_k, Hkv, D]: the manager's own layout, no copy
-    cu_q = torch.arange(requests + 1, device=q.device, dtype=cu_k.dtype)
     out, _ = ops.varlen_attention(q, k, v, cu_q, cu_k, 1, max_k, scale=terms.scale)
-    _, stream_idx = state.head_split(layer, q.device)
+    _, stream_idx, kind, _ = state.head_tables(layer, q.device)
     if not len(stream_idx):
         return out.unsqueeze(0)
     sink, _, window = state.rule(layer)
@@ -151,11 +150,10 @@ def packed_decode_step(state, module, query, key, value, terms, kwargs: dict) ->
         lengths = cu_k[1:] - cu_k[:-1]
         used = (lengths - window).clamp(0, sink)
         slots = (cu_k[:-1, None] + torch.arange(sink, device=q.device)).clamp(max=k.shape[0] - 1).flatten()
-        cu_sink = torch.arange(requests + 1, device=q.device, dtype=cu_k.dtype) * sink
+        cu_sink = cu_q * sink
         far, far_lse = ops.varlen_attention(q, k.index_select(0, slots), v.index_select(0, slots), cu_q, cu_sink, 1,
                                             sink, scale=terms.scale, used_k=used)
         weight = torch.where((used > 0)[:, None], torch.sigmoid(far_lse - near_lse), 0.0)  # [R, Hq]
         near = torch.lerp(near.float(), far.float(), weight[..., None]).to(out.dtype)
-    groups = q.shape[1] // k.shape[1]
-    streaming = torch.zeros(k.shape[1], dtype=torch.bool, device=q.device).index_fill_(0, stream_idx, True)
-    return torch.where(streaming.repeat_interleave(groups)[None, :, None], near, out).unsqueeze(0)
+    streaming = kind.repeat_interleave(q.shape[1] // k.shape[1]) == 1  # per query head
+    return torch.where(streaming[None, :, None], near, out).unsqueeze(0)

@@ -4,19 +4,19 @@ device), the reference elsewhere. Contract: ``kernels.reference.varlen_attention
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from ..kernels.reference import varlen_attention_reference
 from .dispatch import KERNEL_DTYPES
 
+_HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None  # PyTorch 2.9 and later
+
 
 def varlen_available(tensor: torch.Tensor) -> bool:
     """Whether flash's variable-length kernel can take ``tensor``'s device and dtype here."""
-    if not tensor.is_cuda or tensor.dtype not in KERNEL_DTYPES:
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None  # PyTorch 2.9 and later
+    return tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and _HAS_VARLEN
 
 
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
