@@ -259,6 +259,11 @@ def multi_gpu_table() -> str:
     return "\n".join(lines)
 
 
+def _row_device(row: dict, runs: dict, meta: dict) -> str:
+    """The card a row ran on: its own field, else its run's, else the file's."""
+    return row.get("device") or runs.get(row.get("run"), {}).get("device") or meta["device"]
+
+
 def e2e_table(name: str = "e2e.json") -> str:
     data = json.loads((RESULTS / name).read_text())
     rows, meta = data["rows"], data["meta"]
@@ -266,15 +271,23 @@ def e2e_table(name: str = "e2e.json") -> str:
     bases = {}  # (config, L, batch, run) -> row, and (config, L, batch) -> the last row of any run
     for r in rows:
         if r["config"] in ("stock", "stock_static_compile"):
+            card = _row_device(r, runs, meta)
             bases[(r["config"], r["L"], r["batch"], r.get("run"))] = r
-            bases[(r["config"], r["L"], r["batch"])] = r
+            bases[(r["config"], r["L"], r["batch"], card)] = r
     other_run = False
     first = next(iter(runs.values()))
     run_settings = first.get("settings") or meta.get("settings", {})
     settings = run_settings.get("patched_streaming50") or run_settings.get("patched_default") or {}
+    cards = [_row_device(r, runs, meta) for r in rows]
+    devices = sorted(dict.fromkeys(cards), key=lambda d: -cards.count(d))  # the card of most rows first
+    if len(devices) > 1:  # a second card's rows carry its name; ratios stay within one card
+        where = f"{devices[0]} (rows marked with another card: " + ", ".join(devices[1:]) + ")"
+    else:
+        where = devices[0]
+    packages = {(v["packages"]["torch"], v["packages"]["transformers"], v["packages"]["triton"]) for v in runs.values()}
+    versions = "; ".join(f"torch {t}, transformers {tf}, triton {tr}" for t, tf, tr in sorted(packages))
     lines = [
-        f"{meta['device']}, {meta['dtype']}, {meta['model']}, {meta['layers']} layers; torch {first['packages']['torch']}, "
-        f"transformers {first['packages']['transformers']}, triton {first['packages']['triton']}; "
+        f"{where}, {meta['dtype']}, {meta['model']}, {meta['layers']} layers; {versions}; "
         f"{len(runs)} run{'s' if len(runs) != 1 else ''} ({', '.join(sorted({v['commit'][:10] for v in runs.values()}))}). "
         f"Patched settings: sink {settings.get('sink_size')}, local {settings.get('local_size')}, decode window "
         f"{settings.get('decode_local_size')}, token budget {settings.get('token_budget')}, reuse "
@@ -295,6 +308,9 @@ def e2e_table(name: str = "e2e.json") -> str:
         label = r["config"]
         if label.startswith("patched") and "decode_graphs" not in r.get("settings", {"decode_graphs": None}):
             label += " (eager decode)"
+        card = _row_device(r, runs, meta)
+        if card != devices[0]:
+            label += f", **{card.removeprefix('NVIDIA ').split(' HBM')[0]}**"
         if r["status"] != "ok":
             why = r.get("reason", r.get("error", ""))
             lines.append(f"| {size} | {r['batch']} | {label} | {r['status']} | | | | | | | | | {why} |")
@@ -304,9 +320,9 @@ def e2e_table(name: str = "e2e.json") -> str:
             """The baseline row of this shape: same run, else another run (marked), else None."""
             nonlocal other_run
             found = bases.get((config, r["L"], r["batch"], r.get("run")))
-            if found is None and (config, r["L"], r["batch"]) in bases:
+            if found is None and (config, r["L"], r["batch"], card) in bases:
                 other_run = True
-                return bases[(config, r["L"], r["batch"])], "†"
+                return bases[(config, r["L"], r["batch"], card)], "†"
             return found, ""
 
         def ratio(key, config="stock"):
@@ -728,11 +744,11 @@ def prose_figures() -> list[str]:
     cpu_ratio = {L: [r["patched_ms"] / r["stock_ms"] for r in cpu if r["L"] == L] for L in (2000, 6000)}
     exact = [ms(s32) / ms(e32), ms(s128) / ms(e128)]
     excess = lambda r: (r["call_first_s"] - r["ttft_first_s"]) - (r["call_warm_s"] - r["ttft_warm_s"])  # noqa: E731
-    fp8_data = json.loads((RESULTS / "e2e_fp8.json").read_text())
-    m1 = next(r for r in fp8_data["rows"] if r["config"] == "patched_streaming50_fp8" and r["L"] == 1 << 20)
-    card = fp8_data["meta"]["runs"][m1["run"]]["device"].removeprefix("NVIDIA ").split(" HBM")[0]
-    b1 = next(r for r in json.loads((RESULTS / "e2e.json").read_text())["rows"]
-              if r["config"] == "patched_streaming50" and r["L"] == 1 << 20 and r["status"] == "ok")
+    history = json.loads((RESULTS / "e2e.json").read_text())["rows"]
+    m1 = next(r for r in history if r["config"] == "patched_streaming50_fp8" and r["L"] == 1 << 20
+              and r["status"] == "ok" and "H100" in r["device"])  # the 80 GB card's row
+    card = m1["device"].removeprefix("NVIDIA ").split(" HBM")[0]
+    b1 = next(r for r in history if r["config"] == "patched_streaming50" and r["L"] == 1 << 20 and r["status"] == "ok")
     return [
         f"{ms(d32):.1f} and {ms(d128):.1f} ms per token at 32K and 128K",
         f"framework: {ms(floor):.1f} ms)",

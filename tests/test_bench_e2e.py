@@ -43,6 +43,38 @@ def test_dry_run_writes_the_schema_and_merges_parts(tmp_path):
     assert long_stock["status"] in ("not_run", "oom_predicted") and "KiB per token" in long_stock["reason"]
 
 
+def test_rows_of_a_second_card_stay_apart_and_name_their_card(tmp_path, monkeypatch):
+    """A file holding one card's history takes another card's row without replacing or relabelling the first's,
+    and a ratio is never taken against the other card's baseline."""
+    from benchmarks import make_tables
+
+    out = tmp_path / "e2e.json"
+
+    def info(card, date):
+        return {"date": date, "commit": "abc", "device": card, "dtype": "bfloat16", "model": "Llama-3-8B shape",
+                "layers": 32, "packages": {"torch": "t", "transformers": "5", "triton": "3"}, "command": "x",
+                "decode_formula": "f", "new_tokens": 64, "settings": {}}
+
+    def row(config, ttft):
+        return {"config": config, "L": 1 << 20, "batch": 1, "part": "long", "status": "ok", "ttft_s": ttft,
+                "ttft_cold_s": ttft, "decode_ms_per_token": 10.0, "peak_gib": 50.0, "before_gib": 15.0,
+                "after_return_gib": 15.0}
+
+    bench_e2e.write(out, info("NVIDIA H200", "d1"), [row("stock", 400.0), row("patched_streaming50", 280.0)])
+    bench_e2e.write(out, info("NVIDIA H200", "d2"), [row("patched_streaming50", 270.0)])  # replaces, same card
+    bench_e2e.write(out, info("NVIDIA H100 80GB HBM3", "d3"), [row("patched_streaming50", 290.0)])  # kept apart
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["device"], r["ttft_s"]) for r in rows if r["config"] == "patched_streaming50") == [
+        ("NVIDIA H100 80GB HBM3", 290.0), ("NVIDIA H200", 270.0)]
+    monkeypatch.setattr(make_tables, "RESULTS", tmp_path)
+    table = make_tables.e2e_table("e2e.json")
+    assert table.startswith("NVIDIA H200 (rows marked with another card: NVIDIA H100 80GB HBM3)")
+    h100 = next(line for line in table.splitlines() if "**H100 80GB**" in line)
+    h200 = next(line for line in table.splitlines() if "patched_streaming50 |" in line)
+    assert "| 290.00 |  |" in h100  # no ratio: stock did not run on that card
+    assert "| 270.00 | 0.68† |" in h200  # the same card's stock of another run, marked
+
+
 def test_pinned_stripes_reach_each_layers_density_and_restore():
     """patched_sample_pinned replays measured densities: layer i's mask must have densities[i]."""
     import torch

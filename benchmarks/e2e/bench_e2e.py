@@ -292,18 +292,26 @@ def predicted_stock_row(model, config: str, length: int, batch: int, args, total
                           "takes minutes)" if fits else f"exceed the {total_gib:.0f} GiB of the device"))}
 
 
+def short_device(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100 80GB'."""
+    return name.removeprefix("NVIDIA ").split(" HBM")[0]
+
+
 def _key(row: dict) -> tuple:
-    return row.get("family", "llama3-8b"), row["part"], row["config"], row["L"], row["batch"]
+    return row.get("family", "llama3-8b"), row.get("device"), row["part"], row["config"], row["L"], row["batch"]
 
 
 def write(path: Path, info: dict, rows: list[dict]) -> None:
-    """Merge ``rows`` of the run ``info`` into ``path``: rows of the same (part, config, L, batch) are replaced,
-    others kept; every row names its run (``meta.runs``: commit, date, command, device of each run)."""
+    """Merge ``rows`` of the run ``info`` into ``path``: rows of the same (device, part, config, L, batch) are
+    replaced, others kept; every row names its run (``meta.runs``: commit, date, command, device of each run) and
+    its device, so one file can hold an H200's rows beside an H100's without relabelling either."""
     old = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
     runs = dict(old["meta"].get("runs", {}))
+    for r in old["rows"]:  # files written before rows named their device
+        r.setdefault("device", runs.get(r.get("run"), old["meta"]).get("device"))
     run_id = f"{info['date']} {info['commit'][:10]}"
     runs[run_id] = {k: v for k, v in info.items() if k != "runs"}
-    rows = [dict(r, run=run_id) for r in rows]
+    rows = [dict(r, run=run_id, device=info.get("device")) for r in rows]
     new_keys = {_key(r) for r in rows}
     merged = [r for r in old["rows"] if _key(r) not in new_keys] + rows
     merged.sort(key=lambda r: (r.get("family", ""), r["part"] != "core", r["batch"], r["L"],
@@ -345,9 +353,11 @@ def plot(path: Path, rows: list[dict], info: dict) -> None:
     floor = next((r for r in rows if r["config"] == "stock_static_compile" and r["L"] == 1024 and r["status"] == "ok"
                   and r.get("decode_ms_per_token")), None)
     families = list(dict.fromkeys(r.get("family", "") for r in rows))
+    devices = list(dict.fromkeys(r.get("device") or info["device"] for r in rows))
     shades = ("-", "--", ":", "-.")
-    for family, config in [(f, c) for f in families for c in CONFIGS]:
+    for family, device, config in [(f, d, c) for f in families for d in devices for c in CONFIGS]:
         points = sorted(((r["L"], r) for r in rows if r["config"] == config and r.get("family", "") == family
+                         and (r.get("device") or info["device"]) == device
                          and r["batch"] == 1 and r["status"] == "ok" and r["L"] > 1024), key=lambda p: p[0])
         if not points:
             continue
@@ -355,6 +365,10 @@ def plot(path: Path, rows: list[dict], info: dict) -> None:
         if len(families) > 1:  # one model per line style, one configuration per colour
             line, marker = shades[families.index(family) % len(shades)], "os^D"[families.index(family) % 4]
         label = f"{family}: {config}" if len(families) > 1 else config
+        if len(devices) > 1:  # a second card's rows are their own line, named by the card
+            label += f" ({short_device(device)})"
+            if devices.index(device):
+                marker = "*"
         style = dict(marker=marker, linestyle=line, color=color, label=label, markersize=7, alpha=0.9)
         lengths = [p[0] for p in points]
         axes[0].plot(lengths, [p[1]["ttft_s"] for p in points], **style)
@@ -386,7 +400,8 @@ def plot(path: Path, rows: list[dict], info: dict) -> None:
     if axes[1].lines:
         axes[1].legend(fontsize=8)
     model = f"the {info['model'].split(' shape')[0]} shape" if len(families) == 1 else "full-size model shapes"
-    fig.suptitle(f"generate() on {model} (random weights), stock against patched, {info['device']}", fontsize=10)
+    fig.suptitle(f"generate() on {model} (random weights), stock against patched, "
+                 f"{', '.join(short_device(d) for d in devices)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
