@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_prefill_kernel.py", "tests/test_reference.py", "tests/test_decode.py",
          "tests/test_sample_attention.py", "tests/test_dense_attention.py", "tests/test_prefill_or_decode.py",
          "tests/test_memory_returned.py", "tests/test_cache.py", "tests/test_window_layers.py",
-         "tests/test_logit_terms.py", "tests/test_fp8_pages.py", "tests/test_batching.py"]
+         "tests/test_logit_terms.py", "tests/test_fp8_pages.py", "tests/test_batching.py",
+         "tests/test_block_table_decode.py"]
 
 
 def main() -> None:

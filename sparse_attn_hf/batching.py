@@ -14,9 +14,13 @@ request's whole sequence: a request's prompt is a prefill (every head dense whil
 as ``generate()`` decides), a one-token step with a past is a decode step (streaming heads: sink + the decode window;
 dense heads: every stored token).
 
-A step where every request decodes runs, where flash's variable-length kernel does (CUDA), as
-:func:`packed_decode_step`: three launches per layer for all requests, no host read (implemented and tested against
-the per-request path with the kernel's reference on the CPU; **not yet run on a GPU**).
+A step where every request decodes takes the manager's **decode fast path** (:func:`_allow_decode_fast_path` opens
+it to the package's attention; Transformers offers it to flash's kernels only): the call gets the new tokens' keys
+and values and the block table instead of a read-back of every request's whole cache, and
+:func:`block_table_decode_step` writes and attends in one launch per layer (the package's Triton kernel, its
+reference on the CPU), each head by its kind. A decode step off that path (a request past the block table's
+width) runs, where flash's variable-length kernel does (CUDA), as :func:`packed_decode_step`: three launches per
+layer for all requests, no host read. Neither is yet timed on a GPU.
 
 Not yet (issue 33): page selection in decode steps (the paged cache keeps no page statistics: dense heads attend to
 every token, exact), giving back the streaming heads' blocks, prompt chunks without the per-request loop
@@ -32,9 +36,11 @@ import torch
 
 from . import ops
 from ._log import warn_once
+from .state import ATTENTION_NAME
 
 
 ON_GPU = False  # for measurement (benchmarks/e2e/bench_serving.py): the per-request path on a GPU too, no warning
+MAX_FAST_PATH_TOKENS = 1 << 20  # the block table's width: [requests, tokens / page] int32 (16 MiB at 1024 x 1M)
 
 _BATCHING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
                   "block_table", "logits_indices", "logits_processor_args", "position_ids")
@@ -72,6 +78,34 @@ def keep_sparse_attention() -> None:
 
     switch_to_cb_friendly_attn._sparse_attn_hf = True
     ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
+    _allow_decode_fast_path()
+
+
+def _allow_decode_fast_path() -> None:
+    """Let the manager's decode fast path (a step of one-token requests handed to the attention with the block table:
+    no read-back of the cache) run the package's attention, which Transformers offers to flash's kernels only; and,
+    unless the user set ``max_blocks_per_request``, size the block table for the model's whole context (the
+    fallback of 32 pages of 256 would leave every request past 8K tokens on the read-back path)."""
+    try:
+        from transformers.generation.continuous_batching import initialization
+    except ImportError:
+        return
+    original = getattr(initialization, "ensure_decode_fast_path_is_available", None)
+    if original is None or getattr(original, "_sparse_attn_hf", False):
+        return
+
+    def ensure_decode_fast_path_is_available(config, cb_config, user_requested: bool) -> None:
+        supported = all(initialization.ATTN_TYPE_TO_ALLOCATOR[kind].supports_block_table
+                        for kind in initialization.group_layers_by_attn_type(config))
+        if config._attn_implementation != ATTENTION_NAME or not supported or cb_config.max_blocks_per_request == 0:
+            return original(config, cb_config, user_requested)
+        if not user_requested:
+            context = min(getattr(config, "max_position_embeddings", 0) or 0, MAX_FAST_PATH_TOKENS)
+            cb_config.max_blocks_per_request = max(cb_config.max_blocks_per_request,
+                                                   -(-context // cb_config.page_size) + 1)
+
+    ensure_decode_fast_path_is_available._sparse_attn_hf = True
+    initialization.ensure_decode_fast_path_is_available = ensure_decode_fast_path_is_available
 
 
 _READ = threading.local()  # per thread: each manager runs its own loop
@@ -157,3 +191,25 @@ def packed_decode_step(state, module, query, key, value, terms, kwargs: dict) ->
         near = torch.lerp(near.float(), far.float(), weight[..., None]).to(out.dtype)
     streaming = kind.repeat_interleave(q.shape[1] // k.shape[1]) == 1  # per query head
     return torch.where(streaming[None, :, None], near, out).unsqueeze(0)
+
+
+def fast_path_call(kwargs: dict) -> bool:
+    """Whether the manager handed this call its decode fast path's arguments (block table and cache pages)."""
+    return kwargs.get("block_table") is not None and kwargs.get("k_cache") is not None
+
+
+def block_table_decode_step(state, module, query, key, value, terms, kwargs: dict) -> torch.Tensor:
+    """The manager's decode fast path: every request one new token, its key and value not yet stored. One launch
+    per layer (``ops.block_table_decode``) writes them into the request's page and attends through the block
+    table, each head by its kind (streaming: sink + the decode window; dense: every token), as ``generate()``
+    decodes; no read-back of the cache, no host read. Returns [1, R, Hq, D]."""
+    layer = module.layer_idx
+    if state.window(layer) is not None:  # the manager gives window layers no block table
+        raise RuntimeError(f"layer {layer} has a native sliding window: the decode fast path does not serve it.")
+    _, _, kind, _ = state.head_tables(layer, query.device)
+    sink, _, window = state.rule(layer)
+    q = query[0].transpose(0, 1)  # [R, Hq, D]
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # the new tokens [R, Hkv, D]
+    out = ops.block_table_decode(q, k, v, kwargs["k_cache"], kwargs["v_cache"], kwargs["block_table"],
+                                 kwargs["cu_seq_lens_k"], kind, sink=sink, window=window, terms=terms)
+    return out.unsqueeze(0)

@@ -49,6 +49,36 @@ def test_generate_batch_gives_each_request_what_generate_gives_it(streaming_from
     assert stock != got, "the streaming heads' window should change some answer of these random weights"
 
 
+@torch.no_grad()
+def test_decode_fast_path_serves_decode_steps_through_the_block_table(monkeypatch):
+    """The manager's decode fast path (Transformers offers it to flash's kernels only) runs the package's attention:
+    every decode step of a batch of 9-, 40- and 70-token prompts goes through the block table (no read-back of
+    the cache), the block table covers the model's context although the user set no width, and each request's
+    tokens equal generate()'s. A model without the package keeps Transformers' decision (no fast path off flash)."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = _patched(0)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (9, 40, 70)]
+    steps = []
+    step = batching.block_table_decode_step
+    monkeypatch.setattr("sparse_attn_hf.attention.block_table_decode_step",
+                        lambda *args: steps.append(args[2].shape[2]) or step(*args))
+    got = _batch(model, prompts)
+    assert len(steps) >= (GREEDY.max_new_tokens - 1) * 2 and max(steps) == 3  # both layers, the three requests
+    for prompt, tokens in zip(prompts, got):
+        alone = model.generate(torch.tensor([prompt]), generation_config=GREEDY)[0, len(prompt):].tolist()
+        assert tokens == alone
+    manager = model.init_continuous_batching(generation_config=GREEDY,
+                                             continuous_batching_config=ContinuousBatchingConfig())
+    config = manager.continuous_batching_config
+    assert config.max_blocks_per_request * config.page_size >= model.config.max_position_embeddings
+    unpatch_model(model)
+    steps.clear()
+    manager = model.init_continuous_batching(generation_config=GREEDY,
+                                             continuous_batching_config=ContinuousBatchingConfig())
+    assert manager.continuous_batching_config.max_blocks_per_request == 0  # sdpa on the CPU: Transformers' choice
+
+
 def test_requests_of_a_packed_call_are_told_apart():
     """The manager's packing: a prompt (no past), a decode step (one token after a past), a prompt chunk after a
     past, and an empty place (its request count padded) are attended as such."""

@@ -59,6 +59,11 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
     before = torch.cuda.memory_allocated() if cuda else None
     manager = model.init_continuous_batching(generation_config=config,
                                              continuous_batching_config=ContinuousBatchingConfig())
+    fast_steps = []  # the package's decode fast-path calls (layers x steps), counted for the record
+    from sparse_attn_hf import attention
+
+    step = attention.block_table_decode_step
+    attention.block_table_decode_step = lambda *args: fast_steps.append(1) or step(*args)
     if profiles is not None:
         loop = manager._run_generation_loop
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -92,9 +97,11 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
         results[out.request_id] = out
     feeder.join()
     manager.stop(block=True)
+    attention.block_table_decode_step = step
     end = max(r.timestamps[-1] for r in results.values())
     gc.collect()
-    row = {"seconds": end - start, "tokens": sum(len(r.generated_tokens) for r in results.values())}
+    row = {"seconds": end - start, "tokens": sum(len(r.generated_tokens) for r in results.values()),
+           "fast_path_layer_calls": len(fast_steps), "max_blocks_per_request": manager.continuous_batching_config.max_blocks_per_request}
     row["tokens_per_s"] = row["tokens"] / row["seconds"]
     ttft = sorted(r.timestamps[0] - submitted[key] for key, r in results.items())
     row.update(ttft_mean_s=statistics.mean(ttft), ttft_p95_s=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],

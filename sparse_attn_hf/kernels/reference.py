@@ -439,3 +439,37 @@ def varlen_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
         out[q0:q1] = (probs @ v).transpose(0, 1).to(query.dtype)
         lse[q0:q1] = row_lse.transpose(0, 1)
     return out, lse
+
+
+def block_table_decode_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor,
+                                 v_pages: torch.Tensor, block_table: torch.Tensor, cu_k: torch.Tensor,
+                                 head_kind: torch.Tensor, *, sink: int, window: int,
+                                 terms: LogitTerms) -> torch.Tensor:
+    """A decode step of packed requests over Transformers' paged cache (its decode fast path). Request ``r`` holds
+    ``n = cu_k[r + 1] - cu_k[r]`` tokens, the last one new: ``key[r]``/``value[r]`` [Hkv, D] are written at
+    position ``n - 1``, i.e. into page ``block_table[r, (n - 1) // P]`` of ``k_pages``/``v_pages`` [num_pages, P,
+    Hkv, D] at row ``(n - 1) % P``. Then query ``query[r]`` [Hq, D] (GQA: query head h reads KV head h // (Hq /
+    Hkv)) attends to the request's positions ``0 .. n - 1`` read through the table: all of them in a dense KV head
+    (``head_kind`` 0); in a streaming one (1) the last ``window`` and the first ``min(sink, n - window)``. A request
+    with n = 0 (padding) writes nothing and gives zeros. Returns [R, Hq, D]."""
+    rows, num_heads, _ = query.shape
+    num_kv, page = key.shape[1], k_pages.shape[1]
+    group = num_heads // num_kv
+    out = torch.zeros_like(query)
+    lengths = (cu_k[1:rows + 1] - cu_k[:rows]).tolist()
+    streaming = (head_kind == 1).repeat_interleave(group)[:, None]  # per query head
+    for r, n in enumerate(lengths):
+        if n <= 0:
+            continue
+        k_pages[block_table[r, (n - 1) // page], (n - 1) % page] = key[r]
+        v_pages[block_table[r, (n - 1) // page], (n - 1) % page] = value[r]
+        pos = torch.arange(n, device=query.device)
+        entries = block_table[r, pos // page]
+        k = k_pages[entries, pos % page].transpose(0, 1).float().repeat_interleave(group, 0)  # [Hq, n, D]
+        v = v_pages[entries, pos % page].transpose(0, 1).float().repeat_interleave(group, 0)
+        scores = capped((k @ query[r].float()[:, :, None])[..., 0] * terms.scale, terms.softcap)  # [Hq, n]
+        near = (pos >= n - window) | (pos < min(sink, max(n - window, 0)))
+        scores = scores.masked_fill(streaming & ~near[None, :], float("-inf"))
+        probs = softmax_with_sinks(scores, None if terms.sinks is None else terms.sinks[:, None])
+        out[r] = (probs[:, :, None] * v).sum(1).to(query.dtype)
+    return out

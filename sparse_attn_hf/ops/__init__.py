@@ -13,10 +13,11 @@ from ..kernels.layout import LogitTerms, Visibility
 from .dense import dense_attention, split_causal_attention
 from .dispatch import KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM, SUPPORTED_DTYPES, check_dtype, decode_on_host, set_backend
 from .prefill import read_fp8_pages, sampled_column_scores, sparse_attention, stripe_attention
-from .varlen import varlen_attention, varlen_available
+from .varlen import block_table_decode, varlen_attention, varlen_available
 
 __all__ = [
     "KERNEL_DTYPES", "KERNEL_MAX_HEAD_DIM", "LogitTerms", "SUPPORTED_DTYPES", "Visibility", "append_token",
+    "block_table_decode",
     "check_dtype", "check_fp8_device", "compile_top_pages",
     "decode_on_host", "dense_attention", "paged_decode", "physical_page_scores", "read_fp8_pages", "sampled_column_scores",
     "set_backend", "shortlist_pages", "sparse_attention", "split_causal_attention", "stripe_attention", "top_pages",

@@ -1,6 +1,8 @@
 """Attention over packed requests of different lengths (Transformers' continuous batching): flash's variable-length
 kernel on CUDA (``torch.nn.attention.varlen.varlen_attn``: one launch for every request, the lengths read on the
-device), the reference elsewhere. Contract: ``kernels.reference.varlen_attention_reference``."""
+device), the reference elsewhere (contract: ``kernels.reference.varlen_attention_reference``); and a decode step
+read through the manager's block table (``block_table_decode``: the package's Triton kernel on CUDA, contract
+``kernels.reference.block_table_decode_reference``)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import importlib.util
 
 import torch
 
-from ..kernels.reference import varlen_attention_reference
-from .dispatch import KERNEL_DTYPES
+from ..kernels.layout import LogitTerms
+from ..kernels.reference import block_table_decode_reference, varlen_attention_reference
+from .dispatch import KERNEL_DTYPES, _on_device, _use_triton, check_dtype
 
 _HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None  # PyTorch 2.9 and later
 
@@ -35,3 +38,27 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if lse.shape[0] == query.shape[1]:  # flash's variable-length forward returns it [Hq, T_q]
         lse = lse.transpose(0, 1)
     return out, lse.float()
+
+
+def block_table_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor,
+                       v_pages: torch.Tensor, block_table: torch.Tensor, cu_k: torch.Tensor, head_kind: torch.Tensor,
+                       *, sink: int, window: int, terms: LogitTerms) -> torch.Tensor:
+    """A decode step of packed requests over the manager's paged cache -> [R, Hq, D]: query [R, Hq, D], the new
+    token's key/value [R, Hkv, D] (written into ``k_pages``/``v_pages`` [num_pages, P, Hkv, D] here), streaming KV
+    heads (``head_kind`` 1) reading sink + the last ``window`` tokens, dense heads every token. No host read."""
+    check_dtype(query.dtype)
+    rows, num_heads, head_dim = query.shape
+    if key.shape != (rows, head_kind.shape[0], head_dim) or num_heads % key.shape[1] or value.shape != key.shape:
+        raise ValueError(f"expected query [R, Hq, D] and new keys/values [R, {head_kind.shape[0]}, D], got "
+                         f"{tuple(query.shape)} and {tuple(key.shape)} / {tuple(value.shape)}.")
+    if k_pages.shape != v_pages.shape or k_pages.shape[2:] != key.shape[1:] or block_table.shape[0] < rows:
+        raise ValueError(f"expected pages [num_pages, P, {key.shape[1]}, {head_dim}] and a block table row per "
+                         f"request, got {tuple(k_pages.shape)} / {tuple(v_pages.shape)} and {tuple(block_table.shape)}.")
+    if _use_triton(query):
+        from ..kernels.block_table import block_table_decode_triton
+
+        with _on_device(query):
+            return block_table_decode_triton(query, key, value, k_pages, v_pages, block_table, cu_k.to(torch.int32),
+                                             head_kind, sink=sink, window=window, terms=terms)
+    return block_table_decode_reference(query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, sink=sink,
+                                        window=window, terms=terms)
