@@ -79,6 +79,28 @@ def keep_sparse_attention() -> None:
     switch_to_cb_friendly_attn._sparse_attn_hf = True
     ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
     _allow_decode_fast_path()
+    _plan_no_attention_mask()
+
+
+def _plan_no_attention_mask() -> None:
+    """The manager builds no attention mask for the package's attention (it reads ``cu_seq_lens``), but its memory
+    planner, which knows flash alone as maskless, sets aside room for one ([M, cache tokens + M] in the model's
+    dtype: gigabytes at long contexts) and gives the cache that much less. Plan the cache as for flash."""
+    try:
+        from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
+    except ImportError:
+        return
+    original = PagedAttentionMemoryHandler.__init__
+    if getattr(original, "_sparse_attn_hf", False):
+        return
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        original(self, config, *args, **kwargs)
+        if config._attn_implementation == ATTENTION_NAME:
+            self.num_attention_masks = 0
+
+    __init__._sparse_attn_hf = True
+    PagedAttentionMemoryHandler.__init__ = __init__
 
 
 def _allow_decode_fast_path() -> None:

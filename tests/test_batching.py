@@ -79,6 +79,29 @@ def test_decode_fast_path_serves_decode_steps_through_the_block_table(monkeypatc
     assert manager.continuous_batching_config.max_blocks_per_request == 0  # sdpa on the CPU: Transformers' choice
 
 
+def test_the_cache_is_planned_without_an_attention_mask_the_package_never_reads(monkeypatch):
+    """The manager's memory planner sets aside room for an attention mask for every attention but flash's; the
+    package's reads cu_seq_lens and gets none, so the same memory plans a larger cache for it."""
+    import copy
+
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
+
+    monkeypatch.setattr(PagedAttentionMemoryHandler, "get_available_memory", lambda self: 1 << 30)
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    stock = copy.deepcopy(model.config)
+    patch_model(model, Profile.all_dense(model))
+    planned = {}
+    for config in (stock, model.config):
+        block = 2 * 2 * 2 * 16 * 4 * 256  # K and V, 2 layers, 2 KV heads, head_dim 16, float32, pages of 256
+        handler = PagedAttentionMemoryHandler(config=config, cb_config=ContinuousBatchingConfig(max_requests_per_batch=8),
+                                              dtype=torch.float32, bytes_per_sector=block, tokens_per_sector=256,
+                                              bytes_per_block=block, attn_types=["full_attention"])
+        planned[config._attn_implementation] = (handler.num_attention_masks, handler.infer_max_batch_tokens_and_num_sectors())
+    assert planned["sdpa"][0] == 1 and planned["sparse_attn_hf"][0] == 0
+    assert planned["sparse_attn_hf"][1][1] > 2 * planned["sdpa"][1][1]  # sectors: at least twice the cache
+
+
 def test_requests_of_a_packed_call_are_told_apart():
     """The manager's packing: a prompt (no past), a decode step (one token after a past), a prompt chunk after a
     past, and an empty place (its request count padded) are attended as such."""
