@@ -49,16 +49,18 @@ def prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int
     return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: bool, profiles: list | None = None) -> dict:
+def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: bool, profiles: list | None = None,
+          graphs: bool = False) -> dict:
     """One manager: submit ``inputs`` (one every ``gap`` seconds, or all at once), wait for every result, stop.
-    ``profiles``: run the manager's loop under torch.profiler (in its own thread, where the work is) and append it."""
+    ``profiles``: run the manager's loop under torch.profiler (in its own thread, where the work is) and append it.
+    ``graphs``: the manager's decode steps replayed from CUDA graphs (its default off for an attention with masks)."""
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if cuda else None
-    manager = model.init_continuous_batching(generation_config=config,
-                                             continuous_batching_config=ContinuousBatchingConfig())
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=ContinuousBatchingConfig(
+        use_cuda_graph=(False, True) if graphs else None))
     fast_steps = []  # the package's decode fast-path calls (layers x steps), counted for the record
     from sparse_attn_hf import attention
 
@@ -117,8 +119,8 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
 def configure(model, config: str, settings: dict) -> None:
     if getattr(model, "_sparse_attn_state", None) is not None:
         unpatch_model(model)
-    batching.ON_GPU = config == "patched"
-    if config == "patched":
+    batching.ON_GPU = config.startswith("patched")
+    if config.startswith("patched"):
         scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
                             generator=torch.Generator().manual_seed(0))
         patch_model(model, Profile.from_scores(model, scores), SparseConfig(streaming_fraction=0.5, **settings))
@@ -216,7 +218,8 @@ def main(argv=None) -> None:
             write(args.out, info, rows)
             continue
         configure(model, config, settings)
-        serve(model, [ids[:1024] for ids in inputs[:2]], 4, 0.0, cuda)  # a first manager: its one-time costs
+        graphs = config.endswith("_graphs")
+        serve(model, [ids[:1024] for ids in inputs[:2]], 4, 0.0, cuda, graphs=graphs)  # a first manager: one-time costs
         for arrival in args.arrivals:
             row = {"config": config, "requests": args.requests, "L": args.length, "arrival": arrival, "status": "ok",
                    "attention": None}
@@ -228,7 +231,7 @@ def main(argv=None) -> None:
                 gap = args.gap if arrival == "staggered" else 0.0
                 if args.profile:
                     profiles = []
-                    row.update(serve(model, inputs, args.new_tokens, gap, cuda, profiles))
+                    row.update(serve(model, inputs, args.new_tokens, gap, cuda, profiles, graphs=graphs))
                     events = profiles[0].key_averages()
                     row.update(gpu_busy_s=sum(e.self_device_time_total for e in events) / 1e6,
                                ops_with_gpu_time=sum(e.count for e in events if e.self_device_time_total > 0))
@@ -238,9 +241,9 @@ def main(argv=None) -> None:
                                   + events.table(sort_by="self_cpu_time_total", row_limit=30))
                     args.out.with_suffix(".txt").write_text("\n".join(tables))
                 else:
-                    row.update(serve(model, inputs, args.new_tokens, gap, cuda))
+                    row.update(serve(model, inputs, args.new_tokens, gap, cuda, graphs=graphs))
                 row["attention"] = model.config._attn_implementation
-                if config == "patched" and args.check:
+                if config.startswith("patched") and args.check:
                     row["same_prefix"] = check(model, inputs, row["tokens_of"], args.check, args.new_tokens)
                     row["same_as_generate"] = sum(n == args.new_tokens for n in row["same_prefix"])
             except torch.OutOfMemoryError as error:
