@@ -77,7 +77,8 @@ def _block_table_split_kernel(
         else:
             pos = (second_tile + e - first_tiles) * BLOCK_N + offs_n
             visible = (pos >= second) & (pos < past)
-        entry = tl.load(TABLE + r * stride_tr + (pos // PAGE) * stride_tb, mask=visible, other=0)
+        # int64: the manager's pool spans every layer's pages, past 2**31 elements on a large GPU
+        entry = tl.load(TABLE + r * stride_tr + (pos // PAGE) * stride_tb, mask=visible, other=0).to(tl.int64)
         slot = pos % PAGE
         k = tl.load(KC + entry[None, :] * stride_kcp + slot[None, :] * stride_kcn + h * stride_kch
                     + offs_d[:, None] * stride_kcd, mask=visible[None, :] & d_ok[:, None], other=0.0)
@@ -100,7 +101,7 @@ def _block_table_split_kernel(
         acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
         l_i = l_i * alpha + p
         m_i = m_new
-        entry = tl.load(TABLE + r * stride_tr + (past // PAGE) * stride_tb)
+        entry = tl.load(TABLE + r * stride_tr + (past // PAGE) * stride_tb).to(tl.int64)
         tl.store(KC + entry * stride_kcp + (past % PAGE) * stride_kcn + h * stride_kch + offs_d * stride_kcd,
                  kn.to(KC.dtype.element_ty), mask=d_ok)
         tl.store(VC + entry * stride_vcp + (past % PAGE) * stride_vcn + h * stride_vch + offs_d * stride_vcd,
