@@ -98,12 +98,15 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
             raise RuntimeError(f"request {out.request_id} failed: {out.error}")
         results[out.request_id] = out
     feeder.join()
+    processor = manager.batch_processor  # the planned cache: how many tokens it holds, every request together
+    cache_tokens = processor.cache.max_tokens_read if processor is not None else None
     manager.stop(block=True)
     attention.block_table_decode_step = step
     end = max(r.timestamps[-1] for r in results.values())
     gc.collect()
     row = {"seconds": end - start, "tokens": sum(len(r.generated_tokens) for r in results.values()),
-           "fast_path_layer_calls": len(fast_steps), "max_blocks_per_request": manager.continuous_batching_config.max_blocks_per_request}
+           "fast_path_layer_calls": len(fast_steps), "cache_tokens": cache_tokens,
+           "requests_that_fit": cache_tokens // (len(inputs[0]) + new_tokens) if cache_tokens else None, "max_blocks_per_request": manager.continuous_batching_config.max_blocks_per_request}
     row["tokens_per_s"] = row["tokens"] / row["seconds"]
     ttft = sorted(r.timestamps[0] - submitted[key] for key, r in results.items())
     row.update(ttft_mean_s=statistics.mean(ttft), ttft_p95_s=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
