@@ -79,6 +79,32 @@ def test_decode_fast_path_serves_decode_steps_through_the_block_table(monkeypatc
     assert manager.continuous_batching_config.max_blocks_per_request == 0  # sdpa on the CPU: Transformers' choice
 
 
+@torch.no_grad()
+def test_decode_fast_path_runs_the_triton_kernel_on_the_managers_own_pages(monkeypatch):
+    """The Triton kernel (under the interpreter on the CPU) on the views the manager really hands over (pages of 256
+    tokens interleaving layers and K/V, its block table, its padded request count): a 300-token prompt crosses a
+    page; every request's tokens equal generate()'s."""
+    from sparse_attn_hf import ops
+    from sparse_attn_hf.kernels import block_table
+
+    model = _patched(0)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (9, 40, 300)]
+    launches = []
+    kernel = block_table.block_table_decode_triton
+    monkeypatch.setattr(block_table, "block_table_decode_triton",
+                        lambda *args, **kwargs: launches.append(args[4].shape) or kernel(*args, **kwargs))
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    try:
+        ops.set_backend("triton")
+        out = model.generate_batch(inputs=prompts, generation_config=config)
+    finally:
+        ops.set_backend("auto")
+    assert len(launches) >= 2 * 5 and all(shape[1] == 256 for shape in launches)  # the manager's page views
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+        assert out[f"req_{i}"].generated_tokens == alone
+
+
 def test_the_cache_is_planned_without_an_attention_mask_the_package_never_reads(monkeypatch):
     """The manager's memory planner sets aside room for an attention mask for every attention but flash's; the
     package's reads cu_seq_lens and gets none, so the same memory plans a larger cache for it."""
