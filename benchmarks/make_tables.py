@@ -687,6 +687,40 @@ def first_use_table() -> str:
     return "\n".join(lines)
 
 
+def serving_table() -> str:
+    """Transformers' continuous batching, stock against patched (serving.json): throughput, time to first token,
+    memory, the planned cache."""
+    data = json.loads((RESULTS / "serving.json").read_text())
+    runs = data["meta"]["runs"]
+    first = next(iter(runs.values()))
+    commands = "; ".join(f"{_command(run['command'])} at `{str(run['commit'])[:10]}`" for run in runs.values())
+    lines = [_run_line(first, f"bfloat16, {first['model']}, greedy; stock: the manager with `sdpa`, its default")
+             .split("; commit")[0] + f"; runs: {commands}.", "",
+             "| requests | arrival | configuration | tokens/s | x stock | TTFT mean, s | p95, s | x stock (mean) | "
+             "peak, GiB | after stop | cache, tokens | requests that fit | decode fast path | same tokens as "
+             "`generate()` |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["rows"]:
+        size = f"{r['requests']} x {r['L'] // 1024}K"
+        if r["status"] != "ok":
+            lines.append(f"| {size} | {r['arrival']} | {r['config']} | {r['status']} | | | | | | | | | | "
+                         f"{r.get('reason', r.get('error', ''))[:80]} |")
+            continue
+
+        def x(key):
+            return f"{r[key]:.2f}" if r.get(key) is not None else ""
+
+        fast = r.get("fast_path_layer_calls")
+        checked = len(r["same_prefix"]) if "same_prefix" in r else r.get("checked")
+        same = f"{r['same_as_generate']} of {checked}" if checked else ""
+        lines.append(f"| {size} | {r['arrival']} | {r['config']} | {r['tokens_per_s']:.1f} | {x('tokens_per_s_x_stock')} "
+                     f"| {r['ttft_mean_s']:.2f} | {r['ttft_p95_s']:.2f} | {x('ttft_mean_x_stock')} | "
+                     f"{r['peak_gib']:.1f} | {r['after_stop_gib'] * 1024:+.0f} MiB | {r.get('cache_tokens') or ''} | "
+                     f"{r.get('requests_that_fit') or ''} | {'' if fast is None else fast} | {same} |")
+    lines += ["", "![serving](benchmarks/results/serving.png)"]
+    return "\n".join(lines)
+
+
 def page_size_table() -> str:
     """The default model's decode on a GPU with pages of 64 and of 16 (page_size_decode.json)."""
     data = json.loads((RESULTS / "page_size_decode.json").read_text())
@@ -709,7 +743,8 @@ TABLES = {"e2e": e2e_table, "e2e_pinned": lambda: e2e_table("e2e_pinned.json"), 
           "multi_gpu": multi_gpu_table, "page_oracle": page_oracle_table, "heldout": heldout_table, "late_keys": late_keys_table,
           "window_layers": window_layers_table, "decode_selection": decode_selection_table,
           "sample_attention_heldout": sample_attention_heldout_table, "first_call": first_call_table,
-          "families": families_table, "first_use": first_use_table, "page_size": page_size_table}
+          "families": families_table, "first_use": first_use_table, "page_size": page_size_table,
+          "serving": serving_table}
 
 
 # ------------------------------------------------------------------ figures in the README's prose
