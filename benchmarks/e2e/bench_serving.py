@@ -100,6 +100,7 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
     feeder.join()
     processor = manager.batch_processor  # the planned cache: how many tokens it holds, every request together
     cache_tokens = processor.cache.max_tokens_read if processor is not None else None
+    del processor  # not held while the memory after stop is read
     manager.stop(block=True)
     attention.block_table_decode_step = step
     end = max(r.timestamps[-1] for r in results.values())

@@ -14,7 +14,19 @@ from ..kernels.layout import LogitTerms
 from ..kernels.reference import block_table_decode_reference, varlen_attention_reference
 from .dispatch import KERNEL_DTYPES, _on_device, _use_triton, check_dtype
 
-_HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None  # PyTorch 2.9 and later
+def _varlen_takes_gqa() -> bool:
+    """Whether this PyTorch has ``varlen_attn`` with grouped-query heads (``enable_gqa``; 2.11's has neither it nor
+    ``window_size``'s every form: those releases keep the per-request path)."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # before PyTorch 2.9
+        return False
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return {"enable_gqa", "window_size", "return_aux", "seqused_k"} <= set(inspect.signature(varlen_attn).parameters)
+
+
+_HAS_VARLEN = _varlen_takes_gqa()
 
 
 def varlen_available(tensor: torch.Tensor) -> bool:
