@@ -697,11 +697,11 @@ def serving_table() -> str:
     lines = [_run_line(first, f"bfloat16, {first['model']}, greedy; stock: the manager with `sdpa`, its default")
              .split("; commit")[0] + f"; runs: {commands}.", "",
              "| requests | arrival | configuration | tokens/s | x stock | TTFT mean, s | p95, s | x stock (mean) | "
-             "peak, GiB | after stop | cache, tokens | requests that fit | decode fast path | same tokens as "
+             "peak, GiB | after stop | cache, tokens | requests that fit | fast-path layer calls | same tokens as "
              "`generate()` |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in data["rows"]:
-        size = f"{r['requests']} x {r['L'] // 1024}K"
+        size = f"{r['requests']} x {r['L'] // 1024}K, {runs.get(r.get('run'), first).get('new_tokens')} new"
         if r["status"] != "ok":
             lines.append(f"| {size} | {r['arrival']} | {r['config']} | {r['status']} | | | | | | | | | | "
                          f"{r.get('reason', r.get('error', ''))[:80]} |")

@@ -4,8 +4,8 @@ the first step of issue 33, on the CPU.
 The manager accepts only its own attention implementations (``paged|eager``, ``sdpa``, flash ones) and switches a
 model to one of them; a name containing "flash" cannot be registered (Transformers looks for a hub kernel of that
 name). :func:`keep_sparse_attention` lets a model patched by this package keep its attention on the CPU (on a GPU the
-manager switches it as any model, with a WARNING: there the path below measured 0.69x stock's throughput, host-bound
-on cuDNN's per-shape plans, since avoided, and is not yet measured again; ``ON_GPU`` switches it on for benchmarks);
+manager switches it as any model, with a WARNING, until the block-table kernel below passes its GPU test; measured
+with ``ON_GPU`` on, as the serving benchmark does, it served 3.85x stock's tokens/s at 4 x 32K on an H100);
 every other model is switched as before. The manager then passes the attention function all scheduled requests
 packed in one row, with no mask: queries [1, Hq, sum of new tokens, D], keys and values [1, Hkv, sum of (past +
 new), D] read back from its paged cache, and ``cu_seq_lens_q`` / ``cu_seq_lens_k`` marking each request.
@@ -20,7 +20,7 @@ and values and the block table instead of a read-back of every request's whole c
 :func:`block_table_decode_step` writes and attends in one launch per layer (the package's Triton kernel, its
 reference on the CPU), each head by its kind. A decode step off that path (a request past the block table's
 width) runs, where flash's variable-length kernel does (CUDA), as :func:`packed_decode_step`: three launches per
-layer for all requests, no host read. Neither is yet timed on a GPU.
+layer for all requests, no host read, where torch's ``varlen_attn`` takes grouped heads (not 2.11's).
 
 Not yet (issue 33): page selection in decode steps (the paged cache keeps no page statistics: dense heads attend to
 every token, exact), giving back the streaming heads' blocks, prompt chunks without the per-request loop
@@ -72,8 +72,9 @@ def keep_sparse_attention() -> None:
             if model.device.type != "cuda" or ON_GPU:
                 return  # the package's attention serves packed requests (packed_requests)
             warn_once("sparse_attn_hf: continuous batching on a GPU runs Transformers' own attention for now: the "
-                      "package's per-request path has not yet been measured ahead of it there (issue 33); "
-                      "generate() keeps the sparse path.")
+                      "package's batched decode kernel has not yet passed its GPU test (issue 33); generate() keeps "
+                      "the sparse path. sparse_attn_hf.batching.ON_GPU = True switches it on (measured 3.9x-6.4x "
+                      "stock's throughput on an H100).")
         original(self, model, auto_switch_to_flash)
 
     switch_to_cb_friendly_attn._sparse_attn_hf = True
