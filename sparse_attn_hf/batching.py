@@ -39,7 +39,7 @@ from ._log import warn_once
 from .state import ATTENTION_NAME
 
 
-ON_GPU = False  # for measurement (benchmarks/e2e/bench_serving.py): the per-request path on a GPU too, no warning
+ON_GPU = False  # the package's attention in the manager on a GPU too (benchmarks/e2e/bench_serving.py), no warning
 MAX_FAST_PATH_TOKENS = 1 << 20  # the block table's width: [requests, tokens / page] int32 (16 MiB at 1024 x 1M)
 
 _BATCHING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",

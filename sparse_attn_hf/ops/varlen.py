@@ -14,9 +14,10 @@ from ..kernels.layout import LogitTerms
 from ..kernels.reference import block_table_decode_reference, varlen_attention_reference
 from .dispatch import KERNEL_DTYPES, _on_device, _use_triton, check_dtype
 
+
 def _varlen_takes_gqa() -> bool:
-    """Whether this PyTorch has ``varlen_attn`` with grouped-query heads (``enable_gqa``; 2.11's has neither it nor
-    ``window_size``'s every form: those releases keep the per-request path)."""
+    """Whether this PyTorch's ``varlen_attn`` takes every argument ``varlen_attention`` passes (grouped-query heads,
+    a window, the LSE, ``seqused_k``). torch 2.11's lacks ``enable_gqa``: there the per-request path serves."""
     if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # before PyTorch 2.9
         return False
     import inspect
