@@ -40,13 +40,18 @@ def main() -> None:
     report = Path(tempfile.mkstemp(suffix=".txt")[1])
     limit = float(os.environ.get("GPU_TESTS_TIMEOUT_S", "0")) or None  # a lease's limit: keep what finished
     command = [sys.executable, "-m", "pytest", "-v", "-rA", "-W", "ignore::FutureWarning", *tests]
-    try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired as stopped:
-        out = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
-        result = subprocess.CompletedProcess(command, 124, out + f"\nstopped after {limit:.0f} s (GPU_TESTS_TIMEOUT_S)"
-                                             "\n", "")
-    report.write_text(result.stdout + result.stderr)
+    # pytest writes straight into the report, unbuffered: a run stopped at the limit keeps every case that ended
+    with report.open("w") as sink:
+        child = subprocess.Popen(command, cwd=ROOT, env=dict(env, PYTHONUNBUFFERED="1"), stdout=sink,
+                                 stderr=subprocess.STDOUT, text=True)
+        try:
+            code = child.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            code = 124
+    stdout = report.read_text() + (f"\nstopped after {limit:.0f} s (GPU_TESTS_TIMEOUT_S)\n" if code == 124 else "")
+    result = subprocess.CompletedProcess(command, code, stdout, "")
     outcomes = {}
     for line in result.stdout.splitlines():
         verbose = re.match(r"^(\S+::\S+) (PASSED|FAILED|ERROR)\b", line)  # as each case ends (-v)
