@@ -4,10 +4,10 @@
 
 Requests of held-out text (never used to fit the profile) of the given lengths, batched together, greedy; stock is
 Transformers' own manager (sdpa over the packed requests with its block-diagonal mask), patched runs the package's
-attention per request (``sparse_attn_hf.batching``). Wall time of the whole ``generate_batch`` call, the median of
-``--repeats`` after a first call of each; and how many requests got the same tokens. Writes
-benchmarks/results/batching_cpu.json. The GPU benchmark of issue 33 (16 x 32K, 4 x 128K) is another matter: there
-the package's path is not served yet.
+attention (``sparse_attn_hf.batching``: prompts per request, decode steps through the manager's block table). Wall
+time of the whole ``generate_batch`` call, the median of ``--repeats`` after a first call of each; and how many
+requests got the same tokens. Writes benchmarks/results/batching_cpu.json. The GPU benchmark of issue 33 is
+``bench_serving.py``.
 """
 
 from __future__ import annotations

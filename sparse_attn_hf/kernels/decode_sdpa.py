@@ -34,3 +34,32 @@ def paged_decode_sdpa(query, kv: DecodeKV, visible: Visibility, scale: float) ->
                                                                     scale=scale)
         out[:, heads] = attended.nan_to_num(0.0)  # a row that sees nothing: zeros, as the reference
     return out.view(batch, num_heads, head_dim)
+
+
+def block_table_decode_sdpa(query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, *, sink: int,
+                            window: int, scale: float) -> torch.Tensor:
+    """``reference.block_table_decode_reference`` (plain logits) through SDPA, for the CPU: the new tokens stored,
+    then per request each head kind's visible tokens gathered through the block table once, its query heads as
+    rows of one call (GQA: a KV head's group of query heads)."""
+    rows, num_heads, head_dim = query.shape
+    num_kv, page = key.shape[1], k_pages.shape[1]
+    lengths = (cu_k[1:rows + 1] - cu_k[:rows]).tolist()  # the CPU: a host read costs nothing here
+    live = [r for r, n in enumerate(lengths) if n > 0]
+    if live:
+        last = torch.tensor([lengths[r] - 1 for r in live])
+        entries = block_table[live, last // page]
+        k_pages[entries, last % page] = key[live]
+        v_pages[entries, last % page] = value[live]
+    q = query.view(rows, num_kv, num_heads // num_kv, head_dim)
+    out = torch.zeros_like(q)
+    kinds = [(heads, kind) for kind in (0, 1) if len(heads := torch.nonzero(head_kind == kind).flatten())]
+    for r in live:
+        n = lengths[r]
+        start = max(n - window, 0)
+        for heads, kind in kinds:
+            pos = torch.arange(n) if kind == 0 else torch.cat([torch.arange(min(sink, start)), torch.arange(start, n)])
+            entries, slots = block_table[r, pos // page], pos % page
+            keys = k_pages[entries, slots][:, heads].transpose(0, 1)  # [heads, tokens, D]
+            values = v_pages[entries, slots][:, heads].transpose(0, 1)
+            out[r, heads] = torch.nn.functional.scaled_dot_product_attention(q[r, heads], keys, values, scale=scale)
+    return out.view(rows, num_heads, head_dim)

@@ -10,8 +10,10 @@ import importlib.util
 
 import torch
 
+from ..kernels.decode_sdpa import block_table_decode_sdpa
 from ..kernels.layout import LogitTerms
 from ..kernels.reference import block_table_decode_reference, varlen_attention_reference
+from . import dispatch
 from .dispatch import KERNEL_DTYPES, _on_device, _use_triton, check_dtype
 
 
@@ -73,5 +75,8 @@ def block_table_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         with _on_device(query):
             return block_table_decode_triton(query, key, value, k_pages, v_pages, block_table, cu_k.to(torch.int32),
                                              head_kind, sink=sink, window=window, terms=terms)
+    if dispatch._backend == "auto" and terms.plain and not query.is_cuda:  # the CPU: SDPA over the same tokens
+        return block_table_decode_sdpa(query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, sink=sink,
+                                       window=window, scale=terms.scale)
     return block_table_decode_reference(query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, sink=sink,
                                         window=window, terms=terms)
