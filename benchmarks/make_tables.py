@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))  # benchmarks.fidelity: the summaries two tables share with their scripts
+from benchmarks.common import short_device  # noqa: E402
 
 
 def fidelity_table() -> str:
@@ -310,7 +311,7 @@ def e2e_table(name: str = "e2e.json") -> str:
             label += " (eager decode)"
         card = _row_device(r, runs, meta)
         if card != devices[0]:
-            label += f", **{card.removeprefix('NVIDIA ').split(' HBM')[0]}**"
+            label += f", **{short_device(card)}**"
         if r["status"] != "ok":
             why = r.get("reason", r.get("error", ""))
             lines.append(f"| {size} | {r['batch']} | {label} | {r['status']} | | | | | | | | | {why} |")
@@ -782,7 +783,7 @@ def prose_figures() -> list[str]:
     history = json.loads((RESULTS / "e2e.json").read_text())["rows"]
     m1 = next(r for r in history if r["config"] == "patched_streaming50_fp8" and r["L"] == 1 << 20
               and r["status"] == "ok" and "H100" in r["device"])  # the 80 GB card's row
-    card = m1["device"].removeprefix("NVIDIA ").split(" HBM")[0]
+    card = short_device(m1["device"])
     b1 = next(r for r in history if r["config"] == "patched_streaming50" and r["L"] == 1 << 20 and r["status"] == "ok")
     return [
         f"{ms(d32):.1f} and {ms(d128):.1f} ms per token at 32K and 128K",

@@ -28,6 +28,11 @@ from transformers import StoppingCriteria
 RESULTS = Path(__file__).resolve().parent.parent / "results"  # benchmarks/results: what make_tables.py reads
 
 
+def short_device(name: str) -> str:
+    """A card's name as tables and plots print it: 'NVIDIA H100 80GB HBM3' -> 'H100 80GB'."""
+    return name.removeprefix("NVIDIA ").split(" HBM")[0]
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)

@@ -68,7 +68,7 @@ import torch
 from transformers import StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks.common
-from benchmarks.common import RESULTS, StepClock, meta  # noqa: E402
+from benchmarks.common import RESULTS, StepClock, meta, short_device  # noqa: E402
 
 from sparse_attn_hf import Profile, SparseConfig, decode_graph, last_call, patch_model, unpatch_model  # noqa: E402
 
@@ -290,11 +290,6 @@ def predicted_stock_row(model, config: str, length: int, batch: int, args, total
             "reason": (f"weights {weights:.1f} GiB + KV {kv:.1f} GiB ({kv_per_token // 1024} KiB per token) "
                        + (f"fit in {total_gib or 0:.0f} GiB: not run for time (a one-shot prefill at this length "
                           "takes minutes)" if fits else f"exceed the {total_gib:.0f} GiB of the device"))}
-
-
-def short_device(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'H100 80GB'."""
-    return name.removeprefix("NVIDIA ").split(" HBM")[0]
 
 
 def _key(row: dict) -> tuple:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import _INTERPRETING, _combine_kernel
+from .decode import _INTERPRETING, _combine_kernel, _num_splits
 from .layout import LogitTerms
 from .online_softmax import LOG2E, _logits, _softmax_step, _tanh
 
@@ -112,12 +112,6 @@ def _block_table_split_kernel(
     tl.store(ACC_OUT + out[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _num_splits(programs: int, tiles: int, device: torch.device) -> int:
-    """About two waves of the GPU, at least four tiles per split (from shapes only: the same for every step)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(tiles, 4)))
-
-
 def block_table_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor,
                               v_pages: torch.Tensor, block_table: torch.Tensor, cu_k: torch.Tensor,
                               head_kind: torch.Tensor, *, sink: int, window: int, terms: LogitTerms,
@@ -130,7 +124,8 @@ def block_table_decode_triton(query: torch.Tensor, key: torch.Tensor, value: tor
     page = k_pages.shape[1]
     block_n = min(64, max(16, triton.next_power_of_2(page)))
     tiles = triton.cdiv(block_table.shape[1] * page, block_n)  # the most a request can hold
-    splits = num_splits or _num_splits(rows * num_kv, tiles, query.device)
+    # decode's rule (two waves, at least two entries a split) with an entry of two tiles: four tiles a split at least
+    splits = num_splits or _num_splits(rows * num_kv, triton.cdiv(tiles, 2), query.device)
     d_pad = max(16, triton.next_power_of_2(head_dim))
     m_part = torch.empty(rows, num_heads, splits, dtype=torch.float32, device=query.device)
     l_part = torch.empty_like(m_part)
