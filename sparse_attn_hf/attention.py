@@ -21,7 +21,8 @@ from transformers.masking_utils import flash_attention_mask
 from . import ops
 from .ops import LogitTerms, Visibility
 from ._log import log_once
-from .batching import block_table_decode_step, decode_only, fast_path_call, packed_decode_step, packed_requests
+from .batching import (block_table_decode_step, decode_only, fast_path_call, packed_decode_rows, packed_decode_step,
+                       packed_requests)
 from .cache import LayerKV, PendingKV, SparseLayer
 from .methods.decode_step import DecodePlan
 from .methods.sample_attention import SampleSettings, choose_mask, window_size
@@ -66,7 +67,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             out = packed_decode_step(state, module, query, key, value, terms, kwargs)
             if out is not None:
                 return out, None
-        return packed_requests(sparse_attention_forward, module, query, key, value, scaling, kwargs)
+        return packed_requests(sparse_attention_forward, module, query, key, value, scaling, kwargs,
+                               lambda steps: packed_decode_rows(state, module, query, key, value, terms, kwargs, steps))
     request = kwargs.pop("request", None)  # one request of a packed call (batching.Request)
     batch, q_len = query.shape[0], query.shape[2]
     kv_heads = (key.key if isinstance(key, PendingKV) else key).shape[1]

@@ -22,9 +22,10 @@ reference on the CPU), each head by its kind. A decode step off that path (a req
 width) runs, where flash's variable-length kernel does (CUDA), as :func:`packed_decode_step`: three launches per
 layer for all requests, no host read, where torch's ``varlen_attn`` takes grouped heads (not 2.11's).
 
-Not yet (issue 33): page selection in decode steps (the paged cache keeps no page statistics: dense heads attend to
-every token, exact), giving back the streaming heads' blocks, prompt chunks without the per-request loop
-(``cu_seq_lens`` are read on the host once per forward there).
+Past the token budget a fast-path step's dense heads read the pages each request selects as ``generate()`` would
+(``methods.batched_pages``). Not yet (issue 33): page selection in decode steps that share a forward with a prompt
+(their dense heads read every token, exact), giving back the streaming heads' blocks, prompt chunks without the
+per-request loop (``cu_seq_lens`` are read on the host once per forward there).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from . import ops
 from ._log import warn_once
+from .methods.batched_pages import BatchedPages
 from .state import ATTENTION_NAME
 
 
@@ -152,10 +154,11 @@ def _on_host(layer: int | None, lengths) -> list[int]:
     return seen[1]
 
 
-def packed_requests(attend, module, query, key, value, scaling, kwargs: dict):
+def packed_requests(attend, module, query, key, value, scaling, kwargs: dict, decode_rows=None):
     """The attention of a packed continuous-batching call: each request attended on its own by ``attend`` (the
-    package's attention function, given ``request=Request(...)``), written into its rows. Returns (output [1,
-    sum of new tokens, Hq, D], None)."""
+    package's attention function, given ``request=Request(...)``), written into its rows; or, for the call's decode
+    steps, all at once by ``decode_rows([(query row, first key, length), ...])`` where given and it serves them
+    (None: it does not). Returns (output [1, sum of new tokens, Hq, D], None)."""
     if query.shape[0] != 1:
         raise ValueError(f"a continuous-batching call packs its requests in one row, got a batch of {query.shape[0]}.")
     layer = getattr(module, "layer_idx", None)
@@ -164,16 +167,52 @@ def packed_requests(attend, module, query, key, value, scaling, kwargs: dict):
     positions = kwargs.get("position_ids")
     rest = {name: item for name, item in kwargs.items() if name not in _BATCHING_KEYS}
     out = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
+    steps = [(cu_q[r], cu_k[r], cu_k[r + 1] - cu_k[r]) for r in range(len(cu_q) - 1)
+             if cu_q[r + 1] - cu_q[r] == 1 and cu_k[r + 1] - cu_k[r] > 1]
+    served = decode_rows(steps) if steps and decode_rows is not None else None
+    if served is not None:
+        out[0, [q0 for q0, _, _ in steps]] = served
     for r in range(len(cu_q) - 1):
         q0, q1, k0, k1 = cu_q[r], cu_q[r + 1], cu_k[r], cu_k[r + 1]
         if q1 == q0:  # a place the manager pads its request count with
             continue
         first = (k1 - k0) - (q1 - q0)
         request = Request(decode=q1 - q0 == 1 and first > 0, first=first)
+        if request.decode and served is not None:
+            continue
         request_positions = None if positions is None else positions[:, q0:q1]
         out[:, q0:q1] = attend(module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], None, scaling,
                                position_ids=request_positions, request=request, **rest)[0]
     return out, None
+
+
+def packed_decode_rows(state, module, query, key, value, terms, kwargs: dict, steps: list) -> torch.Tensor | None:
+    """The decode steps of a packed call that also holds a prompt, all at once by the fast path's rule
+    (``ops.block_table_decode``, page selection included): each request's keys, read back into the call's row, are
+    its pages of one token (``steps``: (query row, first key, length) per request). Returns [len(steps), Hq, D], or
+    None where it does not serve (a native window layer; a model of several cache groups)."""
+    layer = module.layer_idx
+    read = kwargs.get("read_index")
+    if state.window(layer) is not None or not isinstance(read, (list, tuple)) or len(read) != 1:
+        return None
+    device = query.device
+    rows = torch.tensor([q0 for q0, _, _ in steps], device=device)
+    first = torch.tensor([k0 for _, k0, _ in steps], device=device)
+    lengths = torch.tensor([n for _, _, n in steps], device=device)
+    q = query[0, :, rows].transpose(0, 1)  # [R, Hq, D]
+    k_pages, v_pages = key[0].transpose(0, 1)[:, None], value[0].transpose(0, 1)[:, None]  # [T, 1, Hkv, D]: views
+    last = first + lengths - 1
+    new_key, new_value = k_pages[last, 0], v_pages[last, 0]  # the step's tokens, already in the row
+    table = (first[:, None] + torch.arange(max(n for _, _, n in steps), device=device)).clamp(max=key.shape[2] - 1)
+    cu_k = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    if state.batched_pages is None:
+        state.batched_pages = BatchedPages()
+    selection = state.batched_pages.selection(state, layer, q, k_pages, table, cu_k, new_key, terms,
+                                              slots=read[0][table])
+    _, _, kind, _ = state.head_tables(layer, device)
+    sink, _, window = state.rule(layer)
+    return ops.block_table_decode(q, new_key, new_value, k_pages, v_pages, table.to(torch.int32), cu_k, kind,
+                                  sink=sink, window=window, terms=terms, selection=selection)
 
 
 def decode_only(query, kwargs: dict) -> bool:
@@ -224,8 +263,10 @@ def fast_path_call(kwargs: dict) -> bool:
 def block_table_decode_step(state, module, query, key, value, terms, kwargs: dict) -> torch.Tensor:
     """The manager's decode fast path: every request one new token, its key and value not yet stored. One launch
     per layer (``ops.block_table_decode``) writes them into the request's page and attends through the block
-    table, each head by its kind (streaming: sink + the decode window; dense: every token), as ``generate()``
-    decodes; no read-back of the cache, no host read. Returns [1, R, Hq, D]."""
+    table, each head by its kind (streaming: sink + the decode window; dense: every token, or past the token budget
+    the pages its request selects, ``methods.batched_pages``), as ``generate()`` decodes; no read-back of the cache
+    (a selecting request's dense keys excepted), one host read per step where pages are selected. Returns [1, R, Hq,
+    D]."""
     layer = module.layer_idx
     if state.window(layer) is not None:  # the manager gives window layers no block table
         raise RuntimeError(f"layer {layer} has a native sliding window: the decode fast path does not serve it.")
@@ -233,6 +274,11 @@ def block_table_decode_step(state, module, query, key, value, terms, kwargs: dic
     sink, _, window = state.rule(layer)
     q = query[0].transpose(0, 1)  # [R, Hq, D]
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # the new tokens [R, Hkv, D]
+    if state.batched_pages is None:
+        state.batched_pages = BatchedPages()
+    selection = state.batched_pages.selection(state, layer, q, kwargs["k_cache"], kwargs["block_table"],
+                                              kwargs["cu_seq_lens_k"], k, terms)
     out = ops.block_table_decode(q, k, v, kwargs["k_cache"], kwargs["v_cache"], kwargs["block_table"],
-                                 kwargs["cu_seq_lens_k"], kind, sink=sink, window=window, terms=terms)
+                                 kwargs["cu_seq_lens_k"], kind, sink=sink, window=window, terms=terms,
+                                 selection=selection)
     return out.unsqueeze(0)

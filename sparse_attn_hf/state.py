@@ -39,6 +39,7 @@ class PatchState:
     sample_choices: dict = field(default_factory=dict)  # layer -> last SampleAttention density, cost, sparse?
     sample_misses: int = 0  # this forward's sampled layers in a row whose masks did not pay (SparseConfig.sample_stop_after)
     record: CallRecord = field(default_factory=CallRecord)  # what the last call ran (``record.last_call``)
+    batched_pages: object = None  # continuous batching's page selections between steps (methods.batched_pages)
 
     @property
     def active(self) -> bool:

@@ -105,6 +105,38 @@ def test_decode_fast_path_runs_the_triton_kernel_on_the_managers_own_pages(monke
         assert out[f"req_{i}"].generated_tokens == alone
 
 
+@torch.no_grad()
+def test_decode_fast_path_selects_each_requests_pages_as_generate_does(monkeypatch):
+    """Past the token budget the dense heads select pages, each request at its own length: a budget of two 16-token
+    pages, prompts of 9, 40 and 70 tokens and 28 new tokens (the 9-token one crosses the budget while decoding);
+    selections made every 4 steps and reused between (found again from the request's own pages); every request's
+    tokens equal generate()'s with the same settings, and differ from reading every token somewhere."""
+    from sparse_attn_hf.methods import batched_pages
+
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    settings = dict(streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16, logical_page_size=4,
+                    decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4)
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(page_selection="always", **settings))
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (9, 40, 70)]
+    config = GenerationConfig(max_new_tokens=28, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    made = []
+    choose = batched_pages.BatchedPages._choose
+    monkeypatch.setattr(batched_pages.BatchedPages, "_choose",
+                        staticmethod(lambda *args: made.append(args[5]) or choose(*args)))
+    out = model.generate_batch(inputs=prompts, generation_config=config)
+    got = [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+    alone = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in prompts]
+    assert got == alone
+    # the 70-token request selects at its first step (71 tokens) and every 4th after, in each of the dense layers
+    assert {n for n in made if n >= 71} == set(range(71, 98, 4)) and made.count(71) == 2
+    assert 33 in made  # the 9-token request: its first step past two pages
+    unpatch_model(model)
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(page_selection="never", **settings))
+    every = model.generate_batch(inputs=prompts, generation_config=config)
+    assert [every[f"req_{i}"].generated_tokens for i in range(len(prompts))] != got
+
+
 def test_the_cache_is_planned_without_an_attention_mask_the_package_never_reads(monkeypatch):
     """The manager's memory planner sets aside room for an attention mask for every attention but flash's; the
     package's reads cu_seq_lens and gets none, so the same memory plans a larger cache for it."""
@@ -175,6 +207,48 @@ def test_requests_joining_and_leaving_a_running_batch_keep_their_answers():
     finally:
         manager.stop(block=True)
     for name in ("long", "short", "late"):
+        alone = model.generate(torch.tensor([prompts[name]]), generation_config=GREEDY,
+                               max_new_tokens=limits[name])[0, len(prompts[name]):].tolist()
+        assert results[name].generated_tokens == alone, name
+
+
+@torch.no_grad()
+def test_decode_steps_sharing_a_forward_with_a_prompt_select_pages_too(monkeypatch):
+    """A request arriving while others decode past the token budget: the steps that share a forward with its prompt
+    are served by the fast path's rule on the read-back keys (``packed_decode_rows``), page selection included, and
+    every request still gets generate()'s tokens with the same settings."""
+    import time
+
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
+        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
+    served, fast = [], []
+    rows, step = batching.packed_decode_rows, batching.block_table_decode_step
+    monkeypatch.setattr("sparse_attn_hf.attention.packed_decode_rows",
+                        lambda *args: (lambda out: served.append(out is not None) or out)(rows(*args)))
+    monkeypatch.setattr("sparse_attn_hf.attention.block_table_decode_step", lambda *args: fast.append(1) or step(*args))
+    prompts = {"long": random_ids(1, 70, seed=70)[0].tolist(), "late": random_ids(1, 50, seed=50)[0].tolist()}
+    limits = {"long": 40, "late": 12}
+    manager = model.init_continuous_batching(generation_config=GREEDY)
+    manager.start()
+    results = {}
+    try:
+        manager.add_request(prompts["long"], request_id="long", max_new_tokens=limits["long"], eos_token_id=-1)
+        deadline = time.time() + 60
+        while not fast and time.time() < deadline:  # "long" decodes: the next prompt shares its steps
+            time.sleep(0.005)
+        manager.add_request(prompts["late"], request_id="late", max_new_tokens=limits["late"], eos_token_id=-1)
+        deadline = time.time() + 120
+        while not {"long", "late"} <= results.keys() and time.time() < deadline:
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                results[result.request_id] = result
+    finally:
+        manager.stop(block=True)
+    assert any(served), "no decode step shared a forward with the late prompt"
+    for name in ("long", "late"):
         alone = model.generate(torch.tensor([prompts[name]]), generation_config=GREEDY,
                                max_new_tokens=limits[name])[0, len(prompts[name]):].tolist()
         assert results[name].generated_tokens == alone, name

@@ -7,8 +7,10 @@ the attention the step's new key and value and leaves the write to the kernel, a
 does. Here, program (request, KV head, split):
 
 * reads the tokens its head kind sees, in tiles of ``BLOCK_N`` tokens gathered through the block table: a dense head
-  every stored token; a streaming head the sink keys (the first ``sink`` tokens the window does not hold) and the
-  decode window (the last ``window`` tokens, the new one included), never the pages between them;
+  every stored token, or, where its request selects (``layout.BlockTableSelection``), the tiles of its listed pages
+  (a -1 page's masked whole) then the tail's from ``tail_first``; a streaming head the sink keys (the first ``sink``
+  tokens the window does not hold) and the decode window (the last ``window`` tokens, the new one included), never
+  the pages between them;
 * split 0 adds the new token from registers and writes it into its page (no other program reads that slot: the
   stored tokens end before it), so no step reads a token another program writes;
 * writes a partial softmax that ``decode._combine_kernel`` merges (learned sinks there).
@@ -24,22 +26,24 @@ import triton
 import triton.language as tl
 
 from .decode import _INTERPRETING, _combine_kernel, _num_splits
-from .layout import LogitTerms
+from .layout import BlockTableSelection, LogitTerms
 from .online_softmax import LOG2E, _logits, _softmax_step, _tanh
 
 
-@triton.jit(do_not_specialize=["sink", "window", "num_splits"])
+@triton.jit(do_not_specialize=["sink", "window", "num_splits", "num_sel"])
 def _block_table_split_kernel(
-    Q, KN, VN, KC, VC, TABLE, CU_K, HEAD_KIND, M_OUT, L_OUT, ACC_OUT,
+    Q, KN, VN, KC, VC, TABLE, CU_K, HEAD_KIND, SEL_PAGES, TAIL_FIRST, M_OUT, L_OUT, ACC_OUT,
     stride_qr, stride_qh, stride_qd,
     stride_knr, stride_knh, stride_knd,
     stride_vnr, stride_vnh, stride_vnd,
     stride_kcp, stride_kcn, stride_kch, stride_kcd,
     stride_vcp, stride_vcn, stride_vch, stride_vcd,
     stride_tr, stride_tb,
-    sink, window, num_kv_heads, num_splits, scale_log2, softcap_log2,
+    stride_sr, stride_sh, stride_ss,
+    sink, window, num_kv_heads, num_splits, num_sel, scale_log2, softcap_log2,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_SELECTION: tl.constexpr,
+    SEL_PAGE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # request * num_kv_heads + KV head
     split = tl.program_id(1)
@@ -57,13 +61,20 @@ def _block_table_split_kernel(
         q = q.to(tl.float32)
     length = tl.load(CU_K + r + 1) - tl.load(CU_K + r)  # the new token included
     past = tl.maximum(length - 1, 0)  # tokens already in the pages
-    if tl.load(HEAD_KIND + h) == 0:  # dense: every stored token, one range
+    kind = tl.load(HEAD_KIND + h)
+    if kind == 0:  # dense: every stored token, one range
         first_end = past
         second = past
     else:  # streaming: the sink keys the window does not hold, then the window's stored tokens
         second = tl.maximum(length - window, 0)
         first_end = tl.minimum(sink, second)
     first_tiles = tl.cdiv(first_end, BLOCK_N)
+    if HAS_SELECTION:  # a dense head of a selecting request: its listed pages' tiles first, then the tail
+        sel_tiles = SEL_PAGE // BLOCK_N  # tiles a page
+        tail_first = tl.load(TAIL_FIRST + r).to(tl.int32)
+        selecting = (kind == 0) & (tail_first >= 0)
+        first_tiles = tl.where(selecting, num_sel * sel_tiles, first_tiles)
+        second = tl.where(selecting, tail_first * SEL_PAGE, second)
     second_tile = second // BLOCK_N
     total = first_tiles + tl.maximum(tl.cdiv(past, BLOCK_N) - second_tile, 0)
     per = tl.cdiv(total, num_splits)
@@ -73,6 +84,11 @@ def _block_table_split_kernel(
     for e in range(split * per, tl.minimum(split * per + per, total)):
         if e < first_tiles:
             pos = e * BLOCK_N + offs_n
+            if HAS_SELECTION:
+                if selecting:  # tile e % sel_tiles of listed page e // sel_tiles; page -1: past the stored tokens
+                    listed = tl.load(SEL_PAGES + r * stride_sr + h * stride_sh + (e // sel_tiles) * stride_ss)
+                    start = listed.to(tl.int32) * SEL_PAGE + (e % sel_tiles) * BLOCK_N
+                    pos = tl.where(listed >= 0, start, first_end) + offs_n
             visible = pos < first_end
         else:
             pos = (second_tile + e - first_tiles) * BLOCK_N + offs_n
@@ -115,14 +131,19 @@ def _block_table_split_kernel(
 def block_table_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor,
                               v_pages: torch.Tensor, block_table: torch.Tensor, cu_k: torch.Tensor,
                               head_kind: torch.Tensor, *, sink: int, window: int, terms: LogitTerms,
+                              selection: BlockTableSelection | None = None,
                               num_splits: int | None = None) -> torch.Tensor:
     """query [R, Hq, D], key/value (the step's new token) [R, Hkv, D] -> [R, Hq, D]; the new token is written into
-    ``k_pages``/``v_pages`` [num_pages, P, Hkv, D] at its request's slot."""
+    ``k_pages``/``v_pages`` [num_pages, P, Hkv, D] at its request's slot. With a ``selection``, a tile never spans
+    two of its pages (``BLOCK_N`` divides ``selection.page_size``)."""
     rows, num_heads, head_dim = query.shape
     num_kv = key.shape[1]
     groups = num_heads // num_kv
     page = k_pages.shape[1]
     block_n = min(64, max(16, triton.next_power_of_2(page)))
+    if selection is not None:
+        block_n = min(block_n, selection.page_size & -selection.page_size)
+    sel = selection or BlockTableSelection(head_kind[None, None], head_kind, 0)  # HAS_SELECTION off: never read
     tiles = triton.cdiv(block_table.shape[1] * page, block_n)  # the most a request can hold
     # decode's rule (two waves, at least two entries a split) with an entry of two tiles: four tiles a split at least
     splits = num_splits or _num_splits(rows * num_kv, triton.cdiv(tiles, 2), query.device)
@@ -131,12 +152,14 @@ def block_table_decode_triton(query: torch.Tensor, key: torch.Tensor, value: tor
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(rows, num_heads, splits, d_pad, dtype=torch.float32, device=query.device)
     _block_table_split_kernel[(rows * num_kv, splits)](
-        query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, m_part, l_part, acc_part,
-        *query.stride(), *key.stride(), *value.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
-        sink, window, num_kv, splits, terms.scale * LOG2E, (terms.softcap or 0.0) * LOG2E,
+        query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, sel.pages, sel.tail_first, m_part, l_part,
+        acc_part, *query.stride(), *key.stride(), *value.stride(), *k_pages.stride(), *v_pages.stride(),
+        *block_table.stride(), *sel.pages.stride(), sink, window, num_kv, splits, sel.pages.shape[2],
+        terms.scale * LOG2E, (terms.softcap or 0.0) * LOG2E,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), PAGE=page, BLOCK_N=block_n,
         HEAD_DIM=head_dim, D_PAD=d_pad, UPCAST=_INTERPRETING and query.dtype == torch.bfloat16,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", HAS_SELECTION=selection is not None,
+        SEL_PAGE=sel.page_size, num_warps=4, num_stages=2,
     )
     out = torch.empty_like(query)
     sinks = terms.sinks

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .layout import DecodeKV, Visibility
-from .reference import decode_visible_tokens, dense_tokens
+from .layout import BlockTableSelection, DecodeKV, Visibility
+from .reference import block_table_selected, decode_visible_tokens, dense_tokens
 
 
 def paged_decode_sdpa(query, kv: DecodeKV, visible: Visibility, scale: float) -> torch.Tensor:
@@ -37,10 +37,11 @@ def paged_decode_sdpa(query, kv: DecodeKV, visible: Visibility, scale: float) ->
 
 
 def block_table_decode_sdpa(query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, *, sink: int,
-                            window: int, scale: float) -> torch.Tensor:
+                            window: int, scale: float, selection: BlockTableSelection | None = None) -> torch.Tensor:
     """``reference.block_table_decode_reference`` (plain logits) through SDPA, for the CPU: the new tokens stored,
     then per request each head kind's visible tokens gathered through the block table once, its query heads as
-    rows of one call (GQA: a KV head's group of query heads)."""
+    rows of one call (GQA: a KV head's group of query heads); a selecting request's dense heads mask what their
+    pages leave out (``reference.block_table_selected``)."""
     rows, num_heads, head_dim = query.shape
     num_kv, page = key.shape[1], k_pages.shape[1]
     lengths = (cu_k[1:rows + 1] - cu_k[:rows]).tolist()  # the CPU: a host read costs nothing here
@@ -61,5 +62,8 @@ def block_table_decode_sdpa(query, key, value, k_pages, v_pages, block_table, cu
             entries, slots = block_table[r, pos // page], pos % page
             keys = k_pages[entries, slots][:, heads].transpose(0, 1)  # [heads, tokens, D]
             values = v_pages[entries, slots][:, heads].transpose(0, 1)
-            out[r, heads] = torch.nn.functional.scaled_dot_product_attention(q[r, heads], keys, values, scale=scale)
+            selected = block_table_selected(selection, r, pos) if kind == 0 else None
+            mask = None if selected is None else selected[heads, None, :]
+            out[r, heads] = torch.nn.functional.scaled_dot_product_attention(q[r, heads], keys, values,
+                                                                             attn_mask=mask, scale=scale)
     return out.view(rows, num_heads, head_dim)

@@ -1,6 +1,7 @@
 """The values kernels and their references share (imported by both sides, by the ops between them, and by the cache
 that fills them): what a query sees (``Visibility``), how a score becomes a logit (``LogitTerms``), a decode
-step's counters and what a decode step of one layer reads (``DecodeKV``)."""
+step's counters and what a decode step of one layer reads (``DecodeKV``), and the pages a continuous batch's dense
+heads read in a decode step (``BlockTableSelection``)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,23 @@ class LogitTerms:
     def with_sinks(self, sinks: torch.Tensor | None) -> "LogitTerms":
         """The same terms for other query heads (their sinks in order, e.g. a call's gathered heads)."""
         return replace(self, sinks=sinks)
+
+
+@dataclass(frozen=True)
+class BlockTableSelection:
+    """Which tokens each dense KV head of a request reads in a decode step over Transformers' block table (the rule
+    is ``kernels.reference.block_table_decode_reference``'s docstring). Pages count the request's own positions:
+    page ``j`` holds its positions ``j * page_size .. j * page_size + page_size - 1``, whatever the pool's page size.
+
+    ``pages`` int32 [R, Hkv, S]: the pages each KV head reads (-1: none), distinct and before ``tail_first``.
+    ``tail_first`` int32 [R]: the request's first page read whole, every later position with it (-1: every
+    position, no page selected). ``page_size``: a multiple of 16 (a python int).
+    """
+
+    pages: torch.Tensor
+    tail_first: torch.Tensor
+    page_size: int
+
 
 # a decode step's counters (int32, on the device): tokens stored, steps before the next page selection,
 # whether this step selects, and the first page attended whole (the tail)

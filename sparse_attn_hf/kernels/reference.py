@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .fp8 import quantize_pages, stored_tokens
-from .layout import DecodeKV, LogitTerms, Visibility
+from .layout import BlockTableSelection, DecodeKV, LogitTerms, Visibility
 
 
 def visibility_mask(
@@ -443,15 +443,19 @@ def varlen_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
 
 def block_table_decode_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor,
                                  v_pages: torch.Tensor, block_table: torch.Tensor, cu_k: torch.Tensor,
-                                 head_kind: torch.Tensor, *, sink: int, window: int,
-                                 terms: LogitTerms) -> torch.Tensor:
+                                 head_kind: torch.Tensor, *, sink: int, window: int, terms: LogitTerms,
+                                 selection: BlockTableSelection | None = None) -> torch.Tensor:
     """A decode step of packed requests over Transformers' paged cache (its decode fast path). Request ``r`` holds
     ``n = cu_k[r + 1] - cu_k[r]`` tokens, the last one new: ``key[r]``/``value[r]`` [Hkv, D] are written at
     position ``n - 1``, i.e. into page ``block_table[r, (n - 1) // P]`` of ``k_pages``/``v_pages`` [num_pages, P,
     Hkv, D] at row ``(n - 1) % P``. Then query ``query[r]`` [Hq, D] (GQA: query head h reads KV head h // (Hq /
     Hkv)) attends to the request's positions ``0 .. n - 1`` read through the table: all of them in a dense KV head
     (``head_kind`` 0); in a streaming one (1) the last ``window`` and the first ``min(sink, n - window)``. A request
-    with n = 0 (padding) writes nothing and gives zeros. Returns [R, Hq, D]."""
+    with n = 0 (padding) writes nothing and gives zeros. Returns [R, Hq, D].
+
+    With a ``selection`` (``layout.BlockTableSelection``) whose ``tail_first[r]`` is ``t >= 0``, dense KV head ``h``
+    of request ``r`` attends only to position ``p`` (< n) with ``p // page_size`` in ``selection.pages[r, h]`` or
+    ``p >= t * page_size``; the caller keeps ``t * page_size <= n - 1``, so the new token is always attended."""
     rows, num_heads, _ = query.shape
     num_kv, page = key.shape[1], k_pages.shape[1]
     group = num_heads // num_kv
@@ -470,6 +474,18 @@ def block_table_decode_reference(query: torch.Tensor, key: torch.Tensor, value: 
         scores = capped((k @ query[r].float()[:, :, None])[..., 0] * terms.scale, terms.softcap)  # [Hq, n]
         near = (pos >= n - window) | (pos < min(sink, max(n - window, 0)))
         scores = scores.masked_fill(streaming & ~near[None, :], float("-inf"))
+        selected = block_table_selected(selection, r, pos)
+        if selected is not None:
+            scores = scores.masked_fill(~streaming & ~selected.repeat_interleave(group, 0), float("-inf"))
         probs = softmax_with_sinks(scores, None if terms.sinks is None else terms.sinks[:, None])
         out[r] = (probs[:, :, None] * v).sum(1).to(query.dtype)
     return out
+
+
+def block_table_selected(selection: BlockTableSelection | None, r: int, pos: torch.Tensor) -> torch.Tensor | None:
+    """Bool [Hkv, n]: which of request ``r``'s positions ``pos`` [n] each dense KV head attends under ``selection``
+    (``block_table_decode_reference``'s rule), or None where it attends every one."""
+    if selection is None or int(selection.tail_first[r]) < 0:
+        return None
+    listed = (pos // selection.page_size == selection.pages[r, :, :, None]).any(1)  # page in the set
+    return listed | (pos >= int(selection.tail_first[r]) * selection.page_size)[None, :]

@@ -11,7 +11,7 @@ import importlib.util
 import torch
 
 from ..kernels.decode_sdpa import block_table_decode_sdpa
-from ..kernels.layout import LogitTerms
+from ..kernels.layout import BlockTableSelection, LogitTerms
 from ..kernels.reference import block_table_decode_reference, varlen_attention_reference
 from . import dispatch
 from .dispatch import KERNEL_DTYPES, _on_device, _use_triton, check_dtype
@@ -57,10 +57,12 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def block_table_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor,
                        v_pages: torch.Tensor, block_table: torch.Tensor, cu_k: torch.Tensor, head_kind: torch.Tensor,
-                       *, sink: int, window: int, terms: LogitTerms) -> torch.Tensor:
+                       *, sink: int, window: int, terms: LogitTerms,
+                       selection: BlockTableSelection | None = None) -> torch.Tensor:
     """A decode step of packed requests over the manager's paged cache -> [R, Hq, D]: query [R, Hq, D], the new
     token's key/value [R, Hkv, D] (written into ``k_pages``/``v_pages`` [num_pages, P, Hkv, D] here), streaming KV
-    heads (``head_kind`` 1) reading sink + the last ``window`` tokens, dense heads every token. No host read."""
+    heads (``head_kind`` 1) reading sink + the last ``window`` tokens, dense heads every token (where ``selection``
+    selects: their listed pages and the tail). No host read."""
     check_dtype(query.dtype)
     rows, num_heads, head_dim = query.shape
     if key.shape != (rows, head_kind.shape[0], head_dim) or num_heads % key.shape[1] or value.shape != key.shape:
@@ -69,14 +71,27 @@ def block_table_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if k_pages.shape != v_pages.shape or k_pages.shape[2:] != key.shape[1:] or block_table.shape[0] < rows:
         raise ValueError(f"expected pages [num_pages, P, {key.shape[1]}, {head_dim}] and a block table row per "
                          f"request, got {tuple(k_pages.shape)} / {tuple(v_pages.shape)} and {tuple(block_table.shape)}.")
+    if selection is not None:
+        _check_selection(selection, rows, key.shape[1])
     if _use_triton(query):
         from ..kernels.block_table import block_table_decode_triton
 
         with _on_device(query):
             return block_table_decode_triton(query, key, value, k_pages, v_pages, block_table, cu_k.to(torch.int32),
-                                             head_kind, sink=sink, window=window, terms=terms)
+                                             head_kind, sink=sink, window=window, terms=terms, selection=selection)
     if dispatch._backend == "auto" and terms.plain and not query.is_cuda:  # the CPU: SDPA over the same tokens
         return block_table_decode_sdpa(query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, sink=sink,
-                                       window=window, scale=terms.scale)
+                                       window=window, scale=terms.scale, selection=selection)
     return block_table_decode_reference(query, key, value, k_pages, v_pages, block_table, cu_k, head_kind, sink=sink,
-                                        window=window, terms=terms)
+                                        window=window, terms=terms, selection=selection)
+
+
+def _check_selection(selection: BlockTableSelection, rows: int, num_kv: int) -> None:
+    """Raise a ValueError naming what ``block_table_decode`` expects where ``selection``'s shapes or page size don't
+    fit ``rows`` requests of ``num_kv`` KV heads."""
+    pages, tail_first, page_size = selection.pages, selection.tail_first, selection.page_size
+    if pages.dim() != 3 or pages.shape[:2] != (rows, num_kv) or tail_first.shape != (rows,):
+        raise ValueError(f"expected a selection of pages [{rows}, {num_kv}, S] and tail_first [{rows}], got "
+                         f"{tuple(pages.shape)} and {tuple(tail_first.shape)}.")
+    if page_size <= 0 or page_size % 16:
+        raise ValueError(f"expected a selection page size that is a positive multiple of 16, got {page_size}.")

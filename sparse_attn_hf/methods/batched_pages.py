@@ -1,0 +1,167 @@
+"""Page selection in the decode steps of Transformers' continuous batching (the manager's decode fast path): every
+request's dense heads read the pages ``generate()`` would choose for that request alone.
+
+``generate()`` selects pages once the context outgrows the token budget, at its first decode step and then every
+``reuse_interval`` steps, and attends the selection plus a *tail* (the newest page at the selection and every page
+after it; ``page_selection.plan_step``). A request of the manager follows the same rule at its own length: where it
+selects anew, its dense heads' keys are read back through the block table and ranked by the same choice
+(``page_selection.quest_pages``: the bound, then the short list's exact mass); on the steps between, the selection
+made for it is reused.
+
+**What a request's selection is kept under.** The attention call cannot see which request a row is (rows move as
+requests join and leave) but sees their pages: a selection is kept under the physical slots of the request's first
+token and of its tail's first token, with the length it was made at. A later step of the same request finds it from
+its own length (``reuse_interval - 1`` candidate lengths, each naming one tail); the tail page was written by that
+request alone, so no other request finds it. Only the selections found or made by the latest fast-path step are
+kept: a finished request's are dropped there.
+
+This module decides; the pages are the manager's, and what it keeps (a few kilobytes per request and layer) lives
+on the patched model's state (``PatchState.batched_pages``). One host read of the lengths and a few table entries
+per step, none per layer; a step inside a CUDA-graph capture selects nothing (its dense heads read every token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels.layout import BlockTableSelection, LogitTerms
+from .page_selection import quest_pages
+
+
+@dataclass
+class _Kept:
+    """A request's selection: made at ``seen`` tokens, its tail from page ``tail_first``; per layer, int32 [Hkv, S]
+    pages (-1 in the streaming heads' rows)."""
+
+    seen: int
+    tail_first: int
+    pages: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    """One request of the step: its length, its tail's first page (-1: the context fits the budget, every token is
+    read) and its selection (reselecting: made by this step's layers)."""
+
+    length: int
+    tail_first: int = -1
+    kept: _Kept | None = None
+    reselect: bool = False
+
+
+@dataclass
+class BatchedPages:
+    """The selections kept between fast-path steps of one patched model, and the plan of the current step."""
+
+    kept: dict = field(default_factory=dict)  # (first token's slot, tail's first slot) -> _Kept
+    rows: list = field(default_factory=list)  # this step's rows (_Row)
+    tail: torch.Tensor | None = None  # int32 [R] on the device: each row's tail_first
+    layer: int = -1  # the last layer that ran: a smaller index starts a new step
+
+    def selection(self, state, layer: int, query: torch.Tensor, k_pages: torch.Tensor, block_table: torch.Tensor,
+                  cu_k: torch.Tensor, new_key: torch.Tensor, terms: LogitTerms,
+                  slots: torch.Tensor | None = None) -> BlockTableSelection | None:
+        """The dense heads' pages of ``layer``'s step for every row (query [R, Hq, D], the step's new keys [R, Hkv,
+        D], pages [num_pages, P, Hkv, D] and a block table to read keys through), or None where every row reads every
+        token (no dense head here, the settings select nothing on this device, every context fits, or a graph
+        capture). ``slots`` [R, >= longest]: each token's physical slot in the manager's cache, where the pages are
+        not the manager's (a read-back); by default the slots the block table gives."""
+        settings = state.settings
+        dense, _, kind, _ = state.head_tables(layer, query.device)
+        if not len(dense) or not _selects(settings, query.device):
+            return None
+        if layer <= self.layer:
+            self.rows = []
+        self.layer = layer
+        if not self.rows:
+            if slots is None:
+                self._plan(settings, block_table, k_pages.shape[1], cu_k, query.device)
+            else:
+                self._plan(settings, slots, 1, cu_k, query.device)
+        if self.tail is None:
+            return None
+        rows, num_kv = query.shape[0], kind.shape[0]
+        width = settings.token_budget // settings.page_size - 1
+        pages = query.new_full((rows, num_kv, width), -1, dtype=torch.int32)
+        grouped = query.view(rows, num_kv, -1, query.shape[-1])
+        for r, row in enumerate(self.rows):
+            if row.tail_first < 0:
+                continue
+            if row.reselect or layer not in row.kept.pages:  # (a layer the step that made it did not select in)
+                row.kept.pages[layer] = self._choose(settings, grouped[r:r + 1, dense], k_pages, block_table[r],
+                                                     new_key[r, dense], row.length, dense, num_kv, terms)
+            pages[r] = row.kept.pages[layer]
+        return BlockTableSelection(pages, self.tail, settings.page_size)
+
+    def _plan(self, settings, block_table, pool_page: int, cu_k, device) -> None:
+        """Once per step (the first layer): each row's length, and whether it reuses a kept selection, selects anew
+        or fits the budget. Reads the lengths and a few table entries on the host (``block_table`` [R, W] of pages
+        of ``pool_page`` tokens in the manager's cache: the token at ``i`` of row ``r`` sits in slot
+        ``block_table[r, i // pool_page] * pool_page + i % pool_page``)."""
+        page, reuse = settings.page_size, settings.reuse_interval
+        lengths = (cu_k[1:] - cu_k[:-1]).tolist()
+        self.rows = [_Row(n) for n in lengths[:block_table.shape[0]]]
+        budget_pages = settings.token_budget // page
+        asked = []  # (row, position) whose slot the step needs
+        for r, row in enumerate(self.rows):
+            if -(-row.length // page) <= budget_pages:
+                continue
+            asked.append((r, 0))
+            for seen in range(row.length - 1, max(row.length - reuse, 0), -1):
+                asked.append((r, (-(-seen // page) - 1) * page))
+            asked.append((r, (-(-row.length // page) - 1) * page))
+        self.tail = None
+        if not asked:
+            self.kept = {}
+            return
+        index = torch.tensor(asked, dtype=torch.long).to(block_table.device)
+        entries = block_table[index[:, 0], index[:, 1] // pool_page].long()
+        slot_of = dict(zip(asked, (entries * pool_page + index[:, 1] % pool_page).tolist()))
+        kept = {}
+        for r, row in enumerate(self.rows):
+            if (r, 0) not in slot_of:
+                continue
+            first = slot_of[(r, 0)]
+            for seen in range(row.length - 1, max(row.length - reuse, 0), -1):
+                tail_first = -(-seen // page) - 1
+                found = self.kept.get((first, slot_of[(r, tail_first * page)]))
+                if found is not None and found.seen == seen:
+                    row.kept, row.tail_first = found, tail_first
+                    kept[(first, slot_of[(r, tail_first * page)])] = found
+                    break
+            if row.kept is None:
+                row.tail_first = -(-row.length // page) - 1
+                row.kept, row.reselect = _Kept(row.length, row.tail_first), True
+                kept[(first, slot_of[(r, row.tail_first * page)])] = row.kept
+        self.kept = kept
+        self.tail = torch.tensor([row.tail_first for row in self.rows], dtype=torch.int32).to(device)
+
+    @staticmethod
+    def _choose(settings, query, k_pages, table_row, new_key, length: int, dense, num_kv: int,
+                terms: LogitTerms) -> torch.Tensor:
+        """One request's selection in one layer, as ``generate()`` makes it: its dense heads' keys read back through
+        its table row (the new key last), their logical pages' min/max, then ``quest_pages``. -> int32 [Hkv, S]."""
+        pool_page, logical = k_pages.shape[1], settings.logical_page_size
+        pos = torch.arange(length - 1, device=k_pages.device)
+        stored = k_pages[table_row[pos // pool_page].long(), pos % pool_page][:, dense]  # [n - 1, Hd, D]
+        keys = torch.cat([stored, new_key[None].to(stored.dtype)]).transpose(0, 1)[None]  # [1, Hd, n, D]
+        full = (length // logical) * logical
+        blocks = keys[:, :, :full].unflatten(2, (-1, logical))
+        chosen, _ = quest_pages(query, blocks.amin(3), blocks.amax(3), kv_start=torch.zeros(1, dtype=torch.long,
+                                device=query.device), seen=length, budget=settings.token_budget,
+                                page_size=settings.page_size, logical_page_size=logical,
+                                shortlist=settings.shortlist, keys=keys, scale=terms.scale, softcap=terms.softcap)
+        pages = torch.full((num_kv, chosen.shape[2]), -1, dtype=torch.int32, device=query.device)
+        pages[dense] = chosen[0]
+        return pages
+
+
+def _selects(settings, device: torch.device) -> bool:
+    """Whether decode steps select pages here (``SparseConfig.page_selection``: by default on CUDA only), outside a
+    CUDA-graph capture (whose replays could not read the lengths)."""
+    mode = settings.page_selection
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return mode == "always" or (mode == "auto" and device.type == "cuda")
