@@ -108,8 +108,9 @@ def test_decode_fast_path_runs_the_triton_kernel_on_the_managers_own_pages(monke
 @torch.no_grad()
 def test_decode_fast_path_selects_each_requests_pages_as_generate_does(monkeypatch):
     """Past the token budget the dense heads select pages, each request at its own length: a budget of two 16-token
-    pages, prompts of 9, 40 and 70 tokens and 28 new tokens (the 9-token one crosses the budget while decoding);
-    selections made every 4 steps and reused between (found again from the request's own pages); every request's
+    pages, prompts of 9, 40, 70 and 70 tokens and 28 new tokens (the 9-token one crosses the budget while decoding;
+    the two of 70 select in one call); selections made every 4 steps and reused between (found again from the
+    request's own pages); every request's
     tokens equal generate()'s with the same settings, and differ from reading every token somewhere."""
     from sparse_attn_hf.methods import batched_pages
 
@@ -118,7 +119,7 @@ def test_decode_fast_path_selects_each_requests_pages_as_generate_does(monkeypat
     settings = dict(streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16, logical_page_size=4,
                     decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4)
     patch_model(model, Profile.from_scores(model, scores), SparseConfig(page_selection="always", **settings))
-    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (9, 40, 70)]
+    prompts = [random_ids(1, n, seed=seed)[0].tolist() for n, seed in ((9, 9), (40, 40), (70, 70), (70, 71))]
     config = GenerationConfig(max_new_tokens=28, do_sample=False, eos_token_id=-1, pad_token_id=0)
     made = []
     choose = batched_pages.BatchedPages._choose
@@ -128,7 +129,7 @@ def test_decode_fast_path_selects_each_requests_pages_as_generate_does(monkeypat
     got = [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]
     alone = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in prompts]
     assert got == alone
-    # the 70-token request selects at its first step (71 tokens) and every 4th after, in each of the dense layers
+    # the 70-token requests select at their first step (71 tokens) and every 4th after, together, in each layer
     assert {n for n in made if n >= 71} == set(range(71, 98, 4)) and made.count(71) == 2
     assert 33 in made  # the 9-token request: its first step past two pages
     unpatch_model(model)

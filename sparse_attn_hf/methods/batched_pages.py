@@ -83,16 +83,20 @@ class BatchedPages:
         if self.tail is None:
             return None
         rows, num_kv = query.shape[0], kind.shape[0]
-        width = settings.token_budget // settings.page_size - 1
-        pages = query.new_full((rows, num_kv, width), -1, dtype=torch.int32)
         grouped = query.view(rows, num_kv, -1, query.shape[-1])
+        due = {}  # length -> the rows of that length that select in this layer: one choice for them all
         for r, row in enumerate(self.rows):
-            if row.tail_first < 0:
-                continue
-            if row.reselect or layer not in row.kept.pages:  # (a layer the step that made it did not select in)
-                row.kept.pages[layer] = self._choose(settings, grouped[r:r + 1, dense], k_pages, block_table[r],
-                                                     new_key[r, dense], row.length, dense, num_kv, terms)
-            pages[r] = row.kept.pages[layer]
+            if row.tail_first >= 0 and (row.reselect or layer not in row.kept.pages):
+                due.setdefault(row.length, []).append(r)
+        for length, picked in due.items():
+            index = torch.tensor(picked, device=query.device)
+            chosen = self._choose(settings, grouped[index][:, dense], k_pages, block_table[index],
+                                  new_key[index][:, dense], length, dense, num_kv, terms)
+            for r, pages in zip(picked, chosen):
+                self.rows[r].kept.pages[layer] = pages
+        width = settings.token_budget // settings.page_size - 1
+        unused = query.new_full((num_kv, width), -1, dtype=torch.int32)
+        pages = torch.stack([unused if row.tail_first < 0 else row.kept.pages[layer] for row in self.rows])
         return BlockTableSelection(pages, self.tail, settings.page_size)
 
     def _plan(self, settings, block_table, pool_page: int, cu_k, device) -> None:
@@ -139,22 +143,25 @@ class BatchedPages:
         self.tail = torch.tensor([row.tail_first for row in self.rows], dtype=torch.int32).to(device)
 
     @staticmethod
-    def _choose(settings, query, k_pages, table_row, new_key, length: int, dense, num_kv: int,
+    def _choose(settings, query, k_pages, table, new_key, length: int, dense, num_kv: int,
                 terms: LogitTerms) -> torch.Tensor:
-        """One request's selection in one layer, as ``generate()`` makes it: its dense heads' keys read back through
-        its table row (the new key last), their logical pages' min/max, then ``quest_pages``. -> int32 [Hkv, S]."""
+        """The selection of requests of one ``length`` in one layer, as ``generate()`` makes it (query [B, Hd, G, D],
+        their table rows [B, W], their new keys [B, Hd, D]): their dense heads' keys read back through the table (the
+        new key last), their logical pages' min/max, then ``quest_pages``. -> int32 [B, Hkv, S]."""
         pool_page, logical = k_pages.shape[1], settings.logical_page_size
         pos = torch.arange(length - 1, device=k_pages.device)
-        stored = k_pages[table_row[pos // pool_page].long(), pos % pool_page][:, dense]  # [n - 1, Hd, D]
-        keys = torch.cat([stored, new_key[None].to(stored.dtype)]).transpose(0, 1)[None]  # [1, Hd, n, D]
-        full = (length // logical) * logical
-        blocks = keys[:, :, :full].unflatten(2, (-1, logical))
-        chosen, _ = quest_pages(query, blocks.amin(3), blocks.amax(3), kv_start=torch.zeros(1, dtype=torch.long,
-                                device=query.device), seen=length, budget=settings.token_budget,
-                                page_size=settings.page_size, logical_page_size=logical,
-                                shortlist=settings.shortlist, keys=keys, scale=terms.scale, softcap=terms.softcap)
-        pages = torch.full((num_kv, chosen.shape[2]), -1, dtype=torch.int32, device=query.device)
-        pages[dense] = chosen[0]
+        entries = table[:, pos // pool_page].long()[:, :, None]  # [B, n - 1, 1]
+        stored = k_pages[entries, (pos % pool_page)[None, :, None], dense[None, None]]  # [B, n - 1, Hd, D]
+        keys = torch.cat([stored, new_key[:, None].to(stored.dtype)], 1).transpose(1, 2)  # [B, Hd, n, D]
+        blocks = keys[:, :, :(length // logical) * logical].unflatten(2, (-1, logical))
+        batch = keys.shape[0]
+        chosen, _ = quest_pages(query, blocks.amin(3), blocks.amax(3),
+                                kv_start=torch.zeros(batch, dtype=torch.long, device=query.device), seen=length,
+                                budget=settings.token_budget, page_size=settings.page_size,
+                                logical_page_size=logical, shortlist=settings.shortlist, keys=keys,
+                                scale=terms.scale, softcap=terms.softcap)
+        pages = torch.full((batch, num_kv, chosen.shape[2]), -1, dtype=torch.int32, device=query.device)
+        pages[:, dense] = chosen
         return pages
 
 
