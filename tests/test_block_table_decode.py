@@ -187,6 +187,7 @@ SELECTION_CASES = [
     ([200, 90, 33], 16, 4, 4, 64, 0, 32, 64, [2, -1, 0], 2),
     ([300, 129, 5], 256, 12, 3, 80, 8, 64, 64, [4, 2, -1], 4),  # request 1's tail: the new token alone
     ([64, 48], 16, 6, 2, 32, 2, 8, 16, [3, 1], 3),
+    ([90, 40], 1, 4, 2, 64, 2, 8, 16, [4, -1], 2),  # pages of one token: a read-back row (packed_decode_rows)
 ]
 
 

@@ -1,5 +1,6 @@
-"""Page selection in the decode steps of Transformers' continuous batching (the manager's decode fast path): every
-request's dense heads read the pages ``generate()`` would choose for that request alone.
+"""Page selection in the decode steps of Transformers' continuous batching (the manager's decode fast path, and decode
+steps that share a forward with a prompt): every request's dense heads read the pages ``generate()`` would choose for
+that request alone.
 
 ``generate()`` selects pages once the context outgrows the token budget, at its first decode step and then every
 ``reuse_interval`` steps, and attends the selection plus a *tail* (the newest page at the selection and every page
@@ -12,8 +13,9 @@ made for it is reused.
 requests join and leave) but sees their pages: a selection is kept under the physical slots of the request's first
 token and of its tail's first token, with the length it was made at. A later step of the same request finds it from
 its own length (``reuse_interval - 1`` candidate lengths, each naming one tail); the tail page was written by that
-request alone, so no other request finds it. Only the selections found or made by the latest fast-path step are
-kept: a finished request's are dropped there.
+request alone, so no other request finds it. Only the selections found or made by the latest step are kept: a
+finished request's are dropped there (and so are those of a request the manager leaves out of a step, which selects
+anew when it comes back).
 
 This module decides; the pages are the manager's, and what it keeps (a few kilobytes per request and layer) lives
 on the patched model's state (``PatchState.batched_pages``). One host read of the lengths and a few table entries
