@@ -248,11 +248,12 @@ def multi_gpu_table() -> str:
              "decode tokens/s patched, 1 GPU -> 2 GPUs (stock) |", "| --- | --- | --- | --- | --- |"]
     yes = lambda flag: "yes" if flag else "no"  # noqa: E731
     for r in rows:
+        dtype = r["dtype"] + (", FP8 pages" if r.get("kv_dtype") == "fp8" else "")
         if r.get("error"):
-            lines.append(f"| {r['mode']} | {r['dtype']} | error: {r['error']} | | |")
+            lines.append(f"| {r['mode']} | {dtype} | error: {r['error']} | | |")
             continue
         lines.append(
-            f"| {r['mode']} | {r['dtype']} | {r['patched_max_logit_diff']:.3g} ({r['stock_max_logit_diff']:.3g}) | "
+            f"| {r['mode']} | {dtype} | {r['patched_max_logit_diff']:.3g} ({r['stock_max_logit_diff']:.3g}) | "
             f"{yes(r['patched_short_tokens_identical'])} / {yes(r['patched_long_tokens_identical'])} "
             f"({yes(r['stock_short_tokens_identical'])} / {yes(r.get('stock_long_tokens_identical'))}) | "
             f"{r['patched_decode_tokens_per_s_one_gpu']:.0f} -> {r['patched_decode_tokens_per_s_two_gpus']:.0f} "

@@ -210,7 +210,8 @@ def test_tensor_parallel_refuses_what_it_cannot_slice(tp_run):
 
 
 def test_multi_gpu_benchmark_dry_run(tmp_path):
-    """benchmarks/e2e/multi_gpu.py's CPU path: both modes (tp through torchrun and gloo) merge into one JSON."""
+    """benchmarks/e2e/multi_gpu.py's CPU path: both modes (tp through torchrun and gloo) and device_map with FP8 pages
+    merge into one JSON, each its own row."""
     import json
 
     script = str(REPO / "benchmarks" / "e2e" / "multi_gpu.py")
@@ -219,12 +220,14 @@ def test_multi_gpu_benchmark_dry_run(tmp_path):
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     for command in ([sys.executable, script, "--mode", "device_map"],
                     [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
-                     "--mode", "tp"]):
+                     "--mode", "tp"],
+                    [sys.executable, script, "--mode", "device_map", "--kv-dtype", "fp8"]):
         done = subprocess.run(command + common, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     results = json.loads((tmp_path / "multi_gpu.json").read_text())
-    assert set(results["meta"]["runs"]) == {"device_map float32", "tp float32"}
-    rows = {row["mode"]: row for row in results["rows"]}
+    assert set(results["meta"]["runs"]) == {"device_map float32", "tp float32", "device_map float32 fp8"}
+    rows = {row["mode"] + (" fp8" if row["kv_dtype"] == "fp8" else ""): row for row in results["rows"]}
+    assert rows["device_map fp8"]["patched_heads_per_process"] == [0, 2]
     assert rows["tp"]["patched_heads_per_process"] == [0, 1]  # rank 0's slice
     assert rows["device_map"]["patched_heads_per_process"] == [0, 2]
     for row in rows.values():

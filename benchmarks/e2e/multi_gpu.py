@@ -117,7 +117,8 @@ class Run:
         self.out = Path(args.out) if args.out else default_out
         self.row = {"mode": args.mode, "gpus": 2, "dtype": str(self.dtype).replace("torch.", ""),
                     "layers": LAYERS if not self.dry else 2, "prompt_tokens": self.long,
-                    "short_prompt_tokens": self.short, "new_tokens": self.new, "settings": self.settings()}
+                    "short_prompt_tokens": self.short, "new_tokens": self.new, "settings": self.settings(),
+                    "kv_dtype": args.kv_dtype}
 
     # ------------------------------------------------------------------ helpers
     def settings(self) -> dict:
@@ -200,7 +201,7 @@ class Run:
     def both(self, model, input_device) -> dict:
         """Stock (sdpa) first, then patched."""
         stock = self.measure(model, input_device)
-        patch_model(model, self.checkpoint / "profile.safetensors")
+        patch_model(model, self.checkpoint / "profile.safetensors", SparseConfig(kv_dtype=self.args.kv_dtype))
         try:
             patched = self.measure(model, input_device)
             state = model._sparse_attn_state
@@ -315,18 +316,25 @@ def write(run: Run, row: dict) -> Path | None:
     if path.exists():
         try:
             old = json.loads(path.read_text())
-            rows = [r for r in old.get("rows", []) if (r.get("mode"), r.get("dtype")) != (row["mode"], row["dtype"])]
+            rows = [r for r in old.get("rows", []) if _key(r) != _key(row)]
             runs = old.get("meta", {}).get("runs", {})
         except (OSError, ValueError):
             pass
     device = "cpu (dry run)" if run.dry else f"2x {torch.cuda.get_device_name(0)}"
     info = meta(device=device, dtype=row["dtype"], extra={"model": "Llama-3-8B shape, random weights, "
                                                                     f"{row['layers']} layers"})
-    runs[f"{row['mode']} {row['dtype']}"] = {k: info[k] for k in ("commit", "dirty", "date", "command", "device", "packages")}
+    runs[" ".join(filter(None, _key(row)))] = {k: info[k] for k in ("commit", "dirty", "date", "command", "device",
+                                                                     "packages")}
     info["runs"] = runs
     rows.append(row)
-    rows.sort(key=lambda r: (r["mode"], r["dtype"]))
+    rows.sort(key=_key)
     return write_results(run.out, info, rows)
+
+
+def _key(row: dict) -> tuple:
+    """What a row measured: mode, dtype and (FP8 pages) the page storage; a new run replaces only its own row."""
+    kv = row.get("kv_dtype", "auto")
+    return row["mode"], row["dtype"], "" if kv == "auto" else kv
 
 
 def main(argv=None) -> int:
@@ -337,6 +345,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="results stem (default benchmarks/results/multi_gpu)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="float32 for the greedy-token check: random bf16 weights give exact top-2 ties")
+    parser.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                        help="the dense heads' page storage (SparseConfig.kv_dtype) of the patched runs")
     args = parser.parse_args(argv)
     run = Run(args)
     row = dict(run.row)
