@@ -359,3 +359,30 @@ def test_packed_decode_step_of_dense_heads_is_full_attention_and_softcap_decline
         expected = torch.softmax(q[0, :, r, None] @ keys.transpose(-1, -2) * 0.25, -1) @ values  # [4, 1, 16]
         torch.testing.assert_close(got[0, r], expected[:, 0], rtol=1e-5, atol=1e-5)
     assert batching.packed_decode_step(state, module, q, k, v, LogitTerms(0.25, 30.0), kwargs) is None
+
+
+@torch.no_grad()
+def test_batched_page_selection_on_real_weights_and_held_out_text(default_model, monkeypatch):
+    """The default model's shipped profile on held-out text (never used to fit it), three prompts of 500-1100 tokens
+    past a budget of four 64-token pages, 16 new tokens: generate_batch gives every request the greedy tokens of
+    generate() with the same page selection (which selected, every 4 steps), as without one."""
+    from sparse_attn_hf import patched
+    from sparse_attn_hf.eval.heldout import heldout_text
+    from sparse_attn_hf.methods import batched_pages
+
+    made = []
+    choose = batched_pages.BatchedPages._choose
+    monkeypatch.setattr(batched_pages.BatchedPages, "_choose",
+                        staticmethod(lambda *args: made.append(args[5]) or choose(*args)))
+
+    model, tokenizer = default_model
+    ids = tokenizer(heldout_text("reporting")[:40000], add_special_tokens=False).input_ids
+    prompts = [ids[start:start + n] for start, n in ((0, 1100), (1500, 500), (2500, 800))]
+    config = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    for mode in ("always", "never"):
+        with patched(model, config=SparseConfig(page_selection=mode, token_budget=256)):
+            out = model.generate_batch(inputs=prompts, generation_config=config)
+            got = [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+            alone = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in prompts]
+        assert got == alone, mode
+    assert sorted(set(made)) == [n + k for n in (500, 800, 1100) for k in (1, 5, 9, 13)]  # each request, every 4
