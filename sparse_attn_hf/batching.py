@@ -22,10 +22,10 @@ reference on the CPU), each head by its kind. A decode step off that path (a req
 width) runs, where flash's variable-length kernel does (CUDA), as :func:`packed_decode_step`: three launches per
 layer for all requests, no host read, where torch's ``varlen_attn`` takes grouped heads (not 2.11's).
 
-Past the token budget a fast-path step's dense heads read the pages each request selects as ``generate()`` would
-(``methods.batched_pages``). Not yet (issue 33): page selection in decode steps that share a forward with a prompt
-(their dense heads read every token, exact), giving back the streaming heads' blocks, prompt chunks without the
-per-request loop (``cu_seq_lens`` are read on the host once per forward there).
+A step holding prompts serves its decoding requests by the fast path's rule too, on the read-back row
+(:func:`packed_decode_rows`). Past the token budget every request's dense heads read the pages it selects as
+``generate()`` would (``methods.batched_pages``). Not yet (issue 33): giving back the streaming heads' blocks, prompt
+chunks without the per-request loop (``cu_seq_lens`` are read on the host once per forward there).
 """
 
 from __future__ import annotations
@@ -265,8 +265,8 @@ def block_table_decode_step(state, module, query, key, value, terms, kwargs: dic
     per layer (``ops.block_table_decode``) writes them into the request's page and attends through the block
     table, each head by its kind (streaming: sink + the decode window; dense: every token, or past the token budget
     the pages its request selects, ``methods.batched_pages``), as ``generate()`` decodes; no read-back of the cache
-    (a selecting request's dense keys excepted), one host read per step where pages are selected. Returns [1, R, Hq,
-    D]."""
+    (a selecting request's dense keys excepted); where pages are selected, the lengths and a few table entries are
+    read on the host once per step. Returns [1, R, Hq, D]."""
     layer = module.layer_idx
     if state.window(layer) is not None:  # the manager gives window layers no block table
         raise RuntimeError(f"layer {layer} has a native sliding window: the decode fast path does not serve it.")
