@@ -98,8 +98,13 @@ class BatchedPages:
                 self.rows[r].kept.pages[layer] = pages
         width = settings.token_budget // settings.page_size - 1
         unused = query.new_full((num_kv, width), -1, dtype=torch.int32)
-        pages = torch.stack([unused if row.tail_first < 0 else row.kept.pages[layer] for row in self.rows])
-        return BlockTableSelection(pages, self.tail, settings.page_size)
+        known = self.rows[:rows]  # rows past the lengths: the manager's padding, none selected
+        pages = torch.stack([unused if row.tail_first < 0 else row.kept.pages[layer] for row in known]
+                            + [unused] * (rows - len(known)))
+        tail = self.tail[:rows]
+        if len(known) < rows:
+            tail = torch.cat([tail, tail.new_full((rows - len(known),), -1)])
+        return BlockTableSelection(pages, tail, settings.page_size)
 
     def _plan(self, settings, block_table, pool_page: int, cu_k, device) -> None:
         """Once per step (the first layer): each row's length, and whether it reuses a kept selection, selects anew
