@@ -205,14 +205,19 @@ def packed_decode_rows(state, module, query, key, value, terms, kwargs: dict, st
     new_key, new_value = k_pages[last, 0], v_pages[last, 0]  # the step's tokens, already in the row
     table = (first[:, None] + torch.arange(max(n for _, _, n in steps), device=device)).clamp(max=key.shape[2] - 1)
     cu_k = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    if state.batched_pages is None:
-        state.batched_pages = BatchedPages()
-    selection = state.batched_pages.selection(state, layer, q, k_pages, table, cu_k, new_key, terms,
+    selection = _pages(state).selection(state, layer, q, k_pages, table, cu_k, new_key, terms,
                                               slots=read[0][table])
     _, _, kind, _ = state.head_tables(layer, device)
     sink, _, window = state.rule(layer)
     return ops.block_table_decode(q, new_key, new_value, k_pages, v_pages, table.to(torch.int32), cu_k, kind,
                                   sink=sink, window=window, terms=terms, selection=selection)
+
+
+def _pages(state) -> BatchedPages:
+    """The patched model's page selections between batched decode steps (made on first use)."""
+    if state.batched_pages is None:
+        state.batched_pages = BatchedPages()
+    return state.batched_pages
 
 
 def decode_only(query, kwargs: dict) -> bool:
@@ -274,9 +279,7 @@ def block_table_decode_step(state, module, query, key, value, terms, kwargs: dic
     sink, _, window = state.rule(layer)
     q = query[0].transpose(0, 1)  # [R, Hq, D]
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # the new tokens [R, Hkv, D]
-    if state.batched_pages is None:
-        state.batched_pages = BatchedPages()
-    selection = state.batched_pages.selection(state, layer, q, kwargs["k_cache"], kwargs["block_table"],
+    selection = _pages(state).selection(state, layer, q, kwargs["k_cache"], kwargs["block_table"],
                                               kwargs["cu_seq_lens_k"], k, terms)
     out = ops.block_table_decode(q, k, v, kwargs["k_cache"], kwargs["v_cache"], kwargs["block_table"],
                                  kwargs["cu_seq_lens_k"], kind, sink=sink, window=window, terms=terms,
