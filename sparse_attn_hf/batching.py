@@ -20,7 +20,8 @@ and values and the block table instead of a read-back of every request's whole c
 :func:`block_table_decode_step` writes and attends in one launch per layer (the package's Triton kernel, its
 reference on the CPU), each head by its kind. A decode step off that path (a request past the block table's
 width) runs, where flash's variable-length kernel does (CUDA), as :func:`packed_decode_step`: three launches per
-layer for all requests, no host read, where torch's ``varlen_attn`` takes grouped heads (not 2.11's).
+layer for all requests, no host read, where torch's ``varlen_attn`` takes grouped heads (not 2.11's); past the token
+budget, where pages are selected, by the read-back row's rule below.
 
 A step holding prompts serves its decoding requests by the fast path's rule too, on the read-back row
 (:func:`packed_decode_rows`). Past the token budget every request's dense heads read the pages it selects as
@@ -37,7 +38,7 @@ import torch
 
 from . import ops
 from ._log import warn_once
-from .methods.batched_pages import BatchedPages
+from .methods.batched_pages import BatchedPages, selects_past
 from .state import ATTENTION_NAME
 
 
@@ -232,12 +233,13 @@ def packed_decode_step(state, module, query, key, value, terms, kwargs: dict) ->
     streaming heads again over the decode window and over the sink keys before it, merged by log-sum-exp, each
     head kind's rows taken from its own result. The rule of :func:`packed_requests`' decode steps (streaming heads:
     sink + decode window; dense heads: every token). Returns [1, R, Hq, D], or None where it does not apply (a
-    native window layer, logit terms flash lacks)."""
+    native window layer, logit terms flash lacks, or a request past the token budget where decode steps select
+    pages: :func:`packed_decode_rows` serves those, selection included)."""
     layer = module.layer_idx
-    if state.window(layer) is not None or not terms.plain:
+    max_k = int(kwargs["max_length_k"])
+    if state.window(layer) is not None or not terms.plain or selects_past(state.settings, query.device, max_k):
         return None
     cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]  # cu_q: 0, 1, ..., R (one query each)
-    max_k = int(kwargs["max_length_k"])
     q = query[0].transpose(0, 1)  # [R, Hq, D]
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T_k, Hkv, D]: the manager's own layout, no copy
     out, _ = ops.varlen_attention(q, k, v, cu_q, cu_k, 1, max_k, scale=terms.scale)

@@ -255,6 +255,38 @@ def test_decode_steps_sharing_a_forward_with_a_prompt_select_pages_too(monkeypat
         assert results[name].generated_tokens == alone, name
 
 
+def test_decode_steps_off_the_fast_path_select_pages_too(monkeypatch):
+    """A manager without the decode fast path (``max_blocks_per_request=0``, as for a request longer than the block
+    table) and with flash's variable-length kernel (made to look available; its reference runs on the CPU): decode
+    steps within the token budget keep the three variable-length launches, steps past it go through the read-back
+    row's rule (``packed_decode_rows``), page selection included, and every request gets generate()'s tokens."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
+        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
+    monkeypatch.setattr("sparse_attn_hf.ops.varlen_available", lambda tensor: True)
+    varlen, rows = [], []
+    step, read_back = batching.packed_decode_step, batching.packed_decode_rows
+    monkeypatch.setattr("sparse_attn_hf.attention.packed_decode_step",
+                        lambda *args: (lambda out: varlen.append((int(args[-1]["max_length_k"]), out is not None))
+                                       or out)(step(*args)))
+    monkeypatch.setattr("sparse_attn_hf.attention.packed_decode_rows",
+                        lambda *args: (lambda out: rows.append(out is not None) or out)(read_back(*args)))
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (9, 14, 20)]
+    config = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    out = model.generate_batch(inputs=prompts, generation_config=config,
+                               continuous_batching_config=ContinuousBatchingConfig(max_blocks_per_request=0))
+    got = [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+    alone = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in prompts]
+    assert got == alone
+    assert {served for longest, served in varlen if longest <= 32} == {True}  # within the budget: varlen launches
+    assert {served for longest, served in varlen if longest > 32} == {False}  # past it: handed on, and served
+    assert any(rows) and all(rows)
+
+
 def test_lengths_read_on_the_host_once_per_forward():
     """cu_seq_lens are read once per forward and tensor (layers in order share them), again when a forward starts
     (the layer index does not grow) or another tensor comes, and per thread."""

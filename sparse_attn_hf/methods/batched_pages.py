@@ -179,3 +179,8 @@ def _selects(settings, device: torch.device) -> bool:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return mode == "always" or (mode == "auto" and device.type == "cuda")
+
+
+def selects_past(settings, device: torch.device, longest: int) -> bool:
+    """Whether a decode step whose longest request holds ``longest`` tokens may select pages for one of them."""
+    return _selects(settings, device) and -(-longest // settings.page_size) > settings.token_budget // settings.page_size
