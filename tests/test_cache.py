@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import independent_logits, left_padded, random_ids, tiny_model
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
 
 from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model
 from sparse_attn_hf.cache import SparseLayer

@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from sparse_attn_hf import Profile, SparseConfig, patch_model, unpatch_model
+from sparse_attn_hf import Profile
 from sparse_attn_hf import default_model as default_model_module
 from sparse_attn_hf.eval.agreement import next_token_agreement
 from sparse_attn_hf.eval.haystack import haystack_text

@@ -12,7 +12,7 @@ import torch
 from helpers import WINDOW_FAMILIES, left_padded, random_ids, tiny_model
 from transformers import DynamicCache
 
-from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model, patched, unpatch_model
+from sparse_attn_hf import Profile, SparseCache, SparseConfig, patch_model, patched
 from sparse_attn_hf.compat import CACHE_ARG
 from sparse_attn_hf.models import layer_windows
 from sparse_attn_hf.profile import FORMAT_VERSION, covered_layers
