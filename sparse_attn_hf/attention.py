@@ -21,8 +21,8 @@ from transformers.masking_utils import flash_attention_mask
 from . import ops
 from .ops import LogitTerms, Visibility
 from ._log import log_once
-from .batching import (block_table_decode_step, decode_only, fast_path_call, packed_decode_rows, packed_decode_step,
-                       packed_requests)
+from .batching import (block_table_decode_step, decode_only, fast_path_call, note_forward, packed_decode_rows,
+                       packed_decode_step, packed_requests)
 from .cache import LayerKV, PendingKV, SparseLayer
 from .methods.decode_step import DecodePlan
 from .methods.sample_attention import SampleSettings, choose_mask, window_size
@@ -61,6 +61,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if kwargs.get("cu_seq_lens_q") is not None and not isinstance(key, PendingKV):
         # Transformers' continuous batching: requests packed in one row; a decode step of all of them in a few
         # variable-length launches where flash's kernel runs (CUDA), else each request attended on its own
+        note_forward(state, module, query)
         if fast_path_call(kwargs):  # the manager's decode fast path: new tokens only, the pages through the table
             return block_table_decode_step(state, module, query, key, value, terms, kwargs), None
         if ops.varlen_available(query) and decode_only(query, kwargs):

@@ -72,6 +72,7 @@ def keep_sparse_attention() -> None:
     def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
         state = getattr(model, "_sparse_attn_state", None)
         if state is not None and state.active:
+            state.batched_pages = None  # a new manager (or a new run of one): its cache's pages hold other requests
             if model.device.type != "cuda" or ON_GPU:
                 return  # the package's attention serves packed requests (packed_requests)
             warn_once("sparse_attn_hf: continuous batching on a GPU runs Transformers' own attention for now: the "
@@ -212,6 +213,11 @@ def packed_decode_rows(state, module, query, key, value, terms, kwargs: dict, st
     sink, _, window = state.rule(layer)
     return ops.block_table_decode(q, new_key, new_value, k_pages, v_pages, table.to(torch.int32), cu_k, kind,
                                   sink=sink, window=window, terms=terms, selection=selection)
+
+
+def note_forward(state, module, query) -> None:
+    """Every packed call, whatever path serves it: the page selections count the manager's forwards by it."""
+    _pages(state).note(module.layer_idx, query.device)
 
 
 def _pages(state) -> BatchedPages:

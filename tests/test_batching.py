@@ -287,6 +287,47 @@ def test_decode_steps_off_the_fast_path_select_pages_too(monkeypatch):
     assert any(rows) and all(rows)
 
 
+def test_a_request_on_a_finished_requests_pages_selects_its_own(monkeypatch):
+    """One request after another on one manager: the second is given the first's freed pages, and its prompt ends
+    just past the first's last selection, so the first's kept selection sits under the very slots the second's
+    lookup reads. The second still selects at its first decode step (a forward without decode steps, its prompt's,
+    came between), and gets generate()'s tokens."""
+    import time
+
+    from sparse_attn_hf.methods import batched_pages
+
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
+        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
+    made = []
+    choose = batched_pages.BatchedPages._choose
+    monkeypatch.setattr(batched_pages.BatchedPages, "_choose",
+                        staticmethod(lambda *args: made.append(args[5]) or choose(*args)))
+    # the first: 40 tokens and 10 new, selections at 41, 45 and 49; the second: 50 tokens, first step at 51, which
+    # would find a selection made at 49 under its first token's and its tail's slots
+    prompts = {"first": random_ids(1, 40, seed=40)[0].tolist(), "second": random_ids(1, 50, seed=50)[0].tolist()}
+    manager = model.init_continuous_batching(generation_config=GREEDY)
+    manager.start()
+    results = {}
+    try:
+        for name in ("first", "second"):
+            manager.add_request(prompts[name], request_id=name, max_new_tokens=10, eos_token_id=-1)
+            deadline = time.time() + 60
+            while name not in results and time.time() < deadline:
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    results[result.request_id] = result
+    finally:
+        manager.stop(block=True)
+    assert made == [41] * 2 + [45] * 2 + [49] * 2 + [51] * 2 + [55] * 2 + [59] * 2  # per layer
+    for name in ("first", "second"):
+        alone = model.generate(torch.tensor([prompts[name]]), generation_config=GREEDY,
+                               max_new_tokens=10)[0, len(prompts[name]):].tolist()
+        assert results[name].generated_tokens == alone, name
+
+
 def test_lengths_read_on_the_host_once_per_forward():
     """cu_seq_lens are read once per forward and tensor (layers in order share them), again when a forward starts
     (the layer index does not grow) or another tensor comes, and per thread."""

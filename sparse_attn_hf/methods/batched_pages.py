@@ -15,11 +15,14 @@ token and of its tail's first token, with the length it was made at. A later ste
 its own length (``reuse_interval - 1`` candidate lengths, each naming one tail); the tail page was written by that
 request alone, so no other request finds it. Only the selections found or made by the latest step are kept: a
 finished request's are dropped there (and so are those of a request the manager leaves out of a step, which selects
-anew when it comes back).
+anew when it comes back). Every forward is counted (:meth:`BatchedPages.note`), so a forward of prompts alone, where
+a request can end and another take its pages, drops them all; and each manager starts with none.
 
 This module decides; the pages are the manager's, and what it keeps (a few kilobytes per request and layer) lives
 on the patched model's state (``PatchState.batched_pages``). One host read of the lengths and a few table entries
-per step, none per layer; a step inside a CUDA-graph capture selects nothing (its dense heads read every token).
+per step, none per layer. A manager that captures CUDA graphs (``use_cuda_graph=True``; not the default for the
+package's attention) selects nothing once it has captured one: its replays run no Python, so its dense heads read
+every token.
 """
 
 from __future__ import annotations
@@ -55,12 +58,25 @@ class _Row:
 
 @dataclass
 class BatchedPages:
-    """The selections kept between fast-path steps of one patched model, and the plan of the current step."""
+    """The selections kept between the decode steps of one manager on one patched model, and the plan of the current
+    step."""
 
     kept: dict = field(default_factory=dict)  # (first token's slot, tail's first slot) -> _Kept
     rows: list = field(default_factory=list)  # this step's rows (_Row)
     tail: torch.Tensor | None = None  # int32 [R] on the device: each row's tail_first
-    layer: int = -1  # the last layer that ran: a smaller index starts a new step
+    layer: int = -1  # the last layer seen: an index that does not grow starts a new forward
+    forward: int = 0  # forwards seen (every packed call is noted, whatever path serves it)
+    planned: int = -2  # the forward the rows were planned in
+    graphed: bool = False  # the manager captures CUDA graphs: its replays are not seen, so nothing is selected
+
+    def note(self, layer: int, device: torch.device) -> None:
+        """Count the manager's forwards (called for every packed attention call); a call inside a CUDA-graph capture
+        turns selection off for this manager (its replays run no Python: kept selections could not be told stale)."""
+        if layer <= self.layer:
+            self.forward += 1
+        self.layer = layer
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self.graphed = True
 
     def selection(self, state, layer: int, query: torch.Tensor, k_pages: torch.Tensor, block_table: torch.Tensor,
                   cu_k: torch.Tensor, new_key: torch.Tensor, terms: LogitTerms,
@@ -72,12 +88,14 @@ class BatchedPages:
         not the manager's (a read-back); by default the slots the block table gives."""
         settings = state.settings
         dense, _, kind, _ = state.head_tables(layer, query.device)
-        if not len(dense) or not _selects(settings, query.device):
+        if self.graphed or not len(dense) or not _selects(settings, query.device):
             return None
-        if layer <= self.layer:
-            self.rows = []
-        self.layer = layer
-        if not self.rows:
+        if self.planned != self.forward:
+            if self.planned != self.forward - 1:
+                # a forward without decode steps came between (prompts alone): a request may have ended there and
+                # a new one been given its pages, under the very slots its selections are kept by
+                self.kept = {}
+            self.planned = self.forward
             if slots is None:
                 self._plan(settings, block_table, k_pages.shape[1], cu_k, query.device)
             else:
@@ -173,11 +191,8 @@ class BatchedPages:
 
 
 def _selects(settings, device: torch.device) -> bool:
-    """Whether decode steps select pages here (``SparseConfig.page_selection``: by default on CUDA only), outside a
-    CUDA-graph capture (whose replays could not read the lengths)."""
+    """Whether decode steps select pages here (``SparseConfig.page_selection``: by default on CUDA only)."""
     mode = settings.page_selection
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
     return mode == "always" or (mode == "auto" and device.type == "cuda")
 
 
