@@ -328,6 +328,26 @@ def test_a_request_on_a_finished_requests_pages_selects_its_own(monkeypatch):
         assert results[name].generated_tokens == alone, name
 
 
+def test_page_selections_count_forwards_and_stop_under_graph_capture(monkeypatch):
+    """The store counts forwards by layer index (one that does not grow starts the next); a call inside a CUDA-graph
+    capture turns selection off for good (its replays would be unseen); a new manager starts with a fresh store."""
+    from sparse_attn_hf.methods.batched_pages import BatchedPages
+
+    pages = BatchedPages()
+    for layer in (0, 1, 2, 0, 1, 0):
+        pages.note(layer, torch.device("cpu"))
+    assert pages.forward == 2 and not pages.graphed
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    pages.note(1, torch.device("cpu"))
+    assert not pages.graphed  # a CPU call is never captured
+    pages.note(2, torch.device("cuda"))
+    assert pages.graphed and pages.selection(None, 2, *[None] * 6) is None
+    model = _patched(0)
+    model._sparse_attn_state.batched_pages = pages
+    model.init_continuous_batching(generation_config=GREEDY)
+    assert model._sparse_attn_state.batched_pages is None
+
+
 def test_lengths_read_on_the_host_once_per_forward():
     """cu_seq_lens are read once per forward and tensor (layers in order share them), again when a forward starts
     (the layer index does not grow) or another tensor comes, and per thread."""

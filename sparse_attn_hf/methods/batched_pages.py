@@ -86,9 +86,11 @@ class BatchedPages:
         token (no dense head here, the settings select nothing on this device, every context fits, or a graph
         capture). ``slots`` [R, >= longest]: each token's physical slot in the manager's cache, where the pages are
         not the manager's (a read-back); by default the slots the block table gives."""
+        if self.graphed:
+            return None
         settings = state.settings
         dense, _, kind, _ = state.head_tables(layer, query.device)
-        if self.graphed or not len(dense) or not _selects(settings, query.device):
+        if not len(dense) or not _selects(settings, query.device):
             return None
         if self.planned != self.forward:
             if self.planned != self.forward - 1:
