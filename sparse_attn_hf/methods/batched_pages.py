@@ -128,46 +128,38 @@ class BatchedPages:
 
     def _plan(self, settings, block_table, pool_page: int, cu_k, device) -> None:
         """Once per step (the first layer): each row's length, and whether it reuses a kept selection, selects anew
-        or fits the budget. Reads the lengths and a few table entries on the host (``block_table`` [R, W] of pages
-        of ``pool_page`` tokens in the manager's cache: the token at ``i`` of row ``r`` sits in slot
+        or fits the budget. One host read: the lengths with, per row, the slots of its first token and of the tail's
+        first token of a selection made at each length it could be reused from (``block_table`` [R, W] of pages of
+        ``pool_page`` tokens in the manager's cache: the token at ``i`` of row ``r`` sits in slot
         ``block_table[r, i // pool_page] * pool_page + i % pool_page``)."""
         page, reuse = settings.page_size, settings.reuse_interval
-        lengths = (cu_k[1:] - cu_k[:-1]).tolist()
-        self.rows = [_Row(n) for n in lengths[:block_table.shape[0]]]
+        rows = min(cu_k.shape[0] - 1, block_table.shape[0])
+        lengths = (cu_k[1:rows + 1] - cu_k[:rows]).long()
+        seen = (lengths[:, None] - torch.arange(reuse, device=lengths.device)).clamp(min=1)  # [R, reuse]: n, n-1, ..
+        positions = torch.cat([torch.zeros_like(lengths)[:, None], ((seen + page - 1) // page - 1) * page], 1)
+        columns = (positions // pool_page).clamp(max=block_table.shape[1] - 1)
+        slots = block_table[:rows].long().gather(1, columns) * pool_page + positions % pool_page
+        read = torch.cat([lengths[:, None], slots], 1).tolist()  # per row: n, first token's slot, tails' slots
+        self.rows = [_Row(line[0]) for line in read]
         budget_pages = settings.token_budget // page
-        asked = []  # (row, position) whose slot the step needs
-        for r, row in enumerate(self.rows):
-            if -(-row.length // page) <= budget_pages:
-                continue
-            asked.append((r, 0))
-            for seen in range(row.length - 1, max(row.length - reuse, 0), -1):
-                asked.append((r, (-(-seen // page) - 1) * page))
-            asked.append((r, (-(-row.length // page) - 1) * page))
-        self.tail = None
-        if not asked:
-            self.kept = {}
-            return
-        index = torch.tensor(asked, dtype=torch.long).to(block_table.device)
-        entries = block_table[index[:, 0], index[:, 1] // pool_page].long()
-        slot_of = dict(zip(asked, (entries * pool_page + index[:, 1] % pool_page).tolist()))
         kept = {}
-        for r, row in enumerate(self.rows):
-            if (r, 0) not in slot_of:
+        for row, (length, first, *tails) in zip(self.rows, read):
+            if -(-length // page) <= budget_pages:
                 continue
-            first = slot_of[(r, 0)]
-            for seen in range(row.length - 1, max(row.length - reuse, 0), -1):
-                tail_first = -(-seen // page) - 1
-                found = self.kept.get((first, slot_of[(r, tail_first * page)]))
-                if found is not None and found.seen == seen:
-                    row.kept, row.tail_first = found, tail_first
-                    kept[(first, slot_of[(r, tail_first * page)])] = found
+            for back in range(1, min(reuse, length)):  # a selection made ``back`` steps ago, if one was
+                found = self.kept.get((first, tails[back]))
+                if found is not None and found.seen == length - back:
+                    row.kept, row.tail_first = found, -(-found.seen // page) - 1
+                    kept[(first, tails[back])] = found
                     break
             if row.kept is None:
-                row.tail_first = -(-row.length // page) - 1
-                row.kept, row.reselect = _Kept(row.length, row.tail_first), True
-                kept[(first, slot_of[(r, row.tail_first * page)])] = row.kept
+                row.tail_first = -(-length // page) - 1
+                row.kept, row.reselect = _Kept(length, row.tail_first), True
+                kept[(first, tails[0])] = row.kept
         self.kept = kept
-        self.tail = torch.tensor([row.tail_first for row in self.rows], dtype=torch.int32).to(device)
+        self.tail = None
+        if kept:
+            self.tail = torch.tensor([row.tail_first for row in self.rows], dtype=torch.int32).to(device)
 
     @staticmethod
     def _choose(settings, query, k_pages, table, new_key, length: int, dense, num_kv: int,
