@@ -699,13 +699,13 @@ def serving_table() -> str:
     lines = [_run_line(first, f"bfloat16, {first['model']}, greedy; stock: the manager with `sdpa`, its default")
              .split("; commit")[0] + f"; runs: {commands}.", "",
              "| requests | arrival | configuration | tokens/s | x stock | TTFT mean, s | p95, s | x stock (mean) | "
-             "peak, GiB | after stop | cache, tokens | requests that fit | fast-path layer calls | same tokens as "
-             "`generate()` |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "peak, GiB | after stop | cache, tokens | requests that fit | fast-path layer calls | page selections | "
+             "same tokens as `generate()` |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in data["rows"]:
         size = f"{r['requests']} x {r['L'] // 1024}K, {runs.get(r.get('run'), first).get('new_tokens')} new"
         if r["status"] != "ok":
-            lines.append(f"| {size} | {r['arrival']} | {r['config']} | {r['status']} | | | | | | | | | | "
+            lines.append(f"| {size} | {r['arrival']} | {r['config']} | {r['status']} | | | | | | | | | | | "
                          f"{r.get('reason', r.get('error', ''))[:80]} |")
             continue
 
@@ -718,7 +718,8 @@ def serving_table() -> str:
         lines.append(f"| {size} | {r['arrival']} | {r['config']} | {r['tokens_per_s']:.1f} | {x('tokens_per_s_x_stock')} "
                      f"| {r['ttft_mean_s']:.2f} | {r['ttft_p95_s']:.2f} | {x('ttft_mean_x_stock')} | "
                      f"{r['peak_gib']:.1f} | {r['after_stop_gib'] * 1024:+.0f} MiB | {r.get('cache_tokens') or ''} | "
-                     f"{r.get('requests_that_fit') or ''} | {'' if fast is None else fast} | {same} |")
+                     f"{r.get('requests_that_fit') or ''} | {'' if fast is None else fast} | "
+                     f"{r.get('page_selections', '')} | {same} |")
     lines += ["", "![serving](benchmarks/results/serving.png)"]
     return "\n".join(lines)
 

@@ -28,5 +28,8 @@ def test_dry_run_rows_ratios_and_answers(tmp_path):
     # float32 on the CPU: each checked request equals the patched generate() token for token
     assert patched["same_prefix"] == [6, 6] and patched["same_as_generate"] == 2
     assert patched["tokens_per_s_x_stock"] == pytest.approx(patched["tokens_per_s"] / rows["stock"]["tokens_per_s"])
+    # past the dry run's token budget every request selects at its first and fifth decode steps, in the one layer
+    # with dense heads (the seeded profile streams the other's two KV heads)
+    assert patched["page_selections"] == 3 * 2 * 1 and rows["stock"]["page_selections"] == 0
     assert batching.ON_GPU is False  # the measurement's switch is put back
     assert (tmp_path / "serving.png").exists()

@@ -103,11 +103,13 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
     del processor  # not held while the memory after stop is read
     manager.stop(block=True)
     attention.block_table_decode_step = step
+    pages = getattr(getattr(model, "_sparse_attn_state", None), "batched_pages", None)  # this manager's selections
     end = max(r.timestamps[-1] for r in results.values())
     gc.collect()
     row = {"seconds": end - start, "tokens": sum(len(r.generated_tokens) for r in results.values()),
            "fast_path_layer_calls": len(fast_steps), "cache_tokens": cache_tokens,
-           "requests_that_fit": cache_tokens // (len(inputs[0]) + new_tokens) if cache_tokens else None, "max_blocks_per_request": manager.continuous_batching_config.max_blocks_per_request}
+           "requests_that_fit": cache_tokens // (len(inputs[0]) + new_tokens) if cache_tokens else None, "max_blocks_per_request": manager.continuous_batching_config.max_blocks_per_request,
+           "page_selections": pages.selected if pages is not None else 0}
     row["tokens_per_s"] = row["tokens"] / row["seconds"]
     ttft = sorted(r.timestamps[0] - submitted[key] for key, r in results.items())
     row.update(ttft_mean_s=statistics.mean(ttft), ttft_p95_s=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
@@ -200,7 +202,8 @@ def main(argv=None) -> None:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              head_dim=16, max_position_embeddings=1024)).eval()
-        settings = dict(sink_size=4, local_size=32, decode_local_size=8, token_budget=128, reuse_interval=4)
+        settings = dict(sink_size=4, local_size=32, decode_local_size=8, page_size=16, logical_page_size=4,
+                        token_budget=48, reuse_interval=4, page_selection="always")  # selecting on the CPU too
         label = "tiny Llama (2 layers), random weights"
     else:
         from benchmarks.common.llama8b import build

@@ -68,6 +68,7 @@ class BatchedPages:
     forward: int = 0  # forwards seen (every packed call is noted, whatever path serves it)
     planned: int = -2  # the forward the rows were planned in
     graphed: bool = False  # the manager captures CUDA graphs: its replays are not seen, so nothing is selected
+    selected: int = 0  # selections made (a request in a layer): what a benchmark reports
 
     def note(self, layer: int, device: torch.device) -> None:
         """Count the manager's forwards (called for every packed attention call); a call inside a CUDA-graph capture
@@ -116,6 +117,7 @@ class BatchedPages:
                                   new_key[index][:, dense], length, dense, num_kv, terms)
             for r, pages in zip(picked, chosen):
                 self.rows[r].kept.pages[layer] = pages
+            self.selected += len(picked)
         width = settings.token_budget // settings.page_size - 1
         unused = query.new_full((num_kv, width), -1, dtype=torch.int32)
         known = self.rows[:rows]  # rows past the lengths: the manager's padding, none selected
