@@ -25,12 +25,15 @@ budget, where pages are selected, by the read-back row's rule below.
 
 A step holding prompts serves its decoding requests by the fast path's rule too, on the read-back row
 (:func:`packed_decode_rows`). Past the token budget every request's dense heads read the pages it selects as
-``generate()`` would (``methods.batched_pages``). Not yet (issue 33): giving back the streaming heads' blocks, prompt
+``generate()`` would (``methods.batched_pages``). The manager's prefix sharing is turned off for the package's
+attention (:func:`_no_prefix_sharing`), and a request it recomputes for want of cache is said once
+(:func:`_say_soft_resets`). Not yet (issue 33): giving back the streaming heads' blocks, prompt
 chunks without the per-request loop (``cu_seq_lens`` are read on the host once per forward there).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -43,6 +46,7 @@ from .state import ATTENTION_NAME
 
 
 ON_GPU = False  # the package's attention in the manager on a GPU too (benchmarks/e2e/bench_serving.py), no warning
+PREFIX_SHARING = False  # let the manager share cached blocks between requests of a patched model (see _no_prefix_sharing)
 MAX_FAST_PATH_TOKENS = 1 << 20  # the block table's width: [requests, tokens / page] int32 (16 MiB at 1024 x 1M)
 
 _BATCHING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
@@ -85,6 +89,65 @@ def keep_sparse_attention() -> None:
     ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
     _allow_decode_fast_path()
     _plan_no_attention_mask()
+    _no_prefix_sharing()
+    _say_soft_resets()
+
+
+def _say_soft_resets() -> None:
+    """Say once when the manager, short of cache, evicts a request of a patched model and will prefill its prompt and
+    generated tokens again (a *soft reset*; one copied to its CPU pool keeps its keys): the generated tokens' keys and
+    values are then made by the prompt's rule, not the decode steps' that made them, so its next tokens may differ
+    from its ``generate()`` (stock's recompute matches up to rounding)."""
+    try:
+        from transformers.generation.continuous_batching.offloading_manager import OffloadingManager
+    except ImportError:
+        return
+    original = getattr(OffloadingManager, "_offload_to_cpu", None)
+    if original is None or getattr(original, "_sparse_attn_hf", False):
+        return
+
+    def _offload_to_cpu(self, victims, *args, **kwargs):
+        kept = original(self, victims, *args, **kwargs)
+        config = getattr(getattr(self, "cache", None), "config", None)
+        if len(kept) < len(victims) and getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
+            warn_once("sparse_attn_hf: continuous batching ran short of cache and will recompute an evicted request "
+                      "(a soft reset): its generated tokens are attended again by the prompt's rule, so its answer "
+                      "may differ from its generate() from there. A larger cache (max_memory_percent, num_blocks) or "
+                      "a CPU pool (cpu_offload_space) avoids it.")
+        return kept
+
+    _offload_to_cpu._sparse_attn_hf = True
+    OffloadingManager._offload_to_cpu = _offload_to_cpu
+
+
+def _no_prefix_sharing() -> None:
+    """Turn off the manager's prefix sharing (``allow_block_sharing``, on by default) for the package's attention.
+    The manager shares a cached block with any request whose tokens hash the same, which holds for exact attention
+    only: under the package's rules a block's keys and values depend on how its tokens were attended (generated
+    tokens by the decode step's window and selected pages, a prompt by rules that look at its whole length), so a
+    request given another's blocks would get answers that its own ``generate()`` does not give. Said once, as a
+    multi-turn workload recomputes the prefixes stock would share; ``PREFIX_SHARING = True`` lets it share."""
+    try:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    except ImportError:
+        return
+    original = PagedAttentionCache.__init__
+    if getattr(original, "_sparse_attn_hf", False):
+        return
+
+    def __init__(self, config, continuous_batching_config, *args, **kwargs) -> None:
+        if (getattr(config, "_attn_implementation", None) == ATTENTION_NAME and not PREFIX_SHARING
+                and getattr(continuous_batching_config, "allow_block_sharing", False)):
+            warn_once("sparse_attn_hf: continuous batching runs without prefix sharing on a patched model: a cached "
+                      "block's keys and values depend on the sparse rule that made them, so sharing it would change "
+                      "answers against generate(). Shared prompts are recomputed; sparse_attn_hf.batching."
+                      "PREFIX_SHARING = True shares them anyway.")
+            continuous_batching_config = copy.copy(continuous_batching_config)
+            continuous_batching_config.allow_block_sharing = False
+        original(self, config, continuous_batching_config, *args, **kwargs)
+
+    __init__._sparse_attn_hf = True
+    PagedAttentionCache.__init__ = __init__
 
 
 def _plan_no_attention_mask() -> None:

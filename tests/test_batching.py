@@ -348,6 +348,80 @@ def test_page_selections_count_forwards_and_stop_under_graph_capture(monkeypatch
     assert model._sparse_attn_state.batched_pages is None
 
 
+def test_a_follow_up_turn_is_not_given_the_first_turns_blocks(monkeypatch, caplog):
+    """Multi-turn on one manager: the second prompt is the first, its answer and 5 more tokens. Transformers' manager
+    would share the first turn's cached blocks with it, whose answer's keys and values decode steps made (the
+    decode window of 8 tokens) where generate() of the second prompt attends them by the prompt's rule, and the
+    tokens would differ (this seed). The package turns sharing off for its attention, says so once, and the second
+    turn gets generate()'s tokens; ``batching.PREFIX_SHARING`` turns it back on."""
+    import logging
+    import time
+
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        page_selection="never", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
+        logical_page_size=4, decode_local_size=8, streaming_from=0))  # the decode window alone tells the rules apart
+    first = random_ids(1, 40, seed=32)[0].tolist()
+
+    def alone(prompt, new_tokens):  # the answer may hold the pad token: the mask says every token is the prompt's
+        ids = torch.tensor([prompt])
+        return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GREEDY,
+                              max_new_tokens=new_tokens)[0, len(prompt):].tolist()
+
+    answer = alone(first, 40)
+    follow = first + answer + random_ids(1, 5, seed=7)[0].tolist()
+
+    def turns():
+        manager = model.init_continuous_batching(generation_config=GREEDY, continuous_batching_config=(
+            ContinuousBatchingConfig(page_size=16, num_blocks=64)))  # sharing: Transformers' default
+        manager.start()
+        results, sharing = {}, None
+        try:
+            for name, prompt in (("first", first), ("follow", follow)):
+                manager.add_request(prompt, request_id=name, max_new_tokens=20, eos_token_id=-1)
+                deadline = time.time() + 60
+                while name not in results and time.time() < deadline:
+                    result = manager.get_result(timeout=1)
+                    if result is not None and result.is_finished():
+                        results[result.request_id] = result.generated_tokens
+                sharing = manager.batch_processor.cache.use_prefix_sharing
+        finally:
+            manager.stop(block=True)
+        return results, sharing
+
+    monkeypatch.setattr("sparse_attn_hf._log._seen", set())  # said once per process: maybe by an earlier test
+    with caplog.at_level(logging.WARNING, logger="sparse_attn_hf"):
+        results, sharing = turns()
+    assert not sharing and "without prefix sharing" in caplog.text
+    assert results["first"] == answer[:20]
+    assert results["follow"] == alone(follow, 20)
+    monkeypatch.setattr(batching, "PREFIX_SHARING", True)
+    shared, sharing = turns()
+    assert sharing and shared["follow"] != results["follow"]  # what sharing would have given
+
+
+def test_a_request_recomputed_for_want_of_cache_is_said(monkeypatch, caplog):
+    """A cache of 8 blocks of 16 tokens for two requests of 40 and 44 tokens with 40 new each: the manager evicts
+    one and will prefill its prompt and generated tokens again (a soft reset), which attends those tokens by the
+    prompt's rule, not the decode steps' (its answer may then differ from its generate()). The user is told once."""
+    import logging
+
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = _patched(0)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (40, 44)]
+    config = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    monkeypatch.setattr("sparse_attn_hf._log._seen", set())
+    with caplog.at_level(logging.WARNING, logger="sparse_attn_hf"):
+        out = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=(
+            ContinuousBatchingConfig(page_size=16, num_blocks=8)))
+    assert all(len(out[f"req_{i}"].generated_tokens) == 40 for i in range(2))
+    assert caplog.text.count("soft reset") == 1
+
+
 def test_lengths_read_on_the_host_once_per_forward():
     """cu_seq_lens are read once per forward and tensor (layers in order share them), again when a forward starts
     (the layer index does not grow) or another tensor comes, and per thread."""

@@ -13,8 +13,8 @@ made for it is reused.
 requests join and leave) but sees their pages: a selection is kept under the physical slots of the request's first
 token and of its tail's first token, with the length it was made at. A later step of the same request finds it from
 its own length (``reuse_interval - 1`` candidate lengths, each naming one tail); the tail page was written by that
-request alone, so no other request finds it. Only the selections found or made by the latest step are kept: a
-finished request's are dropped there (and so are those of a request the manager leaves out of a step, which selects
+request alone (the package turns the manager's prefix sharing off), so no other request finds it. Only the
+selections found or made by the latest step are kept: a finished request's are dropped there (and so are those of a request the manager leaves out of a step, which selects
 anew when it comes back). Every forward is counted (:meth:`BatchedPages.note`), so a forward of prompts alone, where
 a request can end and another take its pages, drops them all; and each manager starts with none.
 
@@ -69,6 +69,7 @@ class BatchedPages:
     planned: int = -2  # the forward the rows were planned in
     graphed: bool = False  # the manager captures CUDA graphs: its replays are not seen, so nothing is selected
     selected: int = 0  # selections made (a request in a layer): what a benchmark reports
+    unused: dict = field(default_factory=dict)  # (KV heads, width, device) -> int32 [Hkv, width] of -1
 
     def note(self, layer: int, device: torch.device) -> None:
         """Count the manager's forwards (called for every packed attention call); a call inside a CUDA-graph capture
@@ -119,7 +120,10 @@ class BatchedPages:
                 self.rows[r].kept.pages[layer] = pages
             self.selected += len(picked)
         width = settings.token_budget // settings.page_size - 1
-        unused = query.new_full((num_kv, width), -1, dtype=torch.int32)
+        unused = self.unused.get((num_kv, width, query.device))
+        if unused is None:  # made once: a row that selects nothing
+            unused = self.unused[(num_kv, width, query.device)] = query.new_full((num_kv, width), -1,
+                                                                                 dtype=torch.int32)
         known = self.rows[:rows]  # rows past the lengths: the manager's padding, none selected
         pages = torch.stack([unused if row.tail_first < 0 else row.kept.pages[layer] for row in known]
                             + [unused] * (rows - len(known)))
