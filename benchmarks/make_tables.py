@@ -715,6 +715,8 @@ def serving_table() -> str:
         fast = r.get("fast_path_layer_calls")
         checked = len(r["same_prefix"]) if "same_prefix" in r else r.get("checked")
         same = f"{r['same_as_generate']} of {checked}" if checked else ""
+        if r.get("same_prefix"):  # bfloat16 kernels round apart from generate()'s: where a near-tie first went
+            same += f" (first {', '.join(map(str, r['same_prefix']))} tokens agree)"
         lines.append(f"| {size} | {r['arrival']} | {r['config']} | {r['tokens_per_s']:.1f} | {x('tokens_per_s_x_stock')} "
                      f"| {r['ttft_mean_s']:.2f} | {r['ttft_p95_s']:.2f} | {x('ttft_mean_x_stock')} | "
                      f"{r['peak_gib']:.1f} | {r['after_stop_gib'] * 1024:+.0f} MiB | {r.get('cache_tokens') or ''} | "

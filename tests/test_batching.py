@@ -422,6 +422,33 @@ def test_a_request_recomputed_for_want_of_cache_is_said(monkeypatch, caplog):
     assert caplog.text.count("soft reset") == 1
 
 
+def test_a_gpu_manager_runs_the_package_unless_switched_off(monkeypatch, caplog):
+    """On a GPU (the model's device made to read "cuda") the manager keeps the package's attention (``ON_GPU``, on
+    by default); switched off, it is handed sdpa (Transformers' manager refuses a name it does not know), says so
+    once, and is told to put the package's attention back when it stops."""
+    import logging
+    import types
+
+    from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+
+    from sparse_attn_hf.state import ATTENTION_NAME
+
+    model = _patched(0)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    manager = types.SimpleNamespace(_original_attn_impl=None)
+    assert batching.ON_GPU is True
+    ContinuousBatchingManager.switch_to_cb_friendly_attn(manager, model, True)
+    assert model.config._attn_implementation == ATTENTION_NAME and manager._original_attn_impl is None
+    monkeypatch.setattr(batching, "ON_GPU", False)
+    monkeypatch.setattr("sparse_attn_hf._log._seen", set())
+    with caplog.at_level(logging.WARNING, logger="sparse_attn_hf"):
+        ContinuousBatchingManager.switch_to_cb_friendly_attn(manager, model, True)
+    assert model.config._attn_implementation == "sdpa" and manager._original_attn_impl == ATTENTION_NAME
+    assert "ON_GPU is False" in caplog.text
+    model.set_attn_implementation(manager._original_attn_impl)  # as the manager's stop() does
+    assert model.config._attn_implementation == ATTENTION_NAME
+
+
 def test_lengths_read_on_the_host_once_per_forward():
     """cu_seq_lens are read once per forward and tensor (layers in order share them), again when a forward starts
     (the layer index does not grow) or another tensor comes, and per thread."""

@@ -13,9 +13,8 @@ allocated memory, and allocated memory after the manager stops against before it
 requests' tokens against the patched model's own ``generate()`` of the same prompt (greedy): ``same_prefix``, each
 one's first tokens that agree, ``same_as_generate``, how many agree throughout. ``--profile``: the manager's loop
 under torch.profiler, operator tables beside the results. Configurations: ``stock`` (Transformers' manager as
-shipped) and ``patched`` (``patch_model`` with 50% streaming heads, LServe's settings; on a GPU the package's
-per-request path is switched on for this measurement, ``sparse_attn_hf.batching.ON_GPU``: by default a patched
-model's manager runs Transformers' attention there).
+shipped) and ``patched`` (``patch_model`` with 50% streaming heads, LServe's settings: the package's attention
+serves the manager, ``sparse_attn_hf.batching.ON_GPU``, on by default).
 Writes benchmarks/results/serving.json (rows of other shapes kept) with a PNG beside it.
 """
 
@@ -125,7 +124,7 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
 def configure(model, config: str, settings: dict) -> None:
     if getattr(model, "_sparse_attn_state", None) is not None:
         unpatch_model(model)
-    batching.ON_GPU = config.startswith("patched")
+    batching.ON_GPU = True  # the default; a stock row unpatches the model instead
     if config.startswith("patched"):
         scores = torch.rand(model.config.num_hidden_layers, model.config.num_key_value_heads,
                             generator=torch.Generator().manual_seed(0))
@@ -265,7 +264,6 @@ def main(argv=None) -> None:
                 torch.cuda.empty_cache()
     if getattr(model, "_sparse_attn_state", None) is not None:
         unpatch_model(model)
-    batching.ON_GPU = False
     print("wrote", args.out)
 
 
