@@ -44,7 +44,7 @@ from .state import ATTENTION_NAME
 
 
 ON_GPU = True  # the package's attention in the manager on a GPU too (False: Transformers' own there, said once)
-PREFIX_SHARING = False  # let the manager share cached blocks between requests of a patched model (see _no_prefix_sharing)
+PREFIX_SHARING = False  # let the manager share cached blocks between a patched model's requests (_no_prefix_sharing)
 MAX_FAST_PATH_TOKENS = 1 << 20  # the block table's width: [requests, tokens / page] int32 (16 MiB at 1024 x 1M)
 
 _BATCHING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
@@ -92,6 +92,54 @@ def keep_sparse_attention() -> None:
     _plan_no_attention_mask()
     _no_prefix_sharing()
     _say_soft_resets()
+    _name_batch_requests()
+
+
+_BATCH = threading.local()  # the manager's loop thread: the requests of the batch it prepared last, the ones it freed
+
+
+def _name_batch_requests() -> None:
+    """Record, as the manager prepares each batch (on the host, in its loop thread, just before that batch's
+    forward), its requests' ids and lengths in the order of the packed rows, and the ids whose blocks it frees: what
+    page selection keeps each request's selection under (``methods.batched_pages``)."""
+    try:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+        from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
+    except ImportError:
+        return
+    prepare = getattr(ContinuousBatchingIOs, "prepare_batch_tensors", None)
+    free = getattr(PagedAttentionCache, "free_blocks", None)
+    if prepare is None or free is None or getattr(prepare, "_sparse_attn_hf", False):
+        return
+
+    def prepare_batch_tensors(self, requests_in_batch, *args, **kwargs):
+        try:
+            _BATCH.requests = [(future.state.request_id, future.state.position_offset + future.query_length)
+                               for future in requests_in_batch]
+        except AttributeError:  # another release's request objects: no names, no selection
+            _BATCH.requests = None
+        return prepare(self, requests_in_batch, *args, **kwargs)
+
+    def free_blocks(self, request_id, *args, **kwargs):
+        _freed().add(request_id)
+        return free(self, request_id, *args, **kwargs)
+
+    prepare_batch_tensors._sparse_attn_hf = free_blocks._sparse_attn_hf = True
+    ContinuousBatchingIOs.prepare_batch_tensors = prepare_batch_tensors
+    PagedAttentionCache.free_blocks = free_blocks
+
+
+def _freed() -> set:
+    """The ids whose blocks the manager freed since page selection last looked (it empties the set)."""
+    freed = getattr(_BATCH, "freed", None)
+    if freed is None:
+        freed = _BATCH.freed = set()
+    return freed
+
+
+def _batch_requests() -> list | None:
+    """(id, length) of this forward's requests in row order, as the manager prepared them (None: not known)."""
+    return getattr(_BATCH, "requests", None)
 
 
 def _say_soft_resets() -> None:
@@ -233,11 +281,11 @@ def packed_requests(attend, module, query, key, value, scaling, kwargs: dict, de
     positions = kwargs.get("position_ids")
     rest = {name: item for name, item in kwargs.items() if name not in _BATCHING_KEYS}
     out = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
-    steps = [(cu_q[r], cu_k[r], cu_k[r + 1] - cu_k[r]) for r in range(len(cu_q) - 1)
+    steps = [(cu_q[r], cu_k[r], cu_k[r + 1] - cu_k[r], r) for r in range(len(cu_q) - 1)
              if cu_q[r + 1] - cu_q[r] == 1 and cu_k[r + 1] - cu_k[r] > 1]
     served = decode_rows(steps) if steps and decode_rows is not None else None
     if served is not None:
-        out[0, [q0 for q0, _, _ in steps]] = served
+        out[0, [q0 for q0, _, _, _ in steps]] = served
     for r in range(len(cu_q) - 1):
         q0, q1, k0, k1 = cu_q[r], cu_q[r + 1], cu_k[r], cu_k[r + 1]
         if q1 == q0:  # a place the manager pads its request count with
@@ -255,24 +303,27 @@ def packed_requests(attend, module, query, key, value, scaling, kwargs: dict, de
 def packed_decode_rows(state, module, query, key, value, terms, kwargs: dict, steps: list) -> torch.Tensor | None:
     """The decode steps of a packed call that also holds a prompt, all at once by the fast path's rule
     (``ops.block_table_decode``, page selection included): each request's keys, read back into the call's row, are
-    its pages of one token (``steps``: (query row, first key, length) per request). Returns [len(steps), Hq, D], or
-    None where it does not serve (a native window layer; a model of several cache groups)."""
+    its pages of one token (``steps``: (query row, first key, length, request index) per request). Returns
+    [len(steps), Hq, D], or None where it does not serve (a native window layer; a model of several cache groups)."""
     layer = module.layer_idx
     read = kwargs.get("read_index")
     if state.window(layer) is not None or not isinstance(read, (list, tuple)) or len(read) != 1:
         return None
     device = query.device
-    rows = torch.tensor([q0 for q0, _, _ in steps], device=device)
-    first = torch.tensor([k0 for _, k0, _ in steps], device=device)
-    lengths = torch.tensor([n for _, _, n in steps], device=device)
+    rows = torch.tensor([q0 for q0, _, _, _ in steps], device=device)
+    first = torch.tensor([k0 for _, k0, _, _ in steps], device=device)
+    lengths = torch.tensor([n for _, _, n, _ in steps], device=device)
     q = query[0, :, rows].transpose(0, 1)  # [R, Hq, D]
     k_pages, v_pages = key[0].transpose(0, 1)[:, None], value[0].transpose(0, 1)[:, None]  # [T, 1, Hkv, D]: views
     last = first + lengths - 1
     new_key, new_value = k_pages[last, 0], v_pages[last, 0]  # the step's tokens, already in the row
-    table = (first[:, None] + torch.arange(max(n for _, _, n in steps), device=device)).clamp(max=key.shape[2] - 1)
+    table = (first[:, None] + torch.arange(max(n for _, _, n, _ in steps), device=device)).clamp(max=key.shape[2] - 1)
     cu_k = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    selection = _pages(state).selection(state, layer, q, k_pages, table, cu_k, new_key, terms,
-                                              slots=read[0][table])
+    named = _batch_requests()
+    requests = None  # the steps' requests, where the manager's names agree with the lengths read here
+    if named is not None and all(r < len(named) and named[r][1] == n for _, _, n, r in steps):
+        requests = [named[r] for _, _, _, r in steps]
+    selection = _pages(state).selection(state, layer, q, k_pages, table, new_key, terms, requests, _freed())
     _, _, kind, _ = state.head_tables(layer, device)
     sink, _, window = state.rule(layer)
     return ops.block_table_decode(q, new_key, new_value, k_pages, v_pages, table.to(torch.int32), cu_k, kind,
@@ -342,8 +393,8 @@ def block_table_decode_step(state, module, query, key, value, terms, kwargs: dic
     per layer (``ops.block_table_decode``) writes them into the request's page and attends through the block
     table, each head by its kind (streaming: sink + the decode window; dense: every token, or past the token budget
     the pages its request selects, ``methods.batched_pages``), as ``generate()`` decodes; no read-back of the cache
-    (a selecting request's dense keys excepted); where pages are selected, the lengths and a few table entries are
-    read on the host once per step. Returns [1, R, Hq, D]."""
+    (a selecting request's dense keys excepted), no host read (the requests and their lengths are named by the
+    batch the manager prepared). Returns [1, R, Hq, D]."""
     layer = module.layer_idx
     if state.window(layer) is not None:  # the manager gives window layers no block table
         raise RuntimeError(f"layer {layer} has a native sliding window: the decode fast path does not serve it.")
@@ -351,8 +402,8 @@ def block_table_decode_step(state, module, query, key, value, terms, kwargs: dic
     sink, _, window = state.rule(layer)
     q = query[0].transpose(0, 1)  # [R, Hq, D]
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # the new tokens [R, Hkv, D]
-    selection = _pages(state).selection(state, layer, q, kwargs["k_cache"], kwargs["block_table"],
-                                              kwargs["cu_seq_lens_k"], k, terms)
+    selection = _pages(state).selection(state, layer, q, kwargs["k_cache"], kwargs["block_table"], k, terms,
+                                        _batch_requests(), _freed())
     out = ops.block_table_decode(q, k, v, kwargs["k_cache"], kwargs["v_cache"], kwargs["block_table"],
                                  kwargs["cu_seq_lens_k"], kind, sink=sink, window=window, terms=terms,
                                  selection=selection)

@@ -289,9 +289,9 @@ def test_decode_steps_off_the_fast_path_select_pages_too(monkeypatch):
 
 def test_a_request_on_a_finished_requests_pages_selects_its_own(monkeypatch):
     """One request after another on one manager: the second is given the first's freed pages, and its prompt ends
-    just past the first's last selection, so the first's kept selection sits under the very slots the second's
-    lookup reads. The second still selects at its first decode step (a forward without decode steps, its prompt's,
-    came between), and gets generate()'s tokens."""
+    just past the first's last selection (a selection kept by page slots would be found by the second). The second
+    selects at its first decode step (selections are kept under the request's id, and the first's is dropped when
+    its blocks are freed), and gets generate()'s tokens."""
     import time
 
     from sparse_attn_hf.methods import batched_pages
@@ -447,6 +447,50 @@ def test_a_gpu_manager_runs_the_package_unless_switched_off(monkeypatch, caplog)
     assert "ON_GPU is False" in caplog.text
     model.set_attn_implementation(manager._original_attn_impl)  # as the manager's stop() does
     assert model.config._attn_implementation == ATTENTION_NAME
+
+
+def test_a_request_left_out_of_steps_keeps_its_selection(monkeypatch):
+    """The ``prefill_first`` scheduler with a 64-token batch budget and two requests per batch leaves a decoding
+    request out of the forwards that hold a 150-token prompt's chunks. The left-out request finds its selection
+    again when it comes back (kept under its id, not its row) and selects on generate()'s schedule, every 4 steps
+    from its first; every request gets generate()'s tokens."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from sparse_attn_hf.methods import batched_pages
+
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
+        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
+    made = []
+    choose = batched_pages.BatchedPages._choose
+    monkeypatch.setattr(batched_pages.BatchedPages, "_choose",
+                        staticmethod(lambda *args: made.append(args[5]) or choose(*args)))
+    sizes = {"a": (40, 30), "b": (8, 6), "c": (150, 3)}  # (prompt, new tokens)
+    prompts = {name: random_ids(1, n, seed=n)[0].tolist() for name, (n, _) in sizes.items()}
+    manager = model.init_continuous_batching(generation_config=GREEDY, continuous_batching_config=(
+        ContinuousBatchingConfig(scheduler_type="prefill_first", max_batch_tokens=64, max_requests_per_batch=2,
+                                 page_size=16, num_blocks=64)))
+    manager.start()
+    results = {}
+    try:
+        for name, (_, new) in sizes.items():
+            manager.add_request(prompts[name], request_id=name, max_new_tokens=new, eos_token_id=-1)
+        while len(results) < 3:
+            result = manager.get_result(timeout=60)
+            assert result is not None
+            if result.is_finished():
+                results[result.request_id] = result.generated_tokens
+    finally:
+        manager.stop(block=True)
+    # "a" selects at 41, 45, ..., 69 (its last step); "c" at its one step past 150; each in its one dense layer
+    assert sorted(set(made)) == list(range(41, 70, 4)) + [151]
+    for name, (_, new) in sizes.items():
+        ids = torch.tensor([prompts[name]])
+        alone = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GREEDY,
+                               max_new_tokens=new)[0, ids.shape[1]:].tolist()
+        assert results[name] == alone, name
 
 
 def test_lengths_read_on_the_host_once_per_forward():

@@ -107,7 +107,8 @@ def serve(model, inputs: list[list[int]], new_tokens: int, gap: float, cuda: boo
     gc.collect()
     row = {"seconds": end - start, "tokens": sum(len(r.generated_tokens) for r in results.values()),
            "fast_path_layer_calls": len(fast_steps), "cache_tokens": cache_tokens,
-           "requests_that_fit": cache_tokens // (len(inputs[0]) + new_tokens) if cache_tokens else None, "max_blocks_per_request": manager.continuous_batching_config.max_blocks_per_request,
+           "requests_that_fit": cache_tokens // (len(inputs[0]) + new_tokens) if cache_tokens else None,
+           "max_blocks_per_request": manager.continuous_batching_config.max_blocks_per_request,
            "page_selections": pages.selected if pages is not None else 0}
     row["tokens_per_s"] = row["tokens"] / row["seconds"]
     ttft = sorted(r.timestamps[0] - submitted[key] for key, r in results.items())

@@ -9,20 +9,17 @@ selects anew, its dense heads' keys are read back through the block table and ra
 (``page_selection.quest_pages``: the bound, then the short list's exact mass); on the steps between, the selection
 made for it is reused.
 
-**What a request's selection is kept under.** The attention call cannot see which request a row is (rows move as
-requests join and leave) but sees their pages: a selection is kept under the physical slots of the request's first
-token and of its tail's first token, with the length it was made at. A later step of the same request finds it from
-its own length (``reuse_interval - 1`` candidate lengths, each naming one tail); the tail page was written by that
-request alone (the package turns the manager's prefix sharing off), so no other request finds it. Only the
-selections found or made by the latest step are kept: a finished request's are dropped there (and so are those of a request the manager leaves out of a step, which selects
-anew when it comes back). Every forward is counted (:meth:`BatchedPages.note`), so a forward of prompts alone, where
-a request can end and another take its pages, drops them all; and each manager starts with none.
+**What a request's selection is kept under.** The manager names the requests of each step, in the order of the
+packed rows, with their lengths (``batching`` takes both from the batch it prepares, on the host), so a selection is
+kept under the request's id with the length it was made at, and found again by a later step of that request whatever
+its row, including after steps it was left out of. It is dropped when the manager frees the request's blocks (it
+finished, was cancelled or evicted). A step whose requests are not named (a release that prepares no such batch)
+selects nothing: its dense heads read every token.
 
 This module decides; the pages are the manager's, and what it keeps (a few kilobytes per request and layer) lives
-on the patched model's state (``PatchState.batched_pages``). One host read of the lengths and a few table entries
-per step, none per layer. A manager that captures CUDA graphs (``use_cuda_graph=True``; not the default for the
-package's attention) selects nothing once it has captured one: its replays run no Python, so its dense heads read
-every token.
+on the patched model's state (``PatchState.batched_pages``). No host read: the lengths come with the requests' ids.
+A manager that captures CUDA graphs (``use_cuda_graph=True``; not the default for the package's attention) selects
+nothing once it has captured one: its replays run no Python, so its dense heads read every token.
 """
 
 from __future__ import annotations
@@ -61,7 +58,7 @@ class BatchedPages:
     """The selections kept between the decode steps of one manager on one patched model, and the plan of the current
     step."""
 
-    kept: dict = field(default_factory=dict)  # (first token's slot, tail's first slot) -> _Kept
+    kept: dict = field(default_factory=dict)  # request id -> _Kept
     rows: list = field(default_factory=list)  # this step's rows (_Row)
     tail: torch.Tensor | None = None  # int32 [R] on the device: each row's tail_first
     layer: int = -1  # the last layer seen: an index that does not grow starts a new forward
@@ -81,29 +78,27 @@ class BatchedPages:
             self.graphed = True
 
     def selection(self, state, layer: int, query: torch.Tensor, k_pages: torch.Tensor, block_table: torch.Tensor,
-                  cu_k: torch.Tensor, new_key: torch.Tensor, terms: LogitTerms,
-                  slots: torch.Tensor | None = None) -> BlockTableSelection | None:
+                  new_key: torch.Tensor, terms: LogitTerms, requests: list | None,
+                  freed: set | None = None) -> BlockTableSelection | None:
         """The dense heads' pages of ``layer``'s step for every row (query [R, Hq, D], the step's new keys [R, Hkv,
-        D], pages [num_pages, P, Hkv, D] and a block table to read keys through), or None where every row reads every
-        token (no dense head here, the settings select nothing on this device, every context fits, or a graph
-        capture). ``slots`` [R, >= longest]: each token's physical slot in the manager's cache, where the pages are
-        not the manager's (a read-back); by default the slots the block table gives."""
-        if self.graphed:
+        D], pages [num_pages, P, Hkv, D] and a block table [R, W] to read each row's keys through), or None where
+        every row reads every token (no dense head here, the settings select nothing on this device, every context
+        fits, a graph capture, or the rows' requests are not named). ``requests``: (id, length) of the rows in
+        order (rows past them: the manager's padding); ``freed``: ids whose blocks the manager freed since the last
+        step (emptied here)."""
+        if self.graphed or requests is None or len(requests) > query.shape[0]:
             return None
         settings = state.settings
         dense, _, kind, _ = state.head_tables(layer, query.device)
         if not len(dense) or not _selects(settings, query.device):
             return None
         if self.planned != self.forward:
-            if self.planned != self.forward - 1:
-                # a forward without decode steps came between (prompts alone): a request may have ended there and
-                # a new one been given its pages, under the very slots its selections are kept by
-                self.kept = {}
             self.planned = self.forward
-            if slots is None:
-                self._plan(settings, block_table, k_pages.shape[1], cu_k, query.device)
-            else:
-                self._plan(settings, slots, 1, cu_k, query.device)
+            for request_id in freed or ():
+                self.kept.pop(request_id, None)
+            if freed:
+                freed.clear()
+            self._plan(settings, requests, query.device)
         if self.tail is None:
             return None
         rows, num_kv = query.shape[0], kind.shape[0]
@@ -132,39 +127,24 @@ class BatchedPages:
             tail = torch.cat([tail, tail.new_full((rows - len(known),), -1)])
         return BlockTableSelection(pages, tail, settings.page_size)
 
-    def _plan(self, settings, block_table, pool_page: int, cu_k, device) -> None:
-        """Once per step (the first layer): each row's length, and whether it reuses a kept selection, selects anew
-        or fits the budget. One host read: the lengths with, per row, the slots of its first token and of the tail's
-        first token of a selection made at each length it could be reused from (``block_table`` [R, W] of pages of
-        ``pool_page`` tokens in the manager's cache: the token at ``i`` of row ``r`` sits in slot
-        ``block_table[r, i // pool_page] * pool_page + i % pool_page``)."""
+    def _plan(self, settings, requests: list, device) -> None:
+        """Once per step (the first layer): each row's length, and whether it reuses its request's kept selection,
+        selects anew or fits the budget (``requests``: (id, length) per row)."""
         page, reuse = settings.page_size, settings.reuse_interval
-        rows = min(cu_k.shape[0] - 1, block_table.shape[0])
-        lengths = (cu_k[1:rows + 1] - cu_k[:rows]).long()
-        seen = (lengths[:, None] - torch.arange(reuse, device=lengths.device)).clamp(min=1)  # [R, reuse]: n, n-1, ..
-        positions = torch.cat([torch.zeros_like(lengths)[:, None], ((seen + page - 1) // page - 1) * page], 1)
-        columns = (positions // pool_page).clamp(max=block_table.shape[1] - 1)
-        slots = block_table[:rows].long().gather(1, columns) * pool_page + positions % pool_page
-        read = torch.cat([lengths[:, None], slots], 1).tolist()  # per row: n, first token's slot, tails' slots
-        self.rows = [_Row(line[0]) for line in read]
         budget_pages = settings.token_budget // page
-        kept = {}
-        for row, (length, first, *tails) in zip(self.rows, read):
+        self.rows = [_Row(length) for _, length in requests]
+        for row, (request_id, length) in zip(self.rows, requests):
             if -(-length // page) <= budget_pages:
                 continue
-            for back in range(1, min(reuse, length)):  # a selection made ``back`` steps ago, if one was
-                found = self.kept.get((first, tails[back]))
-                if found is not None and found.seen == length - back:
-                    row.kept, row.tail_first = found, -(-found.seen // page) - 1
-                    kept[(first, tails[back])] = found
-                    break
-            if row.kept is None:
-                row.tail_first = -(-length // page) - 1
-                row.kept, row.reselect = _Kept(length, row.tail_first), True
-                kept[(first, tails[0])] = row.kept
-        self.kept = kept
+            found = self.kept.get(request_id)
+            if found is not None and length - reuse < found.seen < length:  # made fewer than reuse steps ago
+                row.kept, row.tail_first = found, found.tail_first
+                continue
+            row.tail_first = -(-length // page) - 1
+            row.kept, row.reselect = _Kept(length, row.tail_first), True
+            self.kept[request_id] = row.kept
         self.tail = None
-        if kept:
+        if any(row.tail_first >= 0 for row in self.rows):
             self.tail = torch.tensor([row.tail_first for row in self.rows], dtype=torch.int32).to(device)
 
     @staticmethod
@@ -198,4 +178,5 @@ def _selects(settings, device: torch.device) -> bool:
 
 def selects_past(settings, device: torch.device, longest: int) -> bool:
     """Whether a decode step whose longest request holds ``longest`` tokens may select pages for one of them."""
-    return _selects(settings, device) and -(-longest // settings.page_size) > settings.token_budget // settings.page_size
+    page = settings.page_size
+    return _selects(settings, device) and -(-longest // page) > settings.token_budget // page
