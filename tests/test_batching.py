@@ -27,6 +27,24 @@ def _batch(model, prompts):
     return [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]
 
 
+def _selecting(monkeypatch=None):
+    """A tiny patched model selecting pages past a budget of two 16-token pages every 4 steps, on the CPU too; with
+    ``monkeypatch``, the list of lengths at which a request's selection is made (one entry per layer and request)."""
+    from sparse_attn_hf.methods import batched_pages
+
+    model = tiny_model(heads=4, kv_heads=2, layers=2)
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
+    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
+        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
+        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
+    made = []
+    if monkeypatch is not None:
+        choose = batched_pages.BatchedPages._choose
+        monkeypatch.setattr(batched_pages.BatchedPages, "_choose",
+                            staticmethod(lambda *args: made.append(args[5]) or choose(*args)))
+    return model, made
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("streaming_from", [0, None], ids=["window", "cost-model"])
 def test_generate_batch_gives_each_request_what_generate_gives_it(streaming_from, monkeypatch):
@@ -220,11 +238,7 @@ def test_decode_steps_sharing_a_forward_with_a_prompt_select_pages_too(monkeypat
     every request still gets generate()'s tokens with the same settings."""
     import time
 
-    model = tiny_model(heads=4, kv_heads=2, layers=2)
-    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
-    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
-        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
-        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
+    model, _ = _selecting()
     served, fast = [], []
     rows, step = batching.packed_decode_rows, batching.block_table_decode_step
     monkeypatch.setattr("sparse_attn_hf.attention.packed_decode_rows",
@@ -262,11 +276,7 @@ def test_decode_steps_off_the_fast_path_select_pages_too(monkeypatch):
     row's rule (``packed_decode_rows``), page selection included, and every request gets generate()'s tokens."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    model = tiny_model(heads=4, kv_heads=2, layers=2)
-    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
-    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
-        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
-        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
+    model, _ = _selecting()
     monkeypatch.setattr("sparse_attn_hf.ops.varlen_available", lambda tensor: True)
     varlen, rows = [], []
     step, read_back = batching.packed_decode_step, batching.packed_decode_rows
@@ -294,17 +304,7 @@ def test_a_request_on_a_finished_requests_pages_selects_its_own(monkeypatch):
     its blocks are freed), and gets generate()'s tokens."""
     import time
 
-    from sparse_attn_hf.methods import batched_pages
-
-    model = tiny_model(heads=4, kv_heads=2, layers=2)
-    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
-    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
-        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
-        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
-    made = []
-    choose = batched_pages.BatchedPages._choose
-    monkeypatch.setattr(batched_pages.BatchedPages, "_choose",
-                        staticmethod(lambda *args: made.append(args[5]) or choose(*args)))
+    model, made = _selecting(monkeypatch)
     # the first: 40 tokens and 10 new, selections at 41, 45 and 49; the second: 50 tokens, first step at 51, which
     # would find a selection made at 49 under its first token's and its tail's slots
     prompts = {"first": random_ids(1, 40, seed=40)[0].tolist(), "second": random_ids(1, 50, seed=50)[0].tolist()}
@@ -456,17 +456,7 @@ def test_a_request_left_out_of_steps_keeps_its_selection(monkeypatch):
     from its first; every request gets generate()'s tokens."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from sparse_attn_hf.methods import batched_pages
-
-    model = tiny_model(heads=4, kv_heads=2, layers=2)
-    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(5))
-    patch_model(model, Profile.from_scores(model, scores), SparseConfig(
-        page_selection="always", streaming_fraction=0.5, sink_size=4, local_size=24, page_size=16,
-        logical_page_size=4, decode_local_size=8, streaming_from=0, token_budget=32, reuse_interval=4))
-    made = []
-    choose = batched_pages.BatchedPages._choose
-    monkeypatch.setattr(batched_pages.BatchedPages, "_choose",
-                        staticmethod(lambda *args: made.append(args[5]) or choose(*args)))
+    model, made = _selecting(monkeypatch)
     sizes = {"a": (40, 30), "b": (8, 6), "c": (150, 3)}  # (prompt, new tokens)
     prompts = {name: random_ids(1, n, seed=n)[0].tolist() for name, (n, _) in sizes.items()}
     manager = model.init_continuous_batching(generation_config=GREEDY, continuous_batching_config=(

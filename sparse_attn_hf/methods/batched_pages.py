@@ -131,10 +131,9 @@ class BatchedPages:
         """Once per step (the first layer): each row's length, and whether it reuses its request's kept selection,
         selects anew or fits the budget (``requests``: (id, length) per row)."""
         page, reuse = settings.page_size, settings.reuse_interval
-        budget_pages = settings.token_budget // page
         self.rows = [_Row(length) for _, length in requests]
         for row, (request_id, length) in zip(self.rows, requests):
-            if -(-length // page) <= budget_pages:
+            if not _past_budget(settings, length):
                 continue
             found = self.kept.get(request_id)
             if found is not None and length - reuse < found.seen < length:  # made fewer than reuse steps ago
@@ -176,7 +175,12 @@ def _selects(settings, device: torch.device) -> bool:
     return mode == "always" or (mode == "auto" and device.type == "cuda")
 
 
+def _past_budget(settings, length: int) -> bool:
+    """Whether a context of ``length`` tokens takes more pages than the token budget holds (it selects)."""
+    page = settings.page_size
+    return -(-length // page) > settings.token_budget // page
+
+
 def selects_past(settings, device: torch.device, longest: int) -> bool:
     """Whether a decode step whose longest request holds ``longest`` tokens may select pages for one of them."""
-    page = settings.page_size
-    return _selects(settings, device) and -(-longest // page) > settings.token_budget // page
+    return _selects(settings, device) and _past_budget(settings, longest)
